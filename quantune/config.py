@@ -1,0 +1,101 @@
+"""Versioned quantization settings.
+
+A :class:`QuantConfig` is a frozen dataclass. It is written as JSON into the output
+folder's ``config.json`` (as ``quantization_config``, with ``quant_method: "quantune"``) and
+into the safetensors metadata, and checked on load: an unknown format version or
+method is a clear error rather than silently wrong weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "quantune"
+METHODS = ("kashin", "rtn")
+MIN_BITS, MAX_BITS = 2, 8
+
+
+class QuantuneError(Exception):
+    """A user-facing error: the message is one line that names the problem."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How every quantized Linear of a model was (or will be) quantized.
+
+    method:      "kashin" (sign-step overdetermined-basis codes) or "rtn" (round to nearest).
+    bits:        code width per weight, 2..8.
+    group_size:  weights sharing one set of coefficients/scales along the input dimension;
+                 None means one per output row. Widths not divisible by it use the largest
+                 divisor of the width that is <= group_size (recorded per layer).
+    symmetric:   rtn only: symmetric grid with one scale, or asymmetric with scale and minimum.
+    transform:   kashin only: "dct" or "hadamard" (seeded, see quantune.transforms).
+    u_steps:     kashin only: sign steps spent on U (the rest, bits - u_steps, on V);
+                 None means ceil(bits / 2).
+    sweeps:      kashin only: block-coordinate refinement sweeps after the greedy steps.
+    seed:        seed of the random signs of the transform.
+    skip_modules: module-name suffixes kept in full precision in addition to the output head.
+    """
+
+    method: str = "kashin"
+    bits: int = 4
+    group_size: int | None = None
+    symmetric: bool = True
+    transform: str = "dct"
+    u_steps: int | None = None
+    sweeps: int = 6
+    seed: int = 0
+    skip_modules: tuple[str, ...] = ()
+    format_version: int = FORMAT_VERSION
+    modules_in_full_precision: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise QuantuneError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise QuantuneError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {self.bits!r}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 2):
+            raise QuantuneError(f"group size must be an integer >= 2 (or none for per-row), got {self.group_size!r}")
+        if self.transform not in ("dct", "hadamard"):
+            raise QuantuneError(f"unknown transform {self.transform!r}; choose dct or hadamard")
+        if self.u_steps is not None and not 0 <= self.u_steps <= self.bits:
+            raise QuantuneError(f"u_steps must lie in [0, bits={self.bits}], got {self.u_steps}")
+        if self.sweeps < 0:
+            raise QuantuneError(f"sweeps must be >= 0, got {self.sweeps}")
+        if self.format_version != FORMAT_VERSION:
+            raise QuantuneError(
+                f"quantization format version {self.format_version} is not supported by this "
+                f"quantune (it reads version {FORMAT_VERSION}); upgrade quantune or re-quantize"
+            )
+
+    @property
+    def ku(self) -> int:
+        return (self.bits + 1) // 2 if self.u_steps is None else self.u_steps
+
+    @property
+    def kv(self) -> int:
+        return self.bits - self.ku
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["skip_modules"] = list(self.skip_modules)
+        d["quant_method"] = QUANT_METHOD
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        d = dict(d)
+        if d.pop("quant_method", QUANT_METHOD) != QUANT_METHOD:
+            raise QuantuneError("quantization_config is not a quantune config (quant_method differs)")
+        if "format_version" not in d:
+            raise QuantuneError("quantization_config has no format_version: not written by quantune")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise QuantuneError(f"quantization_config has unknown fields {sorted(unknown)}")
+        d["skip_modules"] = tuple(d.get("skip_modules", ()))
+        return cls(**d)
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,89 @@
+"""QuantLinear: the one quantized Linear module.
+
+It holds a method's packed buffers (codes plus small metadata, see
+:mod:`quantune.methods`) and an optional float bias, and computes
+
+    y = x W_hat^T + b,   W_hat = dequantize(buffers)
+
+with a reference PyTorch path: decode the weight, then one GEMM. For kashin,
+``W_hat = U + V Q^T`` row by row, which equals ``y = x C_u[idx]^T + (x Q) C_v[idx]^T``;
+fast fused kernels can replace the decode later behind the same module.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantune.config import QuantConfig, QuantuneError
+from quantune.methods import assert_finite, bits_per_weight, get_method
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, qconfig: QuantConfig,
+                 device=None, bias_dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.qconfig = in_features, out_features, qconfig
+        self.method = get_method(qconfig.method)
+        self.buffer_names = []
+        for name, (shape, dtype) in self.method.buffer_specs(out_features, in_features, qconfig).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+            self.buffer_names.append(name)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device),
+                                 requires_grad=False) if bias else None
+        self._weight_cache: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qconfig: QuantConfig, name: str = "") -> tuple["QuantLinear", dict]:
+        """Quantize ``linear``; returns the module and per-layer stats."""
+        if not isinstance(linear, nn.Linear):
+            raise QuantuneError(f"unsupported layer {name or '?'}: {type(linear).__name__}; quantune quantizes torch.nn.Linear")
+        w = linear.weight.detach()
+        assert_finite(name or "layer", w)
+        start = time.perf_counter()
+        buffers, stats = get_method(qconfig.method).quantize(w.float(), qconfig)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, qconfig,
+                     device=w.device, bias_dtype=w.dtype)
+        for key, value in buffers.items():
+            getattr(module, key).copy_(value)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        w_hat = module.dequantize()
+        stats.update(
+            shape=[linear.out_features, linear.in_features],
+            rel_error=float((w_hat - w.float()).norm() / w.float().norm().clamp(min=1e-30)),
+            bits_per_weight=bits_per_weight(buffers, linear.out_features, linear.in_features, qconfig),
+            seconds=time.perf_counter() - start,
+        )
+        return module, stats
+
+    def buffers_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.buffer_names}
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight ``(out, in)`` this module computes with."""
+        return self.method.dequantize(self.buffers_dict(), self.out_features, self.in_features, self.qconfig)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._weight_cache if self._weight_cache is not None else self.dequantize()
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        c = self.qconfig
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={c.method}, bits={c.bits}"
+
+
+@contextmanager
+def cached_weights(model: nn.Module):
+    """Decode every QuantLinear's weight once for the duration (fast repeated evaluation)."""
+    modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        for m in modules:
+            m._weight_cache = m.dequantize()
+        yield model
+    finally:
+        for m in modules:
+            m._weight_cache = None

@@ -1,0 +1,99 @@
+"""The one place that swaps modules: choose Linear layers, replace them by QuantLinear.
+
+``quantize_model(model, cfg)`` quantizes every ``torch.nn.Linear`` except the output head
+(kept in full precision: it is tied to the input embedding in most small models, and the
+usual practice keeps it) and any name ending in one of ``cfg.skip_modules``. Embeddings and
+norms are not Linear layers and stay as they are. Every decision is recorded in
+``modules_in_full_precision`` with its reason; nothing is skipped silently.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantune.config import QuantConfig, QuantuneError
+from quantune.qlinear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+# Known linear-like layer types that quantune cannot quantize (instead of skipping them silently).
+_UNSUPPORTED_LINEAR_TYPES = ("Conv1D",)
+
+
+@dataclass
+class QuantizeResult:
+    config: QuantConfig
+    layers: dict = field(default_factory=dict)  # name -> stats
+    full_precision: dict = field(default_factory=dict)  # name -> reason
+    seconds: float = 0.0
+
+
+def _output_head_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def plan_modules(model: nn.Module, cfg: QuantConfig) -> tuple[list[str], dict]:
+    """Names of the Linear layers to quantize, and ``{name: reason}`` for those kept."""
+    head = _output_head_name(model)
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    targets, kept = [], {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            kept[name] = "embedding (a lookup table, not a Linear layer)"
+        elif type(module).__name__ in _UNSUPPORTED_LINEAR_TYPES:
+            raise QuantuneError(
+                f"unsupported layer {name}: {type(module).__name__} (transposed GPT-2 style weight); "
+                "quantune quantizes torch.nn.Linear only"
+            )
+        elif isinstance(module, nn.Linear):
+            if name == head:
+                kept[name] = "output head" + (" tied to the input embedding" if tied else "") + \
+                    " (kept in full precision by default)"
+            elif any(name == s or name.endswith("." + s) for s in cfg.skip_modules):
+                kept[name] = "skipped on request (--skip)"
+            else:
+                targets.append(name)
+    unknown = [s for s in cfg.skip_modules
+               if not any(n == s or n.endswith("." + s) for n, _ in model.named_modules())]
+    if unknown:
+        raise QuantuneError(f"--skip names no module of this model: {', '.join(unknown)}")
+    if not targets:
+        raise QuantuneError("the model has no torch.nn.Linear layer to quantize")
+    return targets, kept
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig, progress: bool = True) -> QuantizeResult:
+    """Replace the chosen Linear layers of ``model`` in place by QuantLinear."""
+    start = time.perf_counter()
+    targets, kept = plan_modules(model, cfg)
+    result = QuantizeResult(config=cfg.replace(modules_in_full_precision=kept), full_precision=kept)
+    for name in tqdm(targets, desc=f"quantizing ({cfg.method}, {cfg.bits}-bit)", unit="layer",
+                     disable=not progress):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        qmodule, stats = QuantLinear.from_linear(getattr(parent, child), result.config, name)
+        setattr(parent, child, qmodule)
+        result.layers[name] = stats
+        log.debug("%s: rel_error=%.4f bpw=%.3f", name, stats["rel_error"], stats["bits_per_weight"])
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def replace_with_empty_quant_linears(model: nn.Module, cfg: QuantConfig, names: list[str]) -> None:
+    """Swap the named Linear layers for empty QuantLinears (buffers filled by a later load)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        if not isinstance(linear, nn.Linear):
+            raise QuantuneError(f"checkpoint quantized {name}, but this model has {type(linear).__name__} there")
+        setattr(parent, child, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                           cfg, device=linear.weight.device, bias_dtype=linear.weight.dtype))
