@@ -45,6 +45,12 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def needs_bos(model, tokenizer) -> bool:
+    """Gemma models are trained with BOS at the start of every sequence; others when their tokenizer adds it."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    return model_type.startswith("gemma") or tokenizer_adds_bos(tokenizer)
+
+
 def make_windows(tokenizer, text: str, seq_len: int, max_windows: int | None,
                  bos: bool | None = None, text_name: str = "text") -> tuple[torch.Tensor, Protocol]:
     """Token windows ``(W, seq_len)`` and the protocol that describes them."""
@@ -98,7 +104,7 @@ def evaluate_models(models: dict, windows: torch.Tensor, reference=None, progres
             ref_logp = F.log_softmax(_logits(reference, window), -1)
             ref_top = ref_logp.argmax(-1)
         for name, model in models.items():
-            logp = F.log_softmax(_logits(model, window), -1)
+            logp = ref_logp if model is reference else F.log_softmax(_logits(model, window), -1)
             sums[name]["nll"] += float(-logp.gather(-1, targets[:, None].to(logp.device)).sum())
             if ref_logp is not None:
                 kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)

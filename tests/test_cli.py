@@ -1,0 +1,173 @@
+"""The CLI end to end on tiny local models, including every bad input the spine names."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def assert_one_line_error(result, pattern: str):
+    assert result.exit_code != 0
+    lines = [l for l in result.output.strip().splitlines() if l.strip()]
+    assert lines and lines[-1].startswith("Error: "), result.output
+    assert pattern.lower() in lines[-1].lower(), lines[-1]
+
+
+def no_folder_left(parent: Path, name: str) -> bool:
+    return not any(p.name == name or p.name.startswith(f".{name}.") for p in parent.iterdir())
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_folders, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "llama-k4"
+    result = run("quantize", tiny_folders["llama"], "--bits", 4, "--out", out,
+                 "--eval-data", text_file, "--eval-seq-len", 64, "--eval-windows", 3)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_quantize_writes_a_complete_folder(quantized):
+    out, output = quantized
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "report.json", "report.md"} <= names
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "quantune" and qc["method"] == "kashin" and qc["bits"] == 4
+    assert qc["format_version"] == 1 and "lm_head" in qc["modules_in_full_precision"]
+    report = json.loads((out / "report.json").read_text())
+    s = report["summary"]
+    assert s["quantized_layers"] == 14 and 4 < s["bpw_quantized_layers"] < 6
+    assert s["file_bytes"] == (out / "model.safetensors").stat().st_size
+    ev = report["eval"]["results"]
+    assert ev["original"]["kl"] == 0 and ev["quantized"]["kl"] > 0
+    assert math.isfinite(ev["quantized"]["ppl"])
+    assert "3 non-overlapping windows of 64 tokens" in report["eval"]["protocol"]
+    assert "bits per weight" in output and "perplexity" in output  # summary table printed
+    md = (out / "report.md").read_text()
+    assert "## Layers" in md and "model.layers.0.mlp.down_proj" in md
+
+
+def test_eval_reports_perplexity_and_kl(quantized, tiny_folders, text_file):
+    out, _ = quantized
+    result = run("eval", out, "--data", text_file, "--seq-len", 64, "--windows", 3,
+                 "--reference", tiny_folders["llama"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval_report.json").read_text())
+    metrics = report["results"][str(out)]
+    quant = json.loads((out / "report.json").read_text())["eval"]["results"]["quantized"]
+    # the reloaded folder scores exactly what the in-memory quantized model scored
+    assert metrics["ppl"] == pytest.approx(quant["ppl"], rel=1e-6)
+    assert metrics["kl"] == pytest.approx(quant["kl"], rel=1e-5, abs=1e-7)
+    assert (out / "eval_report.md").is_file()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3", "opt"])
+def test_rtn_asymmetric_on_other_families(family, tiny_folders, tmp_path):
+    out = tmp_path / "x"
+    result = run("quantize", tiny_folders[family], "--bits", 3, "--method", "rtn", "--group-size", 32,
+                 "--asymmetric", "--out", out, "--no-eval")
+    assert result.exit_code == 0, result.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == "rtn" and qc["symmetric"] is False and qc["group_size"] == 32
+
+
+def test_unknown_model(tmp_path):
+    result = run("quantize", "no-such-model", "--out", tmp_path / "o")
+    assert_one_line_error(result, "model not found")
+    assert no_folder_left(tmp_path, "o")
+
+
+@pytest.mark.parametrize("bits", [1, 9])
+def test_bits_out_of_range(bits, tiny_folders, tmp_path):
+    result = run("quantize", tiny_folders["llama"], "--bits", bits, "--out", tmp_path / "o")
+    assert_one_line_error(result, "bits must be")
+    assert no_folder_left(tmp_path, "o")
+
+
+def test_unsupported_layer(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=320, n_positions=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    result = run("quantize", folder, "--out", tmp_path / "o", "--no-eval")
+    assert_one_line_error(result, "unsupported layer")
+    assert no_folder_left(tmp_path, "o")
+
+
+def test_nan_weights(tiny_folders, tmp_path, tokenizer):
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    folder = tmp_path / "nan-model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    result = run("quantize", folder, "--out", tmp_path / "o", "--no-eval")
+    assert_one_line_error(result, "nan")
+    assert "up_proj" in result.output
+    assert no_folder_left(tmp_path, "o")
+
+
+def test_existing_output_needs_overwrite(quantized, tiny_folders):
+    out, _ = quantized
+    result = run("quantize", tiny_folders["llama"], "--out", out, "--no-eval")
+    assert_one_line_error(result, "already exists")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors(quantized, tmp_path, damage):
+    import shutil
+
+    out, _ = quantized
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64 + data[64:])
+    result = run("eval", broken, "--seq-len", 32, "--windows", 1)
+    assert_one_line_error(result, "safetensors")
+
+
+def test_newer_format_version_is_refused(quantized, tmp_path):
+    import shutil
+
+    out, _ = quantized
+    newer = tmp_path / "newer"
+    shutil.copytree(out, newer)
+    config = json.loads((newer / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 99
+    (newer / "config.json").write_text(json.dumps(config))
+    result = run("eval", newer, "--seq-len", 32, "--windows", 1)
+    assert_one_line_error(result, "format version 99")
+
+
+def test_missing_eval_data_fails_before_quantizing(tiny_folders, tmp_path):
+    result = run("quantize", tiny_folders["llama"], "--out", tmp_path / "o", "--eval-data", tmp_path / "none.txt")
+    assert_one_line_error(result, "data file not found")
+    assert no_folder_left(tmp_path, "o")
+
+
+def test_missing_gguf_file(tmp_path):
+    assert_one_line_error(run("quantize", tmp_path / "model.gguf", "--out", tmp_path / "o"), "gguf file not found")
+
+
+def test_wikitext2_without_network_is_a_clear_error(quantized, monkeypatch):
+    import quantune.data
+
+    def offline(split="test"):
+        raise quantune.data.QuantuneError("could not load wikitext2 (no network or hub access?): offline")
+
+    monkeypatch.setattr(quantune.data, "wikitext2_text", offline)
+    out, _ = quantized
+    assert_one_line_error(run("eval", out, "--data", "wikitext2"), "wikitext2")
