@@ -51,7 +51,7 @@ def _default_out(model: str, method: str, bits: int) -> Path:
 @click.option("--symmetric/--asymmetric", default=True, show_default=True, help="rtn: symmetric or asymmetric grid.")
 @click.option("--transform", type=click.Choice(["dct", "hadamard"]), default="dct", show_default=True,
               help="kashin: seeded orthogonal transform.")
-@click.option("--u-steps", type=int, default=None, help="kashin: sign steps on U (default: ceil(bits/2)).")
+@click.option("--u-steps", type=int, default=None, help="kashin: sign steps on U (default: bits - 1, i.e. one V step).")
 @click.option("--sweeps", type=int, default=6, show_default=True, help="kashin: refinement sweeps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the transform's random signs.")
 @click.option("--skip", multiple=True, help="Keep this module (name or suffix) in full precision; repeatable.")

@@ -12,6 +12,7 @@ import torch
 from quantune.bitpack import pack_codes, packed_row_bytes, unpack_codes
 from quantune.config import QuantConfig, QuantuneError
 from quantune.kashin import kashin_decode, kashin_decompose
+from quantune.transforms import hadamard_block_size
 from quantune.rtn import rtn_dequantize, rtn_quantize
 
 SEED_BITS = 64  # a kashin layer stores its transform as a seed, counted in bits per weight
@@ -21,7 +22,11 @@ def effective_group_size(n: int, group_size: int | None) -> int:
     """The group used for width ``n``: the largest divisor of ``n`` that is <= group_size."""
     if group_size is None or group_size >= n:
         return n
-    return max(d for d in range(1, group_size + 1) if n % d == 0)
+    g = max(d for d in range(1, group_size + 1) if n % d == 0)
+    if g < 8:
+        raise QuantuneError(f"width {n} has no divisor between 8 and group size {group_size}; "
+                            "choose another --group-size or none (per row)")
+    return g
 
 
 class Method:
@@ -59,6 +64,9 @@ class KashinMethod(Method):
     def quantize(self, w, cfg):
         m, n = w.shape
         g = effective_group_size(n, cfg.group_size)
+        if cfg.transform == "hadamard" and cfg.kv and hadamard_block_size(g) < 8:
+            raise QuantuneError(f"hadamard transform on width {g} mixes only blocks of {hadamard_block_size(g)}; "
+                                "use --transform dct")
         f = kashin_decompose(w.reshape(m * n // g, g), cfg.ku, cfg.kv, cfg.transform, cfg.seed, cfg.sweeps)
         codes = pack_codes(f.codes.reshape(m, n), cfg.bits)
         return {"codes": codes, "coeffs": f.coeffs}, {"history": f.history, "group_size": g}

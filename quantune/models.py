@@ -62,6 +62,9 @@ def _from_pretrained(source: str, dtype, trust_remote_code: bool, **kwargs):
         raise
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         raise QuantuneError(f"could not load model {source}: {_first_line(exc)}") from exc
+    if "gguf_file" in kwargs and getattr(model, "hf_quantizer", None) is not None:
+        # transformers marks GGUF loads as quantized; the weights are plain float tensors by now
+        model.hf_quantizer.remove_quantization_config(model)
     model.eval()
     return model, tokenizer
 
@@ -74,9 +77,6 @@ def _convert_builtin(name: str, dtype) -> Path:
     gguf = builtin_gguf_path(name)
     log.info("converting %s (%s) to %s", name, gguf, target)
     model, tokenizer = _from_pretrained(str(gguf.parent), torch.float32, False, gguf_file=gguf.name)
-    # transformers marks GGUF loads as quantized; the weights are plain float tensors now
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

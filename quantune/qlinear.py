@@ -45,6 +45,10 @@ class QuantLinear(nn.Module):
         assert_finite(name or "layer", w)
         start = time.perf_counter()
         buffers, stats = get_method(qconfig.method).quantize(w.float(), qconfig)
+        for key, value in buffers.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise QuantuneError(f"weights of {name or 'layer'} overflow the float16 {key} of the "
+                                    f"{qconfig.method} format (|w| up to {float(w.abs().max()):.3g})")
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, qconfig,
                      device=w.device, bias_dtype=w.dtype)
         for key, value in buffers.items():
