@@ -32,13 +32,6 @@ CASES = [(f, c) for f in FAMILIES for c in ("kashin4", "rtn4-sym-g32", "rtn3-asy
         [("llama", "rtn2-asym-row"), ("opt", "rtn5-sym-g16")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is much faster (and steadier on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _ids(seed=0):

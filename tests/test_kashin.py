@@ -11,14 +11,6 @@ from quantune.transforms import TRANSFORMS, forward_transform
 LENGTHS = [96, 576, 1536]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run fastest on one intra-op thread; on a busy 2-core machine the default
-    thread pool made a (16, 576) matmul ~1000x slower (16 ms vs 6 us). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # Relative Frobenius error ceilings on Gaussian rows (16 rows, default 6 sweeps, ku = ceil(b/2)).
 # Measured over dct/hadamard x lengths 96/576/1536 (seeds 0-2): 2 bits 0.326-0.345,

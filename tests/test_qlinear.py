@@ -13,14 +13,6 @@ from quantune.methods import SEED_BITS, bits_per_weight, effective_group_size, g
 from quantune.qlinear import QuantLinear, cached_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run fastest on one intra-op thread; on a busy 2-core machine the default
-    thread pool made a (16, 576) matmul ~1000x slower (16 ms vs 6 us). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _linear(in_features: int, out_features: int, bias: bool = True, seed: int = 0, std: float = 0.02):

@@ -12,14 +12,6 @@ LENGTHS = [1, 2, 3, 64, 96, 576, 1000, 1536]
 F64 = dict(rtol=0, atol=1e-12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run fastest on one intra-op thread; on a busy 2-core machine the default
-    thread pool made a (16, 576) matmul ~1000x slower (16 ms vs 6 us). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _q_transpose(kind: str, n: int, seed: int) -> torch.Tensor:
