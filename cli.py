@@ -38,9 +38,12 @@ def main(verbose: bool) -> None:
         hf_logging.set_verbosity_error()
 
 
+def _stem(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name.removesuffix(".gguf")).strip("-")
+
+
 def _default_out(model: str, method: str, bits: int) -> Path:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name.removesuffix(".gguf")).strip("-")
-    return Path("out") / f"{stem}-{method}{bits}"
+    return Path("out") / f"{_stem(model)}-{method}{bits}"
 
 
 @main.command()
@@ -99,21 +102,20 @@ def quantize(model, bits, method, group_size, symmetric, transform, u_steps, swe
 @click.option("--windows", type=int, default=None, help="Number of windows (default: all of the text).")
 @click.option("--bos/--no-bos", default=None, help="Start each window with BOS (default: if the tokenizer adds one).")
 @click.option("--report-dir", type=click.Path(path_type=Path), default=None,
-              help="Where eval_report.{json,md} go (default: MODEL if it is a folder).")
-@click.option("--adapter", default=None, help="LoRA adapter folder to apply (from quantune finetune).")
+              help="Where eval_report.{json,md} go (default: MODEL if it is a quantized folder, else out/eval-<model>).")
 @_one_line_errors
-def eval_cmd(model, data, reference, seq_len, windows, bos, report_dir, adapter):
+def eval_cmd(model, data, reference, seq_len, windows, bos, report_dir):
     """Perplexity of MODEL (a quantized folder or any model) and KL divergence against --reference."""
+    from quantune.models import is_quantized_folder
     from quantune.pipeline import run_eval
 
-    if report_dir is None and Path(model).is_dir():
-        report_dir = Path(model)
+    if report_dir is None:
+        report_dir = Path(model) if is_quantized_folder(Path(model)) else Path("out") / f"eval-{_stem(model)}"
     report = run_eval(model, data=data, reference=reference, seq_len=seq_len, windows=windows,
-                      report_dir=report_dir, bos=bos, adapter=adapter)
+                      report_dir=report_dir, bos=bos)
     click.echo(f"\n{report['protocol']}")
     click.echo(markdown_table(["model", "perplexity", "KL (nats)", "top-1 agreement"], eval_rows(report["results"])))
-    if report_dir is not None:
-        click.echo(f"\nwrote {Path(report_dir) / 'eval_report.md'}")
+    click.echo(f"\nwrote {Path(report_dir) / 'eval_report.md'}")
 
 
 if __name__ == "__main__":

@@ -103,13 +103,11 @@ def load_any(spec: str, trust_remote_code: bool = False):
 
 def run_eval(model_spec: str, *, data: str = "builtin", reference: str | None = None, seq_len: int = 2048,
              windows: int | None = None, report_dir: str | Path | None = None, bos: bool | None = None,
-             adapter: str | None = None, progress: bool = True) -> dict:
+             progress: bool = True) -> dict:
     """Perplexity (and KL / top-1 agreement against ``reference``) of a model on a text."""
     start = time.perf_counter()
     text, text_name = load_text(data)
     model, tokenizer = load_any(model_spec)
-    if adapter is not None:
-        raise QuantuneError("--adapter needs quantune finetune support, which this version does not have yet")
     bos = needs_bos(model, tokenizer) if bos is None else bos
     win, protocol = make_windows(tokenizer, text, seq_len, windows, bos=bos, text_name=text_name)
     ref_model = load_any(reference)[0] if reference else None

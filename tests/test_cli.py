@@ -171,3 +171,12 @@ def test_wikitext2_without_network_is_a_clear_error(quantized, monkeypatch):
     monkeypatch.setattr(quantune.data, "wikitext2_text", offline)
     out, _ = quantized
     assert_one_line_error(run("eval", out, "--data", "wikitext2"), "wikitext2")
+
+
+def test_eval_of_a_float_model_reports_under_out(tiny_folders, text_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("eval", tiny_folders["opt"], "--data", text_file, "--seq-len", 64, "--windows", 2)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "eval-opt" / "eval_report.json").read_text())
+    assert report["quantized"] is False and report["results"][str(tiny_folders["opt"])]["tokens"] == 2 * 63
+    assert not (tiny_folders["opt"] / "eval_report.json").exists()  # the user's model folder is untouched
