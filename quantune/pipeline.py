@@ -31,25 +31,30 @@ def check_finite_parameters(model) -> None:
             raise QuantuneError(f"parameter {name} of the input model holds NaN/Inf values")
 
 
+def _header_bytes(path: Path) -> int:
+    """Length of a safetensors file's JSON header (the little-endian u64 that starts the file)."""
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(8), "little")
+
+
 def _summary(model, result, folder: Path) -> dict:
     layers = result.layers.values()
     q_params = sum(L["shape"][0] * L["shape"][1] for L in layers)
     q_bits = sum(L["bits_per_weight"] * L["shape"][0] * L["shape"][1] for L in layers)
     fp_params = sum(p.numel() for p in model.parameters())  # bias of QuantLinear included
-    stored = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied tensors once
-    persistent = set(id(t) for t in model.state_dict().values())
-    stored_bits = sum(t.numel() * t.element_size() * 8 for k, t in stored.items() if k in persistent)
+    files = sorted(folder.glob("*.safetensors"))
+    data_bytes = sum(p.stat().st_size - 8 - _header_bytes(p) for p in files)
     worst = max(result.layers.items(), key=lambda kv: kv[1]["rel_error"])
     return {
         "quantized_layers": len(result.layers),
         "quantized_params": q_params,
         "full_precision_params": fp_params,
         "bpw_quantized_layers": q_bits / q_params,
-        "bpw_whole_model": stored_bits / (q_params + fp_params),
+        "bpw_whole_model": 8 * data_bytes / (q_params + fp_params),
         "mean_rel_error": (sum(L["rel_error"] ** 2 * L["shape"][0] * L["shape"][1] for L in layers) / q_params) ** 0.5,
         "max_rel_error": worst[1]["rel_error"],
         "worst_layer": worst[0],
-        "file_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")),
+        "file_bytes": sum(p.stat().st_size for p in files),
         "quantize_seconds": result.seconds,
     }
 

@@ -47,6 +47,13 @@ def test_quantize_writes_a_complete_folder(quantized):
     s = report["summary"]
     assert s["quantized_layers"] == 14 and 4 < s["bpw_quantized_layers"] < 6
     assert s["file_bytes"] == (out / "model.safetensors").stat().st_size
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored_bits = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() * 8 for k in f.keys())
+    params = s["quantized_params"] + s["full_precision_params"]
+    assert s["bpw_whole_model"] == pytest.approx(stored_bits / params)
+    assert s["full_precision_params"] == 320 * 64 + 5 * 64  # tied embedding/head + 5 RMSNorm weights
     ev = report["eval"]["results"]
     assert ev["original"]["kl"] == 0 and ev["quantized"]["kl"] > 0
     assert math.isfinite(ev["quantized"]["ppl"])
