@@ -31,8 +31,8 @@ class Protocol:
     scored_tokens: int
 
     def describe(self) -> str:
-        bos = "BOS + " if self.bos else ""
-        return (f"{self.windows} non-overlapping windows of {self.seq_len} tokens ({bos}text) from the start of "
+        bos = f"BOS + {self.seq_len - 1} text tokens" if self.bos else "no BOS added"
+        return (f"{self.windows} non-overlapping windows of {self.seq_len} tokens ({bos}) from the start of "
                 f"{self.text}, {self.scored_tokens} scored next-token predictions")
 
 

@@ -34,16 +34,21 @@ def eval_rows(evals: dict) -> list[list]:
 
 def quantize_markdown(report: dict) -> str:
     s, cfg = report["summary"], report["config"]
-    out = [f"# quantune report: {report['model']} -> {cfg['method']} {cfg['bits']}-bit", ""]
-    out.append(markdown_table(["setting", "value"], [[k, str(v)] for k, v in cfg.items()
-                                                     if k != "modules_in_full_precision"]))
+    out = [f"# quantune report: {report['model']} -> {cfg['method']} {cfg['bits']}-bit", "",
+           f"Architecture: {report['architecture']}; quantune {report['quantune_version']}, "
+           f"format version {report['format_version']}.", ""]
+    settings = [[k, str(v)] for k, v in cfg.items() if k != "modules_in_full_precision"]
+    if cfg["method"] == "kashin":
+        ku = cfg["bits"] - 1 if cfg["u_steps"] is None else cfg["u_steps"]
+        settings.append(["sign steps (U + V)", f"{ku} + {cfg['bits'] - ku}"])
+    out.append(markdown_table(["setting", "value"], settings))
     out += ["", "## Summary", "", markdown_table(["quantity", "value"], [
         ["quantized layers", s["quantized_layers"]],
         ["quantized weights", s["quantized_params"]],
         ["full-precision parameters", s["full_precision_params"]],
         ["bits per weight, quantized layers (codes + codebooks + scales + seeds)", s["bpw_quantized_layers"]],
         ["bits per parameter, whole file (all stored tensors / original parameters)", s["bpw_whole_model"]],
-        ["weighted mean relative error ||W - W_hat|| / ||W||", s["mean_rel_error"]],
+        ["relative weight error (Frobenius, weighted over layers)", s["mean_rel_error"]],
         ["worst layer relative error", f"{s['max_rel_error']:.4f} ({s['worst_layer']})"],
         ["model.safetensors size", human_bytes(s["file_bytes"])],
         ["quantize time (s)", s["quantize_seconds"]],

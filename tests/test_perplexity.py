@@ -19,6 +19,7 @@ def test_windows_are_consecutive_text_without_bos(tokenizer):
     assert windows.shape == (5, 32)
     assert windows.flatten().tolist() == ids[:160]
     assert protocol.scored_tokens == 5 * 31 and not protocol.bos
+    assert "5 non-overlapping windows of 32 tokens (no BOS added)" in protocol.describe()
 
 
 def test_windows_with_bos(tokenizer):
@@ -26,7 +27,7 @@ def test_windows_with_bos(tokenizer):
     windows, protocol = make_windows(tokenizer, TEXT, 32, 4, bos=True)
     assert (windows[:, 0] == tokenizer.bos_token_id).all()
     assert windows[:, 1:].flatten().tolist() == ids[: 4 * 31]
-    assert protocol.bos and "BOS" in protocol.describe()
+    assert protocol.bos and "(BOS + 31 text tokens)" in protocol.describe()
 
 
 def test_gemma_gets_bos_and_llama_follows_its_tokenizer(tokenizer):
