@@ -35,10 +35,13 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--variants", required=True, help="JSON list of QuantConfig field dicts")
     p.add_argument("--note", default="")
+    p.add_argument("--log", default=str(LOG), help="JSON-lines file the results are appended to")
+    p.add_argument("--device", default="cpu", help="where to quantize and evaluate (e.g. cuda)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
 
     model, tokenizer, model_name = load_model(args.model)
+    model.to(args.device)
     text, text_name = load_text(args.data)
     windows, protocol = make_windows(tokenizer, text, args.seq_len, args.windows, text_name=text_name)
     models, meta = {}, {}
@@ -47,20 +50,24 @@ def main() -> None:
         qmodel = copy.deepcopy(model)
         start = time.perf_counter()
         result = quantize_model(qmodel, cfg, progress=False)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         n = sum(s["shape"][0] * s["shape"][1] for s in result.layers.values())
         bpw = sum(s["bits_per_weight"] * s["shape"][0] * s["shape"][1] for s in result.layers.values()) / n
         err = sum(s["rel_error"] ** 2 * s["shape"][0] * s["shape"][1] for s in result.layers.values()) / n
         key = f"v{i}"
         models[key] = qmodel
-        meta[key] = {"config": fields, "bpw": bpw, "quantize_s": seconds, "mean_sq_rel_error": err}
+        meta[key] = {"config": fields, "bpw": bpw, "quantize_s": seconds, "mean_sq_rel_error": err,
+                     "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
         print(f"{key} {fields}: bpw {bpw:.3f}, {seconds:.1f}s, mean rel err^2 {err:.4f}", flush=True)
     with ExitStack() as stack:
         for m in models.values():
             stack.enter_context(cached_weights(m))
         metrics = evaluate_models({"fp": model, **models}, windows, reference=model)
-    LOG.parent.mkdir(parents=True, exist_ok=True)
-    with LOG.open("a") as f:
+    log = Path(args.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
         for key, m in meta.items():
             row = {"model": model_name, "protocol": protocol.describe(), **m, **metrics[key].to_dict(),
                    "fp_ppl": metrics["fp"].ppl, "note": args.note, "date": time.strftime("%Y-%m-%d %H:%M")}
