@@ -92,7 +92,7 @@ def _refit(x: torch.Tensor, xt: torch.Tensor, su: torch.Tensor, sv: torch.Tensor
     Gram entries use ``<s, Q sigma> = <Q^T s, sigma>`` and ``<Q sigma, Q sigma'> = <sigma, sigma'>``.
     """
     ku, kv = su.shape[-1], sv.shape[-1]
-    blocks_g, blocks_r = [], []
+    blocks_r = []
     if ku:
         blocks_r.append(torch.einsum("bgk,bg->bk", su, x))
     if kv:
