@@ -118,5 +118,40 @@ def eval_cmd(model, data, reference, seq_len, windows, bos, report_dir):
     click.echo(f"\nwrote {Path(report_dir) / 'eval_report.md'}")
 
 
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--original", default=None, help="The unquantized model, to measure the true error and its flatness.")
+@click.option("--report-dir", type=click.Path(path_type=Path), default=None,
+              help="Where inspect.{json,md} and the PNGs go (default: FOLDER/inspect).")
+@click.option("--layers", "sample_layers", type=int, default=6, show_default=True,
+              help="Layers shown in the histogram plot.")
+@_one_line_errors
+def inspect(folder, original, report_dir, sample_layers):
+    """Per-layer table and plots of a quantized FOLDER: error, convergence, factor histograms."""
+    import json
+
+    from quantune.inspect import inspect_folder
+    from quantune.plots import plot_factor_histograms, plot_layer_errors
+
+    summary, samples = inspect_folder(folder, original=original, sample_layers=sample_layers)
+    report_dir = report_dir or Path(folder) / "inspect"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    cfg = summary["config"]
+    title = f"{folder}: {cfg['method']} {cfg['bits']}-bit"
+    plot_factor_histograms(samples, report_dir / "factor_histograms.png", title)
+    plot_layer_errors(summary["layers"], report_dir / "layer_errors.png", title)
+    crest_keys = sorted({k for row in summary["layers"].values() for k in row if k.startswith("crest_")})
+    table = markdown_table(["layer", "shape", "bpw", "rel. error", *crest_keys],
+                           [[name, "x".join(map(str, r["shape"])), r["bits_per_weight"], r["rel_error"],
+                             *[r.get(k) for k in crest_keys]] for name, r in summary["layers"].items()])
+    md = (f"# quantune inspect: {title}\n\nCrest factor = max|x| / rms(x) of the weight (w, original; w_hat, "
+          f"dequantized) and of each factor (U in the weight domain, V in the transformed domain).\n\n"
+          f"![factor histograms](factor_histograms.png)\n\n![layer errors](layer_errors.png)\n\n{table}\n")
+    (report_dir / "inspect.md").write_text(md)
+    (report_dir / "inspect.json").write_text(json.dumps(summary, indent=2))
+    click.echo(table)
+    click.echo(f"\nwrote {report_dir} (inspect.md, inspect.json, factor_histograms.png, layer_errors.png)")
+
+
 if __name__ == "__main__":
     sys.exit(main())

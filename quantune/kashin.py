@@ -71,17 +71,25 @@ def _signs_of(codes: torch.Tensor, first_bit: int, k: int) -> torch.Tensor:
     return (((codes.long().unsqueeze(-1) >> shifts) & 1) * 2 - 1).float()
 
 
-def kashin_decode(codes: torch.Tensor, coeffs: torch.Tensor, ku: int, kv: int,
-                  transform: str, seed: int) -> torch.Tensor:
-    """Rebuild vectors ``(B, g)`` from codes ``(B, g)`` and coefficients ``(B, ku + kv)``."""
+def kashin_factors(codes: torch.Tensor, coeffs: torch.Tensor, ku: int, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors ``(u, v)``, each ``(B, g)``, that codes and coefficients decode to.
+
+    ``u`` lives in the weight domain and ``v`` in the transformed domain: ``x_hat = u + Q v``.
+    """
     assert codes.dim() == 2 and coeffs.shape == (codes.shape[0], ku + kv), (codes.shape, coeffs.shape)
     c = coeffs.float()
     idx = codes.long()
-    u = factor_levels(c[:, :ku], ku).gather(-1, idx & ((1 << ku) - 1)) if ku else 0.0
-    if not kv:
-        return u + torch.zeros(codes.shape, device=codes.device)
-    v = factor_levels(c[:, ku:], kv).gather(-1, idx >> ku)
-    return u + inverse_transform(v, transform, seed)
+    zeros = torch.zeros(codes.shape, device=codes.device)
+    u = factor_levels(c[:, :ku], ku).gather(-1, idx & ((1 << ku) - 1)) if ku else zeros
+    v = factor_levels(c[:, ku:], kv).gather(-1, idx >> ku) if kv else zeros
+    return u, v
+
+
+def kashin_decode(codes: torch.Tensor, coeffs: torch.Tensor, ku: int, kv: int,
+                  transform: str, seed: int) -> torch.Tensor:
+    """Rebuild vectors ``(B, g)`` from codes ``(B, g)`` and coefficients ``(B, ku + kv)``."""
+    u, v = kashin_factors(codes, coeffs, ku, kv)
+    return u + inverse_transform(v, transform, seed) if kv else u
 
 
 def _refit(x: torch.Tensor, xt: torch.Tensor, su: torch.Tensor, sv: torch.Tensor,

@@ -11,7 +11,7 @@ import torch
 
 from quantune.bitpack import pack_codes, packed_row_bytes, unpack_codes
 from quantune.config import QuantConfig, QuantuneError
-from quantune.kashin import kashin_decode, kashin_decompose
+from quantune.kashin import kashin_decode, kashin_decompose, kashin_factors
 from quantune.transforms import hadamard_block_size
 from quantune.rtn import rtn_dequantize, rtn_quantize
 
@@ -49,6 +49,10 @@ class Method:
         """Bits stored outside the buffers (e.g. a seed), counted in bits per weight."""
         return 0
 
+    def factors(self, buffers: dict, out_features: int, in_features: int, cfg: QuantConfig) -> dict:
+        """Named factor matrices ``(out, in)`` the weight is built from (none for scalar methods)."""
+        return {}
+
 
 class KashinMethod(Method):
     name = "kashin"
@@ -79,6 +83,12 @@ class KashinMethod(Method):
 
     def extra_bits(self, cfg):
         return SEED_BITS
+
+    def factors(self, buffers, out_features, in_features, cfg):
+        g = effective_group_size(in_features, cfg.group_size)
+        codes = unpack_codes(buffers["codes"], cfg.bits, in_features).reshape(-1, g)
+        u, v = kashin_factors(codes, buffers["coeffs"], cfg.ku, cfg.kv)
+        return {"U": u.reshape(out_features, in_features), "V": v.reshape(out_features, in_features)}
 
 
 class RTNMethod(Method):
