@@ -70,6 +70,8 @@ def quantize_variant(model, name: str):
                 w_hat, stored = codec(weight.detach())
                 weight.copy_(w_hat.to(weight.dtype))
                 n, bits = n + weight.numel(), bits + stored
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return qmodel, bits / n, time.perf_counter() - start
 
 
@@ -112,10 +114,12 @@ def main() -> None:
     p.add_argument("--methods", required=True, help="comma-separated method names (see module docstring)")
     p.add_argument("--models-per-pass", type=int, default=8, help="models evaluated together (memory bound)")
     p.add_argument("--out", default="eval/results/compare", help="output path without extension")
+    p.add_argument("--device", default="cpu", help="where to quantize and evaluate (e.g. cuda)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
 
     model, tokenizer, _ = load_model(args.model)
+    model.to(args.device)
     text, text_name = load_text(args.data)
     windows, protocol = make_windows(tokenizer, text, args.seq_len, args.windows, bos=needs_bos(model, tokenizer),
                                      text_name=text_name)
@@ -143,7 +147,8 @@ def main() -> None:
     rows.sort(key=lambda r: (r["bpw"], r["ppl"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    machine = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+               f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads") + f", torch {torch.__version__}"
     result = {"model": args.model, "protocol": protocol.describe(), "machine": machine,
               "date": time.strftime("%Y-%m-%d"), "original": fp.to_dict(), "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
