@@ -2,8 +2,11 @@
 
 For each group of ``g`` consecutive weights along the input dimension:
 
-* symmetric:  ``s = max|w| / (2**(b-1) - 1)``, ``q = clamp(round(w / s), -2**(b-1), 2**(b-1) - 1)``,
-  stored as ``q + 2**(b-1)``; ``w_hat = (code - 2**(b-1)) * s``.
+* symmetric:  ``s = 2 max|w| / (2**b - 1)``, ``q = clamp(round(w / s), -2**(b-1), 2**(b-1) - 1)``,
+  stored as ``q + 2**(b-1)``; ``w_hat = (code - 2**(b-1)) * s``. This is the GPTQ-style
+  symmetric grid (zero point at the middle code); it reproduces the reference figures this
+  project compares against (eval/results/notes.md). The largest positive weight clips to
+  ``(2**(b-1) - 1) s``, slightly below max|w|.
 * asymmetric: ``s = (max w - min w) / (2**b - 1)``, ``q = clamp(round((w - min) / s), 0, 2**b - 1)``;
   ``w_hat = code * s + min``.
 
@@ -25,10 +28,10 @@ def rtn_quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool):
     assert n % group == 0, (n, group)
     wg = w.float().reshape(m, n // group, group)
     if symmetric:
-        qmax = (1 << (bits - 1)) - 1
-        scales = (wg.abs().amax(-1) / qmax).half()
+        half = 1 << (bits - 1)
+        scales = (2 * wg.abs().amax(-1) / ((1 << bits) - 1)).half()
         s = scales.float().clamp(min=1e-12)[..., None]
-        q = torch.round(wg / s).clamp(-qmax - 1, qmax) + qmax + 1
+        q = torch.round(wg / s).clamp(-half, half - 1) + half
         return q.to(torch.uint8).reshape(m, n), scales, None
     qmax = (1 << bits) - 1
     mins = wg.amin(-1).half()
