@@ -76,7 +76,9 @@ def read_quant_config(folder: Path) -> QuantConfig:
 
 
 def check_safetensors(folder: Path) -> None:
-    """Read every tensor of the folder's safetensors files once, so corruption fails early."""
+    """Open every safetensors file of the folder once: safetensors validates the header and
+    that the data section covers every tensor, so truncated or garbled files fail here with
+    one clear line instead of deep inside transformers."""
     from safetensors import safe_open
 
     files = sorted(Path(folder).glob("*.safetensors"))
@@ -84,15 +86,11 @@ def check_safetensors(folder: Path) -> None:
         raise QuantuneError(f"{folder} has no .safetensors weights")
     for path in files:
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    tensor = f.get_tensor(key)
-                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                        raise QuantuneError(f"{path.name}: tensor {key} holds NaN/Inf values")
-        except QuantuneError:
-            raise
+            with safe_open(str(path), framework="pt"):
+                pass
         except Exception as exc:  # safetensors raises its own error types for bad headers/lengths
-            raise QuantuneError(f"corrupt or truncated safetensors file {path}: {str(exc).strip() or type(exc).__name__}") from exc
+            raise QuantuneError(f"corrupt or truncated safetensors file {path}: "
+                                f"{str(exc).strip() or type(exc).__name__}") from exc
 
 
 def load(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype=torch.float32):
