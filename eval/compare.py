@@ -28,10 +28,8 @@ from pathlib import Path
 import torch
 
 from eval.peers import peer_codec
-from eval.perplexity import evaluate_models, make_windows, needs_bos
+from eval.perplexity import add_protocol_args, evaluate_models, load_protocol
 from quantune.config import QuantConfig
-from quantune.data import load_text
-from quantune.models import load_model
 from quantune.qlinear import cached_weights
 from quantune.quantize import plan_modules, quantize_model
 from quantune.report import markdown_table
@@ -107,22 +105,14 @@ def family(name: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", default="../shared/data/austen/persuasion.txt")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--windows", type=int, default=16)
+    add_protocol_args(p)
     p.add_argument("--methods", required=True, help="comma-separated method names (see module docstring)")
     p.add_argument("--models-per-pass", type=int, default=8, help="models evaluated together (memory bound)")
     p.add_argument("--out", default="eval/results/compare", help="output path without extension")
-    p.add_argument("--device", default="cpu", help="where to quantize and evaluate (e.g. cuda)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
 
-    model, tokenizer, _ = load_model(args.model)
-    model.to(args.device)
-    text, text_name = load_text(args.data)
-    windows, protocol = make_windows(tokenizer, text, args.seq_len, args.windows, bos=needs_bos(model, tokenizer),
-                                     text_name=text_name)
+    model, _, windows, protocol = load_protocol(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in methods:  # fail on a bad name before any long work
         if quantune_config(name) is None:
@@ -157,7 +147,7 @@ def main() -> None:
                            [[r["method"], r["bpw"], r["ppl"], r["kl"], r["top1"], r["quantize_s"]] for r in rows])
     md = f"# {args.model}: data-free comparison\n\nProtocol: {protocol.describe()}\n\nMachine: {machine}\n\n{table}\n"
     out.with_suffix(".md").write_text(md)
-    plot(rows, fp.ppl, out.with_suffix(".png"), f"{args.model} on {text_name}")
+    plot(rows, fp.ppl, out.with_suffix(".png"), f"{args.model} on {protocol.text}")
     print(md)
 
 

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 
-from eval.perplexity import evaluate_models, make_windows
+from eval.perplexity import add_protocol_args, evaluate_models, load_protocol
 from quantune.config import QuantConfig
-from quantune.data import load_text
-from quantune.models import load_model
 from quantune.qlinear import cached_weights
 from quantune.quantize import quantize_model
 
@@ -28,22 +26,16 @@ LOG = Path(__file__).parent / "results" / "variants.jsonl"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", default="../shared/data/austen/persuasion.txt")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--windows", type=int, default=16)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_protocol_args(p)
     p.add_argument("--variants", required=True, help="JSON list of QuantConfig field dicts")
     p.add_argument("--note", default="")
     p.add_argument("--log", default=str(LOG), help="JSON-lines file the results are appended to")
-    p.add_argument("--device", default="cpu", help="where to quantize and evaluate (e.g. cuda)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
 
-    model, tokenizer, model_name = load_model(args.model)
-    model.to(args.device)
-    text, text_name = load_text(args.data)
-    windows, protocol = make_windows(tokenizer, text, args.seq_len, args.windows, text_name=text_name)
+    model, _, windows, protocol = load_protocol(args)
+    model_name = args.model
     models, meta = {}, {}
     for i, fields in enumerate(json.loads(args.variants)):
         cfg = QuantConfig(**fields)

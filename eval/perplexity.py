@@ -120,3 +120,25 @@ def evaluate_models(models: dict, windows: torch.Tensor, reference=None, progres
             top1=s["top1"] / count if reference is not None else None,
         )
     return results
+
+
+def add_protocol_args(parser, windows: int = 16) -> None:
+    """The evaluation options every eval/ script shares."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="../shared/data/austen/persuasion.txt")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--windows", type=int, default=windows)
+    parser.add_argument("--device", default="cpu", help="where to quantize and evaluate (e.g. cuda)")
+
+
+def load_protocol(args):
+    """``(model, tokenizer, windows, protocol)`` for options from :func:`add_protocol_args`."""
+    from quantune.data import load_text
+    from quantune.models import load_model
+
+    model, tokenizer, _ = load_model(args.model)
+    model.to(args.device)
+    text, text_name = load_text(args.data)
+    windows, protocol = make_windows(tokenizer, text, args.seq_len, args.windows, bos=needs_bos(model, tokenizer),
+                                     text_name=text_name)
+    return model, tokenizer, windows, protocol

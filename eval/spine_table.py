@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 
-from eval.perplexity import evaluate_models, make_windows, needs_bos
+from eval.perplexity import add_protocol_args, evaluate_models, load_protocol
 from quantune import load
 from quantune.config import QuantConfig
-from quantune.data import load_text
-from quantune.models import load_model
 from quantune.pipeline import run_quantize
 from quantune.qlinear import cached_weights
 from quantune.report import human_bytes, markdown_table
@@ -51,10 +49,7 @@ def label(fields: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", default="../shared/data/austen/persuasion.txt")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--windows", type=int, default=16)
+    add_protocol_args(p)
     p.add_argument("--runs", default=None, help="JSON list of QuantConfig field dicts (default: the spine's table)")
     p.add_argument("--work-dir", default="out/spine")
     p.add_argument("--out-json", default="eval/results/spine_smollm2.json")
@@ -70,11 +65,8 @@ def main() -> None:
         print(f"{rows[-1]['label']}: {report['summary']['bpw_quantized_layers']:.3f} bpw, "
               f"{report['summary']['quantize_seconds']:.1f} s", flush=True)
 
-    model, tokenizer, _ = load_model(args.model)
-    text, text_name = load_text(args.data)
-    windows, protocol = make_windows(tokenizer, text, args.seq_len, args.windows, bos=needs_bos(model, tokenizer),
-                                     text_name=text_name)
-    models = {row["label"]: load(row["folder"])[0] for row in rows}
+    model, _, windows, protocol = load_protocol(args)
+    models = {row["label"]: load(row["folder"], device=args.device)[0] for row in rows}
     with ExitStack() as stack:
         for m in models.values():
             stack.enter_context(cached_weights(m))

@@ -1,5 +1,4 @@
 """The comparison harness: method names, peer codecs through their real packages, plots."""
-import json
 
 import pytest
 import torch

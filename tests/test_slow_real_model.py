@@ -3,7 +3,6 @@
 Not in the default suite: run with  .venv/bin/python -m pytest -m slow
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch
