@@ -23,8 +23,10 @@ import torch
 TRANSFORMS = ("dct", "hadamard")
 
 
+@lru_cache(maxsize=256)
 def random_signs(n: int, seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """A reproducible +-1 vector of length ``n`` (the same on every device)."""
+    """A reproducible +-1 vector of length ``n`` (the same on every device); cached, since
+    every decode of a layer needs it. Callers must not modify it in place."""
     gen = torch.Generator().manual_seed(int(seed))
     bits = torch.randint(0, 2, (n,), generator=gen)
     return (bits * 2 - 1).to(device=device, dtype=dtype)
