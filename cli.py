@@ -66,18 +66,23 @@ def _default_out(model: str, method: str, bits: int) -> Path:
 @click.option("--eval-seq-len", type=int, default=2048, show_default=True)
 @click.option("--eval-windows", type=int, default=8, show_default=True)
 @click.option("--no-eval", is_flag=True, help="Skip the perplexity comparison.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Dtype of the parameters kept in full precision (embeddings, norms, head).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
 @_one_line_errors
 def quantize(model, bits, method, group_size, symmetric, transform, u_steps, sweeps, seed, skip, out_dir,
-             overwrite, eval_data, eval_seq_len, eval_windows, no_eval, trust_remote_code):
+             overwrite, eval_data, eval_seq_len, eval_windows, no_eval, dtype, trust_remote_code):
     """Quantize MODEL (built-in name, hub id, local folder or .gguf file) and save it."""
+    import torch
+
     from quantune.pipeline import run_quantize
 
     cfg = QuantConfig(method=method, bits=bits, group_size=group_size, symmetric=symmetric, transform=transform,
                       u_steps=u_steps, sweeps=sweeps, seed=seed, skip_modules=tuple(skip))
     out_dir = out_dir or _default_out(model, method, bits)
     report = run_quantize(model, cfg, out_dir, eval_data=None if no_eval else eval_data, seq_len=eval_seq_len,
-                          windows=eval_windows, overwrite=overwrite, trust_remote_code=trust_remote_code)
+                          windows=eval_windows, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                          dtype=getattr(torch, dtype))
     s = report["summary"]
     rows = [["quantized layers", s["quantized_layers"]],
             ["bits per weight (quantized layers, all overhead)", s["bpw_quantized_layers"]],

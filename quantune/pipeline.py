@@ -61,8 +61,14 @@ def _summary(model, result, folder: Path) -> dict:
 
 def run_quantize(model_spec: str, cfg: QuantConfig, out_dir: str | Path, *, eval_data: str | None = "builtin",
                  seq_len: int = 2048, windows: int | None = 8, overwrite: bool = False,
-                 trust_remote_code: bool = False, progress: bool = True) -> dict:
-    """Load, quantize, evaluate (original vs quantized) and save ``model_spec`` to ``out_dir``."""
+                 trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+                 progress: bool = True) -> dict:
+    """Load, quantize, evaluate (original vs quantized) and save ``model_spec`` to ``out_dir``.
+
+    Quantization always works on float32 weights; ``dtype`` is the dtype in which the
+    parameters kept in full precision (embeddings, norms, head, biases) are stored and run.
+    The original is evaluated in float32.
+    """
     start = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -76,9 +82,13 @@ def run_quantize(model_spec: str, cfg: QuantConfig, out_dir: str | Path, *, eval
                                      text_name=text[1])
         reference = copy.deepcopy(model)
     result = quantize_model(model, cfg, progress=progress)
+    if dtype != torch.float32:
+        for param in model.parameters():  # tied parameters are listed once
+            param.data = param.data.to(dtype)
     report = {
         "quantune_version": __version__, "format_version": FORMAT_VERSION, "model": name,
         "architecture": type(model).__name__, "config": result.config.to_dict(),
+        "full_precision_dtype": str(dtype).removeprefix("torch."),
         "full_precision": result.full_precision, "layers": result.layers,
     }
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:

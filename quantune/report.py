@@ -45,7 +45,7 @@ def quantize_markdown(report: dict) -> str:
     out += ["", "## Summary", "", markdown_table(["quantity", "value"], [
         ["quantized layers", s["quantized_layers"]],
         ["quantized weights", s["quantized_params"]],
-        ["full-precision parameters", s["full_precision_params"]],
+        ["full-precision parameters", f"{s['full_precision_params']} ({report.get('full_precision_dtype', 'float32')})"],
         ["bits per weight, quantized layers (codes + codebooks + scales + seeds)", s["bpw_quantized_layers"]],
         ["bits per parameter, whole file (all stored tensors / original parameters)", s["bpw_whole_model"]],
         ["relative weight error (Frobenius, weighted over layers)", s["mean_rel_error"]],

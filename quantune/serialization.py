@@ -93,10 +93,12 @@ def check_safetensors(folder: Path) -> None:
                                 f"{str(exc).strip() or type(exc).__name__}") from exc
 
 
-def load(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype=torch.float32):
+def load(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype="auto"):
     """Rebuild a quantized model and its tokenizer from a folder written by quantune.
 
-    Returns ``(model, tokenizer)``; the model is in eval mode on ``device``.
+    ``dtype`` applies to the parameters kept in full precision ("auto": as stored); packed
+    codes and their float16 metadata always keep their stored dtypes. Returns
+    ``(model, tokenizer)``; the model is in eval mode on ``device``.
     """
     import quantune.hf_integration  # noqa: F401  (registers the quantizer)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -187,3 +187,25 @@ def test_eval_of_a_float_model_reports_under_out(tiny_folders, text_file, tmp_pa
     report = json.loads((tmp_path / "out" / "eval-opt" / "eval_report.json").read_text())
     assert report["quantized"] is False and report["results"][str(tiny_folders["opt"])]["tokens"] == 2 * 63
     assert not (tiny_folders["opt"] / "eval_report.json").exists()  # the user's model folder is untouched
+
+
+def test_bfloat16_full_precision_parameters(tiny_folders, text_file, tmp_path):
+    out = tmp_path / "bf16"
+    result = run("quantize", tiny_folders["qwen2"], "--bits", 4, "--dtype", "bfloat16", "--out", out,
+                 "--eval-data", text_file, "--eval-seq-len", 64, "--eval-windows", 2)
+    assert result.exit_code == 0, result.output
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.0.mlp.up_proj.codes").dtype == torch.uint8
+        assert f.get_tensor("model.layers.0.mlp.up_proj.coeffs").dtype == torch.float16
+    report = json.loads((out / "report.json").read_text())
+    assert report["full_precision_dtype"] == "bfloat16"
+    float32 = tmp_path / "fp32"
+    assert run("quantize", tiny_folders["qwen2"], "--bits", 4, "--out", float32, "--no-eval").exit_code == 0
+    assert (out / "model.safetensors").stat().st_size < (float32 / "model.safetensors").stat().st_size
+    # the folder, loaded as stored, scores exactly what the in-memory bfloat16 model scored
+    assert run("eval", out, "--data", text_file, "--seq-len", 64, "--windows", 2).exit_code == 0
+    reloaded = json.loads((out / "eval_report.json").read_text())["results"][str(out)]
+    assert reloaded["ppl"] == pytest.approx(report["eval"]["results"]["quantized"]["ppl"], rel=1e-6)
