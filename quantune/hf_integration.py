@@ -53,7 +53,7 @@ from quantune.config import FORMAT_VERSION, QUANT_METHOD, QuantConfig, QuantuneE
 from quantune.qlinear import QuantLinear
 from quantune.quantize import replace_with_empty_quant_linears
 
-__all__ = ["QuantuneHfConfig", "QuantuneHfQuantizer", "register", "quant_config_from_dict"]
+__all__ = ["QuantuneHfConfig", "QuantuneHfQuantizer", "register"]
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(QuantConfig))
 
@@ -62,19 +62,6 @@ _QUANTIZE_ON_LOAD_MESSAGE = (
     "quantune can be loaded); quantize with quantune.quantize_model(model, QuantConfig(...)) or the "
     "`quantune quantize` command, then load the saved folder with from_pretrained"
 )
-
-
-def quant_config_from_dict(d: dict) -> QuantConfig:
-    """``QuantConfig.from_dict`` with the format version checked first.
-
-    A folder written by a newer quantune may also carry fields this version does not know;
-    the version mismatch is the useful message then, not the unknown fields.
-    """
-    d = dict(d)
-    version = d.get("format_version", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
-        QuantConfig(format_version=version)  # raises quantune's format-version QuantuneError
-    return QuantConfig.from_dict(d)
 
 
 class QuantuneHfConfig(QuantizationConfigMixin):
@@ -87,7 +74,7 @@ class QuantuneHfConfig(QuantizationConfigMixin):
     def __init__(self, **kwargs):
         kwargs.pop("quant_method", None)  # always quantune; a foreign value cannot dispatch here
         kwargs.setdefault("format_version", FORMAT_VERSION)  # built in code: this version
-        qcfg = quant_config_from_dict(kwargs)  # fail early: unknown fields, bad values, newer format
+        qcfg = QuantConfig.from_dict(kwargs)  # fail early: unknown fields, bad values, newer format
         for key, value in qcfg.to_dict().items():
             setattr(self, key, value)
         self.quant_method = QUANT_METHOD
@@ -98,7 +85,7 @@ class QuantuneHfConfig(QuantizationConfigMixin):
 
         Strict, unlike ``__init__``: a stored config must name its format version.
         """
-        quant_config_from_dict(config_dict)
+        QuantConfig.from_dict(config_dict)
         return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
@@ -106,7 +93,7 @@ class QuantuneHfConfig(QuantizationConfigMixin):
         return cls(**qcfg.to_dict())
 
     def to_quant_config(self) -> QuantConfig:
-        return quant_config_from_dict(self.to_dict())
+        return QuantConfig.from_dict(self.to_dict())
 
     def to_dict(self) -> dict:
         d = {name: copy.deepcopy(getattr(self, name)) for name in _FIELDS}
