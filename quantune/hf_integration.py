@@ -116,13 +116,9 @@ class QuantuneHfQuantizer(HfQuantizer):
         if isinstance(quantization_config, dict):
             quantization_config = QuantuneHfConfig(**quantization_config)
         super().__init__(quantization_config, **kwargs)
-        self.qconfig: QuantConfig | None = None
-        self.quantized_module_names: list[str] = []
         self.modules_to_not_convert: list[str] = []
 
     def validate_environment(self, *args, **kwargs):
-        if not self.pre_quantized:  # unreachable (refused in __init__), kept for safety
-            raise QuantuneError(_QUANTIZE_ON_LOAD_MESSAGE)
         self.quantization_config.to_quant_config()
 
     def _process_model_before_weight_loading(self, model, **kwargs):
@@ -134,8 +130,6 @@ class QuantuneHfQuantizer(HfQuantizer):
             raise QuantuneError("quantization_config lists every Linear layer of this model as full "
                                 "precision: nothing to load as quantized")
         replace_with_empty_quant_linears(model, qcfg, names)
-        self.qconfig = qcfg
-        self.quantized_module_names = names
         self.modules_to_not_convert = list(kept)
         return model
 
@@ -185,8 +179,7 @@ class QuantuneHfQuantizer(HfQuantizer):
                 linear.weight.copy_(weight)
                 if bias is not None:
                     linear.bias.copy_(bias)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+            model.set_submodule(name, linear)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

@@ -77,10 +77,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, progress: bool = True) ->
     result = QuantizeResult(config=cfg.replace(modules_in_full_precision=kept), full_precision=kept)
     for name in tqdm(targets, desc=f"quantizing ({cfg.method}, {cfg.bits}-bit)", unit="layer",
                      disable=not progress):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        qmodule, stats = QuantLinear.from_linear(getattr(parent, child), result.config, name)
-        setattr(parent, child, qmodule)
+        qmodule, stats = QuantLinear.from_linear(model.get_submodule(name), result.config, name)
+        model.set_submodule(name, qmodule)
         result.layers[name] = stats
         log.debug("%s: rel_error=%.4f bpw=%.3f", name, stats["rel_error"], stats["bits_per_weight"])
     result.seconds = time.perf_counter() - start
@@ -90,10 +88,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, progress: bool = True) ->
 def replace_with_empty_quant_linears(model: nn.Module, cfg: QuantConfig, names: list[str]) -> None:
     """Swap the named Linear layers for empty QuantLinears (buffers filled by a later load)."""
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise QuantuneError(f"checkpoint quantized {name}, but this model has {type(linear).__name__} there")
-        setattr(parent, child, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
+        model.set_submodule(name, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                            cfg, device=linear.weight.device, bias_dtype=linear.weight.dtype))

@@ -100,7 +100,6 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype="a
     codes and their float16 metadata always keep their stored dtypes. Returns
     ``(model, tokenizer)``; the model is in eval mode on ``device``.
     """
-    import quantune.hf_integration  # noqa: F401  (registers the quantizer)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
