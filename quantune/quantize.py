@@ -70,17 +70,69 @@ def plan_modules(model: nn.Module, cfg: QuantConfig) -> tuple[list[str], dict]:
     return targets, kept
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig, progress: bool = True) -> QuantizeResult:
-    """Replace the chosen Linear layers of ``model`` in place by QuantLinear."""
+def _squared_error(stats: dict, w_norm_sq: float, sensitivity: str) -> float:
+    err = stats["rel_error"] ** 2 * w_norm_sq
+    return err if sensitivity == "abs" else err / max(w_norm_sq, 1e-30)
+
+
+def allocate_bits(gains: dict, sizes: dict, low: int, target: float) -> set:
+    """Layers to raise from ``low`` to ``low + 1`` bits, keeping the weight-weighted mean width <= ``target``.
+
+    ``gains[name]`` is the error removed by the extra bit and ``sizes[name]`` its weight count:
+    a greedy knapsack that takes the largest gain per added bit first and skips what no
+    longer fits.
+    """
+    budget = (target - low) * sum(sizes.values())
+    chosen, used = set(), 0
+    for name in sorted(gains, key=lambda n: (-gains[n] / sizes[n], n)):
+        if used + sizes[name] <= budget + 1e-9:
+            chosen.add(name)
+            used += sizes[name]
+    return chosen
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig, progress: bool = True,
+                   sensitivity: str = "abs") -> QuantizeResult:
+    """Replace the chosen Linear layers of ``model`` in place by QuantLinear.
+
+    With a fractional ``cfg.target_bits`` (say 3.5), every layer is quantized at both
+    neighbouring widths (3 and 4) and the layers whose weight error drops most per added bit
+    get the wider code, up to the target average (data-free: ``sensitivity`` "abs" ranks by
+    the squared Frobenius error, "rel" by the error relative to the weight's norm).
+    """
     start = time.perf_counter()
     targets, kept = plan_modules(model, cfg)
-    result = QuantizeResult(config=cfg.replace(modules_in_full_precision=kept), full_precision=kept)
-    for name in tqdm(targets, desc=f"quantizing ({cfg.method}, {cfg.bits}-bit)", unit="layer",
-                     disable=not progress):
-        qmodule, stats = QuantLinear.from_linear(model.get_submodule(name), result.config, name)
-        model.set_submodule(name, qmodule)
+    mixed = cfg.target_bits is not None and cfg.target_bits != int(cfg.target_bits)
+    low = int(cfg.target_bits) if mixed else cfg.bits
+    base = cfg.replace(bits=low, module_bits={}, modules_in_full_precision=kept)
+    widths = (low, low + 1) if mixed else (low,)
+    candidates, gains, sizes, layer_stats = {}, {}, {}, {}
+    desc = f"quantizing ({cfg.method}, {cfg.target_bits if mixed else low}-bit)"
+    for name in tqdm(targets, desc=desc, unit="layer", disable=not progress):
+        linear = model.get_submodule(name)
+        w_norm_sq = float(linear.weight.detach().float().pow(2).sum())
+        for bits in widths:
+            candidates[name, bits] = QuantLinear.from_linear(linear, base.replace(bits=bits).for_module(name), name)
+        if mixed:
+            lo_err, hi_err = (_squared_error(candidates[name, b][1], w_norm_sq, sensitivity) for b in widths)
+            gains[name], sizes[name] = lo_err - hi_err, linear.weight.numel()
+        else:
+            module, layer_stats[name] = candidates.pop((name, low))
+            model.set_submodule(name, module)
+    module_bits = {}
+    if mixed:
+        module_bits = {name: low + 1 for name in sorted(allocate_bits(gains, sizes, low, cfg.target_bits))}
+    result = QuantizeResult(config=base.replace(target_bits=cfg.target_bits if mixed else None,
+                                                module_bits=module_bits), full_precision=kept)
+    for name in targets:
+        bits = module_bits.get(name, low)
+        if mixed:
+            module, layer_stats[name] = candidates.pop((name, bits))
+            model.set_submodule(name, module)
+        stats = layer_stats[name]
+        stats["bits"] = bits
         result.layers[name] = stats
-        log.debug("%s: rel_error=%.4f bpw=%.3f", name, stats["rel_error"], stats["bits_per_weight"])
+        log.debug("%s: %d-bit rel_error=%.4f bpw=%.3f", name, bits, stats["rel_error"], stats["bits_per_weight"])
     result.seconds = time.perf_counter() - start
     return result
 
@@ -92,4 +144,4 @@ def replace_with_empty_quant_linears(model: nn.Module, cfg: QuantConfig, names: 
         if not isinstance(linear, nn.Linear):
             raise QuantuneError(f"checkpoint quantized {name}, but this model has {type(linear).__name__} there")
         model.set_submodule(name, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                           cfg, device=linear.weight.device, bias_dtype=linear.weight.dtype))
+                                           cfg.for_module(name), device=linear.weight.device, bias_dtype=linear.weight.dtype))

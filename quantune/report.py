@@ -34,13 +34,19 @@ def eval_rows(evals: dict) -> list[list]:
 
 def quantize_markdown(report: dict) -> str:
     s, cfg = report["summary"], report["config"]
-    out = [f"# quantune report: {report['model']} -> {cfg['method']} {cfg['bits']}-bit", "",
+    width = cfg.get("target_bits") or cfg["bits"]
+    out = [f"# quantune report: {report['model']} -> {cfg['method']} {width}-bit", "",
            f"Architecture: {report['architecture']}; quantune {report['quantune_version']}, "
            f"format version {report['format_version']}.", ""]
-    settings = [[k, str(v)] for k, v in cfg.items() if k != "modules_in_full_precision"]
+    settings = [[k, str(v)] for k, v in cfg.items() if k not in ("modules_in_full_precision", "module_bits")]
+    module_bits = cfg.get("module_bits") or {}
+    if cfg.get("target_bits"):
+        settings.append(["layers at the wider width", f"{len(module_bits)} of {len(report['layers'])} "
+                                                       f"({cfg['bits'] + 1}-bit; the rest {cfg['bits']}-bit)"])
     if cfg["method"] == "kashin":
-        ku = cfg["bits"] - 1 if cfg["u_steps"] is None else cfg["u_steps"]
-        settings.append(["sign steps (U + V)", f"{ku} + {cfg['bits'] - ku}"])
+        for bits in sorted({cfg["bits"], *module_bits.values()}):
+            ku = bits - 1 if cfg["u_steps"] is None else cfg["u_steps"]
+            settings.append([f"sign steps (U + V), {bits}-bit layers", f"{ku} + {bits - ku}"])
     out.append(markdown_table(["setting", "value"], settings))
     out += ["", "## Summary", "", markdown_table(["quantity", "value"], [
         ["quantized layers", s["quantized_layers"]],
@@ -62,8 +68,9 @@ def quantize_markdown(report: dict) -> str:
     out += ["", "## Kept in full precision", "",
             markdown_table(["module", "reason"], [[k, v] for k, v in report["full_precision"].items()])]
     out += ["", "## Layers", "", markdown_table(
-        ["layer", "shape", "group", "bpw", "rel. error", "convergence (error per sweep)", "s"],
-        [[name, "x".join(map(str, L["shape"])), L["group_size"], L["bits_per_weight"], L["rel_error"],
+        ["layer", "shape", "bits", "group", "bpw", "rel. error", "convergence (error per sweep)", "s"],
+        [[name, "x".join(map(str, L["shape"])), L.get("bits", cfg["bits"]), L["group_size"], L["bits_per_weight"],
+          L["rel_error"],
           " > ".join(f"{h:.3f}" for h in L["history"]) or "-", L["seconds"]]
          for name, L in report["layers"].items()])]
     return "\n".join(out) + "\n"

@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
+from quantune.config import FORMAT_VERSION
 
 
 def run(*args):
@@ -42,7 +43,7 @@ def test_quantize_writes_a_complete_folder(quantized):
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc["quant_method"] == "quantune" and qc["method"] == "kashin" and qc["bits"] == 4
-    assert qc["format_version"] == 1 and "lm_head" in qc["modules_in_full_precision"]
+    assert qc["format_version"] == FORMAT_VERSION and "lm_head" in qc["modules_in_full_precision"]
     report = json.loads((out / "report.json").read_text())
     s = report["summary"]
     assert s["quantized_layers"] == 14 and 4 < s["bpw_quantized_layers"] < 6
@@ -93,7 +94,7 @@ def test_unknown_model(tmp_path):
     assert no_folder_left(tmp_path, "o")
 
 
-@pytest.mark.parametrize("bits", [1, 9])
+@pytest.mark.parametrize("bits", [1, 9, 1.5, 8.5])
 def test_bits_out_of_range(bits, tiny_folders, tmp_path):
     result = run("quantize", tiny_folders["llama"], "--bits", bits, "--out", tmp_path / "o")
     assert_one_line_error(result, "bits must be")
@@ -209,3 +210,20 @@ def test_bfloat16_full_precision_parameters(tiny_folders, text_file, tmp_path):
     assert run("eval", out, "--data", text_file, "--seq-len", 64, "--windows", 2).exit_code == 0
     reloaded = json.loads((out / "eval_report.json").read_text())["results"][str(out)]
     assert reloaded["ppl"] == pytest.approx(report["eval"]["results"]["quantized"]["ppl"], rel=1e-6)
+
+
+def test_fractional_bits_write_a_mixed_width_folder_that_loads(tiny_folders, tmp_path):
+    from quantune.qlinear import QuantLinear
+    from quantune.serialization import load
+
+    out = tmp_path / "mixed"
+    result = run("quantize", tiny_folders["llama"], "--bits", 2.5, "--out", out, "--no-eval")
+    assert result.exit_code == 0, result.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["bits"] == 2 and qc["target_bits"] == 2.5 and set(qc["module_bits"].values()) == {3}
+    report = json.loads((out / "report.json").read_text())
+    assert {L["bits"] for L in report["layers"].values()} == {2, 3}
+    assert "layers at the wider width" in (out / "report.md").read_text()
+    model, _ = load(out)
+    widths = {m.qconfig.bits for m in model.modules() if isinstance(m, QuantLinear)}
+    assert widths == {2, 3}

