@@ -112,18 +112,22 @@ def quantize(model, bits, method, group_size, symmetric, transform, u_steps, swe
 @click.option("--seq-len", type=int, default=2048, show_default=True)
 @click.option("--windows", type=int, default=None, help="Number of windows (default: all of the text).")
 @click.option("--bos/--no-bos", default=None, help="Start each window with BOS (default: if the tokenizer adds one).")
+@click.option("--adapter", type=click.Path(path_type=Path), default=None,
+              help="A LoRA adapter folder (from quantune finetune) applied on top of MODEL.")
 @click.option("--report-dir", type=click.Path(path_type=Path), default=None,
-              help="Where eval_report.{json,md} go (default: MODEL if it is a quantized folder, else out/eval-<model>).")
+              help="Where eval_report.{json,md} go (default: the adapter folder, else MODEL if it is a quantized "
+                   "folder, else out/eval-<model>).")
 @_one_line_errors
-def eval_cmd(model, data, reference, seq_len, windows, bos, report_dir):
+def eval_cmd(model, data, reference, seq_len, windows, bos, adapter, report_dir):
     """Perplexity of MODEL (a quantized folder or any model) and KL divergence against --reference."""
     from quantune.models import is_quantized_folder
     from quantune.pipeline import run_eval
 
     if report_dir is None:
-        report_dir = Path(model) if is_quantized_folder(Path(model)) else Path("out") / f"eval-{_stem(model)}"
+        report_dir = (adapter if adapter else Path(model) if is_quantized_folder(Path(model))
+                      else Path("out") / f"eval-{_stem(model)}")
     report = run_eval(model, data=data, reference=reference, seq_len=seq_len, windows=windows,
-                      report_dir=report_dir, bos=bos)
+                      report_dir=report_dir, bos=bos, adapter=adapter)
     click.echo(f"\n{report['protocol']}")
     click.echo(markdown_table(["model", "perplexity", "KL (nats)", "top-1 agreement"], eval_rows(report["results"])))
     click.echo(f"\nwrote {Path(report_dir) / 'eval_report.md'}")
@@ -162,6 +166,133 @@ def inspect(folder, original, report_dir, sample_layers):
     (report_dir / "inspect.json").write_text(json.dumps(summary, indent=2))
     click.echo(table)
     click.echo(f"\nwrote {report_dir} (inspect.md, inspect.json, factor_histograms.png, layer_errors.png)")
+
+
+def _csv(value: str | None):
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("quantized", type=click.Path(path_type=Path))
+@click.option("--data", "data", multiple=True, default=("builtin",),
+              help="Training text: .txt, .jsonl (see --text-field) or builtin; repeatable.")
+@click.option("--text-field", default="text", help="Field holding the text in .jsonl data.")
+@click.option("--eval-data", default=None, help="Held-out text for perplexity before, during and after training.")
+@click.option("--eval-windows", type=int, default=8)
+@click.option("--eval-seq-len", type=int, default=None, help="Evaluation window length (default: --seq-len).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Adapter folder (default: <QUANTIZED>-lora).")
+@click.option("--lora-r", type=int, default=16)
+@click.option("--lora-alpha", type=float, default=32.0)
+@click.option("--lora-dropout", type=float, default=0.0)
+@click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) (rank-stabilised LoRA) instead of alpha/r.")
+@click.option("--target-modules", default=None, help="Comma-separated layer names (default: every quantized Linear).")
+@click.option("--init", "init", type=click.Choice(["default", "residual"]), default="default",
+              help="residual: A, B from the SVD of W - dequant(W_q) (LoftQ-style; needs the original model).")
+@click.option("--objective", type=click.Choice(["ce", "kd"]), default=None,
+              help="ce: next-token cross-entropy; kd: distillation from the original (default: kd with --teacher).")
+@click.option("--teacher", default=None, help="The original full-precision model (default: the one recorded "
+                                               "in QUANTIZED/report.json).")
+@click.option("--kd-temperature", type=float, default=1.0)
+@click.option("--kd-alpha", type=float, default=1.0, help="Weight of distillation vs cross-entropy.")
+@click.option("--steps", type=int, default=300)
+@click.option("--batch-size", type=int, default=8, help="Sequences per micro-batch (per process).")
+@click.option("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
+@click.option("--seq-len", type=int, default=512)
+@click.option("--lr", type=float, default=2e-4)
+@click.option("--lr-scaling", type=click.Choice(["none", "linear", "sqrt"]), default="none",
+              help="Scale --lr by the global batch over --base-batch-size (sqrt suits Adam).")
+@click.option("--base-batch-size", type=int, default=None)
+@click.option("--schedule", type=click.Choice(["constant", "linear", "cosine", "wsd"]), default="cosine")
+@click.option("--warmup-steps", type=int, default=0)
+@click.option("--decay-steps", type=int, default=None, help="wsd: length of the final decay (default 20%).")
+@click.option("--min-lr-ratio", type=float, default=0.0)
+@click.option("--weight-decay", type=float, default=0.0)
+@click.option("--max-grad-norm", type=float, default=1.0, help="Gradient clipping (0: off).")
+@click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit"]), default="adamw")
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="Autocast precision (default: bf16 on GPU, fp32 on CPU).")
+@click.option("--grad-checkpointing", is_flag=True)
+@click.option("--eval-every", type=int, default=0, help="Evaluate every N steps (0: before and after only).")
+@click.option("--save-every", type=int, default=0, help="Checkpoint every N steps (always at the end and on Ctrl-C).")
+@click.option("--seed", type=int, default=0)
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--gpus", type=int, default=None, help="Data parallel over N GPUs (relaunches under torchrun).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@_one_line_errors
+def finetune(quantized, data, text_field, eval_data, eval_windows, eval_seq_len, out_dir, lora_r, lora_alpha, lora_dropout, rslora,
+             target_modules, init, objective, teacher, kd_temperature, kd_alpha, steps, batch_size, grad_accum,
+             seq_len, lr, lr_scaling, base_batch_size, schedule, warmup_steps, decay_steps, min_lr_ratio,
+             weight_decay, max_grad_norm, optimizer, precision, grad_checkpointing, eval_every, save_every, seed,
+             device, gpus, resume):
+    """LoRA recovery fine-tuning of a QUANTIZED folder; writes a peft-format adapter and a report."""
+    import os
+
+    if gpus is not None and os.environ.get("WORLD_SIZE") is None:
+        from quantune.distributed import relaunch_with_torchrun
+
+        argv = sys.argv[1:]
+        i = argv.index("--gpus")
+        sys.exit(relaunch_with_torchrun(gpus, argv[:i] + argv[i + 2:]))
+    from quantune import distributed
+    from quantune.finetune import LoraSettings, resolve_device, run_finetune
+    from quantune.train import TrainConfig
+
+    dist = distributed.from_environment(device)
+    dev = dist.device if dist else resolve_device(device)
+    if lora_r < 1:
+        raise QuantuneError(f"--lora-r must be >= 1, got {lora_r}")
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
+                      lr_scaling=lr_scaling, base_batch_size=base_batch_size, schedule=schedule,
+                      warmup_steps=warmup_steps, decay_steps=decay_steps, min_lr_ratio=min_lr_ratio,
+                      weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, optimizer=optimizer,
+                      precision=precision or ("bf16" if dev.type == "cuda" else "fp32"),
+                      grad_checkpointing=grad_checkpointing,
+                      objective=objective or ("kd" if teacher else "ce"), kd_temperature=kd_temperature,
+                      kd_alpha=kd_alpha, eval_every=eval_every, save_every=save_every, seed=seed)
+    lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=rslora,
+                        target_modules=_csv(target_modules), init=init)
+    out_dir = out_dir or Path(str(quantized).rstrip("/") + "-lora")
+    try:
+        report = run_finetune(quantized, list(data), out_dir, cfg, lora, eval_data=eval_data,
+                              eval_windows=eval_windows, eval_seq_len=eval_seq_len, teacher=teacher, device=device, resume=resume,
+                              text_field=text_field, dist=dist, log=click.echo)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; resume with: quantune finetune {quantized} ... --out {out_dir} --resume", err=True)
+        sys.exit(130)
+    finally:
+        if dist:
+            dist.close()
+    if dist is None or dist.rank == 0:
+        click.echo(f"\nperplexity before {report['ppl_before']} -> after {report['ppl_after']}; "
+                   f"{report['tokens_per_second'] or 0:,.0f} tokens/s")
+        click.echo(f"wrote {out_dir} (adapter_config.json, adapter_model.safetensors, report.md, report.json)")
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("quantized", type=click.Path(path_type=Path))
+@click.option("--adapter", type=click.Path(path_type=Path), required=True, help="LoRA adapter folder.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
+@click.option("--requantize", is_flag=True, help="Quantize the merged weights again with the base's settings.")
+@click.option("--eval-data", default=None, help="Text to measure what merging (and re-quantizing) costs.")
+@click.option("--eval-windows", type=int, default=4)
+@click.option("--seq-len", type=int, default=512)
+@click.option("--overwrite", is_flag=True)
+@_one_line_errors
+def merge(quantized, adapter, out_dir, dtype, requantize, eval_data, eval_windows, seq_len, overwrite):
+    """Fold an adapter into a float copy of QUANTIZED (dequantized base + B A), saved as a plain
+    transformers folder, or re-quantized with --requantize."""
+    import torch
+
+    from quantune.finetune import run_merge
+
+    result = run_merge(quantized, adapter, out_dir, dtype=getattr(torch, dtype), requantize=requantize,
+                       eval_data=eval_data, eval_windows=eval_windows, seq_len=seq_len, overwrite=overwrite)
+    rows = [[k, v] for k, v in result.items() if k.startswith("ppl_")]
+    if rows:
+        click.echo(f"{result['protocol']}\n" + markdown_table(["model", "perplexity"], rows))
+    click.echo(f"wrote {out_dir}")
 
 
 if __name__ == "__main__":

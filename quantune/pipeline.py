@@ -118,18 +118,24 @@ def load_any(spec: str, trust_remote_code: bool = False):
 
 def run_eval(model_spec: str, *, data: str = "builtin", reference: str | None = None, seq_len: int = 2048,
              windows: int | None = None, report_dir: str | Path | None = None, bos: bool | None = None,
-             progress: bool = True) -> dict:
+             adapter: str | Path | None = None, progress: bool = True) -> dict:
     """Perplexity (and KL / top-1 agreement against ``reference``) of a model on a text."""
     start = time.perf_counter()
     text, text_name = load_text(data)
     model, tokenizer = load_any(model_spec)
+    if adapter is not None:
+        from quantune.lora import load_adapter
+
+        model = load_adapter(model, adapter)
     bos = needs_bos(model, tokenizer) if bos is None else bos
     win, protocol = make_windows(tokenizer, text, seq_len, windows, bos=bos, text_name=text_name)
     ref_model = load_any(reference)[0] if reference else None
     with cached_weights(model):
-        results = evaluate_models({model_spec: model}, win, reference=ref_model, progress=progress)
+        name = f"{model_spec} + {adapter}" if adapter else model_spec
+        results = evaluate_models({name: model}, win, reference=ref_model, progress=progress)
     report = {
-        "quantune_version": __version__, "model": model_spec, "reference": reference,
+        "quantune_version": __version__, "model": model_spec, "adapter": str(adapter) if adapter else None,
+        "reference": reference,
         "quantized": any(isinstance(m, QuantLinear) for m in model.modules()),
         "protocol": protocol.describe(), "protocol_fields": protocol.__dict__,
         "results": {k: v.to_dict() for k, v in results.items()}, "seconds": time.perf_counter() - start,

@@ -64,6 +64,11 @@ class QuantLinear(nn.Module):
         )
         return module, stats
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes; peft looks for this name to place adapters on a quantized layer's device."""
+        return self.codes
+
     def buffers_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.buffer_names}
 
@@ -71,22 +76,52 @@ class QuantLinear(nn.Module):
         """The float32 weight ``(out, in)`` this module computes with."""
         return self.method.dequantize(self.buffers_dict(), self.out_features, self.in_features, self.qconfig)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def decoded_weight(self, dtype: torch.dtype) -> torch.Tensor:
         w = self._weight_cache if self._weight_cache is not None else self.dequantize()
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _DecodedMatmul.apply(x, self)  # keeps no decoded weight alive for the backward pass
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        dtype = _compute_dtype(x)
+        return F.linear(x.to(dtype), self.decoded_weight(dtype), None if self.bias is None else self.bias.to(dtype))
 
     def extra_repr(self) -> str:
         c = self.qconfig
         return f"in_features={self.in_features}, out_features={self.out_features}, method={c.method}, bits={c.bits}"
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _DecodedMatmul(torch.autograd.Function):
+    """y = x W^T for a frozen quantized W, decoding W again in the backward pass instead of
+    saving it (the way QLoRA's 4-bit matmul keeps activation memory to the inputs alone).
+    The base weight never gets a gradient; only x does."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module, ctx.dtype, ctx.x_dtype = module, _compute_dtype(x), x.dtype
+        return F.linear(x.to(ctx.dtype), module.decoded_weight(ctx.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w = ctx.module.decoded_weight(ctx.dtype)
+        return (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype), None
+
+
 @contextmanager
-def cached_weights(model: nn.Module):
-    """Decode every QuantLinear's weight once for the duration (fast repeated evaluation)."""
+def cached_weights(model: nn.Module, dtype: torch.dtype = torch.float32):
+    """Decode every QuantLinear's weight once for the duration (fast repeated evaluation or
+    training at the cost of one decoded copy of the weights in ``dtype``)."""
     modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
     try:
         for m in modules:
-            m._weight_cache = m.dequantize()
+            m._weight_cache = m.dequantize().to(dtype)
         yield model
     finally:
         for m in modules:
