@@ -19,6 +19,8 @@ def main() -> None:
     rows = []
     for report in sorted(args.root.glob("*/report.json")):
         r = json.loads(report.read_text())
+        if "ppl_before" not in r:  # a quantized folder's report, not a fine-tuning run
+            continue
         before, after, fp = r["ppl_before"], r["ppl_after"], args.fp_ppl
         rows.append({
             "run": report.parent.name, "objective": r["train"]["objective"], "init": r["lora"]["init"],
