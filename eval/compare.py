@@ -4,9 +4,10 @@
         --methods kashin-4,rtn-4-sym,rtn-4-sym-g128,bnb-nf4-dq,hqq-4-g64 --out eval/results/compare_smollm2
 
 Method names:
-* ``kashin-<bits>[-g<group>][-u<u steps>][-had][-rel]``: quantune kashin (real QuantLinear format);
-  a fractional width (``kashin-3.5``) mixes the two neighbouring widths across layers, ranked by
-  absolute weight error (``-rel``: relative error) -- see quantune.quantize.allocate_bits;
+* ``kashin-<bits>[-g<group>][-u<u steps>][-had][-rel|-abs]``: quantune kashin (real QuantLinear
+  format); a fractional width (``kashin-3.5``) mixes the two neighbouring widths across layers,
+  ranked by relative weight error (the default, ``-rel``) or absolute error (``-abs``) -- see
+  quantune.quantize.allocate_bits;
 * ``rtn-<bits>-<sym|asym>[-g<group>]``: quantune's round-to-nearest (per-channel without -g);
 * ``bnb-nf4``, ``bnb-nf4-dq``, ``bnb-fp4``, ``bnb-fp4-dq``, ``hqq-<bits>-g<group>``: peers through
   their own packages (see eval/peers.py).
@@ -39,7 +40,7 @@ from quantune.report import markdown_table
 
 def quantune_config(name: str) -> QuantConfig | None:
     """QuantConfig for a quantune method name, or None for a peer name."""
-    m = re.fullmatch(r"kashin-(\d(?:\.\d+)?)(?:-g(\d+))?(?:-u(\d))?(-had)?(-rel)?", name)
+    m = re.fullmatch(r"kashin-(\d(?:\.\d+)?)(?:-g(\d+))?(?:-u(\d))?(-had)?(-rel|-abs)?", name)
     if m:
         width = float(m.group(1))
         return QuantConfig(method="kashin", bits=int(width), target_bits=None if width == int(width) else width,
@@ -59,7 +60,7 @@ def quantize_variant(model, name: str):
     start = time.perf_counter()
     cfg = quantune_config(name)
     if cfg is not None:
-        result = quantize_model(qmodel, cfg, progress=False, sensitivity="rel" if name.endswith("-rel") else "abs")
+        result = quantize_model(qmodel, cfg, progress=False, sensitivity="abs" if name.endswith("-abs") else "rel")
         n = sum(s["shape"][0] * s["shape"][1] for s in result.layers.values())
         bits = sum(s["bits_per_weight"] * s["shape"][0] * s["shape"][1] for s in result.layers.values())
     else:

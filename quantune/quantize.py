@@ -92,13 +92,15 @@ def allocate_bits(gains: dict, sizes: dict, low: int, target: float) -> set:
 
 
 def quantize_model(model: nn.Module, cfg: QuantConfig, progress: bool = True,
-                   sensitivity: str = "abs") -> QuantizeResult:
+                   sensitivity: str = "rel") -> QuantizeResult:
     """Replace the chosen Linear layers of ``model`` in place by QuantLinear.
 
     With a fractional ``cfg.target_bits`` (say 3.5), every layer is quantized at both
     neighbouring widths (3 and 4) and the layers whose weight error drops most per added bit
-    get the wider code, up to the target average (data-free: ``sensitivity`` "abs" ranks by
-    the squared Frobenius error, "rel" by the error relative to the weight's norm).
+    get the wider code, up to the target average (data-free: ``sensitivity`` "rel" ranks by the
+    squared error relative to the weight's squared norm, "abs" by the squared Frobenius error).
+    Measured on SmolLM2-135M (eval/results/compare_smollm2_mixed_cpu.md): "rel" wins at 3.5 bits
+    (ppl 62.1 vs 82.2) and 4.5 bits (36.0 vs 39.9), so it is the default.
     """
     start = time.perf_counter()
     targets, kept = plan_modules(model, cfg)
