@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from quantune.config import QuantuneError
 from quantune.data import BatchOrder
+from quantune.qlinear import cached_weights
 from quantune.schedules import SCALING_RULES, make_scheduler, scaled_lr
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -48,6 +49,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     precision: str = "bf16"
     grad_checkpointing: bool = False
+    cache_weights: bool = False    # decode the frozen quantized weights once (faster, one decoded copy in memory)
     objective: str = "ce"
     kd_temperature: float = 1.0
     kd_alpha: float = 1.0          # weight of the distillation term (the rest is cross-entropy)
@@ -253,6 +255,9 @@ def train(model, data: torch.Tensor, cfg: TrainConfig, *, out_dir: Path, device:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tokens_per_step = cfg.global_batch(world) * (cfg.seq_len - 1)
+    cache = (cached_weights(model, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32))
+             if cfg.cache_weights else nullcontext())
+    cache.__enter__()
     train_model.train()
     step, t0, timed_steps, timed_seconds = start_step, time.perf_counter(), 0, 0.0
     try:
@@ -306,6 +311,8 @@ def train(model, data: torch.Tensor, cfg: TrainConfig, *, out_dir: Path, device:
         log(f"interrupted: saving a checkpoint at step {done}")
         checkpoint(done)
         raise
+    finally:
+        cache.__exit__(None, None, None)
     run_eval(cfg.steps)
     checkpoint(cfg.steps)
     history["tokens_per_second"] = tokens_per_step * timed_steps / timed_seconds if timed_seconds else None

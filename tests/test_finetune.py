@@ -1,6 +1,7 @@
 """LoRA fine-tuning on tiny quantized models (CPU): loop, accumulation, resume, adapters, merge, CLI."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +265,51 @@ def test_cli_finetune_empty_data(quantized_folder, tmp_path):
     empty.write_text("  \n")
     r = _run("finetune", quantized_folder, "--data", empty, "--steps", 1, "--out", tmp_path / "o")
     assert r.exit_code != 0 and "empty" in r.output.lower()
+
+
+def _ddp_worker(rank, world, port, out_dir, result_file):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from quantune import distributed
+
+    dist = distributed.from_environment("cpu")
+    try:
+        pm, _ = _peft()
+        hist = train(pm, _data(), _cfg(steps=4, batch_size=2), out_dir=Path(out_dir), device=CPU, dist=dist,
+                     log=lambda *_: None)
+        if rank == 0:
+            Path(result_file).write_text(json.dumps([s["loss"] for s in hist["steps"]]))
+    finally:
+        dist.close()
+
+
+def test_data_parallel_matches_one_process_with_the_same_global_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tmp_path / "ddp.json"
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), str(result)), nprocs=2, join=True)
+    ddp_losses = json.loads(result.read_text())
+    pm, _ = _peft()
+    single = train(pm, _data(), _cfg(steps=4, batch_size=4), out_dir=tmp_path / "one", device=CPU,
+                   log=lambda *_: None)
+    assert ddp_losses == pytest.approx([s["loss"] for s in single["steps"]], rel=1e-4)
+    assert (tmp_path / "ddp" / "checkpoints" / "step-000004").is_dir()
+
+
+def test_cached_weights_train_exactly_like_decoding_on_every_use(tmp_path):
+    runs = []
+    for cache in (False, True):
+        pm, _ = _peft()
+        hist = train(pm, _data(), _cfg(steps=3, cache_weights=cache), out_dir=tmp_path / str(cache), device=CPU,
+                     log=lambda *_: None)
+        runs.append([s["loss"] for s in hist["steps"]])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6)
+    assert all(m._weight_cache is None for m in pm.modules() if hasattr(m, "_weight_cache"))
