@@ -1,5 +1,6 @@
 """LoRA fine-tuning on tiny quantized models (CPU): loop, accumulation, resume, adapters, merge, CLI."""
 import copy
+import math
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 from cli import main
 from quantune.config import QuantConfig, QuantuneError
 from quantune.data import BatchOrder, pack_documents
-from quantune.lora import attach_lora, load_adapter, make_lora_config, merge_into_float, residual_init
+from quantune.lora import attach_lora, load_adapter, lora_layers, make_lora_config, merge_into_float, residual_init
 from quantune.quantize import quantize_model
 from quantune.train import TrainConfig, compute_loss, distillation_loss, train
 from tests.conftest import tiny_model
@@ -313,3 +314,46 @@ def test_cached_weights_train_exactly_like_decoding_on_every_use(tmp_path):
         runs.append([s["loss"] for s in hist["steps"]])
     assert runs[0] == pytest.approx(runs[1], rel=1e-6)
     assert all(m._weight_cache is None for m in pm.modules() if hasattr(m, "_weight_cache"))
+
+
+@pytest.mark.parametrize("precision,optimizer", [("bf16", "adamw"), ("fp16", "adamw"), ("fp32", "adamw8bit")])
+def test_precisions_and_optimizers_train(tmp_path, precision, optimizer):
+    if optimizer == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    pm, _ = _peft()
+    hist = train(pm, _data(), _cfg(steps=8, precision=precision, optimizer=optimizer, max_grad_norm=1.0),
+                 out_dir=tmp_path, device=CPU, log=lambda *_: None)
+    losses = [s["loss"] for s in hist["steps"]]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert all("grad_norm" in s for s in hist["steps"])
+
+
+def test_learning_rate_scaling_with_the_global_batch():
+    cfg = TrainConfig(lr=1e-4, batch_size=8, grad_accum=4, lr_scaling="linear", base_batch_size=8)
+    assert cfg.global_batch(world=2) == 64
+    assert cfg.peak_lr(world=2) == pytest.approx(8e-4)
+    assert TrainConfig(lr=1e-4, batch_size=8, grad_accum=4, lr_scaling="sqrt", base_batch_size=8).peak_lr() == \
+        pytest.approx(2e-4)
+    assert TrainConfig(lr=1e-4, batch_size=8, lr_scaling="linear").peak_lr() == pytest.approx(1e-4)
+
+
+def test_rslora_and_target_modules_shape_the_adapter():
+    model, _ = _quantized()
+    pm = attach_lora(model, make_lora_config(r=4, alpha=8, rslora=True, target_modules=["q_proj", "v_proj"]))
+    layers = lora_layers(pm)
+    assert layers and all(n.endswith(("q_proj", "v_proj")) for n in layers)
+    layer = next(iter(layers.values()))
+    assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))
+
+
+def test_cli_gpus_without_a_gpu_is_a_clear_error(quantized_folder, text_file, tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    import sys
+
+    args = ["quantune", "finetune", str(quantized_folder), "--data", str(text_file), "--gpus", "2",
+            "--out", str(tmp_path / "o")]
+    monkeypatch.setattr(sys, "argv", args)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    r = _run(*args[1:])
+    assert r.exit_code != 0 and "no cuda gpu" in r.output.lower()
