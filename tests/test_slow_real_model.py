@@ -52,3 +52,22 @@ def test_quantize_and_reload_real_model(tmp_path):
 
     model, tokenizer = load(out)
     assert sum(1 for _ in model.modules() if type(_).__name__ == "QuantLinear") == 210
+
+
+@pytest.mark.skipif(not PERSUASION.is_file(), reason="needs ../shared/data/austen")
+def test_lora_repair_lowers_2bit_perplexity_on_cpu(real_model, tmp_path):
+    """A few LoRA steps (cross-entropy, residual init) on emma.txt lower the 2-bit model's
+    perplexity on persuasion.txt (4 x 256-token windows) on the CPU."""
+    quantized = tmp_path / "k2"
+    r = CliRunner().invoke(main, ["quantize", "smollm2-135m", "--bits", "2", "--out", str(quantized), "--no-eval"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "lora"
+    r = CliRunner().invoke(main, [
+        "finetune", str(quantized), "--data", str(SHARED_DATA / "austen" / "emma.txt"),
+        "--eval-data", str(PERSUASION), "--eval-windows", "4", "--seq-len", "256", "--batch-size", "4",
+        "--steps", "8", "--lr", "2e-3", "--schedule", "constant", "--init", "residual", "--objective", "ce",
+        "--teacher", "smollm2-135m", "--out", str(out), "--cache-weights"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["ppl_after"] < report["ppl_before"] / 2
