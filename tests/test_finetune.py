@@ -357,3 +357,22 @@ def test_cli_gpus_without_a_gpu_is_a_clear_error(quantized_folder, text_file, tm
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     r = _run(*args[1:])
     assert r.exit_code != 0 and "no cuda gpu" in r.output.lower()
+
+
+def test_merge_with_requantize_writes_a_quantized_folder(quantized_folder, text_file, tmp_path):
+    from quantune.finetune import run_merge
+    from quantune.serialization import load
+
+    pm_dir = tmp_path / "adapter"
+    model, _ = load(quantized_folder)
+    pm = attach_lora(model, make_lora_config(r=2, alpha=4))
+    pm.save_pretrained(pm_dir)
+    result = run_merge(quantized_folder, pm_dir, tmp_path / "requant", requantize=True, eval_data=str(text_file),
+                       eval_windows=2, seq_len=32)
+    cfg = json.loads((tmp_path / "requant" / "config.json").read_text())
+    assert cfg["quantization_config"]["bits"] == 2
+    assert result["requantized"]["bits_per_weight"] > 2
+    # a zero adapter (B = 0): merging changes nothing, re-quantizing the dequantized weights costs a little
+    assert result["ppl_merged"] == pytest.approx(result["ppl_base_plus_adapter"], rel=1e-4)
+    assert math.isfinite(result["ppl_requantized"])
+    load(tmp_path / "requant")
