@@ -7,6 +7,8 @@ and never needs to know which method made them. Add a method by subclassing
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from quantune.bitpack import pack_codes, packed_row_bytes, unpack_codes
@@ -27,6 +29,27 @@ def effective_group_size(n: int, group_size: int | None) -> int:
         raise QuantuneError(f"width {n} has no divisor between 8 and group size {group_size}; "
                             "choose another --group-size or none (per row)")
     return g
+
+
+@dataclass
+class BitplaneForm:
+    """Every format here decodes linearly in the bits of its codes. With ``bit_t`` the
+    t-th bit of each code (0/1), ``G`` groups of ``group`` weights per row and ``xq = Q^T x``
+    per group (the seeded transform; only for planes t >= ku),
+
+        y[i] = sum_g ( sum_t a[i,g,t] * <bit_t[i, g], x_t[g]> + bx[i,g] * sum(x[g]) + bq[i,g] * sum(xq[g]) )
+
+    with ``x_t = x`` for t < ku and ``xq`` otherwise. A kernel reads packed codes once and
+    keeps ``bits`` running dot products per row; nothing is decoded to a float weight.
+    """
+
+    a: torch.Tensor    # (out, G, bits) float32
+    bx: torch.Tensor   # (out, G) float32
+    bq: torch.Tensor   # (out, G) float32 (zero without a transformed factor)
+    ku: int            # planes applied to x; the rest to xq
+    group: int
+    transform: str | None
+    seed: int
 
 
 class Method:
@@ -52,6 +75,10 @@ class Method:
     def factors(self, buffers: dict, out_features: int, in_features: int, cfg: QuantConfig) -> dict:
         """Named factor matrices ``(out, in)`` the weight is built from (none for scalar methods)."""
         return {}
+
+    def bitplane_form(self, buffers: dict, out_features: int, in_features: int, cfg: QuantConfig) -> BitplaneForm:
+        """The weight as bit planes of its codes (see :class:`BitplaneForm`), for fused kernels."""
+        raise NotImplementedError
 
 
 class KashinMethod(Method):
@@ -90,6 +117,13 @@ class KashinMethod(Method):
         u, v = kashin_factors(codes, buffers["coeffs"], cfg.ku, cfg.kv)
         return {"U": u.reshape(out_features, in_features), "V": v.reshape(out_features, in_features)}
 
+    def bitplane_form(self, buffers, out_features, in_features, cfg):
+        # u = sum_t c_t (2 bit_t - 1) over the low ku bits, v likewise over the high kv bits
+        g = effective_group_size(in_features, cfg.group_size)
+        c = buffers["coeffs"].float().reshape(out_features, in_features // g, cfg.bits)
+        return BitplaneForm(a=2 * c, bx=-c[..., :cfg.ku].sum(-1), bq=-c[..., cfg.ku:].sum(-1), ku=cfg.ku, group=g,
+                            transform=cfg.transform if cfg.kv else None, seed=cfg.seed)
+
 
 class RTNMethod(Method):
     name = "rtn"
@@ -115,6 +149,15 @@ class RTNMethod(Method):
     def dequantize(self, buffers, out_features, in_features, cfg):
         codes = unpack_codes(buffers["codes"], cfg.bits, in_features)
         return rtn_dequantize(codes, buffers["scales"], buffers.get("mins"), cfg.bits)
+
+    def bitplane_form(self, buffers, out_features, in_features, cfg):
+        # symmetric: w = s (code - 2^(b-1)); asymmetric: w = s code + min; code = sum_t 2^t bit_t
+        s = buffers["scales"].float()
+        powers = (2.0 ** torch.arange(cfg.bits, device=s.device)).float()
+        mins = buffers.get("mins")
+        bx = -s * (1 << (cfg.bits - 1)) if mins is None else mins.float()
+        return BitplaneForm(a=s[..., None] * powers, bx=bx, bq=torch.zeros_like(bx), ku=cfg.bits,
+                            group=effective_group_size(in_features, cfg.group_size), transform=None, seed=cfg.seed)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (KashinMethod(), RTNMethod())}

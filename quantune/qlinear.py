@@ -35,6 +35,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device),
                                  requires_grad=False) if bias else None
         self._weight_cache: torch.Tensor | None = None
+        self._bitplane = None  # BitplaneForm for the fused decode kernel, built on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, qconfig: QuantConfig, name: str = "") -> tuple["QuantLinear", dict]:
@@ -80,7 +81,34 @@ class QuantLinear(nn.Module):
         w = self._weight_cache if self._weight_cache is not None else self.dequantize()
         return w.to(dtype)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._bitplane = None  # new codes: rebuild the kernel's form on next use
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def bitplane_form(self):
+        if self._bitplane is None or self._bitplane.a.device != self.codes.device:
+            self._bitplane = self.method.bitplane_form(self.buffers_dict(), self.out_features, self.in_features,
+                                                       self.qconfig)
+        return self._bitplane
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        """The fused kernel serves few-token inputs on CUDA when no decoded weight is cached."""
+        if not x.is_cuda or self._weight_cache is not None or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        from quantune import kernels
+
+        tokens = x.numel() // self.in_features
+        return kernels.available() and tokens <= kernels.MAX_TOKENS and \
+            kernels.block_k_for(self.bitplane_form().group) is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_kernel(x):
+            from quantune.kernels import bitplane_matmul
+
+            dtype = _compute_dtype(x)
+            y = bitplane_matmul(x.reshape(-1, self.in_features), self.codes, self.bitplane_form(), self.qconfig.bits)
+            y = y.to(dtype).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             y = _DecodedMatmul.apply(x, self)  # keeps no decoded weight alive for the backward pass
             return y if self.bias is None else y + self.bias.to(y.dtype)

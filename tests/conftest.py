@@ -1,10 +1,16 @@
 """Tiny models and tokenizers built from configs: no downloads, fixed seeds."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run under its CPU interpreter here (correctness only); the flag must be set
+    # before anything imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

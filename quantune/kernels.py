@@ -1,0 +1,124 @@
+"""Fused low-bit matmul for few tokens (decode): read packed codes once, never build a weight.
+
+Both formats decode linearly in the bits of their codes (:class:`quantune.methods.BitplaneForm`),
+so ``y = x W^T`` is, per output row, ``bits`` dot products of 0/1 bit planes with ``x`` (or with
+``xq = Q^T x`` per group, for kashin's transformed factor), combined with per-group
+coefficients: the kernel streams the packed bytes (bits/8 bytes per weight instead of 2 for
+bf16) and keeps ``bits`` accumulators in registers. ``xq`` costs one fast transform of the
+activations, not of the weights.
+
+:func:`bitplane_matmul_reference` is the same math in plain torch (CPU, tests);
+:func:`bitplane_matmul` runs the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1`` for
+correctness checks). :class:`~quantune.qlinear.QuantLinear` uses the kernel on CUDA for inputs of at
+most ``MAX_TOKENS`` tokens and the decode-then-GEMM path otherwise.
+"""
+from __future__ import annotations
+
+import torch
+
+from quantune.methods import BitplaneForm
+from quantune.transforms import forward_transform
+
+MAX_TOKENS = 16
+
+
+def transformed_input(x: torch.Tensor, form: BitplaneForm) -> torch.Tensor:
+    """``xq``: ``Q^T`` applied to every ``group``-long segment of the rows of ``x`` ``(T, K)``."""
+    if form.transform is None:
+        return x
+    t, k = x.shape
+    return forward_transform(x.float().reshape(t, k // form.group, form.group), form.transform,
+                             form.seed).reshape(t, k)
+
+
+def bit_planes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """``(bits, out, n)`` 0/1 float planes of packed codes ``(out, bytes)``."""
+    from quantune.bitpack import unpack_codes
+
+    codes = unpack_codes(packed, bits, n).long()
+    return torch.stack([((codes >> t) & 1).float() for t in range(bits)])
+
+
+def bitplane_matmul_reference(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int) -> torch.Tensor:
+    """``x W^T`` ``(T, out)`` through the bit-plane form, in float32 torch."""
+    x = x.float()
+    t, k = x.shape
+    m, groups = form.bx.shape
+    xq = transformed_input(x, form).float()
+    planes = bit_planes(packed, bits, k).reshape(bits, m, groups, form.group)
+    xg, xqg = x.reshape(t, groups, form.group), xq.reshape(t, groups, form.group)
+    y = torch.einsum("mg,tg->tm", form.bx, xg.sum(-1)) + torch.einsum("mg,tg->tm", form.bq, xqg.sum(-1))
+    for plane in range(bits):
+        src = xg if plane < form.ku else xqg
+        dots = torch.einsum("mgk,tgk->tmg", planes[plane], src)
+        y = y + (dots * form.a[..., plane]).sum(-1)
+    return y
+
+
+def block_k_for(group: int) -> int | None:
+    """The kernel's K tile: the largest power of two <= 256 dividing ``group`` (None below 16)."""
+    block = group & (-group)
+    block = min(block, 256)
+    return block if block >= 16 else None
+
+
+try:  # Triton is optional: CUDA machines have it; on the CPU it only serves interpreter tests
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _bitplane_kernel(codes_ptr, x_ptr, xq_ptr, a_ptr, bx_ptr, bq_ptr, y_ptr,
+                         M, stride_codes, groups, group, K: tl.constexpr,
+                         BITS: tl.constexpr, KU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        tok = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):  # K is a compile-time constant (one build per layer width)
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + tok * K + cols).to(tl.float32)
+            xq = tl.load(xq_ptr + tok * K + cols).to(tl.float32)
+            g = k0 // group
+            coef = rows * groups + g
+            acc += tl.load(bx_ptr + coef, mask=rmask, other=0.0) * tl.sum(x, axis=0)
+            acc += tl.load(bq_ptr + coef, mask=rmask, other=0.0) * tl.sum(xq, axis=0)
+            for t in tl.static_range(BITS):
+                pos = cols * BITS + t
+                byte = tl.load(codes_ptr + rows[:, None] * stride_codes + (pos[None, :] >> 3),
+                               mask=rmask[:, None], other=0)
+                bit = ((byte >> (pos[None, :] & 7)) & 1).to(tl.float32)
+                if t < KU:
+                    dot = tl.sum(bit * x[None, :], axis=1)
+                else:
+                    dot = tl.sum(bit * xq[None, :], axis=1)
+                acc += tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0) * dot
+        tl.store(y_ptr + tok * M + rows, acc, mask=rmask)
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def bitplane_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
+                    block_m: int = 32) -> torch.Tensor:
+    """``x W^T`` ``(T, out)`` in float32 with the Triton kernel; ``x`` is ``(T, K)``."""
+    if triton is None:
+        raise RuntimeError("the fused kernel needs triton")
+    block_k = block_k_for(form.group)
+    if block_k is None:
+        raise ValueError(f"group {form.group} has no power-of-two tile >= 16")
+    t, k = x.shape
+    m = packed.shape[0]
+    x32 = x.float().contiguous()
+    xq = transformed_input(x32, form).float().contiguous()
+    y = torch.empty(t, m, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, block_m), t)
+    _bitplane_kernel[grid](packed, x32, xq, form.a.contiguous(), form.bx.contiguous(), form.bq.contiguous(), y,
+                           m, packed.stride(0), form.bx.shape[1], form.group, K=k,
+                           BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_K=block_k)
+    return y
