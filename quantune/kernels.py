@@ -87,11 +87,19 @@ if triton is not None:
             coef = rows * groups + g
             acc += tl.load(bx_ptr + coef, mask=rmask, other=0.0) * tl.sum(x, axis=0)
             acc += tl.load(bq_ptr + coef, mask=rmask, other=0.0) * tl.sum(xq, axis=0)
-            for t in tl.static_range(BITS):
-                pos = cols * BITS + t
+            if 8 % BITS == 0:  # 1, 2, 4, 8 bits: every code sits inside one byte, loaded once
+                pos = cols * BITS
                 byte = tl.load(codes_ptr + rows[:, None] * stride_codes + (pos[None, :] >> 3),
                                mask=rmask[:, None], other=0)
-                bit = ((byte >> (pos[None, :] & 7)) & 1).to(tl.float32)
+                code = (byte >> (pos[None, :] & 7).to(tl.uint8)).to(tl.int32)
+            for t in tl.static_range(BITS):
+                if 8 % BITS == 0:
+                    bit = ((code >> t) & 1).to(tl.float32)
+                else:  # codes straddle bytes: fetch each bit where it lies
+                    pos = cols * BITS + t
+                    byte = tl.load(codes_ptr + rows[:, None] * stride_codes + (pos[None, :] >> 3),
+                                   mask=rmask[:, None], other=0)
+                    bit = ((byte >> (pos[None, :] & 7).to(tl.uint8)) & 1).to(tl.float32)
                 if t < KU:
                     dot = tl.sum(bit * x[None, :], axis=1)
                 else:
