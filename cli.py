@@ -71,9 +71,13 @@ def _default_out(model: str, method: str, bits: int) -> Path:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Dtype of the parameters kept in full precision (embeddings, norms, head).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
+@click.option("--stream", is_flag=True,
+              help="Quantize tensor by tensor from the safetensors shards, never loading the whole model "
+                   "(local folders and built-in models).")
+@click.option("--device", default="cpu", show_default=True, help="Where to run the quantization (cpu, cuda).")
 @_one_line_errors
 def quantize(model, bits, method, group_size, symmetric, transform, u_steps, sweeps, seed, skip, out_dir,
-             overwrite, eval_data, eval_seq_len, eval_windows, no_eval, dtype, trust_remote_code):
+             overwrite, eval_data, eval_seq_len, eval_windows, no_eval, dtype, trust_remote_code, stream, device):
     """Quantize MODEL (built-in name, hub id, local folder or .gguf file) and save it."""
     import torch
 
@@ -88,7 +92,7 @@ def quantize(model, bits, method, group_size, symmetric, transform, u_steps, swe
     out_dir = out_dir or _default_out(model, method, target_bits or bits)
     report = run_quantize(model, cfg, out_dir, eval_data=None if no_eval else eval_data, seq_len=eval_seq_len,
                           windows=eval_windows, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                          dtype=getattr(torch, dtype))
+                          dtype=getattr(torch, dtype), stream=stream, device=device)
     s = report["summary"]
     rows = [["quantized layers", s["quantized_layers"]],
             ["bits per weight (quantized layers, all overhead)", s["bpw_quantized_layers"]],

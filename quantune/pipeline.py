@@ -62,7 +62,7 @@ def _summary(model, result, folder: Path) -> dict:
 def run_quantize(model_spec: str, cfg: QuantConfig, out_dir: str | Path, *, eval_data: str | None = "builtin",
                  seq_len: int = 2048, windows: int | None = 8, overwrite: bool = False,
                  trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, stream: bool = False, device: str = "cpu") -> dict:
     """Load, quantize, evaluate (original vs quantized) and save ``model_spec`` to ``out_dir``.
 
     Quantization always works on float32 weights; ``dtype`` is the dtype in which the
@@ -73,7 +73,12 @@ def run_quantize(model_spec: str, cfg: QuantConfig, out_dir: str | Path, *, eval
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise QuantuneError(f"output folder {out_dir} already exists (pass --overwrite to replace it)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QuantuneError(f"--device {device} asked for, but no CUDA GPU is available")
     text = load_text(eval_data) if eval_data else None  # fail on bad data before the long work
+    if stream:
+        return _run_quantize_streamed(model_spec, cfg, out_dir, text, seq_len, windows, overwrite,
+                                      trust_remote_code, dtype, progress, device, start)
     model, tokenizer, name = load_model(model_spec, trust_remote_code=trust_remote_code)
     check_finite_parameters(model)
     protocol = reference = None
@@ -81,7 +86,10 @@ def run_quantize(model_spec: str, cfg: QuantConfig, out_dir: str | Path, *, eval
         win, protocol = make_windows(tokenizer, text[0], seq_len, windows, bos=needs_bos(model, tokenizer),
                                      text_name=text[1])
         reference = copy.deepcopy(model)
+    if device != "cpu":
+        model.to(device)
     result = quantize_model(model, cfg, progress=progress)
+    model.to("cpu")
     if dtype != torch.float32:
         for param in model.parameters():  # tied parameters are listed once
             param.data = param.data.to(dtype)
@@ -103,6 +111,42 @@ def run_quantize(model_spec: str, cfg: QuantConfig, out_dir: str | Path, *, eval
         report["summary"]["total_seconds"] = time.perf_counter() - start
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(quantize_markdown(report))
+    return report
+
+
+def _run_quantize_streamed(model_spec, cfg, out_dir, text, seq_len, windows, overwrite, trust_remote_code, dtype,
+                           progress, device, start) -> dict:
+    """``quantize --stream``: tensor by tensor from the safetensors shards (quantune.stream)."""
+    from quantune.models import resolve_model
+    from quantune.stream import quantize_checkpoint
+
+    source, kwargs = resolve_model(model_spec)
+    if kwargs or not Path(source).is_dir():
+        raise QuantuneError("--stream reads safetensors shards: MODEL must be a local Hugging Face folder or a "
+                            "built-in name (not a .gguf file or a hub id)")
+    report = {"quantune_version": __version__, "format_version": FORMAT_VERSION, "model": model_spec,
+              "streamed": True, "full_precision_dtype": str(dtype).removeprefix("torch.")}
+
+    def finish(folder: Path, result) -> None:
+        quantized, tokenizer = load(folder)
+        report.update(architecture=type(quantized).__name__, config=result.config.to_dict(),
+                      full_precision=result.full_precision, layers=result.layers)
+        if text is not None:
+            original, _, _ = load_model(model_spec, trust_remote_code=trust_remote_code)
+            win, protocol = make_windows(tokenizer, text[0], seq_len, windows, bos=needs_bos(original, tokenizer),
+                                         text_name=text[1])
+            with cached_weights(quantized):
+                results = evaluate_models({"original": original, "quantized": quantized}, win,
+                                          reference=original, progress=progress)
+            report["eval"] = {"protocol": protocol.describe(), "protocol_fields": protocol.__dict__,
+                              "results": {k: v.to_dict() for k, v in results.items()}}
+        report["summary"] = _summary(quantized, result, folder)
+        report["summary"]["total_seconds"] = time.perf_counter() - start
+        (folder / "report.json").write_text(json.dumps(report, indent=2))
+        (folder / "report.md").write_text(quantize_markdown(report))
+
+    quantize_checkpoint(source, out_dir, cfg, device=device, dtype=dtype, overwrite=overwrite,
+                        trust_remote_code=trust_remote_code, progress=progress, finish=finish)
     return report
 
 
