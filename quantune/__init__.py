@@ -11,5 +11,5 @@ from quantune.quantize import quantize_model
 from quantune.serialization import load
 import quantune.hf_integration  # noqa: E402,F401  (registers the "quantune" quantizer with transformers)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["FORMAT_VERSION", "QuantConfig", "QuantuneError", "QuantLinear", "load", "quantize_model", "__version__"]
