@@ -81,7 +81,7 @@ def run_quantize(model_spec: str, cfg: QuantConfig, out_dir: str | Path, *, eval
                                       trust_remote_code, dtype, progress, device, start)
     model, tokenizer, name = load_model(model_spec, trust_remote_code=trust_remote_code)
     check_finite_parameters(model)
-    protocol = reference = None
+    win = protocol = reference = None
     if text is not None:
         win, protocol = make_windows(tokenizer, text[0], seq_len, windows, bos=needs_bos(model, tokenizer),
                                      text_name=text[1])
@@ -101,17 +101,22 @@ def run_quantize(model_spec: str, cfg: QuantConfig, out_dir: str | Path, *, eval
     }
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         save_model_files(model, tokenizer, result.config, tmp)
-        if protocol is not None:
-            with cached_weights(model):
-                results = evaluate_models({"original": reference, "quantized": model}, win,
-                                          reference=reference, progress=progress)
-            report["eval"] = {"protocol": protocol.describe(), "protocol_fields": protocol.__dict__,
-                              "results": {k: v.to_dict() for k, v in results.items()}}
-        report["summary"] = _summary(model, result, tmp)
-        report["summary"]["total_seconds"] = time.perf_counter() - start
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "report.md").write_text(quantize_markdown(report))
+        _finish_report(report, tmp, model, result, reference, win, protocol, progress, start)
     return report
+
+
+def _finish_report(report, folder: Path, quantized, result, original, win, protocol, progress, start) -> None:
+    """Evaluate original vs quantized (when a protocol is given) and write report.json / report.md."""
+    if protocol is not None:
+        with cached_weights(quantized):
+            results = evaluate_models({"original": original, "quantized": quantized}, win,
+                                      reference=original, progress=progress)
+        report["eval"] = {"protocol": protocol.describe(), "protocol_fields": protocol.__dict__,
+                          "results": {k: v.to_dict() for k, v in results.items()}}
+    report["summary"] = _summary(quantized, result, folder)
+    report["summary"]["total_seconds"] = time.perf_counter() - start
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    (folder / "report.md").write_text(quantize_markdown(report))
 
 
 def _run_quantize_streamed(model_spec, cfg, out_dir, text, seq_len, windows, overwrite, trust_remote_code, dtype,
@@ -131,19 +136,12 @@ def _run_quantize_streamed(model_spec, cfg, out_dir, text, seq_len, windows, ove
         quantized, tokenizer = load(folder)
         report.update(architecture=type(quantized).__name__, config=result.config.to_dict(),
                       full_precision=result.full_precision, layers=result.layers)
+        original = win = protocol = None
         if text is not None:
             original, _, _ = load_model(model_spec, trust_remote_code=trust_remote_code)
             win, protocol = make_windows(tokenizer, text[0], seq_len, windows, bos=needs_bos(original, tokenizer),
                                          text_name=text[1])
-            with cached_weights(quantized):
-                results = evaluate_models({"original": original, "quantized": quantized}, win,
-                                          reference=original, progress=progress)
-            report["eval"] = {"protocol": protocol.describe(), "protocol_fields": protocol.__dict__,
-                              "results": {k: v.to_dict() for k, v in results.items()}}
-        report["summary"] = _summary(quantized, result, folder)
-        report["summary"]["total_seconds"] = time.perf_counter() - start
-        (folder / "report.json").write_text(json.dumps(report, indent=2))
-        (folder / "report.md").write_text(quantize_markdown(report))
+        _finish_report(report, folder, quantized, result, original, win, protocol, progress, start)
 
     quantize_checkpoint(source, out_dir, cfg, device=device, dtype=dtype, overwrite=overwrite,
                         trust_remote_code=trust_remote_code, progress=progress, finish=finish)

@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -255,9 +255,10 @@ def train(model, data: torch.Tensor, cfg: TrainConfig, *, out_dir: Path, device:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tokens_per_step = cfg.global_batch(world) * (cfg.seq_len - 1)
-    cache = (cached_weights(model, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32))
-             if cfg.cache_weights else nullcontext())
-    cache.__enter__()
+    stack = ExitStack()  # closed in the finally below, whatever ends the loop
+    if cfg.cache_weights:
+        stack.enter_context(cached_weights(model, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            cfg.precision, torch.float32)))
     train_model.train()
     step, t0, timed_steps, timed_seconds = start_step, time.perf_counter(), 0, 0.0
     try:
@@ -312,7 +313,7 @@ def train(model, data: torch.Tensor, cfg: TrainConfig, *, out_dir: Path, device:
         checkpoint(done)
         raise
     finally:
-        cache.__exit__(None, None, None)
+        stack.close()
     run_eval(cfg.steps)
     checkpoint(cfg.steps)
     history["tokens_per_second"] = tokens_per_step * timed_steps / timed_seconds if timed_seconds else None
