@@ -220,6 +220,8 @@ def _csv(value: str | None):
 @click.option("--cache-weights", is_flag=True,
               help="Decode the frozen quantized weights once into the compute dtype: faster steps for one decoded "
                    "copy of the weights in memory (eval/results/bench_finetune.md).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile each decoder layer (faster steps on GPU after a compile of some seconds).")
 @click.option("--eval-every", type=int, default=0, help="Evaluate every N steps (0: before and after only).")
 @click.option("--save-every", type=int, default=0, help="Checkpoint every N steps (always at the end and on Ctrl-C).")
 @click.option("--seed", type=int, default=0)
@@ -231,7 +233,7 @@ def finetune(quantized, data, text_field, eval_data, eval_windows, eval_seq_len,
              lora_dropout, rslora, target_modules, init, objective, teacher, kd_temperature, kd_alpha, steps,
              batch_size, grad_accum, seq_len, lr, lr_scaling, base_batch_size, schedule, warmup_steps, decay_steps,
              min_lr_ratio, weight_decay, max_grad_norm, optimizer, precision, grad_checkpointing, cache_weights,
-             eval_every, save_every, seed, device, gpus, resume):
+             compile_, eval_every, save_every, seed, device, gpus, resume):
     """LoRA recovery fine-tuning of a QUANTIZED folder; writes a peft-format adapter and a report."""
     import os
 
@@ -254,7 +256,7 @@ def finetune(quantized, data, text_field, eval_data, eval_windows, eval_seq_len,
                       warmup_steps=warmup_steps, decay_steps=decay_steps, min_lr_ratio=min_lr_ratio,
                       weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, optimizer=optimizer,
                       precision=precision or ("bf16" if dev.type == "cuda" else "fp32"),
-                      grad_checkpointing=grad_checkpointing, cache_weights=cache_weights,
+                      grad_checkpointing=grad_checkpointing, cache_weights=cache_weights, compile=compile_,
                       objective=objective or ("kd" if teacher else "ce"), kd_temperature=kd_temperature,
                       kd_alpha=kd_alpha, eval_every=eval_every, save_every=save_every, seed=seed)
     lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=rslora,

@@ -7,15 +7,19 @@ out=${OUT:-/tmp/out}
 case "$1" in
   kernels)   python -m eval.bench_kernels --out "$out/bench_kernels" ;;                       # issue 5
   quantize)  python -m eval.bench_quantize --device cuda --workdir /tmp --out "$out/bench_quantize" ;;  # issue 5
-  recovery3) for objective in ce kd; do for init in default residual; do                         # issue 4, 3 bits
-               [ -d /tmp/rec/k3 ] || python -m quantune quantize /tmp/smollm2.gguf --bits 3 --out /tmp/rec/k3 --no-eval
+  recovery3) [ -d /tmp/rec/k3 ] || python -m quantune quantize /tmp/smollm2.gguf --bits 3 --out /tmp/rec/k3 --no-eval
+             mkdir -p "$out/logs"
+             for objective in ce kd; do for init in default residual; do  # the four runs side by side on one GPU
                python -m quantune finetune /tmp/rec/k3 --data /tmp/austen/emma.txt --data /tmp/austen/mansfieldpark.txt \
                  --data /tmp/austen/sensesensibility.txt --data /tmp/austen/northangerabbey.txt \
                  --data /tmp/austen/prideprejudice.txt --eval-data /tmp/austen/persuasion.txt --eval-windows 16 \
                  --eval-seq-len 2048 --seq-len 512 --batch-size 16 --steps 150 --lr 1e-3 --schedule wsd \
                  --warmup-steps 10 --objective $objective --init $init --teacher /tmp/smollm2.gguf --cache-weights \
-                 --out /tmp/rec/k3-$objective-$init
+                 --out /tmp/rec/k3-$objective-$init > "$out/logs/k3-$objective-$init.log" 2>&1 &
              done; done
+             wait
+             for d in /tmp/rec/k3-*; do mkdir -p "$out/finetune_recovery_3bit/$(basename $d)"
+               cp $d/report.json $d/report.md $d/curves.png "$out/finetune_recovery_3bit/$(basename $d)/" 2>/dev/null || true; done
              python -m eval.recovery_table /tmp/rec 29.871 --out "$out/finetune_recovery_3bit" ;;
   finetune)  python -m eval.bench_finetune --out "$out/bench_finetune" ;;                        # issue 4
   *) echo "unknown step $1 (kernels, quantize, recovery3, finetune)"; exit 2 ;;

@@ -148,14 +148,14 @@ def _device_name(dev: torch.device) -> str:
 def _checkpointing_memory_probe(model, sequences, cfg, dev, teacher) -> dict:
     """Peak GPU memory of one micro-batch forward + backward without gradient checkpointing
     (the training run then measures it with checkpointing)."""
-    from quantune.train import autocast_context, compute_loss
+    from quantune.train import CausalLMLoss, autocast_context
 
     batch = sequences[: cfg.batch_size].to(dev)
     model.train()
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     with autocast_context(cfg.precision, dev):
-        loss, _ = compute_loss(model, batch, cfg, teacher)
+        loss, _ = CausalLMLoss(model, cfg, teacher, chunked=cfg.chunked_loss)(batch)
     loss.backward()
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize(dev)

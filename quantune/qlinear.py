@@ -102,6 +102,11 @@ class QuantLinear(nn.Module):
             kernels.block_k_for(self.bitplane_form().group) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._weight_cache is not None:  # one decoded copy: a plain linear (autograd keeps only x)
+            w = self._weight_cache
+            if not torch.is_autocast_enabled(x.device.type) and w.dtype != x.dtype:
+                w = w.to(x.dtype)
+            return F.linear(x, w, None if self.bias is None else self.bias.to(w.dtype))
         if self._use_kernel(x):
             from quantune.kernels import bitplane_matmul
 

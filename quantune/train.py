@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from quantune.config import QuantuneError
 from quantune.data import BatchOrder
@@ -50,6 +51,8 @@ class TrainConfig:
     precision: str = "bf16"
     grad_checkpointing: bool = False
     cache_weights: bool = False    # decode the frozen quantized weights once (faster, one decoded copy in memory)
+    compile: bool = False          # torch.compile each decoder layer
+    chunked_loss: bool = True      # LM head + loss a block of tokens at a time (no full logits in memory)
     objective: str = "ce"
     kd_temperature: float = 1.0
     kd_alpha: float = 1.0          # weight of the distillation term (the rest is cross-entropy)
@@ -107,26 +110,131 @@ def make_optimizer(params, cfg: TrainConfig, lr: float, device: torch.device):
 
 def distillation_loss(student_logits, teacher_logits, temperature: float = 1.0):
     """Mean over tokens of KL(p_teacher || p_student) at ``temperature``, times T^2 (Hinton et al.)."""
-    t = temperature
+    return _kl_sum(student_logits, teacher_logits, temperature) / student_logits[..., 0].numel() * temperature ** 2
+
+
+def _kl_sum(student_logits, teacher_logits, t: float):
     s = F.log_softmax(student_logits.float() / t, -1)
     p = F.log_softmax(teacher_logits.float() / t, -1)
-    kl = (p.exp() * (p - s)).sum(-1)
-    return kl.mean() * t * t
+    return (p.exp() * (p - s)).sum()
+
+
+def _combine(ce, kd, cfg: TrainConfig):
+    """The objective from its parts; logs are detached tensors (read once per step, no sync here)."""
+    if cfg.objective == "ce":
+        return ce, {"ce": ce.detach()}
+    return cfg.kd_alpha * kd + (1 - cfg.kd_alpha) * ce, {"ce": ce.detach(), "kd": kd.detach()}
 
 
 def compute_loss(model, batch, cfg: TrainConfig, teacher=None):
-    """Objective for one micro-batch of token ids ``(B, T)``: mean over its predicted tokens."""
-    out = model(input_ids=batch, use_cache=False)
-    logits = out.logits[:, :-1]
+    """Objective for one micro-batch of token ids ``(B, T)``: mean over its predicted tokens,
+    from the full ``(B, T, vocab)`` logits."""
+    logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
     targets = batch[:, 1:]
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    if cfg.objective == "ce":
-        return ce, {"ce": float(ce.detach())}
+    kd = None
+    if cfg.objective == "kd":
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch, use_cache=False).logits[:, :-1]
+        kd = distillation_loss(logits, teacher_logits, cfg.kd_temperature)
+    return _combine(ce, kd, cfg)
+
+
+# logit transforms some architectures apply after the LM head; the chunked loss leaves those models alone
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def lm_parts(model):
+    """``(decoder, lm_head)`` of a Hugging Face causal LM (peft-wrapped or not) whose logits are
+    exactly ``lm_head(decoder(ids).last_hidden_state)``, or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+        return None
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head
+
+
+def _chunk_objective(head, h, targets, teacher_head, teacher_h, temperature: float):
+    """Sums over one block of tokens: cross-entropy, and KL to the teacher when given."""
+    logits = head(h)
+    ce = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if teacher_h is None:
+        return ce, ce.new_zeros(())
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=batch, use_cache=False).logits[:, :-1]
-    kd = distillation_loss(logits, teacher_logits, cfg.kd_temperature)
-    loss = cfg.kd_alpha * kd + (1 - cfg.kd_alpha) * ce
-    return loss, {"ce": float(ce.detach()), "kd": float(kd.detach())}
+        teacher_logits = teacher_head(teacher_h)
+    return ce, _kl_sum(logits, teacher_logits, temperature)
+
+
+class CausalLMLoss(torch.nn.Module):
+    """A causal LM with its training objective, in one forward (so DDP wraps one module).
+
+    When the model allows it (:func:`lm_parts`), the decoder's last hidden states pass
+    through the LM head and the loss a block of tokens at a time, each block recomputed in
+    the backward pass: the ``(tokens x vocab)`` logits, their float copy and their gradient
+    (several GiB at 8 x 1024 tokens and a 32k vocabulary) never exist at once. The value is
+    the same as :func:`compute_loss` up to float rounding.
+    """
+
+    def __init__(self, model, cfg: TrainConfig, teacher=None, chunked: bool = True):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.teacher = [teacher]  # a list: the teacher is not a submodule (not wrapped, not trained, not saved)
+        self.parts = lm_parts(model) if chunked else None
+        self.teacher_parts = lm_parts(teacher) if chunked and teacher is not None else None
+        if self.parts is not None and teacher is not None and self.teacher_parts is None:
+            self.parts = None
+
+    def forward(self, batch):
+        teacher = self.teacher[0] if self.cfg.objective == "kd" else None
+        if self.parts is None:
+            return compute_loss(self.model, batch, self.cfg, teacher)
+        decoder, head = self.parts
+        hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        targets = batch[:, 1:].reshape(-1)
+        teacher_hidden = teacher_head = None
+        if teacher is not None:
+            teacher_decoder, teacher_head = self.teacher_parts
+            with torch.no_grad():
+                teacher_hidden = teacher_decoder(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+            teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        rows = max(256, LOSS_CHUNK_ELEMENTS // head.weight.shape[0])
+        ce = kd = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, hidden.shape[0], rows):
+            t_chunk = None if teacher_hidden is None else teacher_hidden[i:i + rows]
+            c, k = torch.utils.checkpoint.checkpoint(_chunk_objective, head, hidden[i:i + rows], targets[i:i + rows], teacher_head,
+                                                     t_chunk, self.cfg.kd_temperature, use_reentrant=False)
+            ce, kd = ce + c, kd + k
+        n = targets.numel()
+        return _combine(ce / n, kd / n * self.cfg.kd_temperature ** 2, self.cfg)
+
+
+LOSS_CHUNK_ELEMENTS = 1 << 25  # logits per block of the chunked loss (128 MiB in float32)
+
+
+def compile_layers(model, backend: str = "inductor") -> int:
+    """Compile each decoder layer of ``model`` in place (regional compilation: the layers
+    share one compiled graph, so compiling costs one layer, not the whole model). Returns the
+    number of layers compiled."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = getattr(getattr(base, "config", None), "num_hidden_layers", None)
+    layers = next((m for m in base.modules() if isinstance(m, torch.nn.ModuleList) and n and len(m) == n), None)
+    if layers is None:
+        raise QuantuneError("--compile: could not find the model's list of decoder layers")
+    from torch import _dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the limit's name differs across torch releases
+        if hasattr(_dynamo.config, name):
+            setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 4 * n))
+    for layer in layers:
+        layer.compile(backend=backend)
+    return n
 
 
 @torch.no_grad()
@@ -223,7 +331,10 @@ def train(model, data: torch.Tensor, cfg: TrainConfig, *, out_dir: Path, device:
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    train_model = dist.wrap(model) if dist else model
+    loss_model = CausalLMLoss(model, cfg, teacher, chunked=cfg.chunked_loss)
+    if cfg.compile:
+        log(f"compiling {compile_layers(model)} decoder layers (the first steps include the compilation)")
+    train_model = dist.wrap(loss_model) if dist else loss_model
 
     history = {"steps": [], "evals": [], "lr_peak": lr, "global_batch": cfg.global_batch(world), "world": world}
     start_step = 0
@@ -260,23 +371,24 @@ def train(model, data: torch.Tensor, cfg: TrainConfig, *, out_dir: Path, device:
         stack.enter_context(cached_weights(model, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             cfg.precision, torch.float32)))
     train_model.train()
-    step, t0, timed_steps, timed_seconds = start_step, time.perf_counter(), 0, 0.0
+    step, t0, timed_steps, timed_seconds, peak_seen = start_step, time.perf_counter(), 0, 0.0, 0
     try:
         for step in range(start_step, cfg.steps):
             step_start = time.perf_counter()
             parts = {}
             total = 0.0
             for micro in range(cfg.grad_accum):
-                batch = data[order.indices(step, micro)].to(device)
+                batch = data[order.indices(step, micro)].to(device, non_blocking=True)
                 sync = dist.no_sync(train_model) if dist and micro < cfg.grad_accum - 1 else nullcontext()
                 with sync:
                     with autocast_context(cfg.precision, device):
-                        loss, logs = compute_loss(train_model, batch, cfg, teacher)
+                        loss, logs = train_model(batch)
                     loss = loss / cfg.grad_accum
                     (scaler.scale(loss) if scaler else loss).backward()
-                total += float(loss.detach())
+                total = total + loss.detach()
                 for k, v in logs.items():
                     parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
+            total, parts = float(total), {k: float(v) for k, v in parts.items()}  # one sync per step
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -291,14 +403,20 @@ def train(model, data: torch.Tensor, cfg: TrainConfig, *, out_dir: Path, device:
             scheduler.step()
             if dist:
                 total = dist.mean(total)
+            step_peak = None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+                step_peak = torch.cuda.max_memory_allocated(device)  # this step's peak; the run's is the max
+                peak_seen = max(peak_seen, step_peak)
+                torch.cuda.reset_peak_memory_stats(device)
             seconds = time.perf_counter() - step_start
             if step > start_step:  # the first step includes warm-up work (allocator, kernels)
                 timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
             record = {"step": step + 1, "loss": total, "lr": lr_now, "seconds": seconds, **parts}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            if step_peak is not None:
+                record["peak_gpu_bytes"] = step_peak
             history["steps"].append(record)
             if is_main and (cfg.log_every and (step + 1) % cfg.log_every == 0 or step == start_step):
                 log(f"step {step + 1}/{cfg.steps}: loss {total:.4f} lr {lr_now:.3g} "
@@ -319,5 +437,7 @@ def train(model, data: torch.Tensor, cfg: TrainConfig, *, out_dir: Path, device:
     history["tokens_per_second"] = tokens_per_step * timed_steps / timed_seconds if timed_seconds else None
     history["train_seconds"] = time.perf_counter() - t0
     history.update(peak_memory(device))
+    if device.type == "cuda":
+        history["peak_gpu_bytes"] = max(history["peak_gpu_bytes"], peak_seen)
     history["config"] = asdict(cfg)
     return history

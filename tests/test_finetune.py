@@ -107,7 +107,7 @@ def test_interrupt_saves_a_checkpoint(tmp_path, monkeypatch):
 
     pm, _ = _peft()
     calls = {"n": 0}
-    real = train_mod.compute_loss
+    real = train_mod.CausalLMLoss.forward
 
     def interrupt_on_third(*a, **k):
         calls["n"] += 1
@@ -115,7 +115,7 @@ def test_interrupt_saves_a_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "compute_loss", interrupt_on_third)
+    monkeypatch.setattr(train_mod.CausalLMLoss, "forward", interrupt_on_third)
     with pytest.raises(KeyboardInterrupt):
         train(pm, _data(), _cfg(steps=6), out_dir=tmp_path, device=CPU, log=lambda *_: None)
     assert (tmp_path / "checkpoints" / "step-000002" / "training_state.safetensors").is_file()
