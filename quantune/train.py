@@ -307,6 +307,38 @@ def restore_checkpoint(ckpt: Path, peft_model, optimizer, scheduler, scaler, dev
     return load_training_state(ckpt / STATE_FILE, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
 
+def train_step(train_model, batches, optimizer, scheduler, scaler, params, cfg: TrainConfig, device,
+               dist=None) -> tuple[float, dict, float | None, float]:
+    """One optimizer step over the micro-batches ``batches`` (token ids ``(B, T)`` each):
+    forward and backward of each (gradients summed, DDP synchronising on the last), unscale,
+    clip, step, schedule. Returns ``(loss, loss parts, gradient norm or None, lr used)``."""
+    parts, total = {}, 0.0
+    for micro, batch in enumerate(batches):
+        batch = batch.to(device, non_blocking=True)
+        sync = dist.no_sync(train_model) if dist and micro < len(batches) - 1 else nullcontext()
+        with sync:
+            with autocast_context(cfg.precision, device):
+                loss, logs = train_model(batch)
+            loss = loss / len(batches)
+            (scaler.scale(loss) if scaler else loss).backward()
+        total = total + loss.detach()
+        for k, v in logs.items():
+            parts[k] = parts.get(k, 0.0) + v / len(batches)
+    total, parts = float(total), {k: float(v) for k, v in parts.items()}  # one host sync per step
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+    lr_now = optimizer.param_groups[0]["lr"]
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return total, parts, None if grad_norm is None else float(grad_norm), lr_now
+
+
 def train(model, data: torch.Tensor, cfg: TrainConfig, *, out_dir: Path, device: torch.device,
           eval_windows: torch.Tensor | None = None, teacher=None, resume: bool = False, dist=None,
           log=print) -> dict:
@@ -375,32 +407,9 @@ def train(model, data: torch.Tensor, cfg: TrainConfig, *, out_dir: Path, device:
     try:
         for step in range(start_step, cfg.steps):
             step_start = time.perf_counter()
-            parts = {}
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = data[order.indices(step, micro)].to(device, non_blocking=True)
-                sync = dist.no_sync(train_model) if dist and micro < cfg.grad_accum - 1 else nullcontext()
-                with sync:
-                    with autocast_context(cfg.precision, device):
-                        loss, logs = train_model(batch)
-                    loss = loss / cfg.grad_accum
-                    (scaler.scale(loss) if scaler else loss).backward()
-                total = total + loss.detach()
-                for k, v in logs.items():
-                    parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
-            total, parts = float(total), {k: float(v) for k, v in parts.items()}  # one sync per step
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                         if cfg.max_grad_norm else None)
-            lr_now = optimizer.param_groups[0]["lr"]
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            batches = [data[order.indices(step, micro)] for micro in range(cfg.grad_accum)]
+            total, parts, grad_norm, lr_now = train_step(train_model, batches, optimizer, scheduler, scaler, params,
+                                                         cfg, device, dist)
             if dist:
                 total = dist.mean(total)
             step_peak = None
@@ -414,7 +423,7 @@ def train(model, data: torch.Tensor, cfg: TrainConfig, *, out_dir: Path, device:
                 timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
             record = {"step": step + 1, "loss": total, "lr": lr_now, "seconds": seconds, **parts}
             if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+                record["grad_norm"] = grad_norm
             if step_peak is not None:
                 record["peak_gpu_bytes"] = step_peak
             history["steps"].append(record)
