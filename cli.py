@@ -304,5 +304,63 @@ def merge(quantized, adapter, out_dir, dtype, requantize, eval_data, eval_window
     click.echo(f"wrote {out_dir}")
 
 
+@main.command(context_settings={"show_default": True})
+@click.argument("model")
+@click.option("--mode", type=click.Choice(["full", "lora", "qlora"]), default="lora",
+              help="full fine-tuning, LoRA on a full-precision base, or LoRA on a quantized base "
+                   "(lora with --bits means qlora).")
+@click.option("--bits", type=float, default=None, help="Code width of the quantized base (qlora; default 4).")
+@click.option("--method", type=click.Choice(METHODS), default="kashin")
+@click.option("--group-size", type=int, default=None)
+@click.option("--lora-r", type=int, default=16)
+@click.option("--target-modules", default=None, help="Comma-separated LoRA targets (default: every linear layer of the blocks).")
+@click.option("--batch-size", type=int, default=8, help="Sequences per micro-batch per GPU.")
+@click.option("--seq-len", type=int, default=2048)
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16")
+@click.option("--param-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              help="dtype of the full-precision parameters (quantune loads models in fp32).")
+@click.option("--master-weights", is_flag=True, help="full: 16-bit weights with an fp32 master copy in the optimizer.")
+@click.option("--grad-checkpointing", is_flag=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "sgd"]), default="adamw")
+@click.option("--cache-weights", is_flag=True, help="qlora: count one decoded copy of the quantized weights.")
+@click.option("--teacher", is_flag=True, help="Distillation: the original model is in memory too.")
+@click.option("--gpus", type=int, default=1, help="GPUs (figures are per GPU).")
+@click.option("--fsdp", is_flag=True, help="Shard weights, gradients and optimizer states over the GPUs.")
+@click.option("--max-memory", default=None, help="Memory per GPU (24GiB, 80GB): answers whether it fits "
+                                                  "(exit status 3 when it does not) and what would.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Write report.json and report.md here.")
+@_one_line_errors
+def memory(model, mode, bits, method, group_size, lora_r, target_modules, batch_size, seq_len, precision, param_dtype,
+           master_weights, grad_checkpointing, optimizer, cache_weights, teacher, gpus, fsdp, max_memory, out_dir):
+    """Predict the peak GPU memory of fine-tuning MODEL from its config alone (no weights loaded)."""
+    import json
+
+    from quantune.memory import MemorySpec, markdown, parse_size, plan
+    from quantune.serialization import write_text_atomic
+
+    if mode == "lora" and bits is not None:
+        mode = "qlora"
+    limit = parse_size(max_memory) if max_memory else None
+    spec = MemorySpec(mode=mode, bits=bits if bits is not None else 4, method=method, group_size=group_size,
+                      lora_r=lora_r, target_modules=_csv(target_modules), batch_size=batch_size, seq_len=seq_len,
+                      precision=precision, param_dtype=param_dtype, master_weights=master_weights,
+                      grad_checkpointing=grad_checkpointing, optimizer=optimizer, cache_weights=cache_weights,
+                      teacher=teacher, gpus=gpus, fsdp=fsdp)
+    est, advice, _ = plan(model, spec, limit)
+    text = markdown(est, advice)
+    click.echo(text)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report = est.to_json()
+        report["advice"] = advice
+        report["max_memory_bytes"] = limit
+        write_text_atomic(out_dir / "report.md", text)
+        write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2))
+        click.echo(f"wrote {out_dir} (report.md, report.json)")
+    if limit is not None and est.peak_bytes + est.fragmentation_bytes > limit:
+        sys.exit(3)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -110,6 +110,10 @@ def run_finetune(quant_dir: str | Path, data: list[str], out_dir: str | Path, cf
     n_trainable = sum(p.numel() for p in trainable_parameters(peft_model))
     n_total = sum(p.numel() for p in peft_model.parameters()) + sum(b.numel() for b in peft_model.buffers())
 
+    prediction = _predict_memory(peft_model, cfg, lora, dist.world if dist else 1)
+    if is_main and "peak_bytes" in prediction:
+        log(f"predicted peak GPU memory of a training step: {human_bytes(prediction['peak_bytes'])} "
+            "(quantune memory; the measurement is in the report)")
     memory_probe = None
     if cfg.grad_checkpointing and dev.type == "cuda" and not resume:
         memory_probe = _checkpointing_memory_probe(peft_model, sequences, cfg, dev, original)
@@ -131,6 +135,8 @@ def run_finetune(quant_dir: str | Path, data: list[str], out_dir: str | Path, cf
         "tokens_per_second": history.get("tokens_per_second"), "train_seconds": history.get("train_seconds"),
         "peak_memory": {k: v for k, v in history.items() if k.startswith("peak_")},
         "checkpointing_memory": memory_probe, "residual_init": init_stats,
+        "memory_prediction": {**prediction, "measured_training_peak_gpu_bytes": max(
+            (s["peak_gpu_bytes"] for s in history["steps"][1:] if "peak_gpu_bytes" in s), default=None)},
         "history": {"steps": history["steps"], "evals": history["evals"]},
         "total_seconds": time.perf_counter() - start,
     }
@@ -143,6 +149,29 @@ def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}"
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), torch {torch.__version__}"
+
+
+def _predict_memory(peft_model, cfg: TrainConfig, lora: LoraSettings, world: int) -> dict:
+    """quantune memory's prediction for this run (for the GPU; a failure is recorded, not raised)."""
+    from quantune.memory import MemorySpec, estimate
+
+    try:
+        config = peft_model.get_base_model().config
+        qc = config.quantization_config if isinstance(config.quantization_config, dict) else {}
+        dtype = next(p for p in peft_model.parameters() if p.is_floating_point() and not p.requires_grad).dtype
+        spec = MemorySpec(mode="qlora", bits=qc.get("target_bits") or qc.get("bits", 4),
+                          method=qc.get("method", "kashin"), group_size=qc.get("group_size"), lora_r=lora.r,
+                          target_modules=lora.target_modules, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                          precision=cfg.precision, param_dtype={torch.float32: "fp32", torch.bfloat16: "bf16",
+                                                                torch.float16: "fp16"}[dtype],
+                          grad_checkpointing=cfg.grad_checkpointing,
+                          optimizer="adamw8bit" if cfg.optimizer == "adamw8bit" else "adamw",
+                          cache_weights=cfg.cache_weights, teacher=cfg.objective == "kd", gpus=world)
+        est = estimate(config, spec)
+        return {"peak_bytes": est.peak_bytes, "phase": est.peak_phase, "compiled": cfg.compile,
+                "lines": {line.name: line.bytes for line in est.lines}}
+    except Exception as exc:  # the estimate is advice; training goes on without it
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
 
 
 def _checkpointing_memory_probe(model, sequences, cfg, dev, teacher) -> dict:
@@ -218,6 +247,13 @@ def finetune_markdown(report: dict) -> str:
         ["device", f"{report['device']} x {report['world_size']} process(es)"],
         ["train time (s)", _fmt(report["train_seconds"])],
     ]
+    pred = report.get("memory_prediction") or {}
+    if pred.get("peak_bytes"):
+        measured = pred.get("measured_training_peak_gpu_bytes")
+        rows.append(["peak GPU memory of a training step: predicted / measured",
+                     f"{human_bytes(pred['peak_bytes'])} / " + (human_bytes(measured) if measured else "- (not on a GPU)")
+                     + (f" ({100 * (pred['peak_bytes'] - measured) / measured:+.1f}%)" if measured else "")
+                     + (" (compiled layers need less than predicted)" if pred.get("compiled") else "")])
     probe = report.get("checkpointing_memory")
     if probe:
         rows.append(["gradient checkpointing memory", "one micro-batch without: "

@@ -207,6 +207,13 @@ class _Static:
     largest_layer_params: int  # parameters of one decoder layer (FSDP gathers a layer at a time)
 
 
+@lru_cache(maxsize=32)
+def _static_cached(config_json: str, spec_json: str) -> _Static:
+    from transformers import AutoConfig
+
+    return _static(AutoConfig.for_model(**json.loads(config_json)), MemorySpec(**json.loads(spec_json)))
+
+
 def _static(config, spec: MemorySpec) -> _Static:
     dtype = DTYPES[spec.param_dtype]
     model = _build(config, dtype, "meta")
@@ -416,7 +423,7 @@ def _config_key(config) -> str:
 
 def estimate(config, spec: MemorySpec, model_name: str = "") -> Estimate:
     spec.validate()
-    st = _static(config, spec)
+    st = _static_cached(_config_key(config), _spec_key(spec))
     tr = _trace(_config_key(config), _spec_key(spec), spec.seq_len)
     n_layers = config.num_hidden_layers
     hidden, vocab = config.hidden_size, config.vocab_size
@@ -447,13 +454,14 @@ def estimate(config, spec: MemorySpec, model_name: str = "") -> Estimate:
     opt_per = {"adamw": 2 * train_bytes, "adamw8bit": 2, "sgd": 0}[spec.optimizer]
     opt_detail = {"adamw": f"AdamW: 2 states x {train_bytes} bytes", "adamw8bit": "8-bit AdamW: 2 states x 1 byte",
                   "sgd": "SGD without momentum: none"}[spec.optimizer]
-    if full and spec.master_weights:
-        opt_per += 4
-        opt_detail += " + float32 master weights"
+    if full and spec.master_weights:  # mixed-precision Adam: fp32 master weights and fp32 moments
+        opt_per = {"adamw": 12, "adamw8bit": 6, "sgd": 4}[spec.optimizer]
+        opt_detail = {"adamw": "float32 master weights + AdamW moments (4 + 4 + 4 bytes)",
+                      "adamw8bit": "float32 master weights + 8-bit AdamW moments (4 + 1 + 1 bytes)",
+                      "sgd": "float32 master weights (4 bytes)"}[spec.optimizer]
     optimizer = st.trainable * opt_per / shard
     if spec.optimizer == "adamw8bit":
         optimizer += st.trainable * 2 * 4 / 2048 / shard  # one float32 absmax per 2048-block and state
-    lines.append(Line("gradients", grads, f"{train_bytes} bytes per trained parameter"))
     lines.append(Line("optimizer states", optimizer, opt_detail))
     if spec.gpus > 1 and not spec.fsdp:
         lines.append(Line("DDP gradient buckets", grads, "a flat copy of the gradients for the all-reduce"))
@@ -463,22 +471,22 @@ def estimate(config, spec: MemorySpec, model_name: str = "") -> Estimate:
                           + (", and their gradients before the reduce-scatter" if full else "")))
     if spec.teacher:
         lines.append(Line("teacher model", st.parameters * pbytes, "the original model for distillation"))
+    grad_line = Line("gradients", grads, f"{train_bytes} bytes per trained parameter")
 
-    # activations
+    # activations kept for the backward pass
     per_layer = tr["layer_constant"] + tr["layer_per_token"] * tokens
     outside = max(0.0, tr["outside_constant"] + tr["outside_per_token"] * tokens)
     layer_input = tokens * hidden * hid_bytes
     if spec.grad_checkpointing:
         saved = n_layers * layer_input + outside
         recompute = per_layer
-        act_detail = (f"checkpointing: {n_layers} layer inputs of {_h(layer_input)}; one layer recomputed at a time "
-                      f"({_h(per_layer)})")
+        act_detail = f"checkpointing: the inputs of {n_layers} layers, {_h(layer_input)} each"
     else:
         saved, recompute = n_layers * per_layer + outside, 0.0
         act_detail = f"{n_layers} layers x {_h(per_layer)} (traced) + {_h(outside)} outside the layers"
-    lines.append(Line("activations", saved + recompute, act_detail))
+    act_line = Line("activations", saved, act_detail)
 
-    # loss and backward working sets (transients on top of the activations)
+    # transients: the loss blocks run backward first (no layer recomputed yet), then the layers one by one
     from quantune.train import LOSS_CHUNK_ELEMENTS
 
     rows = min(tokens, max(256, LOSS_CHUNK_ELEMENTS // vocab))
@@ -492,18 +500,27 @@ def estimate(config, spec: MemorySpec, model_name: str = "") -> Estimate:
     decode_ws = 0.0
     if spec.mode == "qlora" and not spec.cache_weights:
         decode_ws = st.largest_linear * (_decode_bytes_per_weight(spec) + act_bytes)
-    lines.append(Line("loss", loss_hidden + block, f"hidden states for the LM head + one block of {rows} x {vocab} logits"))
     transient = max(backward_ws, decode_ws)
-    lines.append(Line("backward working set", transient,
-                      "gradients in flight through one layer" + (f"; decoding the largest layer ({_h(decode_ws)})"
-                                                                 if decode_ws else "")))
-    static = sum(line.bytes for line in lines if line.name in (
-        "weights", "decoded weight cache", "trainable parameters (LoRA)", "optimizer states", "DDP gradient buckets",
-        "FSDP gathered layers", "teacher model"))
-    # the loss blocks run backward first (no layer recomputed yet), then the layers one by one
-    during_backward = static + saved + loss_hidden + max(block, recompute + transient) + (0 if full else grads)
-    end_of_backward = static + grads + (n_layers * layer_input if spec.grad_checkpointing else 0) + transient
-    peak, phase = max((during_backward, "start of the backward pass"), (end_of_backward, "end of the backward pass"))
+    layer_ws = recompute + transient
+    loss_line = Line("loss input", loss_hidden, "the final hidden states the LM-head blocks are cut from")
+    if block >= layer_ws:
+        ws_line = Line("working set", block, f"one loss block: {rows} x {vocab} logits with their float copies and "
+                                             f"gradient (more than a layer's backward, {_h(layer_ws)})")
+    else:
+        ws_line = Line("working set", layer_ws, ("one layer recomputed (" + _h(recompute) + ") + " if recompute else "")
+                       + "gradients in flight through it" + (f" (decoding the largest layer: {_h(decode_ws)})"
+                                                              if decode_ws else "")
+                       + f"; more than a loss block ({_h(block)})")
+    during = lines + ([grad_line] if not full else []) + [act_line, loss_line, ws_line]
+    end = lines + [grad_line]
+    if spec.grad_checkpointing:
+        end.append(Line("activations", n_layers * layer_input, act_detail))
+    end.append(Line("working set", transient, "gradients in flight through the first layer"))
+    total_during, total_end = sum(x.bytes for x in during), sum(x.bytes for x in end)
+    if full and total_end > total_during:
+        lines, peak, phase = end, total_end, "end of the backward pass (all gradients, activations freed)"
+    else:
+        lines, peak, phase = during, total_during, "start of the backward pass"
     frag = FRAGMENTATION * peak
     return Estimate(model_name, spec, lines, peak, phase, frag, st.parameters, st.trainable,
                     activation_trace={k: v for k, v in tr.items()})
@@ -573,7 +590,7 @@ def _h(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def markdown(est: Estimate, max_memory: float | None = None) -> str:
+def markdown(est: Estimate, advice: list[str] | None = None) -> str:
     from quantune.report import markdown_table
 
     s = est.spec
@@ -586,11 +603,17 @@ def markdown(est: Estimate, max_memory: float | None = None) -> str:
                f", batch {s.batch_size} x {s.seq_len} tokens per GPU, {s.precision} autocast, parameters in "
                f"{s.param_dtype}, {s.optimizer}, gradient checkpointing {'on' if s.grad_checkpointing else 'off'}" +
                (f", {s.gpus} GPUs ({'FSDP' if s.fsdp else 'data parallel'})" if s.gpus > 1 else ""))
+    states = sum(line.bytes for line in est.lines if line.name in ("weights", "gradients", "optimizer states",
+                                                                     "trainable parameters (LoRA)"))
     text = (f"# Memory estimate: {est.model}\n\n{setting}. Parameters: {est.parameters:,}; trainable: "
             f"{est.trainable_parameters:,}. Figures are per GPU.\n\n"
-            f"{markdown_table(['item', 'memory', 'how'], rows)}\n")
-    if max_memory is not None:
-        text += "\n" + fit_advice(est, max_memory) + "\n"
+            f"{markdown_table(['item', 'memory', 'how'], rows)}\n\n"
+            f"Model states (weights, gradients, optimizer): {states / 1e9:.1f} GB ({_h(states)}), "
+            f"{states / max(est.parameters, 1):.1f} bytes per parameter.\n")
+    if advice:
+        text += "\n" + "\n".join(f"- {line}" for line in advice) + "\n"
+    text += ("\nActivations are traced at the real layer widths (eager execution; `--compile` usually needs "
+             "less); the prediction is what torch.cuda.max_memory_allocated reports at the peak.\n")
     return text
 
 
@@ -598,12 +621,42 @@ def fits(est: Estimate, max_memory: float) -> bool:
     return est.peak_bytes + est.fragmentation_bytes <= max_memory
 
 
-def fit_advice(est: Estimate, max_memory: float, config=None) -> str:
-    """Yes or no against ``max_memory`` bytes, and what would fit when it does not."""
-    need = est.peak_bytes + est.fragmentation_bytes
-    if need <= max_memory:
-        return f"Fits in {_h(max_memory)}: yes (needs {_h(need)} with the margin)."
-    return f"Fits in {_h(max_memory)}: no (needs {_h(need)} with the margin)."
+def fit_advice(config, est: Estimate, max_memory: float) -> list[str]:
+    """Yes or no against ``max_memory`` bytes, and the settings that fit."""
+    spec, need = est.spec, est.peak_bytes + est.fragmentation_bytes
+    verdict = "yes" if need <= max_memory else "no"
+    lines = [f"Fits in {_h(max_memory)}: {verdict} (needs {_h(need)} per GPU, margin included)."]
+    best = largest_batch(config, spec, max_memory)
+    if best and best != spec.batch_size:
+        lines.append(f"Largest batch size that fits with these settings: {best}"
+                     + (f" (use --grad-accum {math.ceil(spec.batch_size / best)} to keep the global batch)"
+                        if best < spec.batch_size else "") + ".")
+    if not spec.grad_checkpointing:
+        with_ckpt = largest_batch(config, _replace(spec, grad_checkpointing=True), max_memory)
+        if with_ckpt > best:
+            lines.append(f"With --grad-checkpointing: batch size up to {with_ckpt}.")
+    if not best and spec.mode == "lora":
+        q = largest_batch(config, _replace(spec, mode="qlora", bits=4, grad_checkpointing=True), max_memory)
+        if q:
+            lines.append(f"LoRA on a 4-bit quantized base with checkpointing fits up to batch size {q}.")
+    if not best and spec.grad_checkpointing and spec.mode == "full" and not spec.fsdp:
+        lines.append("Consider LoRA (--mode lora), 8-bit AdamW (--optimizer adamw8bit) or FSDP over several GPUs.")
+    return lines
+
+
+def plan(model: str, spec: MemorySpec, max_memory: float | None = None) -> tuple[Estimate, list[str], object]:
+    """Estimate for a model argument; a quantune-quantized folder sets the quantized base from
+    its own quantization_config. Returns ``(estimate, advice lines, config)``."""
+    config = load_config(model)
+    qc = getattr(config, "quantization_config", None)
+    if isinstance(qc, dict) and qc.get("quant_method") == "quantune":
+        spec = _replace(spec, mode="qlora" if spec.mode != "full" else "full", method=qc.get("method", spec.method),
+                        bits=qc.get("target_bits") or qc.get("bits", spec.bits), group_size=qc.get("group_size"))
+        if spec.mode == "full":
+            raise QuantuneError(f"{model} is quantized: full fine-tuning needs the original model")
+    est = estimate(config, spec, model)
+    advice = fit_advice(config, est, max_memory) if max_memory is not None else []
+    return est, advice, config
 
 
 def largest_batch(config, spec: MemorySpec, max_memory: float, limit: int = 4096) -> int:

@@ -227,6 +227,9 @@ def test_cli_finetune_eval_merge(quantized_folder, tiny_folders, text_file, tmp_
     assert len(report["history"]["steps"]) == 4 and (out / "curves.png").is_file()
     assert "perplexity before -> after" in (out / "report.md").read_text()
     assert (out / "adapter_model.safetensors").is_file()
+    prediction = report["memory_prediction"]
+    assert prediction["peak_bytes"] > prediction["lines"]["weights"] > 0, prediction
+    assert prediction["lines"]["teacher model"] > 0  # distillation keeps the original model in memory
 
     r = _run("eval", quantized_folder, "--adapter", out, "--data", text_file, "--seq-len", 32, "--windows", 2)
     assert r.exit_code == 0, r.output
