@@ -24,7 +24,19 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 
 
 def bench(fn, reps: int = 50) -> float:
-    """Median seconds per call (triton's do_bench: warm-up, L2 flush between calls)."""
+    """Median seconds per call with the calls captured in a CUDA graph (no launch overhead: what a
+    decode loop under CUDA graphs or torch.compile sees); eager timing when capture fails."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(fn, rep=reps, return_mode="median") / 1e3
+    except Exception:  # not capturable
+        torch.cuda.synchronize()
+        return do_bench(fn, rep=reps, return_mode="median") / 1e3
+
+
+def bench_eager(fn, reps: int = 50) -> float:
+    """Median seconds per call launched from Python (includes launch overhead)."""
     from triton.testing import do_bench
 
     return do_bench(fn, rep=reps, return_mode="median") / 1e3
@@ -49,16 +61,20 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
     return q
 
 
+CONFIGS = [(bm, nw) for bm in (8, 16, 32) for nw in (4, 8)]  # (rows per program, warps) tried per case
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in SHAPES))
+    p.add_argument("--methods", default="kashin-4,kashin-2,rtn-4,rtn-2")
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--out", default="eval/results/bench_kernels")
     args = p.parse_args()
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    from quantune.kernels import bitplane_matmul
+    from quantune.kernels import bitplane_matmul, transformed_input
 
     bw = copy_bandwidth()
     rows = []
@@ -70,27 +86,49 @@ def main() -> None:
         x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         xp = torch.randn(args.prefill_tokens, k, device="cuda", dtype=torch.bfloat16)
         t_bf16 = bench(lambda: x1 @ w16.T)
+        t_bf16_eager = bench_eager(lambda: x1 @ w16.T)
         t_bf16_prefill = bench(lambda: xp @ w16.T)
         packed, state = bnbf.quantize_4bit(w16, blocksize=64, compress_statistics=True, quant_type="nf4")
         t_nf4 = bench(lambda: bnb.matmul_4bit(x1, packed.t(), quant_state=state))
-        nf4_err = float((bnb.matmul_4bit(x1, packed.t(), quant_state=state).float() -
-                         x1.float() @ bnbf.dequantize_4bit(packed, state).float().T).abs().max())
-        base = {"in": k, "out": n, "bf16_decode_s": t_bf16, "bf16_prefill_s": t_bf16_prefill,
-                "nf4_decode_s": t_nf4, "nf4_max_abs_err": nf4_err, "bf16_floor_s": 2 * n * k / bw}
-        for method, bits in (("kashin", 4), ("kashin", 2), ("rtn", 4), ("rtn", 2)):
+        base = {"in": k, "out": n, "bf16_decode_s": t_bf16, "bf16_decode_eager_s": t_bf16_eager,
+                "bf16_prefill_s": t_bf16_prefill, "nf4_decode_s": t_nf4, "bf16_floor_s": 2 * n * k / bw,
+                "nf4_floor_s": (n * k / 2 + n * k / 64) / bw}
+        for spec in args.methods.split(","):
+            method, bits = spec.split("-")
+            bits = int(bits)
             q = quantune_layer(w, method, bits)
             form = q.bitplane_form()
             ref = x1.float() @ q.dequantize().T
-            got = bitplane_matmul(x1, q.codes, form, bits)
+            x32 = x1.float().contiguous()
+            xq = transformed_input(x32, form).float().contiguous()
+            timings = {}
+            for bm, nw in CONFIGS:  # the kernel alone, input transform precomputed
+                try:
+                    timings[(bm, nw)] = bench(lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm,
+                                                                      num_warps=nw, xq=xq))
+                except Exception as exc:  # a config that does not compile here
+                    print(f"config {bm}x{nw}: {type(exc).__name__}", flush=True)
+            (bm, nw), t_kernel = min(timings.items(), key=lambda kv: kv[1])
+            got = bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw)
             rel = float((got - ref).norm() / ref.norm())
-            t_q = bench(lambda: bitplane_matmul(x1, q.codes, form, bits))
-            t_q_prefill = bench(lambda: xp @ q.dequantize().to(torch.bfloat16).T)
+            t_full = bench(lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw))
+            t_transform = bench(lambda: transformed_input(x32, form)) if form.transform else 0.0
+            with torch.no_grad():
+                t_module = t_module_eager = bench_eager(lambda: q(x1))  # the module as called from Python
+                t_q_prefill = bench_eager(lambda: xp @ q.dequantize().to(torch.bfloat16).T)
+                got_p = q(xp[:64]).float()
+            ref_p = xp[:64].float() @ q.dequantize().T
             index_bytes = q.codes.numel()
             meta_bytes = sum(t.numel() * t.element_size() for name, t in q.buffers_dict().items() if name != "codes")
-            row = {**base, "method": f"{method}-{bits}", "rel_err_vs_reference": rel, "decode_s": t_q,
-                   "prefill_s": t_q_prefill, "floor_s": (index_bytes + meta_bytes) / bw,
-                   "speedup_vs_bf16": t_bf16 / t_q, "speedup_vs_nf4": t_nf4 / t_q,
-                   "prefill_vs_bf16": t_bf16_prefill / t_q_prefill}
+            row = {**base, "method": spec, "rel_err_vs_reference": rel,
+                   "prefill_rel_err": float((got_p - ref_p).norm() / ref_p.norm()),
+                   "best_config": {"block_m": bm, "num_warps": nw}, "config_seconds": {f"{a}x{b}": v for (a, b), v
+                                                                                    in timings.items()},
+                   "kernel_s": t_kernel, "decode_s": t_full, "transform_s": t_transform, "module_s": t_module,
+                   "module_eager_s": t_module_eager, "prefill_s": t_q_prefill,
+                   "floor_s": (index_bytes + meta_bytes) / bw,
+                   "speedup_vs_bf16": t_bf16 / t_full, "speedup_vs_nf4": t_nf4 / t_full,
+                   "kernel_speedup_vs_bf16": t_bf16 / t_kernel, "prefill_vs_bf16": t_bf16_prefill / t_q_prefill}
             print(json.dumps(row), flush=True)
             rows.append(row)
             del q
@@ -101,13 +139,17 @@ def main() -> None:
                                                    indent=2))
     us = 1e6
     table = markdown_table(
-        ["in x out", "method", "rel. err", "decode us", "floor us", "bf16 us", "NF4 us", "x bf16", "x NF4",
-         "prefill ms", "bf16 prefill ms", "prefill x bf16"],
-        [[f"{r['in']}x{r['out']}", r["method"], r["rel_err_vs_reference"], r["decode_s"] * us, r["floor_s"] * us,
-          r["bf16_decode_s"] * us, r["nf4_decode_s"] * us, r["speedup_vs_bf16"], r["speedup_vs_nf4"],
-          r["prefill_s"] * 1e3, r["bf16_prefill_s"] * 1e3, r["prefill_vs_bf16"]] for r in rows])
-    md = (f"# Low-bit matmul kernels\n\nDevice: {device}. Decode: 1 token; prefill: {args.prefill_tokens} tokens "
-          f"(quantune: decode to bf16 + GEMM). Floor: index + codebook bytes / copy bandwidth.\n\n{table}\n")
+        ["in x out", "method", "rel. err", "decode us", "kernel us", "transform us", "floor us", "bf16 us",
+         "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16"],
+        [[f"{r['in']}x{r['out']}", r["method"], r["rel_err_vs_reference"], r["decode_s"] * us, r["kernel_s"] * us,
+          r["transform_s"] * us, r["floor_s"] * us, r["bf16_decode_s"] * us, r["nf4_decode_s"] * us,
+          r["speedup_vs_bf16"], r["speedup_vs_nf4"], r["prefill_s"] * 1e3, r["bf16_prefill_s"] * 1e3,
+          r["prefill_vs_bf16"]] for r in rows])
+    md = (f"# Low-bit matmul kernels\n\nDevice: {device}. Times are medians with the calls captured in a CUDA "
+          f"graph (triton.testing.do_bench_cudagraph). Decode: 1 token, quantune = input transform + fused "
+          f"bit-plane kernel (best of {len(CONFIGS)} tile configs; kernel column: the kernel alone); prefill: "
+          f"{args.prefill_tokens} tokens (eager timing), quantune decodes the weight to bf16 + one GEMM. Floor: index + "
+          f"coefficient bytes / copy bandwidth. rel. err: kernel vs the float32 reference x W_hat^T.\n\n{table}\n")
     out.with_suffix(".md").write_text(md)
     print(md)
 

@@ -71,6 +71,31 @@ def write_checkpoint(folder: Path, layers: int, shard_bytes: int = 5 * 2 ** 30) 
     return total
 
 
+def profile_layer(args) -> None:
+    """torch.profiler over one MLP-sized layer: where the quantization time goes on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from quantune.config import QuantConfig
+    from quantune.methods import get_method
+
+    cfg = QuantConfig(method=args.method, bits=args.bits)
+    w = torch.randn(11008, 4096, device=args.device) * 0.02
+    get_method(args.method).quantize(w, cfg)  # warm-up (FFT plans, kernels)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    get_method(args.method).quantize(w, cfg)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        get_method(args.method).quantize(w, cfg)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    out = Path(args.out + "_profile.txt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"one 11008x4096 layer, {args.method} {args.bits}-bit: {wall:.3f} s\n{table}\n")
+    print(out.read_text())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=32)
@@ -79,7 +104,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--workdir", default=None, help="where the checkpoint is written (default: a temp dir)")
     p.add_argument("--out", default="eval/results/bench_quantize")
+    p.add_argument("--profile", action="store_true", help="only profile one 11008x4096 layer (top device ops)")
     args = p.parse_args()
+    if args.profile:
+        return profile_layer(args)
     from quantune.config import QuantConfig
     from quantune.stream import quantize_checkpoint
 

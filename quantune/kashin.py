@@ -93,8 +93,9 @@ def kashin_decode(codes: torch.Tensor, coeffs: torch.Tensor, ku: int, kv: int,
 
 
 def _refit(x: torch.Tensor, xt: torch.Tensor, su: torch.Tensor, sv: torch.Tensor,
-           transform: str, seed: int) -> torch.Tensor:
-    """Least-squares coefficients ``(B, ku+kv)`` for fixed signs.
+           transform: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares coefficients ``(B, ku+kv)`` for fixed signs, and the squared norm each
+    vector's fit removes (``||x||^2`` minus it is the squared residual).
 
     Columns of the design matrix: ``s_t`` (``u`` steps) and ``Q sigma_t`` (``v`` steps);
     Gram entries use ``<s, Q sigma> = <Q^T s, sigma>`` and ``<Q sigma, Q sigma'> = <sigma, sigma'>``.
@@ -111,14 +112,20 @@ def _refit(x: torch.Tensor, xt: torch.Tensor, su: torch.Tensor, sv: torch.Tensor
         gram[:, :ku, :ku] = torch.einsum("bgi,bgj->bij", su, su).double()
     if kv:
         gram[:, ku:, ku:] = torch.einsum("bgi,bgj->bij", sv, sv).double()
-    if ku and kv:
-        su_t = forward_transform(su.transpose(1, 2), transform, seed)  # (B, ku, g) = Q^T s
-        cross = torch.einsum("bkg,bgj->bkj", su_t, sv).double()
+    if ku and kv:  # <s, Q sigma> = <Q^T s, sigma>: transform whichever side has fewer vectors
+        if kv <= ku:
+            sv_q = inverse_transform(sv.transpose(1, 2), transform, seed)  # (B, kv, g) = Q sigma
+            cross = torch.einsum("bgk,bjg->bkj", su, sv_q).double()
+        else:
+            su_t = forward_transform(su.transpose(1, 2), transform, seed)  # (B, ku, g) = Q^T s
+            cross = torch.einsum("bkg,bgj->bkj", su_t, sv).double()
         gram[:, :ku, ku:] = cross
         gram[:, ku:, :ku] = cross.transpose(1, 2)
     ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1e-30)
-    gram = gram + ridge[:, None, None] * torch.eye(ku + kv, dtype=gram.dtype, device=x.device)
-    return torch.linalg.solve(gram, rhs).float()
+    coeffs = torch.linalg.solve(gram + ridge[:, None, None] * torch.eye(ku + kv, dtype=gram.dtype, device=x.device), rhs)
+    # squared residual of the fit, per vector: ||x||^2 - 2 c.rhs + c^T G c (no transform needed)
+    fit = (coeffs * rhs).sum(-1) * 2 - torch.einsum("bi,bij,bj->b", coeffs, gram, coeffs)
+    return coeffs.float(), fit
 
 
 def kashin_decompose(x: torch.Tensor, ku: int, kv: int, transform: str = "dct",
@@ -130,6 +137,7 @@ def kashin_decompose(x: torch.Tensor, ku: int, kv: int, transform: str = "dct",
         raise ValueError(f"need 1 <= ku + kv <= 8 sign steps, got ku={ku}, kv={kv}")
     x = x.float()
     norm = x.norm().clamp(min=1e-30)
+    x_sq = x.double().square().sum()
     xt = forward_transform(x, transform, seed) if kv else x
 
     def rel_err(u_hat, v_hat):
@@ -177,10 +185,10 @@ def kashin_decompose(x: torch.Tensor, ku: int, kv: int, transform: str = "dct",
     for _ in range(sweeps):
         iu, iv, u_hat, v_hat = assign(coeffs, v_hat)
         su, sv = table_u[iu], table_v[iv]
-        coeffs = _refit(x, xt, su, sv, transform, seed)
+        coeffs, fit = _refit(x, xt, su, sv, transform, seed)
         u_hat = (su * coeffs[:, None, :ku]).sum(-1)
         v_hat = (sv * coeffs[:, None, ku:]).sum(-1)
-        history.append(rel_err(u_hat, v_hat))
+        history.append(float((x_sq - fit.sum()).clamp(min=0).sqrt() / norm))
 
     # 3. store coefficients in float16 and fit the codes to the rounded values
     coeffs16 = coeffs.half()

@@ -113,20 +113,23 @@ def available() -> bool:
 
 
 def bitplane_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
-                    block_m: int = 32) -> torch.Tensor:
-    """``x W^T`` ``(T, out)`` in float32 with the Triton kernel; ``x`` is ``(T, K)``."""
+                    block_m: int = 32, block_k: int | None = None, num_warps: int = 4,
+                    xq: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T`` ``(T, out)`` in float32 with the Triton kernel; ``x`` is ``(T, K)``.
+    ``xq``: the transformed input when the caller has it already (benchmarks time it apart)."""
     if triton is None:
         raise RuntimeError("the fused kernel needs triton")
-    block_k = block_k_for(form.group)
-    if block_k is None:
+    block_k = block_k or block_k_for(form.group)
+    if block_k is None or form.group % block_k:
         raise ValueError(f"group {form.group} has no power-of-two tile >= 16")
     t, k = x.shape
     m = packed.shape[0]
     x32 = x.float().contiguous()
-    xq = transformed_input(x32, form).float().contiguous()
+    if xq is None:
+        xq = transformed_input(x32, form).float().contiguous()
     y = torch.empty(t, m, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, block_m), t)
     _bitplane_kernel[grid](packed, x32, xq, form.a.contiguous(), form.bx.contiguous(), form.bq.contiguous(), y,
                            m, packed.stride(0), form.bx.shape[1], form.group, K=k,
-                           BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_K=block_k)
+                           BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
     return y
