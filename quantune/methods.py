@@ -18,6 +18,7 @@ from quantune.transforms import hadamard_block_size
 from quantune.rtn import rtn_dequantize, rtn_quantize
 
 SEED_BITS = 64  # a kashin layer stores its transform as a seed, counted in bits per weight
+KASHIN_BLOCK_ELEMENTS = 1 << 24  # weights decomposed at once (bounds the quantizer's working memory)
 
 
 def effective_group_size(n: int, group_size: int | None) -> int:
@@ -98,9 +99,16 @@ class KashinMethod(Method):
         if cfg.transform == "hadamard" and cfg.kv and hadamard_block_size(g) < 8:
             raise QuantuneError(f"hadamard transform on width {g} mixes only blocks of {hadamard_block_size(g)}; "
                                 "use --transform dct")
-        f = kashin_decompose(w.reshape(m * n // g, g), cfg.ku, cfg.kv, cfg.transform, cfg.seed, cfg.sweeps)
-        codes = pack_codes(f.codes.reshape(m, n), cfg.bits)
-        return {"codes": codes, "coeffs": f.coeffs}, {"history": f.history, "group_size": g}
+        vectors = w.reshape(m * n // g, g)
+        # vectors are independent: decompose them a block at a time, so the working memory (some
+        # tens of bytes per weight) stays bounded by the block, not the layer
+        parts = [kashin_decompose(v, cfg.ku, cfg.kv, cfg.transform, cfg.seed, cfg.sweeps)
+                 for v in vectors.split(max(1, KASHIN_BLOCK_ELEMENTS // g))]
+        sq = [float(v.float().square().sum()) for v in vectors.split(max(1, KASHIN_BLOCK_ELEMENTS // g))]
+        history = [(sum(p.history[i] ** 2 * q for p, q in zip(parts, sq)) / max(sum(sq), 1e-60)) ** 0.5
+                   for i in range(len(parts[0].history))]
+        codes = pack_codes(torch.cat([p.codes for p in parts]).reshape(m, n), cfg.bits)
+        return {"codes": codes, "coeffs": torch.cat([p.coeffs for p in parts])}, {"history": history, "group_size": g}
 
     def dequantize(self, buffers, out_features, in_features, cfg):
         g = effective_group_size(in_features, cfg.group_size)
