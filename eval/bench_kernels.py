@@ -69,6 +69,9 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in SHAPES))
     p.add_argument("--methods", default="kashin-4,kashin-2,rtn-4,rtn-2")
     p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--configs", default=None, help="tile configs to try, e.g. 4x2,8x4 (rows per program x warps)")
+    p.add_argument("--block-k", type=int, default=None, help="K tile (default: the largest power of two <= 256 "
+                                                              "dividing the group)")
     p.add_argument("--out", default="eval/results/bench_kernels")
     args = p.parse_args()
     import bitsandbytes as bnb
@@ -76,6 +79,7 @@ def main() -> None:
 
     from quantune.kernels import bitplane_matmul, transformed_input
 
+    configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")] if args.configs else CONFIGS
     bw = copy_bandwidth()
     rows = []
     for shape in args.shapes.split(","):
@@ -102,16 +106,17 @@ def main() -> None:
             x32 = x1.float().contiguous()
             xq = transformed_input(x32, form).float().contiguous()
             timings = {}
-            for bm, nw in CONFIGS:  # the kernel alone, input transform precomputed
+            for bm, nw in configs:  # the kernel alone, input transform precomputed
                 try:
                     timings[(bm, nw)] = bench(lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm,
-                                                                      num_warps=nw, xq=xq))
+                                                                      num_warps=nw, xq=xq, block_k=args.block_k))
                 except Exception as exc:  # a config that does not compile here
                     print(f"config {bm}x{nw}: {type(exc).__name__}", flush=True)
             (bm, nw), t_kernel = min(timings.items(), key=lambda kv: kv[1])
-            got = bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw)
+            got = bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw, block_k=args.block_k)
             rel = float((got - ref).norm() / ref.norm())
-            t_full = bench(lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw))
+            t_full = bench(lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw,
+                                                   block_k=args.block_k))
             t_transform = bench(lambda: transformed_input(x32, form)) if form.transform else 0.0
             with torch.no_grad():
                 t_module = t_module_eager = bench_eager(lambda: q(x1))  # the module as called from Python
@@ -147,7 +152,7 @@ def main() -> None:
           r["prefill_vs_bf16"]] for r in rows])
     md = (f"# Low-bit matmul kernels\n\nDevice: {device}. Times are medians with the calls captured in a CUDA "
           f"graph (triton.testing.do_bench_cudagraph). Decode: 1 token, quantune = input transform + fused "
-          f"bit-plane kernel (best of {len(CONFIGS)} tile configs; kernel column: the kernel alone); prefill: "
+          f"bit-plane kernel (best of {len(configs)} tile configs; kernel column: the kernel alone); prefill: "
           f"{args.prefill_tokens} tokens (eager timing), quantune decodes the weight to bf16 + one GEMM. Floor: index + "
           f"coefficient bytes / copy bandwidth. rel. err: kernel vs the float32 reference x W_hat^T.\n\n{table}\n")
     out.with_suffix(".md").write_text(md)

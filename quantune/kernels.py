@@ -72,31 +72,26 @@ if triton is not None:
 
     @triton.jit
     def _bitplane_kernel(codes_ptr, x_ptr, xq_ptr, a_ptr, bx_ptr, bq_ptr, y_ptr,
-                         M, T, stride_codes, groups, group, K: tl.constexpr,
-                         BITS: tl.constexpr, KU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_T: tl.constexpr, DOT_BF16: tl.constexpr):
-        """One program: BLOCK_M output rows for all (<= BLOCK_T) tokens. Per K tile the codes are
-        read once, both factors are decoded in registers (u from the low KU bit planes, v from
-        the rest, each plane scaled by its row coefficient), and two tensor-core products
-        accumulate u x^T and v xq^T. A tile never crosses a group (BLOCK_K divides the group)."""
+                         M, stride_codes, groups, group, K: tl.constexpr,
+                         BITS: tl.constexpr, KU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
+        tok = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
-        toks = tl.arange(0, BLOCK_T)
-        tmask = toks < T
-        acc = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):  # K is a compile-time constant (one build per layer width)
             cols = k0 + tl.arange(0, BLOCK_K)
-            coef = rows * groups + k0 // group
+            x = tl.load(x_ptr + tok * K + cols).to(tl.float32)
+            xq = tl.load(xq_ptr + tok * K + cols).to(tl.float32)
+            g = k0 // group
+            coef = rows * groups + g
+            acc += tl.load(bx_ptr + coef, mask=rmask, other=0.0) * tl.sum(x, axis=0)
+            acc += tl.load(bq_ptr + coef, mask=rmask, other=0.0) * tl.sum(xq, axis=0)
             if 8 % BITS == 0:  # 1, 2, 4, 8 bits: every code sits inside one byte, loaded once
                 pos = cols * BITS
                 byte = tl.load(codes_ptr + rows[:, None] * stride_codes + (pos[None, :] >> 3),
                                mask=rmask[:, None], other=0)
                 code = (byte >> (pos[None, :] & 7).to(tl.uint8)).to(tl.int32)
-            wu = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32) + \
-                tl.load(bx_ptr + coef, mask=rmask, other=0.0)[:, None]
-            wv = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32) + \
-                tl.load(bq_ptr + coef, mask=rmask, other=0.0)[:, None]
             for t in tl.static_range(BITS):
                 if 8 % BITS == 0:
                     bit = ((code >> t) & 1).to(tl.float32)
@@ -105,23 +100,12 @@ if triton is not None:
                     byte = tl.load(codes_ptr + rows[:, None] * stride_codes + (pos[None, :] >> 3),
                                    mask=rmask[:, None], other=0)
                     bit = ((byte >> (pos[None, :] & 7).to(tl.uint8)) & 1).to(tl.float32)
-                a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0)[:, None]
                 if t < KU:
-                    wu += a_t * bit
+                    dot = tl.sum(bit * x[None, :], axis=1)
                 else:
-                    wv += a_t * bit
-            xt = tl.load(x_ptr + toks[None, :] * K + cols[:, None], mask=tmask[None, :], other=0.0)
-            if DOT_BF16:
-                acc += tl.dot(wu.to(tl.bfloat16), xt.to(tl.bfloat16))
-            else:
-                acc += tl.dot(wu, xt.to(tl.float32))
-            if KU < BITS:  # (without a transformed factor, v and bq are zero)
-                xqt = tl.load(xq_ptr + toks[None, :] * K + cols[:, None], mask=tmask[None, :], other=0.0)
-                if DOT_BF16:
-                    acc += tl.dot(wv.to(tl.bfloat16), xqt.to(tl.bfloat16))
-                else:
-                    acc += tl.dot(wv, xqt.to(tl.float32))
-        tl.store(y_ptr + toks[None, :] * M + rows[:, None], acc, mask=rmask[:, None] & tmask[None, :])
+                    dot = tl.sum(bit * xq[None, :], axis=1)
+                acc += tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0) * dot
+        tl.store(y_ptr + tok * M + rows, acc, mask=rmask)
 
 
 def available() -> bool:
@@ -129,10 +113,9 @@ def available() -> bool:
 
 
 def bitplane_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
-                    block_m: int = 16, block_k: int | None = None, num_warps: int = 4,
+                    block_m: int = 8, block_k: int | None = None, num_warps: int = 4,
                     xq: torch.Tensor | None = None) -> torch.Tensor:
-    """``x W^T`` ``(T, out)`` in float32 with the Triton kernel (bf16 products, float32 sums);
-    ``x`` is ``(T, K)`` with ``T <= MAX_TOKENS``.
+    """``x W^T`` ``(T, out)`` in float32 with the Triton kernel; ``x`` is ``(T, K)``.
     ``xq``: the transformed input when the caller has it already (benchmarks time it apart)."""
     if triton is None:
         raise RuntimeError("the fused kernel needs triton")
@@ -147,9 +130,8 @@ def bitplane_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, b
     if t > MAX_TOKENS:
         raise ValueError(f"the fused kernel serves at most {MAX_TOKENS} tokens, got {t}")
     y = torch.empty(t, m, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, block_m),)
+    grid = (triton.cdiv(m, block_m), t)
     _bitplane_kernel[grid](packed, x32, xq, form.a.contiguous(), form.bx.contiguous(), form.bq.contiguous(), y,
-                           m, t, packed.stride(0), form.bx.shape[1], form.group, K=k,
-                           BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_T=16,
-                           DOT_BF16=x.is_cuda, num_warps=num_warps)  # the CPU interpreter multiplies in float32
+                           m, packed.stride(0), form.bx.shape[1], form.group, K=k,
+                           BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
     return y
