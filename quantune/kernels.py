@@ -113,7 +113,7 @@ def available() -> bool:
 
 
 def bitplane_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
-                    block_m: int = 8, block_k: int | None = None, num_warps: int = 4,
+                    block_m: int = 4, block_k: int | None = None, num_warps: int = 1,
                     xq: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T`` ``(T, out)`` in float32 with the Triton kernel; ``x`` is ``(T, K)``.
     ``xq``: the transformed input when the caller has it already (benchmarks time it apart)."""
