@@ -61,7 +61,9 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
     return q
 
 
-CONFIGS = [(bm, nw) for bm in (8, 16, 32) for nw in (4, 8)]  # (rows per program, warps) tried per case
+# (kernel, rows per program, warps) tried per case: "planes" = bit-plane dot products,
+# "levels" = per-row level tables (kashin) or the affine grid (rtn)
+CONFIGS = [("planes", 4, 1), ("levels", 2, 1), ("levels", 4, 1), ("levels", 4, 2), ("levels", 8, 2)]
 
 
 def main() -> None:
@@ -69,7 +71,7 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in SHAPES))
     p.add_argument("--methods", default="kashin-4,kashin-2,rtn-4,rtn-2")
     p.add_argument("--prefill-tokens", type=int, default=2048)
-    p.add_argument("--configs", default=None, help="tile configs to try, e.g. 4x2,8x4 (rows per program x warps)")
+    p.add_argument("--configs", default=None, help="configs to try, e.g. planes:4x1,levels:8x2 (kernel:rows x warps)")
     p.add_argument("--block-k", type=int, default=None, help="K tile (default: the largest power of two <= 256 "
                                                               "dividing the group)")
     p.add_argument("--out", default="eval/results/bench_kernels")
@@ -77,9 +79,10 @@ def main() -> None:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    from quantune.kernels import bitplane_matmul, transformed_input
+    from quantune.kernels import bitplane_matmul, level_tables, levels_matmul, transformed_input
 
-    configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")] if args.configs else CONFIGS
+    configs = ([(c.split(":")[0], *map(int, c.split(":")[1].split("x"))) for c in args.configs.split(",")]
+               if args.configs else CONFIGS)
     bw = copy_bandwidth()
     rows = []
     for shape in args.shapes.split(","):
@@ -105,18 +108,25 @@ def main() -> None:
             ref = x1.float() @ q.dequantize().T
             x32 = x1.float().contiguous()
             xq = transformed_input(x32, form).float().contiguous()
+            tables = level_tables(form, bits)
+
+            def kernel_call(kind, bm, nw, xq_arg):
+                if kind == "planes":
+                    return lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw, xq=xq_arg,
+                                                   block_k=args.block_k)
+                return lambda: levels_matmul(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
+                                             xq=xq_arg, block_k=args.block_k)
+
             timings = {}
-            for bm, nw in configs:  # the kernel alone, input transform precomputed
+            for kind, bm, nw in configs:  # the kernel alone, input transform precomputed
                 try:
-                    timings[(bm, nw)] = bench(lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm,
-                                                                      num_warps=nw, xq=xq, block_k=args.block_k))
+                    timings[(kind, bm, nw)] = bench(kernel_call(kind, bm, nw, xq))
                 except Exception as exc:  # a config that does not compile here
-                    print(f"config {bm}x{nw}: {type(exc).__name__}", flush=True)
-            (bm, nw), t_kernel = min(timings.items(), key=lambda kv: kv[1])
-            got = bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw, block_k=args.block_k)
+                    print(f"config {kind} {bm}x{nw}: {type(exc).__name__}: {exc}"[:200], flush=True)
+            (kind, bm, nw), t_kernel = min(timings.items(), key=lambda kv: kv[1])
+            got = kernel_call(kind, bm, nw, None)()
             rel = float((got - ref).norm() / ref.norm())
-            t_full = bench(lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw,
-                                                   block_k=args.block_k))
+            t_full = bench(kernel_call(kind, bm, nw, None))
             t_transform = bench(lambda: transformed_input(x32, form)) if form.transform else 0.0
             with torch.no_grad():
                 t_module = t_module_eager = bench_eager(lambda: q(x1))  # the module as called from Python
@@ -127,8 +137,8 @@ def main() -> None:
             meta_bytes = sum(t.numel() * t.element_size() for name, t in q.buffers_dict().items() if name != "codes")
             row = {**base, "method": spec, "rel_err_vs_reference": rel,
                    "prefill_rel_err": float((got_p - ref_p).norm() / ref_p.norm()),
-                   "best_config": {"block_m": bm, "num_warps": nw}, "config_seconds": {f"{a}x{b}": v for (a, b), v
-                                                                                    in timings.items()},
+                   "best_config": {"kernel": kind, "block_m": bm, "num_warps": nw},
+                   "config_seconds": {f"{c}:{a}x{b}": v for (c, a, b), v in timings.items()},
                    "kernel_s": t_kernel, "decode_s": t_full, "transform_s": t_transform, "module_s": t_module,
                    "module_eager_s": t_module_eager, "prefill_s": t_q_prefill,
                    "floor_s": (index_bytes + meta_bytes) / bw,
@@ -144,15 +154,15 @@ def main() -> None:
                                                    indent=2))
     us = 1e6
     table = markdown_table(
-        ["in x out", "method", "rel. err", "decode us", "kernel us", "transform us", "floor us", "bf16 us",
+        ["in x out", "method", "kernel", "rel. err", "decode us", "kernel us", "transform us", "floor us", "bf16 us",
          "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16"],
-        [[f"{r['in']}x{r['out']}", r["method"], r["rel_err_vs_reference"], r["decode_s"] * us, r["kernel_s"] * us,
+        [[f"{r['in']}x{r['out']}", r["method"], r["best_config"]["kernel"], r["rel_err_vs_reference"], r["decode_s"] * us, r["kernel_s"] * us,
           r["transform_s"] * us, r["floor_s"] * us, r["bf16_decode_s"] * us, r["nf4_decode_s"] * us,
           r["speedup_vs_bf16"], r["speedup_vs_nf4"], r["prefill_s"] * 1e3, r["bf16_prefill_s"] * 1e3,
           r["prefill_vs_bf16"]] for r in rows])
     md = (f"# Low-bit matmul kernels\n\nDevice: {device}. Times are medians with the calls captured in a CUDA "
           f"graph (triton.testing.do_bench_cudagraph). Decode: 1 token, quantune = input transform + fused "
-          f"bit-plane kernel (best of {len(configs)} tile configs; kernel column: the kernel alone); prefill: "
+          f"kernel (best of {len(configs)} kernel/tile configs; kernel column: the kernel alone); prefill: "
           f"{args.prefill_tokens} tokens (eager timing), quantune decodes the weight to bf16 + one GEMM. Floor: index + "
           f"coefficient bytes / copy bandwidth. rel. err: kernel vs the float32 reference x W_hat^T.\n\n{table}\n")
     out.with_suffix(".md").write_text(md)

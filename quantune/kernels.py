@@ -55,6 +55,29 @@ def bitplane_matmul_reference(x: torch.Tensor, packed: torch.Tensor, form: Bitpl
     return y
 
 
+def level_tables(form: BitplaneForm, bits: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per (row, group): the values each factor's code field decodes to.
+
+    ``lut_u[r, g, j] = bx + sum_{t < ku} a_t bit_t(j)`` (``2**ku`` entries) and likewise
+    ``lut_v`` over the high ``bits - ku`` bits with ``bq``. When every ``a_t = a_0 2^t`` (rtn's
+    uniform grid) the u value is affine in the code and no table is needed: returns
+    ``(bx, a_0, True)`` instead."""
+    a = form.a.float()
+    ku, kv = form.ku, bits - form.ku
+    powers = 2.0 ** torch.arange(ku, device=a.device)
+    if kv == 0 and torch.allclose(a[..., :ku], a[..., :1] * powers, rtol=1e-6, atol=0):
+        return form.bx.float().contiguous(), a[..., 0].contiguous(), True
+
+    def table(coeffs, offset, k):
+        j = torch.arange(1 << k, device=a.device)
+        b = ((j[:, None] >> torch.arange(k, device=a.device)) & 1).float()  # (2^k, k)
+        return (offset[..., None] + coeffs @ b.T).contiguous()
+
+    lut_u = table(a[..., :ku], form.bx.float(), ku)
+    lut_v = table(a[..., ku:], form.bq.float(), kv) if kv else torch.zeros_like(form.bq.float())[..., None]
+    return lut_u, lut_v, False
+
+
 def block_k_for(group: int) -> int | None:
     """The kernel's K tile: the largest power of two <= 256 dividing ``group`` (None below 16)."""
     block = group & (-group)
@@ -107,6 +130,50 @@ if triton is not None:
                 acc += tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0) * dot
         tl.store(y_ptr + tok * M + rows, acc, mask=rmask)
 
+    @triton.jit
+    def _levels_kernel(codes_ptr, x_ptr, xq_ptr, lu_ptr, lv_ptr, y_ptr,
+                       M, stride_codes, groups, group, K: tl.constexpr,
+                       BITS: tl.constexpr, KU: tl.constexpr, AFFINE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Decode each weight's two factors through per-row level tables (a gather from a few
+        cached bytes per row instead of BITS bit-plane products) and accumulate u x + v xq
+        elementwise; one reduction per row at the end. AFFINE: u = lu + lv * code (rtn)."""
+        pid_m = tl.program_id(0)
+        tok = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + tok * K + cols).to(tl.float32)
+            coef = rows * groups + k0 // group
+            pos = cols * BITS
+            if 8 % BITS == 0:
+                byte = tl.load(codes_ptr + rows[:, None] * stride_codes + (pos[None, :] >> 3),
+                               mask=rmask[:, None], other=0)
+                code = ((byte >> (pos[None, :] & 7).to(tl.uint8)) & ((1 << BITS) - 1)).to(tl.int32)
+            else:
+                code = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+                for t in tl.static_range(BITS):
+                    p = pos + t
+                    byte = tl.load(codes_ptr + rows[:, None] * stride_codes + (p[None, :] >> 3),
+                                   mask=rmask[:, None], other=0)
+                    code |= (((byte >> (p[None, :] & 7).to(tl.uint8)) & 1).to(tl.int32) << t)
+            if AFFINE:
+                u = tl.load(lu_ptr + coef, mask=rmask, other=0.0)[:, None] + \
+                    tl.load(lv_ptr + coef, mask=rmask, other=0.0)[:, None] * code.to(tl.float32)
+                acc += u * x[None, :]
+            else:
+                u = tl.load(lu_ptr + coef[:, None] * (1 << KU) + (code & ((1 << KU) - 1)),
+                            mask=rmask[:, None], other=0.0)
+                acc += u * x[None, :]
+                if KU < BITS:
+                    xq = tl.load(xq_ptr + tok * K + cols).to(tl.float32)
+                    v = tl.load(lv_ptr + coef[:, None] * (1 << (BITS - KU)) + (code >> KU),
+                                mask=rmask[:, None], other=0.0)
+                    acc += v * xq[None, :]
+        tl.store(y_ptr + tok * M + rows, tl.sum(acc, axis=1), mask=rmask)
+
 
 def available() -> bool:
     return triton is not None
@@ -134,4 +201,30 @@ def bitplane_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, b
     _bitplane_kernel[grid](packed, x32, xq, form.a.contiguous(), form.bx.contiguous(), form.bq.contiguous(), y,
                            m, packed.stride(0), form.bx.shape[1], form.group, K=k,
                            BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
+    return y
+
+
+def levels_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
+                  tables: tuple | None = None, block_m: int = 4, block_k: int | None = None, num_warps: int = 1,
+                  xq: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T`` ``(T, out)`` in float32 with the level-table kernel (see :func:`level_tables`;
+    pass ``tables`` to reuse them across calls)."""
+    if triton is None:
+        raise RuntimeError("the fused kernel needs triton")
+    block_k = block_k or block_k_for(form.group)
+    if block_k is None or form.group % block_k:
+        raise ValueError(f"group {form.group} has no power-of-two tile >= 16")
+    t, k = x.shape
+    if t > MAX_TOKENS:
+        raise ValueError(f"the fused kernel serves at most {MAX_TOKENS} tokens, got {t}")
+    m = packed.shape[0]
+    lu, lv, affine = tables if tables is not None else level_tables(form, bits)
+    x32 = x.float().contiguous()
+    if xq is None:
+        xq = transformed_input(x32, form).float().contiguous() if form.ku < bits else x32
+    y = torch.empty(t, m, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, block_m), t)
+    _levels_kernel[grid](packed, x32, xq, lu, lv, y, m, packed.stride(0), form.bx.shape[1], form.group, K=k,
+                         BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_K=block_k,
+                         num_warps=num_warps)
     return y

@@ -59,3 +59,25 @@ def test_tiles_follow_the_group():
 
     assert block_k_for(4096) == 256 and block_k_for(96) == 32 and block_k_for(576) == 64
     assert block_k_for(14336) == 256 and block_k_for(24) is None
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=IDS)
+def test_level_table_kernel_matches_the_reference(cfg):
+    pytest.importorskip("triton")
+    from quantune.kernels import levels_matmul
+
+    q = _layer(cfg, out=37)
+    x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(3))
+    want = x @ q.dequantize().T
+    got = levels_matmul(x, q.codes, _form(q), cfg.bits, block_m=4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_rtn_levels_are_affine_and_kashin_levels_are_tables():
+    from quantune.kernels import level_tables
+
+    rtn = _layer(QuantConfig(method="rtn", bits=4, group_size=32))
+    assert level_tables(_form(rtn), 4)[2] is True
+    kashin = _layer(QuantConfig(method="kashin", bits=4))
+    lu, lv, affine = level_tables(_form(kashin), 4)
+    assert not affine and lu.shape[-1] == 8 and lv.shape[-1] == 2
