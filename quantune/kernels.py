@@ -228,3 +228,12 @@ def levels_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bit
                          BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_K=block_k,
                          num_warps=num_warps)
     return y
+
+
+def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
+                 tables: tuple | None) -> torch.Tensor:
+    """The kernel and tile measured fastest on the H200 for this format (eval/results/bench_kernels.md):
+    the bit-plane kernel for kashin at 2 bits (two planes), the level-table kernel otherwise."""
+    if form.transform is not None and bits <= 2:
+        return bitplane_matmul(x, packed, form, bits, block_m=4, num_warps=1)
+    return levels_matmul(x, packed, form, bits, tables=tables, block_m=2, num_warps=1)

@@ -36,6 +36,7 @@ class QuantLinear(nn.Module):
                                  requires_grad=False) if bias else None
         self._weight_cache: torch.Tensor | None = None
         self._bitplane = None  # BitplaneForm for the fused decode kernel, built on first use
+        self._levels = None    # its level tables (quantune.kernels.level_tables), likewise
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, qconfig: QuantConfig, name: str = "") -> tuple["QuantLinear", dict]:
@@ -82,14 +83,23 @@ class QuantLinear(nn.Module):
         return w.to(dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._bitplane = None  # new codes: rebuild the kernel's form on next use
+        self._bitplane = self._levels = None  # new codes: rebuild the kernel's form on next use
         return super()._load_from_state_dict(*args, **kwargs)
 
     def bitplane_form(self):
         if self._bitplane is None or self._bitplane.a.device != self.codes.device:
             self._bitplane = self.method.bitplane_form(self.buffers_dict(), self.out_features, self.in_features,
                                                        self.qconfig)
+            self._levels = None
         return self._bitplane
+
+    def level_tables(self):
+        form = self.bitplane_form()
+        if self._levels is None:
+            from quantune.kernels import level_tables
+
+            self._levels = level_tables(form, self.qconfig.bits)
+        return self._levels
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         """The fused kernel serves few-token inputs on CUDA when no decoded weight is cached."""
@@ -108,10 +118,11 @@ class QuantLinear(nn.Module):
                 w = w.to(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(w.dtype))
         if self._use_kernel(x):
-            from quantune.kernels import bitplane_matmul
+            from quantune.kernels import fused_matmul
 
             dtype = _compute_dtype(x)
-            y = bitplane_matmul(x.reshape(-1, self.in_features), self.codes, self.bitplane_form(), self.qconfig.bits)
+            y = fused_matmul(x.reshape(-1, self.in_features), self.codes, self.bitplane_form(), self.qconfig.bits,
+                             self.level_tables())
             y = y.to(dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(dtype)
         if torch.is_grad_enabled() and x.requires_grad:

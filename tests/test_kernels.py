@@ -81,3 +81,16 @@ def test_rtn_levels_are_affine_and_kashin_levels_are_tables():
     kashin = _layer(QuantConfig(method="kashin", bits=4))
     lu, lv, affine = level_tables(_form(kashin), 4)
     assert not affine and lu.shape[-1] == 8 and lv.shape[-1] == 2
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(method="rtn", bits=4, group_size=64)],
+                         ids=["kashin4", "kashin2", "rtn4"])
+def test_the_dispatched_kernel_matches_the_module(cfg):
+    """What QuantLinear runs on CUDA for few tokens (chosen per format from the H200 measurements)."""
+    pytest.importorskip("triton")
+    from quantune.kernels import fused_matmul
+
+    q = _layer(cfg, out=37)
+    x = torch.randn(3, q.in_features, generator=torch.Generator().manual_seed(4))
+    got = fused_matmul(x, q.codes, q.bitplane_form(), cfg.bits, q.level_tables())
+    torch.testing.assert_close(got, x @ q.dequantize().T, rtol=1e-4, atol=1e-5)
