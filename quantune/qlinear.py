@@ -74,6 +74,7 @@ class QuantLinear(nn.Module):
     def buffers_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.buffer_names}
 
+    @torch.compiler.disable  # compiled layers call the decode as is (no tracing through FFTs and caches)
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``(out, in)`` this module computes with."""
         return self.method.dequantize(self.buffers_dict(), self.out_features, self.in_features, self.qconfig)
