@@ -22,5 +22,12 @@ case "$1" in
                cp $d/report.json $d/report.md $d/curves.png "$out/finetune_recovery_3bit/$(basename $d)/" 2>/dev/null || true; done
              python -m eval.recovery_table /tmp/rec 29.871 --out "$out/finetune_recovery_3bit" ;;
   finetune)  python -m eval.bench_finetune --out "$out/bench_finetune" ;;                        # issue 4
-  *) echo "unknown step $1 (kernels, quantize, recovery3, finetune)"; exit 2 ;;
+  memory)    python -m eval.bench_memory --out "$out/bench_memory" ;;                            # issue 6
+  generate)  python -m eval.bench_generate --out "$out/bench_generate" ;;                        # issue 5
+  ddp)       # issue 4 on nvidia-h200-x2: the same global batch on 1 and on 2 GPUs
+             for g in 1 2; do python -m quantune finetune /tmp/rec/k2 --data /tmp/austen/emma.txt \
+               --data /tmp/austen/prideprejudice.txt --eval-data /tmp/austen/persuasion.txt --eval-windows 4 \
+               --seq-len 512 --batch-size $((16 / g)) --steps 60 --lr 1e-3 --schedule wsd --warmup-steps 10 \
+               --cache-weights --gpus $g --out /tmp/rec/ddp-$g; cp /tmp/rec/ddp-$g/report.json "$out/ddp-$g.json"; done ;;
+  *) echo "unknown step $1 (kernels, quantize, recovery3, finetune, memory, generate, ddp)"; exit 2 ;;
 esac
