@@ -25,6 +25,7 @@ case "$1" in
   memory)    python -m eval.bench_memory --out "$out/bench_memory" ;;                            # issue 6
   generate)  python -m eval.bench_generate --out "$out/bench_generate" ;;                        # issue 5
   ddp)       # issue 4 on nvidia-h200-x2: the same global batch on 1 and on 2 GPUs
+             [ -d /tmp/rec/k2 ] || python -m quantune quantize /tmp/smollm2.gguf --bits 2 --out /tmp/rec/k2 --no-eval
              for g in 1 2; do python -m quantune finetune /tmp/rec/k2 --data /tmp/austen/emma.txt \
                --data /tmp/austen/prideprejudice.txt --eval-data /tmp/austen/persuasion.txt --eval-windows 4 \
                --seq-len 512 --batch-size $((16 / g)) --steps 60 --lr 1e-3 --schedule wsd --warmup-steps 10 \
