@@ -92,6 +92,17 @@ def kashin_decode(codes: torch.Tensor, coeffs: torch.Tensor, ku: int, kv: int,
     return u + inverse_transform(v, transform, seed) if kv else u
 
 
+def _sign_gram(s: torch.Tensor) -> torch.Tensor:
+    """``<s_i, s_j>`` ``(B, k, k)`` of +-1 vectors ``s`` ``(B, g, k)``: ``g`` on the diagonal, the
+    rest from elementwise products (exact integers; a batched GEMM with 3 x 3 outputs is slow)."""
+    b, g, k = s.shape
+    gram = torch.full((b, k, k), float(g), dtype=torch.float64, device=s.device)
+    for i in range(k):
+        for j in range(i + 1, k):
+            gram[:, i, j] = gram[:, j, i] = (s[..., i] * s[..., j]).sum(-1).double()
+    return gram
+
+
 def _refit(x: torch.Tensor, xt: torch.Tensor, su: torch.Tensor, sv: torch.Tensor,
            transform: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares coefficients ``(B, ku+kv)`` for fixed signs, and the squared norm each
@@ -109,9 +120,9 @@ def _refit(x: torch.Tensor, xt: torch.Tensor, su: torch.Tensor, sv: torch.Tensor
     rhs = torch.cat(blocks_r, dim=-1).double()
     gram = torch.zeros(x.shape[0], ku + kv, ku + kv, dtype=torch.float64, device=x.device)
     if ku:
-        gram[:, :ku, :ku] = torch.einsum("bgi,bgj->bij", su, su).double()
+        gram[:, :ku, :ku] = _sign_gram(su)
     if kv:
-        gram[:, ku:, ku:] = torch.einsum("bgi,bgj->bij", sv, sv).double()
+        gram[:, ku:, ku:] = _sign_gram(sv)
     if ku and kv:  # <s, Q sigma> = <Q^T s, sigma>: transform whichever side has fewer vectors
         if kv <= ku:
             sv_q = inverse_transform(sv.transpose(1, 2), transform, seed)  # (B, kv, g) = Q sigma
