@@ -63,7 +63,9 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
 
 # (kernel, rows per program, warps) tried per case: "planes" = bit-plane dot products,
 # "levels" = per-row level tables (kashin) or the affine grid (rtn)
-CONFIGS = [("planes", 4, 1), ("levels", 2, 1), ("levels", 4, 1), ("levels", 4, 2), ("levels", 8, 2)]
+# "words" = level tables with the codes read as 32-bit words
+CONFIGS = [("planes", 4, 1), ("levels", 2, 1), ("levels", 4, 1), ("levels", 4, 2),
+           ("words", 2, 1), ("words", 4, 1), ("words", 4, 2), ("words", 8, 4)]
 
 
 def main() -> None:
@@ -79,7 +81,8 @@ def main() -> None:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    from quantune.kernels import bitplane_matmul, level_tables, levels_matmul, transformed_input
+    from quantune.kernels import (bitplane_matmul, level_tables, levels_matmul, levels_words_matmul,
+                                  transformed_input)
 
     configs = ([(c.split(":")[0], *map(int, c.split(":")[1].split("x"))) for c in args.configs.split(",")]
                if args.configs else CONFIGS)
@@ -114,8 +117,9 @@ def main() -> None:
                 if kind == "planes":
                     return lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw, xq=xq_arg,
                                                    block_k=args.block_k)
-                return lambda: levels_matmul(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
-                                             xq=xq_arg, block_k=args.block_k)
+                run = levels_words_matmul if kind == "words" else levels_matmul
+                return lambda: run(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw, xq=xq_arg,
+                                   block_k=args.block_k)
 
             timings = {}
             for kind, bm, nw in configs:  # the kernel alone, input transform precomputed

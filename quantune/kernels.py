@@ -175,6 +175,43 @@ if triton is not None:
         tl.store(y_ptr + tok * M + rows, tl.sum(acc, axis=1), mask=rmask)
 
 
+    @triton.jit
+    def _levels_words_kernel(words_ptr, x_ptr, xq_ptr, lu_ptr, lv_ptr, y_ptr,
+                             M, stride_words, groups, group, K: tl.constexpr,
+                             BITS: tl.constexpr, KU: tl.constexpr, AFFINE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+        """The level-table kernel reading the codes as 32-bit words (32 / BITS codes per load
+        instead of one byte per code); the tile is (rows, words, codes in a word), so no reshape."""
+        PER: tl.constexpr = 32 // BITS
+        pid_m = tl.program_id(0)
+        tok = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        sub = tl.arange(0, PER)
+        acc = tl.zeros([BLOCK_M, BLOCK_W, PER], dtype=tl.float32)
+        for w0 in range(0, K // PER, BLOCK_W):
+            widx = w0 + tl.arange(0, BLOCK_W)
+            word = tl.load(words_ptr + rows[:, None] * stride_words + widx[None, :], mask=rmask[:, None], other=0)
+            code = (word[:, :, None] >> (sub[None, None, :] * BITS)) & ((1 << BITS) - 1)
+            cols = widx[:, None] * PER + sub[None, :]
+            x = tl.load(x_ptr + tok * K + cols).to(tl.float32)
+            coef = rows * groups + (w0 * PER) // group
+            if AFFINE:
+                u = tl.load(lu_ptr + coef, mask=rmask, other=0.0)[:, None, None] + \
+                    tl.load(lv_ptr + coef, mask=rmask, other=0.0)[:, None, None] * code.to(tl.float32)
+                acc += u * x[None, :, :]
+            else:
+                u = tl.load(lu_ptr + coef[:, None, None] * (1 << KU) + (code & ((1 << KU) - 1)),
+                            mask=rmask[:, None, None], other=0.0)
+                acc += u * x[None, :, :]
+                if KU < BITS:
+                    xq = tl.load(xq_ptr + tok * K + cols).to(tl.float32)
+                    v = tl.load(lv_ptr + coef[:, None, None] * (1 << (BITS - KU)) + (code >> KU),
+                                mask=rmask[:, None, None], other=0.0)
+                    acc += v * xq[None, :, :]
+        tl.store(y_ptr + tok * M + rows, tl.sum(tl.sum(acc, axis=2), axis=1), mask=rmask)
+
+
 def available() -> bool:
     return triton is not None
 
@@ -237,3 +274,34 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     if form.transform is not None and bits <= 2:
         return bitplane_matmul(x, packed, form, bits, block_m=4, num_warps=1)
     return levels_matmul(x, packed, form, bits, tables=tables, block_m=2, num_warps=1)
+
+
+def levels_words_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
+                        tables: tuple | None = None, block_m: int = 2, block_k: int | None = None,
+                        num_warps: int = 1, xq: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`levels_matmul` with the codes read as 32-bit words (2, 4 or 8 bits; rows a whole
+    number of words). Not yet measured on a GPU: the benchmark tries it, the dispatch does not."""
+    if triton is None:
+        raise RuntimeError("the fused kernel needs triton")
+    if bits not in (2, 4, 8) or packed.shape[1] % 4:
+        raise ValueError(f"32-bit words need 2, 4 or 8-bit codes and rows of whole words ({bits} bits, "
+                         f"{packed.shape[1]} bytes per row)")
+    block_k = block_k or block_k_for(form.group)
+    per = 32 // bits
+    if block_k is None or form.group % block_k or block_k % per:
+        raise ValueError(f"group {form.group} has no tile of whole words")
+    t, k = x.shape
+    if t > MAX_TOKENS:
+        raise ValueError(f"the fused kernel serves at most {MAX_TOKENS} tokens, got {t}")
+    m = packed.shape[0]
+    words = packed.contiguous().view(torch.int32)
+    lu, lv, affine = tables if tables is not None else level_tables(form, bits)
+    x32 = x.float().contiguous()
+    if xq is None:
+        xq = transformed_input(x32, form).float().contiguous() if form.ku < bits else x32
+    y = torch.empty(t, m, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, block_m), t)
+    _levels_words_kernel[grid](words, x32, xq, lu, lv, y, m, words.stride(0), form.bx.shape[1], form.group, K=k,
+                               BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_W=block_k // per,
+                               num_warps=num_warps)
+    return y

@@ -94,3 +94,18 @@ def test_the_dispatched_kernel_matches_the_module(cfg):
     x = torch.randn(3, q.in_features, generator=torch.Generator().manual_seed(4))
     got = fused_matmul(x, q.codes, q.bitplane_form(), cfg.bits, q.level_tables())
     torch.testing.assert_close(got, x @ q.dequantize().T, rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(bits=4, group_size=64),
+                                 QuantConfig(method="rtn", bits=4, group_size=64),
+                                 QuantConfig(method="rtn", bits=2, symmetric=False)],
+                         ids=["kashin4", "kashin2", "kashin4-g64", "rtn4-g64", "rtn2-asym"])
+def test_word_reading_kernel_matches_the_reference(cfg):
+    pytest.importorskip("triton")
+    from quantune.kernels import levels_words_matmul
+
+    q = _layer(cfg, out=37)
+    x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(5))
+    got = levels_words_matmul(x, q.codes, _form(q), cfg.bits, block_m=4)
+    torch.testing.assert_close(got, x @ q.dequantize().T, rtol=1e-4, atol=1e-5)
