@@ -185,11 +185,7 @@ def _quantize_shapes(model: nn.Module, spec: MemorySpec, bits: int) -> list[str]
 
     qcfg = QuantConfig(method=spec.method, bits=bits, group_size=spec.group_size)
     names, _ = plan_modules(model, qcfg)
-    device = next(model.parameters()).device
-    replace_with_empty_quant_linears(model, qcfg, names)
-    if device.type != "meta":
-        for name in names:  # the constructor allocates on the linear's device: nothing else to do
-            model.get_submodule(name).to(device)
+    replace_with_empty_quant_linears(model, qcfg, names)  # on each linear's device (meta: no storage)
     return names
 
 
@@ -234,12 +230,12 @@ def _static(config, spec: MemorySpec) -> _Static:
         largest = max(q.in_features * q.out_features for q in linears)
         trainable = _lora_params([q for q, n in zip(linears, _names(m, linears)) if _targeted(n, spec)], spec)
     else:
-        linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and _in_blocks(n)]
-        linear_params = sum(m.weight.numel() for m in linears)
-        largest = max((m.weight.numel() for m in linears), default=0)
+        named = _block_linears(model)
+        linear_params = sum(m.weight.numel() for _, m in named)
+        largest = max((m.weight.numel() for _, m in named), default=0)
         frozen = _bytes(model.parameters()) + _bytes(b for b in model.buffers())
         trainable = parameters if spec.mode == "full" else _lora_params(
-            [m for m, n in zip(linears, _names(model, linears)) if _targeted(n, spec)], spec)
+            [m for n, m in named if _targeted(n, spec)], spec)
     return _Static(parameters, linear_params, largest, frozen, trainable, layer_params)
 
 
@@ -255,8 +251,11 @@ def _is_quant_buffer(model: nn.Module, name: str) -> bool:
     return isinstance(model.get_submodule(owner), QuantLinear) if "." in name else False
 
 
-def _in_blocks(name: str) -> bool:
-    return ".layers." in name or ".h." in name or ".blocks." in name or ".decoder.layers." in name
+def _block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the Linear layers inside the decoder layers (LoRA's default targets)."""
+    layers = _decoder_layers(model)
+    inside = {id(m) for layer in (layers or []) for m in layer.modules()}
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside]
 
 
 def _targeted(module_name: str, spec: MemorySpec) -> bool:
@@ -367,8 +366,7 @@ def _attach_trace_lora(model, spec: MemorySpec):
 
         return attach_lora(model, make_lora_config(r=spec.lora_r, alpha=2 * spec.lora_r,
                                                    target_modules=spec.target_modules))
-    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and _in_blocks(n) and _targeted(n, spec)})
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in _block_linears(model) if _targeted(n, spec)})
     if not names:
         raise QuantuneError("the model has no linear layer in its blocks for LoRA")
     return get_peft_model(model, LoraConfig(r=spec.lora_r, lora_alpha=2 * spec.lora_r, target_modules=names))
