@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -336,11 +337,14 @@ def _trace_forward(config, spec: MemorySpec, layers: int, tokens: int) -> tuple[
     decoder = parts[0] if parts else getattr(base, base.base_model_prefix)
     seen: dict[int, int] = {}
 
+    keep = []  # saved tensors stay alive for the whole forward, as in training (so storages are not reused)
+
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in excluded and ptr not in seen:
             seen[ptr] = t.untyped_storage().nbytes()
-        return t
+        keep.append(t)
+        return None  # the graph keeps no reference (returning t would make a cycle the GC cannot see)
 
     model.train()
     ids = torch.zeros(1, tokens, dtype=torch.long)
@@ -351,11 +355,26 @@ def _trace_forward(config, spec: MemorySpec, layers: int, tokens: int) -> tuple[
     _TRACE_AUTOCAST[0] = torch.bfloat16 if spec.precision != "fp32" else None
     try:
         with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _flash_like_sdpa), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None), autocast:
             out = decoder(input_ids=ids, use_cache=False).last_hidden_state
     finally:
         _TRACE_AUTOCAST[0] = None
-    return sum(seen.values()), {"hidden_dtype": str(out.dtype).replace("torch.", "")}
+    dtype = str(out.dtype).replace("torch.", "")
+    keep.clear()
+    del out, model, decoder, parts, base
+    gc.collect()  # the next trace builds another copy: free this one first (module graphs hold cycles)
+    _return_freed_memory()
+    return sum(seen.values()), {"hidden_dtype": dtype}
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc), so consecutive traces do not add up in RSS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _attach_trace_lora(model, spec: MemorySpec):
