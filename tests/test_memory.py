@@ -130,3 +130,24 @@ def test_cli_memory_bad_input(tiny_folders, args, message):
     args = [a.format(folder=tiny_folders["llama"]) for a in args]
     r = _memory(*args)
     assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_the_trace_leaves_no_model_behind(monkeypatch):
+    """Saved tensors are held only during the forward: no reference cycle keeps the traced copy alive."""
+    import gc
+    import weakref
+
+    import quantune.memory as memory
+
+    built = []
+    real = memory._build
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        built.append(weakref.ref(next(model.parameters())))
+        return model
+
+    monkeypatch.setattr(memory, "_build", spy)
+    memory._trace_forward(tiny_config("llama"), MemorySpec(mode="full"), 2, 32)
+    gc.collect()
+    assert built and all(ref() is None for ref in built)
