@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -362,7 +361,7 @@ def _trace_forward(config, spec: MemorySpec, layers: int, tokens: int) -> tuple[
     dtype = str(out.dtype).replace("torch.", "")
     keep.clear()
     del out, model, decoder, parts, base
-    gc.collect()  # the next trace builds another copy: free this one first (module graphs hold cycles)
+    # (the copy is freed by reference counting once these names go)
     _return_freed_memory()
     return sum(seen.values()), {"hidden_dtype": dtype}
 
