@@ -150,7 +150,7 @@ def main() -> None:
                    "kernel_speedup_vs_bf16": t_bf16 / t_kernel, "prefill_vs_bf16": t_bf16_prefill / t_q_prefill}
             print(json.dumps(row), flush=True)
             rows.append(row)
-            del q
+            q = tables = None  # free the layer before the next case
     device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
