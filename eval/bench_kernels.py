@@ -81,8 +81,7 @@ def main() -> None:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    from quantune.kernels import (bitplane_matmul, level_tables, levels_matmul, levels_words_matmul,
-                                  transformed_input)
+    from quantune.kernels import bitplane_matmul, level_tables, levels_matmul, transformed_input
 
     configs = ([(c.split(":")[0], *map(int, c.split(":")[1].split("x"))) for c in args.configs.split(",")]
                if args.configs else CONFIGS)
@@ -117,9 +116,8 @@ def main() -> None:
                 if kind == "planes":
                     return lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw, xq=xq_arg,
                                                    block_k=args.block_k)
-                run = levels_words_matmul if kind == "words" else levels_matmul
-                return lambda: run(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw, xq=xq_arg,
-                                   block_k=args.block_k)
+                return lambda: levels_matmul(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
+                                             xq=xq_arg, block_k=args.block_k, words=kind == "words")
 
             timings = {}
             for kind, bm, nw in configs:  # the kernel alone, input transform precomputed

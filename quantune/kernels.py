@@ -216,54 +216,61 @@ def available() -> bool:
     return triton is not None
 
 
-def bitplane_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
-                    block_m: int = 4, block_k: int | None = None, num_warps: int = 1,
-                    xq: torch.Tensor | None = None) -> torch.Tensor:
-    """``x W^T`` ``(T, out)`` in float32 with the Triton kernel; ``x`` is ``(T, K)``.
-    ``xq``: the transformed input when the caller has it already (benchmarks time it apart)."""
+def _launch_setup(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_k: int | None,
+                  xq: torch.Tensor | None, per_word: int = 1):
+    """Checks and buffers every fused kernel shares: the K tile, float32 inputs, the transformed
+    input (unless given), the output. Returns ``(block_k, x32, xq, y)``."""
     if triton is None:
         raise RuntimeError("the fused kernel needs triton")
     block_k = block_k or block_k_for(form.group)
-    if block_k is None or form.group % block_k:
-        raise ValueError(f"group {form.group} has no power-of-two tile >= 16")
-    t, k = x.shape
-    m = packed.shape[0]
-    x32 = x.float().contiguous()
-    if xq is None:
-        xq = transformed_input(x32, form).float().contiguous()
+    if block_k is None or form.group % block_k or block_k % per_word:
+        raise ValueError(f"group {form.group} has no power-of-two tile >= 16"
+                         + (f" of whole {per_word}-code words" if per_word > 1 else ""))
+    t = x.shape[0]
     if t > MAX_TOKENS:
         raise ValueError(f"the fused kernel serves at most {MAX_TOKENS} tokens, got {t}")
-    y = torch.empty(t, m, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, block_m), t)
-    _bitplane_kernel[grid](packed, x32, xq, form.a.contiguous(), form.bx.contiguous(), form.bq.contiguous(), y,
-                           m, packed.stride(0), form.bx.shape[1], form.group, K=k,
-                           BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
+    x32 = x.float().contiguous()
+    if xq is None:
+        xq = transformed_input(x32, form).float().contiguous() if form.ku < bits else x32
+    return block_k, x32, xq, torch.empty(t, packed.shape[0], device=x.device, dtype=torch.float32)
+
+
+def bitplane_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
+                    block_m: int = 4, block_k: int | None = None, num_warps: int = 1,
+                    xq: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T`` ``(T, out)`` in float32 with the bit-plane kernel; ``x`` is ``(T, K)``.
+    ``xq``: the transformed input when the caller has it already (benchmarks time it apart)."""
+    block_k, x32, xq, y = _launch_setup(x, packed, form, bits, block_k, xq)
+    (t, k), m = x.shape, packed.shape[0]
+    _bitplane_kernel[(triton.cdiv(m, block_m), t)](
+        packed, x32, xq, form.a.contiguous(), form.bx.contiguous(), form.bq.contiguous(), y,
+        m, packed.stride(0), form.bx.shape[1], form.group, K=k,
+        BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
     return y
 
 
 def levels_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
                   tables: tuple | None = None, block_m: int = 4, block_k: int | None = None, num_warps: int = 1,
-                  xq: torch.Tensor | None = None) -> torch.Tensor:
+                  xq: torch.Tensor | None = None, words: bool = False) -> torch.Tensor:
     """``x W^T`` ``(T, out)`` in float32 with the level-table kernel (see :func:`level_tables`;
-    pass ``tables`` to reuse them across calls)."""
-    if triton is None:
-        raise RuntimeError("the fused kernel needs triton")
-    block_k = block_k or block_k_for(form.group)
-    if block_k is None or form.group % block_k:
-        raise ValueError(f"group {form.group} has no power-of-two tile >= 16")
-    t, k = x.shape
-    if t > MAX_TOKENS:
-        raise ValueError(f"the fused kernel serves at most {MAX_TOKENS} tokens, got {t}")
-    m = packed.shape[0]
+    pass ``tables`` to reuse them across calls). ``words``: read the codes as 32-bit words
+    (2, 4 or 8 bits, rows of whole words; not yet measured on a GPU, so the dispatch does not use it)."""
+    per = 32 // bits if words else 1
+    if words and (bits not in (2, 4, 8) or packed.shape[1] % 4):
+        raise ValueError(f"32-bit words need 2, 4 or 8-bit codes and rows of whole words ({bits} bits, "
+                         f"{packed.shape[1]} bytes per row)")
+    block_k, x32, xq, y = _launch_setup(x, packed, form, bits, block_k, xq, per)
+    (t, k), m = x.shape, packed.shape[0]
     lu, lv, affine = tables if tables is not None else level_tables(form, bits)
-    x32 = x.float().contiguous()
-    if xq is None:
-        xq = transformed_input(x32, form).float().contiguous() if form.ku < bits else x32
-    y = torch.empty(t, m, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, block_m), t)
-    _levels_kernel[grid](packed, x32, xq, lu, lv, y, m, packed.stride(0), form.bx.shape[1], form.group, K=k,
-                         BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_K=block_k,
-                         num_warps=num_warps)
+    common = dict(K=k, BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, num_warps=num_warps)
+    if words:
+        w = packed.contiguous().view(torch.int32)
+        _levels_words_kernel[grid](w, x32, xq, lu, lv, y, m, w.stride(0), form.bx.shape[1], form.group,
+                                   BLOCK_W=block_k // per, **common)
+    else:
+        _levels_kernel[grid](packed, x32, xq, lu, lv, y, m, packed.stride(0), form.bx.shape[1], form.group,
+                             BLOCK_K=block_k, **common)
     return y
 
 
@@ -274,34 +281,3 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     if form.transform is not None and bits <= 2:
         return bitplane_matmul(x, packed, form, bits, block_m=4, num_warps=1)
     return levels_matmul(x, packed, form, bits, tables=tables, block_m=2, num_warps=1)
-
-
-def levels_words_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
-                        tables: tuple | None = None, block_m: int = 2, block_k: int | None = None,
-                        num_warps: int = 1, xq: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`levels_matmul` with the codes read as 32-bit words (2, 4 or 8 bits; rows a whole
-    number of words). Not yet measured on a GPU: the benchmark tries it, the dispatch does not."""
-    if triton is None:
-        raise RuntimeError("the fused kernel needs triton")
-    if bits not in (2, 4, 8) or packed.shape[1] % 4:
-        raise ValueError(f"32-bit words need 2, 4 or 8-bit codes and rows of whole words ({bits} bits, "
-                         f"{packed.shape[1]} bytes per row)")
-    block_k = block_k or block_k_for(form.group)
-    per = 32 // bits
-    if block_k is None or form.group % block_k or block_k % per:
-        raise ValueError(f"group {form.group} has no tile of whole words")
-    t, k = x.shape
-    if t > MAX_TOKENS:
-        raise ValueError(f"the fused kernel serves at most {MAX_TOKENS} tokens, got {t}")
-    m = packed.shape[0]
-    words = packed.contiguous().view(torch.int32)
-    lu, lv, affine = tables if tables is not None else level_tables(form, bits)
-    x32 = x.float().contiguous()
-    if xq is None:
-        xq = transformed_input(x32, form).float().contiguous() if form.ku < bits else x32
-    y = torch.empty(t, m, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, block_m), t)
-    _levels_words_kernel[grid](words, x32, xq, lu, lv, y, m, words.stride(0), form.bx.shape[1], form.group, K=k,
-                               BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_W=block_k // per,
-                               num_warps=num_warps)
-    return y

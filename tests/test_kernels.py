@@ -103,9 +103,9 @@ def test_the_dispatched_kernel_matches_the_module(cfg):
                          ids=["kashin4", "kashin2", "kashin4-g64", "rtn4-g64", "rtn2-asym"])
 def test_word_reading_kernel_matches_the_reference(cfg):
     pytest.importorskip("triton")
-    from quantune.kernels import levels_words_matmul
+    from quantune.kernels import levels_matmul
 
     q = _layer(cfg, out=37)
     x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(5))
-    got = levels_words_matmul(x, q.codes, _form(q), cfg.bits, block_m=4)
+    got = levels_matmul(x, q.codes, _form(q), cfg.bits, block_m=4, words=True)
     torch.testing.assert_close(got, x @ q.dequantize().T, rtol=1e-4, atol=1e-5)
