@@ -118,39 +118,21 @@ class Estimate:
 
 
 def load_config(spec: str):
-    """The transformers config of a model argument (built-in name, folder, .gguf, hub id),
-    without loading weights. A quantune-quantized folder returns its config as saved."""
+    """The transformers config of a model argument (built-in name, folder, .gguf, hub id, or a
+    config .json file), without loading weights. A quantized folder returns its config as saved."""
     from transformers import AutoConfig
 
-    from quantune.models import BUILTIN_MODELS, builtin_gguf_path, cache_dir
+    from quantune.models import resolve_model
 
+    path = Path(spec).expanduser()
     try:
-        if spec in BUILTIN_MODELS:
-            folder = cache_dir() / spec
-            if (folder / "config.json").is_file():
-                return AutoConfig.from_pretrained(folder)
-            gguf = builtin_gguf_path(spec)
-            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        path = Path(spec).expanduser()
-        if spec.endswith(".gguf"):
-            if not path.is_file():
-                raise QuantuneError(f"GGUF file not found: {spec}")
-            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise QuantuneError(f"folder {spec} has no config.json: not a Hugging Face model folder")
-            return AutoConfig.from_pretrained(path)
-        if path.is_file() and path.name.endswith(".json"):
-            return AutoConfig.from_pretrained(path.parent) if path.name == "config.json" else \
-                AutoConfig.for_model(**json.loads(path.read_text()))
-        if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-            return AutoConfig.from_pretrained(spec)
-    except QuantuneError:
-        raise
+        if path.is_file() and path.suffix == ".json":
+            return AutoConfig.for_model(**json.loads(path.read_text()))
+        source, kwargs = resolve_model(spec, convert_builtin=False)
+        return AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QuantuneError(f"could not read the config of {spec}: {first}") from exc
-    raise QuantuneError(f"model not found: {spec} (a built-in name, a folder with config.json, a .gguf file or a hub id)")
 
 
 def _config_with_layers(config, layers: int, vocab: int | None = None):

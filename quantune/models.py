@@ -173,9 +173,13 @@ def is_quantized_folder(path: Path) -> bool:
     return qc.get("quant_method") == QUANT_METHOD
 
 
-def resolve_model(spec: str) -> tuple[str, dict]:
-    """``(source, from_pretrained kwargs)`` for a model argument, or a QuantuneError."""
+def resolve_model(spec: str, convert_builtin: bool = True) -> tuple[str, dict]:
+    """``(source, from_pretrained kwargs)`` for a model argument, or a QuantuneError.
+    ``convert_builtin=False``: a built-in not converted yet resolves to its GGUF (enough for a config)."""
     if spec in BUILTIN_MODELS:
+        if not convert_builtin and not (cache_dir() / spec / "config.json").is_file():
+            gguf = builtin_gguf_path(spec)
+            return str(gguf.parent), {"gguf_file": gguf.name}
         return str(_convert_builtin(spec, torch.float32)), {}
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
