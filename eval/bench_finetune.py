@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quantune.report import markdown_table
+from quantune.report import markdown_table, write_results
 
 SHAPE = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
@@ -231,7 +231,6 @@ def main() -> None:
     meta = {"device": device, "shape": SHAPE, "batch": args.batch, "seq": args.seq, "warmup_steps": args.warmup,
             "timed_steps": args.steps, "lora": "r=16 alpha=32 dropout=0 all linear layers of the blocks",
             "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     table = markdown_table(
         ["case", "grad ckpt", "tokens/s", "x QLoRA", "peak GiB", "memory x QLoRA", "s/step", "quantize s"],
         [[r["case"], r["grad_checkpointing"], r.get("tokens_per_second", r.get("error")), r["speed_vs_qlora"],
@@ -241,8 +240,7 @@ def main() -> None:
           f"batch {args.batch} x {args.seq}; LoRA r=16 on all linear layers of the blocks; bf16 autocast; "
           f"{args.warmup} warm-up + {args.steps} timed steps per case; tokens/s counts predicted tokens "
           f"(batch x (seq - 1)). Cases are described in eval/bench_finetune.py.\n\n{table}\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(out, meta, md)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from quantune.report import markdown_table
+from quantune.report import markdown_table, write_results
 
 LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
@@ -106,9 +106,6 @@ def main() -> None:
         r["speedup_vs_bf16"] = r["decode_tokens_per_s"] / base if base else None
     dev = (torch.cuda.get_device_name() if device == "cuda" else "CPU") + f", torch {torch.__version__}"
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"device": dev, "shape": shape, "prompt": args.prompt,
-                                                    "new_tokens": args.new_tokens, "rows": rows}, indent=2))
     table = markdown_table(["contender", "decode tokens/s", "x bf16", "prefill s", "peak GiB", "quantize s"],
                            [[r["contender"], r["decode_tokens_per_s"], r["speedup_vs_bf16"], r["prefill_s"],
                              r["peak_gpu_gib"] if r["peak_gpu_gib"] is not None else "-", r["quantize_s"] or "-"]
@@ -116,8 +113,8 @@ def main() -> None:
     md = (f"# Greedy generation at batch 1\n\nDevice: {dev}. Model: Llama-3-8B shape, random bf16 weights "
           f"({'smoke: 2 layers, 256 wide' if args.smoke else '32 layers'}); prompt {args.prompt} tokens, "
           f"{args.new_tokens} new tokens, transformers generate with KV cache, no CUDA graphs.\n\n{table}\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(out, {"device": dev, "shape": shape, "prompt": args.prompt,
+                                                    "new_tokens": args.new_tokens, "rows": rows}, md)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from quantune.report import markdown_table
+from quantune.report import markdown_table, write_results
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 
@@ -151,9 +151,6 @@ def main() -> None:
             q = tables = None  # free the layer before the next case
     device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s"
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"device": device, "copy_bandwidth_Bps": bw, "rows": rows},
-                                                   indent=2))
     us = 1e6
     table = markdown_table(
         ["in x out", "method", "kernel", "rel. err", "decode us", "kernel us", "transform us", "floor us", "bf16 us",
@@ -167,8 +164,7 @@ def main() -> None:
           f"kernel (best of {len(configs)} kernel/tile configs; kernel column: the kernel alone); prefill: "
           f"{args.prefill_tokens} tokens (eager timing), quantune decodes the weight to bf16 + one GEMM. Floor: index + "
           f"coefficient bytes / copy bandwidth. rel. err: kernel vs the float32 reference x W_hat^T.\n\n{table}\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(out, {"device": device, "copy_bandwidth_Bps": bw, "rows": rows}, md)
 
 
 if __name__ == "__main__":

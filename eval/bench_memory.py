@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from quantune.report import markdown_table
+from quantune.report import markdown_table, write_results
 
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
@@ -143,7 +143,6 @@ def main() -> None:
     import transformers
 
     meta = {"device": device, "transformers": transformers.__version__, "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     gib = 2 ** 30
     within = [r for r in rows if r["error_fraction"] is not None]
     worst = max((abs(r["error_fraction"]) for r in within), default=float("nan"))
@@ -157,8 +156,7 @@ def main() -> None:
           f"layer of the blocks; qlora: kashin 4-bit base decoded on use. Measured: "
           f"torch.cuda.max_memory_allocated over optimizer steps 2-3. Worst error: {100 * worst:.1f}% "
           f"({sum(abs(r['error_fraction']) <= 0.10 for r in within)}/{len(within)} within 10%).\n\n{table}\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(out, meta, md)
 
 
 if __name__ == "__main__":

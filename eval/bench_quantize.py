@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from quantune.report import markdown_table
+from quantune.report import markdown_table, write_results
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
@@ -139,16 +139,13 @@ def main() -> None:
                "mean_rel_error": (sum(s["rel_error"] ** 2 * s["shape"][0] * s["shape"][1]
                                       for s in result.layers.values()) / params) ** 0.5}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     table = markdown_table(["layer type", "shape", "layers", "quantize s (sum)"],
                            [[k, "x".join(map(str, v["shape"])), v["layers"], v["seconds"]] for k, v in by_type.items()])
     md = (f"# Quantization speed: Llama-2-7B shape ({args.layers} layers), {args.method} {args.bits}-bit, streamed\n\n"
           f"Device: {summary['device']}. Wall time {wall:.1f} s for {params / 1e9:.2f} B quantized weights "
           f"(read {read_bytes / 2**30:.1f} GiB, wrote {written / 2**30:.1f} GiB); peak device memory "
           f"{(peak or 0) / 2**30:.2f} GiB.\n\n{table}\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(out, summary, md)
 
 
 if __name__ == "__main__":

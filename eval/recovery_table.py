@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from quantune.report import markdown_table
+from quantune.report import markdown_table, write_results
 
 
 def main() -> None:
@@ -31,7 +31,6 @@ def main() -> None:
             "device": r["device"], "eval": r["eval"],
         })
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"fp_ppl": args.fp_ppl, "rows": rows}, indent=2))
     table = markdown_table(
         ["run", "objective", "init", "steps", "ppl before", "ppl after", "gap closed (ppl)", "gap closed (log ppl)",
          "train s", "tokens/s"],
@@ -39,8 +38,7 @@ def main() -> None:
           r["gap_closed_log_ppl"], r["train_seconds"], r["tokens_per_second"]] for r in rows])
     md = (f"# LoRA recovery\n\nEvaluation: {rows[0]['eval'] if rows else '-'}; full-precision perplexity "
           f"{args.fp_ppl}.\n\nDevice: {rows[0]['device'] if rows else '-'}\n\n{table}\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(out, {"fp_ppl": args.fp_ppl, "rows": rows}, md)
 
 
 if __name__ == "__main__":

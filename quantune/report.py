@@ -84,3 +84,18 @@ def eval_markdown(report: dict) -> str:
                               eval_rows(report["results"])))
     out += ["", f"Wall time: {report['seconds']:.1f} s", ""]
     return "\n".join(out)
+
+
+def write_results(out, data: dict, md: str) -> None:
+    """A benchmark's results: ``<out>.json`` (the data) and ``<out>.md`` (the table), each
+    written atomically, and the table printed."""
+    import json
+    from pathlib import Path
+
+    from quantune.serialization import write_text_atomic
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out.with_suffix(".json"), json.dumps(data, indent=2))
+    write_text_atomic(out.with_suffix(".md"), md)
+    print(md)
