@@ -282,12 +282,10 @@ class _FlashLike(torch.autograd.Function):
 
 def _flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                      enable_gqa=False):
-    if _TRACE_AUTOCAST[0] is not None:  # CUDA autocast runs attention in 16 bits: the kernel sees (and keeps) casts
-        query, key, value = (t.to(_TRACE_AUTOCAST[0]) for t in (query, key, value))
+    if torch.is_autocast_enabled(query.device.type):  # CUDA autocast runs attention in 16 bits: the
+        dtype = torch.get_autocast_dtype(query.device.type)  # kernel sees (and keeps) the casts
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     return _FlashLike.apply(query, key, value)
-
-
-_TRACE_AUTOCAST: list = [None]
 
 
 def _trace_forward(config, spec: MemorySpec, layers: int, tokens: int) -> tuple[int, dict]:
@@ -333,13 +331,9 @@ def _trace_forward(config, spec: MemorySpec, layers: int, tokens: int) -> tuple[
                 else contextlib.nullcontext())  # fp16 and bf16 have the same sizes
     from unittest import mock
 
-    _TRACE_AUTOCAST[0] = torch.bfloat16 if spec.precision != "fp32" else None
-    try:
-        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _flash_like_sdpa), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None), autocast:
-            out = decoder(input_ids=ids, use_cache=False).last_hidden_state
-    finally:
-        _TRACE_AUTOCAST[0] = None
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _flash_like_sdpa), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None), autocast:
+        out = decoder(input_ids=ids, use_cache=False).last_hidden_state
     dtype = str(out.dtype).replace("torch.", "")
     keep.clear()
     del out, model, decoder, parts, base
