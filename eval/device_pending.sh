@@ -24,11 +24,19 @@ case "$1" in
   finetune)  python -m eval.bench_finetune --out "$out/bench_finetune" ;;                        # issue 4
   memory)    python -m eval.bench_memory --out "$out/bench_memory" ;;                            # issue 6
   generate)  python -m eval.bench_generate --out "$out/bench_generate" ;;                        # issue 5
-  ddp)       # issue 4 on nvidia-h200-x2: the same global batch on 1 and on 2 GPUs
+  ddp)       # issue 4 on nvidia-h200-x2: the same global batch on 1 and on 2 GPUs, the seed noise, and 2 GPUs at
+             # the one-GPU per-GPU batch (throughput scaling); then the comparison table and plot
              [ -d /tmp/rec/k2 ] || python -m quantune quantize /tmp/smollm2.gguf --bits 2 --out /tmp/rec/k2 --no-eval
-             for g in 1 2; do python -m quantune finetune /tmp/rec/k2 --data /tmp/austen/emma.txt \
-               --data /tmp/austen/prideprejudice.txt --eval-data /tmp/austen/persuasion.txt --eval-windows 4 \
-               --seq-len 512 --batch-size $((16 / g)) --steps 60 --lr 1e-3 --schedule wsd --warmup-steps 10 \
-               --cache-weights --gpus $g --out /tmp/rec/ddp-$g; cp /tmp/rec/ddp-$g/report.json "$out/ddp-$g.json"; done ;;
+             mkdir -p "$out/logs"
+             ft() { python -m quantune finetune /tmp/rec/k2 --data /tmp/austen/emma.txt \
+               --data /tmp/austen/prideprejudice.txt --eval-data /tmp/austen/persuasion.txt --eval-windows 8 \
+               --seq-len 512 --steps 100 --lr 1e-3 --schedule wsd --warmup-steps 10 --cache-weights "$@"; }
+             ft --gpus 1 --batch-size 16 --out /tmp/rec/ddp-g1 > "$out/logs/ddp-g1.log" 2>&1
+             ft --gpus 1 --batch-size 16 --seed 1 --out /tmp/rec/ddp-g1-seed1 > "$out/logs/ddp-g1-seed1.log" 2>&1
+             ft --gpus 2 --batch-size 8 --out /tmp/rec/ddp-g2 > "$out/logs/ddp-g2.log" 2>&1
+             ft --gpus 2 --batch-size 16 --lr-scaling sqrt --base-batch-size 16 --out /tmp/rec/ddp-g2-b32 \
+               > "$out/logs/ddp-g2-b32.log" 2>&1
+             python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
+               "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
   *) echo "unknown step $1 (kernels, quantize, recovery3, finetune, memory, generate, ddp)"; exit 2 ;;
 esac
