@@ -64,6 +64,51 @@ def generate_speed(model, prompt: torch.Tensor, new_tokens: int, device: str) ->
             "first_tokens": out[0, prompt.shape[1]:prompt.shape[1] + 8].tolist()}
 
 
+@torch.no_grad()
+def graph_decode_speed(model, prompt: torch.Tensor, new_tokens: int, device: str) -> dict:
+    """Decode with a static KV cache and one decode step captured as a CUDA graph (replayed per
+    token: no Python or launch overhead, what a serving engine does); greedy, same tokens as eager."""
+    from transformers import StaticCache
+
+    p = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=p + new_tokens + 4)
+    logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(p, device=device)).logits
+    tok = logits[:, -1:].argmax(-1)
+    pos = torch.tensor([p], device=device)
+    step = lambda: model(input_ids=tok, past_key_values=cache, cache_position=pos).logits  # noqa: E731
+    if device == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        run = graph.replay
+    else:  # --smoke: the same loop without capture
+        out = None
+        run = None
+    tokens = [int(tok)]
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        if run is not None:
+            run()
+            logits = out
+        else:
+            logits = step()
+        nxt = logits[:, -1:].argmax(-1)
+        tok.copy_(nxt)
+        pos += 1
+        tokens.append(nxt)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return {"graph_decode_tokens_per_s": (new_tokens - 1) / seconds,
+            "graph_first_tokens": [int(t) for t in tokens[:8]]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contenders", default="bf16,kashin-4,kashin-2")
@@ -98,21 +143,32 @@ def main() -> None:
             _sync(device)
             quantize_s = time.perf_counter() - t0
         row = {"contender": name, "quantize_s": quantize_s, **generate_speed(model, prompt, args.new_tokens, device)}
+        try:
+            row.update(graph_decode_speed(model, prompt, args.new_tokens, device))
+        except Exception as exc:  # a model that does not capture: report it, keep the eager figure
+            row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
         print(json.dumps(row), flush=True)
         rows.append(row)
         del model
     base = next((r["decode_tokens_per_s"] for r in rows if r["contender"] == "bf16"), None)
+    gbase = next((r.get("graph_decode_tokens_per_s") for r in rows if r["contender"] == "bf16"), None)
     for r in rows:
         r["speedup_vs_bf16"] = r["decode_tokens_per_s"] / base if base else None
+        g = r.get("graph_decode_tokens_per_s")
+        r["graph_speedup_vs_bf16"] = g / gbase if g and gbase else None
     dev = (torch.cuda.get_device_name() if device == "cuda" else "CPU") + f", torch {torch.__version__}"
     out = Path(args.out)
-    table = markdown_table(["contender", "decode tokens/s", "x bf16", "prefill s", "peak GiB", "quantize s"],
-                           [[r["contender"], r["decode_tokens_per_s"], r["speedup_vs_bf16"], r["prefill_s"],
-                             r["peak_gpu_gib"] if r["peak_gpu_gib"] is not None else "-", r["quantize_s"] or "-"]
+    table = markdown_table(["contender", "eager tokens/s", "x bf16", "CUDA graph tokens/s", "x bf16 (graph)",
+                            "prefill s", "peak GiB", "quantize s", "first tokens (eager / graph)"],
+                           [[r["contender"], r["decode_tokens_per_s"], r["speedup_vs_bf16"],
+                             r.get("graph_decode_tokens_per_s") or r.get("graph_error", "-"),
+                             r["graph_speedup_vs_bf16"] or "-", r["prefill_s"],
+                             r["peak_gpu_gib"] if r["peak_gpu_gib"] is not None else "-", r["quantize_s"] or "-",
+                             f"{r['first_tokens'][:4]} / {r.get('graph_first_tokens', [])[:4]}"]
                             for r in rows])
     md = (f"# Greedy generation at batch 1\n\nDevice: {dev}. Model: Llama-3-8B shape, random bf16 weights "
           f"({'smoke: 2 layers, 256 wide' if args.smoke else '32 layers'}); prompt {args.prompt} tokens, "
-          f"{args.new_tokens} new tokens, transformers generate with KV cache, no CUDA graphs.\n\n{table}\n")
+          f"{args.new_tokens} new tokens, eager: transformers generate with a dynamic KV cache; CUDA graph: a static KV cache and one decode step captured and replayed per token.\n\n{table}\n")
     write_results(out, {"device": dev, "shape": shape, "prompt": args.prompt,
                                                     "new_tokens": args.new_tokens, "rows": rows}, md)
 

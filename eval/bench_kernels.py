@@ -23,9 +23,26 @@ from quantune.report import markdown_table, write_results
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 
 
+DEV = "cuda"
+
+
+def _wall(fn, reps: int = 3) -> float:
+    """--smoke on the CPU: a plain wall-clock median (checks the script, measures nothing useful)."""
+    import time
+
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def bench(fn, reps: int = 50) -> float:
     """Median seconds per call with the calls captured in a CUDA graph (no launch overhead: what a
     decode loop under CUDA graphs or torch.compile sees); eager timing when capture fails."""
+    if DEV == "cpu":
+        return _wall(fn)
     from triton.testing import do_bench, do_bench_cudagraph
 
     try:
@@ -37,13 +54,15 @@ def bench(fn, reps: int = 50) -> float:
 
 def bench_eager(fn, reps: int = 50) -> float:
     """Median seconds per call launched from Python (includes launch overhead)."""
+    if DEV == "cpu":
+        return _wall(fn)
     from triton.testing import do_bench
 
     return do_bench(fn, rep=reps, return_mode="median") / 1e3
 
 
 def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    a = torch.empty(1 << (30 if DEV == "cuda" else 20), dtype=torch.uint8, device=DEV)
     b = torch.empty_like(a)
     seconds = bench(lambda: b.copy_(a))
     return 2 * a.numel() / seconds  # read + write
@@ -53,7 +72,7 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
     from quantune.config import QuantConfig
     from quantune.qlinear import QuantLinear
 
-    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="cuda")
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=DEV)
     with torch.no_grad():
         lin.weight.copy_(w)
     cfg = QuantConfig(method=method, bits=bits, group_size=64 if method == "rtn" else None)
@@ -61,11 +80,22 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
     return q
 
 
-# (kernel, rows per program, warps) tried per case: "planes" = bit-plane dot products,
-# "levels" = per-row level tables (kashin) or the affine grid (rtn)
-# "words" = level tables with the codes read as 32-bit words
-CONFIGS = [("planes", 4, 1), ("levels", 2, 1), ("levels", 4, 1), ("levels", 4, 2),
-           ("words", 2, 1), ("words", 4, 1), ("words", 4, 2), ("words", 8, 4)]
+# (kernel, rows per program, warps, words per tile) tried per case: "planes" = bit-plane dot products,
+# "levels" = per-row level tables (kashin) or the affine grid (rtn), both reading a byte per code;
+# "gemv" = codes read as 32-bit words, decoded by register arithmetic (quantune.kernels.gemv_matmul)
+CONFIGS = [("planes", 4, 1, 0), ("levels", 2, 1, 0),
+           ("gemv", 4, 2, 32), ("gemv", 8, 4, 64), ("gemv", 16, 4, 32), ("gemv", 16, 8, 64), ("gemv", 4, 4, 128),
+           ("gemv", 2, 1, 64)]
+
+
+def parse_configs(text: str) -> list[tuple]:
+    """``planes:4x1,gemv:8x4x64`` -> [(kind, rows, warps, words)]."""
+    out = []
+    for c in text.split(","):
+        kind, dims = c.split(":")
+        nums = list(map(int, dims.split("x")))
+        out.append((kind, nums[0], nums[1], nums[2] if len(nums) > 2 else 0))
+    return out
 
 
 def main() -> None:
@@ -73,32 +103,42 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in SHAPES))
     p.add_argument("--methods", default="kashin-4,kashin-2,rtn-4,rtn-2")
     p.add_argument("--prefill-tokens", type=int, default=2048)
-    p.add_argument("--configs", default=None, help="configs to try, e.g. planes:4x1,levels:8x2 (kernel:rows x warps)")
+    p.add_argument("--configs", default=None, help="configs to try, e.g. planes:4x1,gemv:8x4x64 "
+                                                   "(kernel:rows x warps [x words per tile])")
     p.add_argument("--block-k", type=int, default=None, help="K tile (default: the largest power of two <= 256 "
                                                               "dividing the group)")
     p.add_argument("--out", default="eval/results/bench_kernels")
+    p.add_argument("--smoke", action="store_true", help="CPU check of the script under TRITON_INTERPRET=1 "
+                                                        "(small shape, no NF4); measures nothing")
     args = p.parse_args()
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
+    global DEV
+    if args.smoke:
+        DEV, args.shapes, args.prefill_tokens = "cpu", "256x96", 24
+    else:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
 
-    from quantune.kernels import bitplane_matmul, level_tables, levels_matmul, transformed_input
+    from quantune.kernels import (bitplane_matmul, decode_bf16, gemv_matmul, gemv_supported, level_tables,
+                                  levels_matmul, prefill_matmul, transformed_input)
 
-    configs = ([(c.split(":")[0], *map(int, c.split(":")[1].split("x"))) for c in args.configs.split(",")]
-               if args.configs else CONFIGS)
+    configs = parse_configs(args.configs) if args.configs else CONFIGS
     bw = copy_bandwidth()
     rows = []
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
         torch.manual_seed(0)
-        w = torch.randn(n, k, device="cuda") * 0.02
+        w = torch.randn(n, k, device=DEV) * 0.02
         w16 = w.to(torch.bfloat16)
-        x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        xp = torch.randn(args.prefill_tokens, k, device="cuda", dtype=torch.bfloat16)
+        x1 = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        xp = torch.randn(args.prefill_tokens, k, device=DEV, dtype=torch.bfloat16)
         t_bf16 = bench(lambda: x1 @ w16.T)
         t_bf16_eager = bench_eager(lambda: x1 @ w16.T)
         t_bf16_prefill = bench(lambda: xp @ w16.T)
-        packed, state = bnbf.quantize_4bit(w16, blocksize=64, compress_statistics=True, quant_type="nf4")
-        t_nf4 = bench(lambda: bnb.matmul_4bit(x1, packed.t(), quant_state=state))
+        if args.smoke:
+            t_nf4 = float("nan")
+        else:
+            packed, state = bnbf.quantize_4bit(w16, blocksize=64, compress_statistics=True, quant_type="nf4")
+            t_nf4 = bench(lambda: bnb.matmul_4bit(x1, packed.t(), quant_state=state))
         base = {"in": k, "out": n, "bf16_decode_s": t_bf16, "bf16_decode_eager_s": t_bf16_eager,
                 "bf16_prefill_s": t_bf16_prefill, "nf4_decode_s": t_nf4, "bf16_floor_s": 2 * n * k / bw,
                 "nf4_floor_s": (n * k / 2 + n * k / 64) / bw}
@@ -112,35 +152,51 @@ def main() -> None:
             xq = transformed_input(x32, form).float().contiguous()
             tables = level_tables(form, bits)
 
-            def kernel_call(kind, bm, nw, xq_arg):
+            def kernel_call(kind, bm, nw, tw, xq_arg):
                 if kind == "planes":
                     return lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw, xq=xq_arg,
                                                    block_k=args.block_k)
+                if kind == "gemv":
+                    return lambda: gemv_matmul(x1, q.codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
+                                               xq=xq_arg, affine=tables[2])
                 return lambda: levels_matmul(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
-                                             xq=xq_arg, block_k=args.block_k, words=kind == "words")
+                                             xq=xq_arg, block_k=args.block_k)
 
-            timings = {}
-            for kind, bm, nw in configs:  # the kernel alone, input transform precomputed
+            timings, errors = {}, {}
+            for kind, bm, nw, tw in configs:  # the kernel alone, input transform precomputed
+                if kind == "gemv" and not gemv_supported(form, bits, q.codes.shape[1]):
+                    continue
                 try:
-                    timings[(kind, bm, nw)] = bench(kernel_call(kind, bm, nw, xq))
+                    call = kernel_call(kind, bm, nw, tw, xq)
+                    got = call()
+                    errors[(kind, bm, nw, tw)] = float((got - ref).norm() / ref.norm())
+                    timings[(kind, bm, nw, tw)] = bench(call)
                 except Exception as exc:  # a config that does not compile here
-                    print(f"config {kind} {bm}x{nw}: {type(exc).__name__}: {exc}"[:200], flush=True)
-            (kind, bm, nw), t_kernel = min(timings.items(), key=lambda kv: kv[1])
-            got = kernel_call(kind, bm, nw, None)()
+                    print(f"config {kind} {bm}x{nw}x{tw}: {type(exc).__name__}: {exc}"[:200], flush=True)
+            (kind, bm, nw, tw), t_kernel = min(timings.items(), key=lambda kv: kv[1])
+            got = kernel_call(kind, bm, nw, tw, None)()
             rel = float((got - ref).norm() / ref.norm())
-            t_full = bench(kernel_call(kind, bm, nw, None))
+            t_full = bench(kernel_call(kind, bm, nw, tw, None))
             t_transform = bench(lambda: transformed_input(x32, form)) if form.transform else 0.0
             with torch.no_grad():
                 t_module = t_module_eager = bench_eager(lambda: q(x1))  # the module as called from Python
-                t_q_prefill = bench_eager(lambda: xp @ q.dequantize().to(torch.bfloat16).T)
-                got_p = q(xp[:64]).float()
+                t_old_prefill = bench_eager(lambda: xp @ q.dequantize().to(torch.bfloat16).T)
+                t_decode = bench(lambda: decode_bf16(q.codes, form, bits, k))
+                t_q_prefill = bench(lambda: prefill_matmul(xp, q.codes, form, bits))
+                got_p = prefill_matmul(xp[:64], q.codes, form, bits).float()
+                got_m = q(xp[:64]).float()  # the module's own dispatch for 64 tokens
             ref_p = xp[:64].float() @ q.dequantize().T
             index_bytes = q.codes.numel()
             meta_bytes = sum(t.numel() * t.element_size() for name, t in q.buffers_dict().items() if name != "codes")
             row = {**base, "method": spec, "rel_err_vs_reference": rel,
                    "prefill_rel_err": float((got_p - ref_p).norm() / ref_p.norm()),
-                   "best_config": {"kernel": kind, "block_m": bm, "num_warps": nw},
-                   "config_seconds": {f"{c}:{a}x{b}": v for (c, a, b), v in timings.items()},
+                   "module_prefill_rel_err": float((got_m - ref_p).norm() / ref_p.norm()),
+                   "bf16_prefill_rel_err": float((xp[:64] @ w16.T).float().sub(xp[:64].float() @ w.T).norm()
+                                                 / (xp[:64].float() @ w.T).norm()),
+                   "best_config": {"kernel": kind, "block_m": bm, "num_warps": nw, "block_w": tw},
+                   "config_seconds": {f"{c}:{a}x{b}x{d}": v for (c, a, b, d), v in timings.items()},
+                   "config_rel_err": {f"{c}:{a}x{b}x{d}": v for (c, a, b, d), v in errors.items()},
+                   "decode_bf16_s": t_decode, "old_prefill_s": t_old_prefill,
                    "kernel_s": t_kernel, "decode_s": t_full, "transform_s": t_transform, "module_s": t_module,
                    "module_eager_s": t_module_eager, "prefill_s": t_q_prefill,
                    "floor_s": (index_bytes + meta_bytes) / bw,
@@ -149,21 +205,27 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
             q = tables = None  # free the layer before the next case
-    device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s"
+    device = f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU (smoke)'}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s"
     out = Path(args.out)
     us = 1e6
     table = markdown_table(
         ["in x out", "method", "kernel", "rel. err", "decode us", "kernel us", "transform us", "floor us", "bf16 us",
-         "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16"],
-        [[f"{r['in']}x{r['out']}", r["method"], r["best_config"]["kernel"], r["rel_err_vs_reference"], r["decode_s"] * us, r["kernel_s"] * us,
+         "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16", "prefill rel. err",
+         "bf16 rel. err", "decode to bf16 us", "old prefill ms"],
+        [[f"{r['in']}x{r['out']}", r["method"], "{kernel}:{block_m}x{num_warps}x{block_w}".format(**r["best_config"]),
+          r["rel_err_vs_reference"], r["decode_s"] * us, r["kernel_s"] * us,
           r["transform_s"] * us, r["floor_s"] * us, r["bf16_decode_s"] * us, r["nf4_decode_s"] * us,
           r["speedup_vs_bf16"], r["speedup_vs_nf4"], r["prefill_s"] * 1e3, r["bf16_prefill_s"] * 1e3,
-          r["prefill_vs_bf16"]] for r in rows])
+          r["prefill_vs_bf16"], r["prefill_rel_err"], r["bf16_prefill_rel_err"], r["decode_bf16_s"] * us,
+          r["old_prefill_s"] * 1e3] for r in rows])
     md = (f"# Low-bit matmul kernels\n\nDevice: {device}. Times are medians with the calls captured in a CUDA "
           f"graph (triton.testing.do_bench_cudagraph). Decode: 1 token, quantune = input transform + fused "
-          f"kernel (best of {len(configs)} kernel/tile configs; kernel column: the kernel alone); prefill: "
-          f"{args.prefill_tokens} tokens (eager timing), quantune decodes the weight to bf16 + one GEMM. Floor: index + "
-          f"coefficient bytes / copy bandwidth. rel. err: kernel vs the float32 reference x W_hat^T.\n\n{table}\n")
+          f"kernel (best of {len(configs)} kernel/tile configs, kernel:rows x warps x words; kernel column: the "
+          f"kernel alone, input transform precomputed); prefill: {args.prefill_tokens} tokens, quantune decodes "
+          f"the factors to bf16 with a Triton kernel, then cuBLAS (rtn: one GEMM; kashin: x U^T + (x Q) V^T, two "
+          f"GEMMs); 'old prefill' is the previous path (float32 torch decode, eager). Floor: index + coefficient "
+          f"bytes / copy bandwidth. rel. err: the kernel vs the float32 reference x W_hat^T; prefill rel. err the "
+          f"same for the bf16 prefill path, next to bf16 cuBLAS's own error against float32 (x W^T).\n\n{table}\n")
     write_results(out, {"device": device, "copy_bandwidth_Bps": bw, "rows": rows}, md)
 
 

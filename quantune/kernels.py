@@ -176,40 +176,131 @@ if triton is not None:
 
 
     @triton.jit
-    def _levels_words_kernel(words_ptr, x_ptr, xq_ptr, lu_ptr, lv_ptr, y_ptr,
-                             M, stride_words, groups, group, K: tl.constexpr,
-                             BITS: tl.constexpr, KU: tl.constexpr, AFFINE: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
-        """The level-table kernel reading the codes as 32-bit words (32 / BITS codes per load
-        instead of one byte per code); the tile is (rows, words, codes in a word), so no reshape."""
+    def _gemv_kernel(w_ptr, x_ptr, xq_ptr, a_ptr, bx_ptr, bq_ptr, y_ptr, M, stride_w, groups,
+                     K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
+                     AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, 16-byte
+        vector loads), decoded with register arithmetic only (no table loads per weight):
+
+        - AFFINE (rtn): the code ``n`` becomes a float through the exponent trick
+          (``(n | 0x4B000000)`` read as float is ``2^23 + n``), one FMA with x per weight, the group's
+          scale and offset once per group: ``y += a0 * sum(n x) + bx * sum(x)``.
+        - otherwise (kashin): per bit plane ``t`` a select of x (or xq) by the bit, folded with the
+          plane's per-(row, group) coefficient: ``y += sum_t a_t <bit_t, x_t> + bx sum(x) + bq sum(xq)``.
+        """
         PER: tl.constexpr = 32 // BITS
+        WPG: tl.constexpr = GROUP // PER  # words per group
         pid_m = tl.program_id(0)
         tok = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
-        sub = tl.arange(0, PER)
-        acc = tl.zeros([BLOCK_M, BLOCK_W, PER], dtype=tl.float32)
-        for w0 in range(0, K // PER, BLOCK_W):
-            widx = w0 + tl.arange(0, BLOCK_W)
-            word = tl.load(words_ptr + rows[:, None] * stride_words + widx[None, :], mask=rmask[:, None], other=0)
-            code = (word[:, :, None] >> (sub[None, None, :] * BITS)) & ((1 << BITS) - 1)
-            cols = widx[:, None] * PER + sub[None, :]
-            x = tl.load(x_ptr + tok * K + cols).to(tl.float32)
-            coef = rows * groups + (w0 * PER) // group
+        wcols = tl.arange(0, BLOCK_W)
+        y = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for g in range(0, K // GROUP):
+            coef = rows * groups + g
+            acc = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+            sx = tl.zeros([BLOCK_W], dtype=tl.float32)
+            sxq = tl.zeros([BLOCK_W], dtype=tl.float32)
+            for w0 in range(0, WPG, BLOCK_W):
+                widx = g * WPG + w0 + wcols
+                word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+                for j in tl.static_range(PER):
+                    cols = widx * PER + j
+                    xj = tl.load(x_ptr + tok * K + cols)
+                    sx += xj
+                    if AFFINE:
+                        field = ((word >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
+                        acc += (field.to(tl.float32, bitcast=True) - 8388608.0) * xj[None, :]
+                    else:
+                        if KU < BITS:
+                            xqj = tl.load(xq_ptr + tok * K + cols)
+                            sxq += xqj
+                        for t in tl.static_range(BITS):
+                            p: tl.constexpr = j * BITS + t
+                            if p == 31:
+                                bit = word < 0
+                            else:
+                                bit = (word & (1 << p)) != 0
+                            a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0)
+                            if t < KU:
+                                acc += tl.where(bit, xj[None, :], 0.0) * a_t[:, None]
+                            else:
+                                acc += tl.where(bit, xqj[None, :], 0.0) * a_t[:, None]
+            part = tl.sum(acc, axis=1)
             if AFFINE:
-                u = tl.load(lu_ptr + coef, mask=rmask, other=0.0)[:, None, None] + \
-                    tl.load(lv_ptr + coef, mask=rmask, other=0.0)[:, None, None] * code.to(tl.float32)
-                acc += u * x[None, :, :]
-            else:
-                u = tl.load(lu_ptr + coef[:, None, None] * (1 << KU) + (code & ((1 << KU) - 1)),
-                            mask=rmask[:, None, None], other=0.0)
-                acc += u * x[None, :, :]
-                if KU < BITS:
-                    xq = tl.load(xq_ptr + tok * K + cols).to(tl.float32)
-                    v = tl.load(lv_ptr + coef[:, None, None] * (1 << (BITS - KU)) + (code >> KU),
-                                mask=rmask[:, None, None], other=0.0)
-                    acc += v * xq[None, :, :]
-        tl.store(y_ptr + tok * M + rows, tl.sum(tl.sum(acc, axis=2), axis=1), mask=rmask)
+                part = part * tl.load(a_ptr + coef * BITS, mask=rmask, other=0.0)
+            y += part + tl.load(bx_ptr + coef, mask=rmask, other=0.0) * tl.sum(sx, axis=0)
+            if KU < BITS:
+                y += tl.load(bq_ptr + coef, mask=rmask, other=0.0) * tl.sum(sxq, axis=0)
+        tl.store(y_ptr + tok * M + rows, y, mask=rmask)
+
+
+    @triton.jit
+    def _decode_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, u_ptr, v_ptr, M, stride_w, groups,
+                       K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Decode the factors to bf16 at memory speed for prefill: ``u = bx + sum_{t<KU} a_t bit_t``
+        (the weight itself when there is no transformed factor) and ``v = bq + sum_{t>=KU} a_t bit_t``
+        (kashin's factor in the transformed basis). One program: BLOCK_M rows x BLOCK_W words."""
+        PER: tl.constexpr = 32 // BITS
+        WPG: tl.constexpr = GROUP // PER
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        widx = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        rmask = rows < M
+        word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+        coef = rows[:, None] * groups + widx[None, :] // WPG
+        bx = tl.load(bx_ptr + coef, mask=rmask[:, None], other=0.0)
+        bq = tl.load(bq_ptr + coef, mask=rmask[:, None], other=0.0)
+        for j in tl.static_range(PER):
+            u = bx
+            v = bq
+            for t in tl.static_range(BITS):
+                bit = ((word >> (j * BITS + t)) & 1).to(tl.float32)
+                a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask[:, None], other=0.0)
+                if t < KU:
+                    u += a_t * bit
+                else:
+                    v += a_t * bit
+            cols = widx * PER + j
+            out = rows[:, None] * K + cols[None, :]
+            tl.store(u_ptr + out, u.to(tl.bfloat16), mask=rmask[:, None])
+            if KU < BITS:
+                tl.store(v_ptr + out, v.to(tl.bfloat16), mask=rmask[:, None])
+
+
+def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, block_m: int = 16,
+                block_w: int = 32, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The factors as bf16 ``(out, k)`` matrices for prefill: ``(W, None)`` for a format without a
+    transformed factor, ``(U, V)`` for kashin (``W = U + V Q^T`` per group, so ``x W^T = x U^T +
+    (x Q) V^T``). Same word layout and limits as :func:`gemv_matmul`."""
+    if triton is None:
+        raise RuntimeError("the decode kernel needs triton")
+    if not gemv_supported(form, bits, packed.shape[1]):
+        raise ValueError(f"the decode kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
+                         f"({bits} bits, group {form.group})")
+    m, words = packed.shape[0], packed.shape[1] // 4
+    tile = min(block_w, words & (-words))
+    w = packed.view(torch.int32)
+    u = torch.empty(m, k, device=packed.device, dtype=torch.bfloat16)
+    v = torch.empty_like(u) if form.ku < bits else None
+    _decode_kernel[(triton.cdiv(m, block_m), words // tile)](
+        w, form.a, form.bx, form.bq, u, u if v is None else v, m, w.stride(0), form.bx.shape[1], K=k,
+        GROUP=form.group, BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_W=tile, num_warps=num_warps)
+    return u, v
+
+
+def prefill_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
+                   factors: tuple | None = None) -> torch.Tensor:
+    """``x W^T`` for many tokens in ``x.dtype`` (bf16/fp16): decode the factors to bf16 (or take
+    ``factors`` from :func:`decode_bf16`), then cuBLAS: one GEMM, or for kashin two (``x U^T``
+    plus ``(x Q) V^T`` accumulated into the same output)."""
+    u, v = factors if factors is not None else decode_bf16(packed, form, bits, x.shape[-1])
+    dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    y = x.to(dtype) @ u.to(dtype).T
+    if v is not None:
+        xq = transformed_input(x.float(), form).to(dtype)
+        y.addmm_(xq, v.to(dtype).T)
+    return y
 
 
 def available() -> bool:
@@ -217,15 +308,14 @@ def available() -> bool:
 
 
 def _launch_setup(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_k: int | None,
-                  xq: torch.Tensor | None, per_word: int = 1):
-    """Checks and buffers every fused kernel shares: the K tile, float32 inputs, the transformed
-    input (unless given), the output. Returns ``(block_k, x32, xq, y)``."""
+                  xq: torch.Tensor | None, tiled: bool = True):
+    """Checks and buffers every fused kernel shares: the K tile (``tiled``), float32 inputs, the
+    transformed input (unless given), the output. Returns ``(block_k, x32, xq, y)``."""
     if triton is None:
         raise RuntimeError("the fused kernel needs triton")
     block_k = block_k or block_k_for(form.group)
-    if block_k is None or form.group % block_k or block_k % per_word:
-        raise ValueError(f"group {form.group} has no power-of-two tile >= 16"
-                         + (f" of whole {per_word}-code words" if per_word > 1 else ""))
+    if tiled and (block_k is None or form.group % block_k):
+        raise ValueError(f"group {form.group} has no power-of-two tile >= 16")
     t = x.shape[0]
     if t > MAX_TOKENS:
         raise ValueError(f"the fused kernel serves at most {MAX_TOKENS} tokens, got {t}")
@@ -251,33 +341,67 @@ def bitplane_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, b
 
 def levels_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
                   tables: tuple | None = None, block_m: int = 4, block_k: int | None = None, num_warps: int = 1,
-                  xq: torch.Tensor | None = None, words: bool = False) -> torch.Tensor:
+                  xq: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T`` ``(T, out)`` in float32 with the level-table kernel (see :func:`level_tables`;
-    pass ``tables`` to reuse them across calls). ``words``: read the codes as 32-bit words
-    (2, 4 or 8 bits, rows of whole words; not yet measured on a GPU, so the dispatch does not use it)."""
-    per = 32 // bits if words else 1
-    if words and (bits not in (2, 4, 8) or packed.shape[1] % 4):
-        raise ValueError(f"32-bit words need 2, 4 or 8-bit codes and rows of whole words ({bits} bits, "
-                         f"{packed.shape[1]} bytes per row)")
-    block_k, x32, xq, y = _launch_setup(x, packed, form, bits, block_k, xq, per)
+    pass ``tables`` to reuse them across calls)."""
+    block_k, x32, xq, y = _launch_setup(x, packed, form, bits, block_k, xq)
     (t, k), m = x.shape, packed.shape[0]
     lu, lv, affine = tables if tables is not None else level_tables(form, bits)
-    grid = (triton.cdiv(m, block_m), t)
-    common = dict(K=k, BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, num_warps=num_warps)
-    if words:
-        w = packed.contiguous().view(torch.int32)
-        _levels_words_kernel[grid](w, x32, xq, lu, lv, y, m, w.stride(0), form.bx.shape[1], form.group,
-                                   BLOCK_W=block_k // per, **common)
-    else:
-        _levels_kernel[grid](packed, x32, xq, lu, lv, y, m, packed.stride(0), form.bx.shape[1], form.group,
-                             BLOCK_K=block_k, **common)
+    _levels_kernel[(triton.cdiv(m, block_m), t)](
+        packed, x32, xq, lu, lv, y, m, packed.stride(0), form.bx.shape[1], form.group, K=k, BITS=bits, KU=form.ku,
+        AFFINE=affine, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
     return y
+
+
+def gemv_block_w(form: BitplaneForm, bits: int, block_w: int) -> int | None:
+    """The word tile of :func:`gemv_matmul`: the largest power of two <= ``block_w`` dividing the
+    words of a group (None when codes do not fill whole 32-bit words per group)."""
+    if 32 % bits or form.group % (32 // bits):
+        return None
+    words = form.group // (32 // bits)
+    tile = words & (-words)
+    return min(tile, block_w)
+
+
+def gemv_supported(form: BitplaneForm, bits: int, row_bytes: int) -> bool:
+    return gemv_block_w(form, bits, 1 << 30) is not None and row_bytes % 4 == 0
+
+
+def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_m: int = 8,
+                block_w: int = 64, num_warps: int = 4, xq: torch.Tensor | None = None,
+                affine: bool | None = None) -> torch.Tensor:
+    """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
+    groups of whole words). ``affine``: whether the format's levels are an affine grid (rtn);
+    computed from ``form`` when not given."""
+    if not gemv_supported(form, bits, packed.shape[1]):
+        raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
+                         f"({bits} bits, group {form.group}, {packed.shape[1]} bytes per row)")
+    tile = gemv_block_w(form, bits, block_w)
+    _, x32, xq, y = _launch_setup(x, packed, form, bits, None, xq, tiled=False)
+    if affine is None:
+        affine = level_tables(form, bits)[2]
+    (t, k), m = x.shape, packed.shape[0]
+    w = packed.view(torch.int32)
+    _gemv_kernel[(triton.cdiv(m, block_m), t)](
+        w, x32, xq, form.a, form.bx, form.bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
+        BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_W=tile, num_warps=num_warps)
+    return y
+
+
+# Few-token kernel per format, from eval/results/bench_kernels.md (H200): (kernel, rows per
+# program, words per tile or None, warps)
+GEMV_CONFIG = (8, 64, 4)
 
 
 def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
                  tables: tuple | None) -> torch.Tensor:
-    """The kernel and tile measured fastest on the H200 for this format (eval/results/bench_kernels.md):
-    the bit-plane kernel for kashin at 2 bits (two planes), the level-table kernel otherwise."""
+    """The few-token kernel for this format: the word-reading GEMV where codes fill whole 32-bit
+    words (1, 2, 4, 8 bits), else the bit-plane kernel for kashin at <= 2 bits and the level-table
+    kernel otherwise (the fastest of those two on the H200, eval/results/bench_kernels.md)."""
+    if gemv_supported(form, bits, packed.shape[1]):
+        block_m, block_w, warps = GEMV_CONFIG
+        return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps,
+                           affine=tables[2] if tables is not None else None)
     if form.transform is not None and bits <= 2:
         return bitplane_matmul(x, packed, form, bits, block_m=4, num_warps=1)
     return levels_matmul(x, packed, form, bits, tables=tables, block_m=2, num_warps=1)

@@ -102,15 +102,22 @@ class QuantLinear(nn.Module):
             self._levels = level_tables(form, self.qconfig.bits)
         return self._levels
 
-    def _use_kernel(self, x: torch.Tensor) -> bool:
-        """The fused kernel serves few-token inputs on CUDA when no decoded weight is cached."""
+    def _kernel_path(self, x: torch.Tensor) -> str | None:
+        """Which Triton path serves this input on CUDA (no cached weight, no gradient): "fused" for
+        few tokens (decode), "prefill" (bf16 factors decoded at memory speed, then cuBLAS) for more."""
         if not x.is_cuda or self._weight_cache is not None or (torch.is_grad_enabled() and x.requires_grad):
-            return False
+            return None
         from quantune import kernels
 
-        tokens = x.numel() // self.in_features
-        return kernels.available() and tokens <= kernels.MAX_TOKENS and \
-            kernels.block_k_for(self.bitplane_form().group) is not None
+        if not kernels.available():
+            return None
+        form = self.bitplane_form()
+        if x.numel() // self.in_features <= kernels.MAX_TOKENS:
+            ok = kernels.gemv_supported(form, self.qconfig.bits, self.codes.shape[1]) or \
+                kernels.block_k_for(form.group) is not None
+            return "fused" if ok else None
+        half = _compute_dtype(x) in (torch.bfloat16, torch.float16)  # float32 keeps the float32 decode
+        return "prefill" if half and kernels.gemv_supported(form, self.qconfig.bits, self.codes.shape[1]) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight_cache is not None:  # one decoded copy: a plain linear (autograd keeps only x)
@@ -118,12 +125,16 @@ class QuantLinear(nn.Module):
             if not torch.is_autocast_enabled(x.device.type) and w.dtype != x.dtype:
                 w = w.to(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(w.dtype))
-        if self._use_kernel(x):
-            from quantune.kernels import fused_matmul
+        path = self._kernel_path(x)
+        if path is not None:
+            from quantune.kernels import fused_matmul, prefill_matmul
 
             dtype = _compute_dtype(x)
-            y = fused_matmul(x.reshape(-1, self.in_features), self.codes, self.bitplane_form(), self.qconfig.bits,
-                             self.level_tables())
+            x2 = x.reshape(-1, self.in_features)
+            if path == "fused":
+                y = fused_matmul(x2, self.codes, self.bitplane_form(), self.qconfig.bits, self.level_tables())
+            else:
+                y = prefill_matmul(x2.to(dtype), self.codes, self.bitplane_form(), self.qconfig.bits)
             y = y.to(dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(dtype)
         if torch.is_grad_enabled() and x.requires_grad:

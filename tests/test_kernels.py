@@ -97,15 +97,56 @@ def test_the_dispatched_kernel_matches_the_module(cfg):
 
 
 
-@pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(bits=4, group_size=64),
-                                 QuantConfig(method="rtn", bits=4, group_size=64),
-                                 QuantConfig(method="rtn", bits=2, symmetric=False)],
-                         ids=["kashin4", "kashin2", "kashin4-g64", "rtn4-g64", "rtn2-asym"])
-def test_word_reading_kernel_matches_the_reference(cfg):
-    pytest.importorskip("triton")
-    from quantune.kernels import levels_matmul
+GEMV_CASES = [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(bits=4, group_size=64),
+              QuantConfig(bits=2, group_size=32), QuantConfig(bits=4, transform="hadamard"),
+              QuantConfig(bits=8), QuantConfig(bits=4, u_steps=4),
+              QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(method="rtn", bits=4),
+              QuantConfig(method="rtn", bits=2, symmetric=False), QuantConfig(method="rtn", bits=8, group_size=32)]
 
-    q = _layer(cfg, out=37)
+
+@pytest.mark.parametrize("cfg", GEMV_CASES, ids=[f"{c.method}{c.bits}-u{c.ku}-g{c.group_size}-{c.transform}"
+                                                 for c in GEMV_CASES])
+@pytest.mark.parametrize("block", [(4, 64, 1), (8, 2, 2)], ids=["wide", "narrow"])
+def test_word_gemv_kernel_matches_the_reference(cfg, block):
+    """Every code position of a word (the sign bit too), several groups, partial row tiles."""
+    pytest.importorskip("triton")
+    from quantune.kernels import gemv_matmul
+
+    q = _layer(cfg, out=37, inp=256)
     x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(5))
-    got = levels_matmul(x, q.codes, _form(q), cfg.bits, block_m=4, words=True)
+    block_m, block_w, warps = block
+    got = gemv_matmul(x, q.codes, _form(q), cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps)
     torch.testing.assert_close(got, x @ q.dequantize().T, rtol=1e-4, atol=1e-5)
+
+
+def test_word_gemv_kernel_refuses_codes_across_words():
+    pytest.importorskip("triton")
+    from quantune.kernels import gemv_matmul, gemv_supported
+
+    q = _layer(QuantConfig(bits=3), out=8, inp=256)
+    assert not gemv_supported(_form(q), 3, q.codes.shape[1])
+    with pytest.raises(ValueError, match="whole 32-bit words"):
+        gemv_matmul(torch.randn(1, 256), q.codes, _form(q), 3)
+
+
+@pytest.mark.parametrize("cfg", GEMV_CASES[:4] + GEMV_CASES[7:], ids=[f"{c.method}{c.bits}-g{c.group_size}"
+                                                                    for c in GEMV_CASES[:4] + GEMV_CASES[7:]])
+def test_decode_kernel_rebuilds_the_factors(cfg):
+    """bf16 factors for prefill: U + V Q^T is the module's weight, and the two-GEMM product matches."""
+    pytest.importorskip("triton")
+    from quantune.kernels import decode_bf16, prefill_matmul
+    from quantune.transforms import inverse_transform
+
+    q = _layer(cfg, out=37, inp=256)
+    form = _form(q)
+    u, v = decode_bf16(q.codes, form, cfg.bits, q.in_features, block_m=16, block_w=4)
+    w = u.float()
+    if v is not None:
+        g = form.group
+        w = w + inverse_transform(v.float().reshape(-1, g), form.transform, form.seed).reshape(w.shape)
+    ref = q.dequantize()
+    torch.testing.assert_close(w, ref, rtol=0, atol=float(ref.abs().max()) * 2 ** -7)
+    x = torch.randn(20, q.in_features, generator=torch.Generator().manual_seed(6))
+    got = prefill_matmul(x.bfloat16(), q.codes, form, cfg.bits).float()
+    want = x @ ref.T
+    assert float((got - want).norm() / want.norm()) < 1e-2
