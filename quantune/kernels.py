@@ -216,11 +216,10 @@ if triton is not None:
                             xqj = tl.load(xq_ptr + tok * K + cols)
                             sxq += xqj
                         for t in tl.static_range(BITS):
-                            p: tl.constexpr = j * BITS + t
-                            if p == 31:
+                            if j * BITS + t == 31:
                                 bit = word < 0
                             else:
-                                bit = (word & (1 << p)) != 0
+                                bit = (word & (1 << (j * BITS + t))) != 0
                             a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0)
                             if t < KU:
                                 acc += tl.where(bit, xj[None, :], 0.0) * a_t[:, None]
