@@ -82,10 +82,11 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
 
 # (kernel, rows per program, warps, words per tile) tried per case: "planes" = bit-plane dot products,
 # "levels" = per-row level tables (kashin) or the affine grid (rtn), both reading a byte per code;
-# "gemv" = codes read as 32-bit words, decoded by register arithmetic (quantune.kernels.gemv_matmul)
+# "gemv" = codes read as 32-bit words, decoded by register arithmetic (quantune.kernels.gemv_matmul),
+# the K split chosen by quantune.kernels.gemv_split
 CONFIGS = [("planes", 4, 1, 0), ("levels", 2, 1, 0),
-           ("gemv", 4, 2, 32), ("gemv", 8, 4, 64), ("gemv", 16, 4, 32), ("gemv", 16, 8, 64), ("gemv", 4, 4, 128),
-           ("gemv", 2, 1, 64)]
+           ("gemv", 16, 4, 32), ("gemv", 64, 2, 8), ("gemv", 128, 4, 8), ("gemv", 64, 1, 8),
+           ("gemv", 128, 2, 16), ("gemv", 32, 1, 16), ("gemv", 256, 4, 8), ("gemv", 32, 2, 32)]
 
 
 def parse_configs(text: str) -> list[tuple]:
@@ -118,7 +119,7 @@ def main() -> None:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf
 
-    from quantune.kernels import (bitplane_matmul, decode_bf16, gemv_matmul, gemv_supported, level_tables,
+    from quantune.kernels import (bitplane_matmul, decode_bf16, gemv_matmul, gemv_split, gemv_supported, level_tables,
                                   levels_matmul, prefill_matmul, transformed_input)
 
     configs = parse_configs(args.configs) if args.configs else CONFIGS
@@ -157,8 +158,9 @@ def main() -> None:
                     return lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw, xq=xq_arg,
                                                    block_k=args.block_k)
                 if kind == "gemv":
+                    split = gemv_split(q.codes.shape[0], form, bits, bm, tw)
                     return lambda: gemv_matmul(x1, q.codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
-                                               xq=xq_arg, affine=tables[2])
+                                               split=split, xq=xq_arg, affine=tables[2])
                 return lambda: levels_matmul(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
                                              xq=xq_arg, block_k=args.block_k)
 

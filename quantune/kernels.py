@@ -176,63 +176,102 @@ if triton is not None:
 
 
     @triton.jit
-    def _gemv_kernel(w_ptr, x_ptr, xq_ptr, a_ptr, bx_ptr, bq_ptr, y_ptr, M, stride_w, groups,
-                     K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
-                     AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
-        """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, 16-byte
-        vector loads), decoded with register arithmetic only (no table loads per weight):
+    def _pick(t: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+        r = a0
+        if t == 1:
+            r = a1
+        if t == 2:
+            r = a2
+        if t == 3:
+            r = a3
+        if t == 4:
+            r = a4
+        if t == 5:
+            r = a5
+        if t == 6:
+            r = a6
+        if t == 7:
+            r = a7
+        return r
 
-        - AFFINE (rtn): the code ``n`` becomes a float through the exponent trick
-          (``(n | 0x4B000000)`` read as float is ``2^23 + n``), one FMA with x per weight, the group's
-          scale and offset once per group: ``y += a0 * sum(n x) + bx * sum(x)``.
-        - otherwise (kashin): per bit plane ``t`` a select of x (or xq) by the bit, folded with the
-          plane's per-(row, group) coefficient: ``y += sum_t a_t <bit_t, x_t> + bx sum(x) + bq sum(xq)``.
+    @triton.jit
+    def _coef(ptr, idx, mask, stride: tl.constexpr, t: tl.constexpr, BITS: tl.constexpr):
+        if t < BITS:
+            return tl.load(ptr + idx * stride + t, mask=mask, other=0.0)
+        else:
+            return tl.zeros_like(idx).to(tl.float32)
+
+    @triton.jit
+    def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, a_ptr, bx_ptr, y_ptr, M, stride_w, groups,
+                     K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
+                     AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr):
+        """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
+        loads), decoded with register arithmetic only, inputs de-interleaved by code position
+        (``xd[j, w] = x[w * PER + j]``) so every input load is a contiguous vector shared by the
+        rows a thread holds. SPLIT programs share a row block along K (atomic adds into y = 0).
+
+        - AFFINE (rtn): the code becomes a float through the exponent trick (``n | 0x4B000000`` read
+          as float is ``2^23 + n``): ``w = a0 * n + bx`` per weight, one FMA with x.
+        - otherwise (kashin): ``w = sum_t c_t s_t`` with signs ``s_t = 2 bit_t - 1`` (``a_t = 2 c_t``),
+          per plane a select of +x or -x (xq for t >= KU) and an FMA with ``c_t``; no offsets.
+        Coefficients: one per row when a tile lies inside one group, else gathered per word.
         """
         PER: tl.constexpr = 32 // BITS
+        NW: tl.constexpr = K // PER       # words per row
         WPG: tl.constexpr = GROUP // PER  # words per group
+        CHUNK: tl.constexpr = NW // SPLIT
         pid_m = tl.program_id(0)
-        tok = tl.program_id(1)
+        part = tl.program_id(1)
+        tok = tl.program_id(2)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
         wcols = tl.arange(0, BLOCK_W)
-        y = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for g in range(0, K // GROUP):
-            coef = rows * groups + g
-            acc = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
-            sx = tl.zeros([BLOCK_W], dtype=tl.float32)
-            sxq = tl.zeros([BLOCK_W], dtype=tl.float32)
-            for w0 in range(0, WPG, BLOCK_W):
-                widx = g * WPG + w0 + wcols
-                word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
-                for j in tl.static_range(PER):
-                    cols = widx * PER + j
-                    xj = tl.load(x_ptr + tok * K + cols)
-                    sx += xj
-                    if AFFINE:
-                        field = ((word >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
-                        acc += (field.to(tl.float32, bitcast=True) - 8388608.0) * xj[None, :]
-                    else:
-                        if KU < BITS:
-                            xqj = tl.load(xq_ptr + tok * K + cols)
-                            sxq += xqj
-                        for t in tl.static_range(BITS):
-                            if j * BITS + t == 31:
-                                bit = word < 0
-                            else:
-                                bit = (word & (1 << (j * BITS + t))) != 0
-                            a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0)
-                            if t < KU:
-                                acc += tl.where(bit, xj[None, :], 0.0) * a_t[:, None]
-                            else:
-                                acc += tl.where(bit, xqj[None, :], 0.0) * a_t[:, None]
-            part = tl.sum(acc, axis=1)
+        acc = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+        for i in range(0, CHUNK, BLOCK_W):
+            w0 = part * CHUNK + i
+            widx = w0 + wcols
+            word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+            if WPG >= BLOCK_W:  # the tile lies in one group: one coefficient per row
+                cidx = (rows * groups + w0 // WPG)[:, None]
+            else:
+                cidx = rows[:, None] * groups + (widx // WPG)[None, :]
+            cmask = rmask[:, None]
             if AFFINE:
-                part = part * tl.load(a_ptr + coef * BITS, mask=rmask, other=0.0)
-            y += part + tl.load(bx_ptr + coef, mask=rmask, other=0.0) * tl.sum(sx, axis=0)
-            if KU < BITS:
-                y += tl.load(bq_ptr + coef, mask=rmask, other=0.0) * tl.sum(sxq, axis=0)
-        tl.store(y_ptr + tok * M + rows, y, mask=rmask)
-
+                scale = tl.load(a_ptr + cidx * BITS, mask=cmask, other=0.0)
+                offset = tl.load(bx_ptr + cidx, mask=cmask, other=0.0)
+                for j in tl.static_range(PER):
+                    xj = tl.load(xd_ptr + tok * K + j * NW + widx)
+                    field = ((word >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
+                    n = field.to(tl.float32, bitcast=True) - 8388608.0
+                    acc += (n * scale + offset) * xj[None, :]
+            else:
+                c0 = _coef(a_ptr, cidx, cmask, BITS, 0, BITS) * 0.5
+                c1 = _coef(a_ptr, cidx, cmask, BITS, 1, BITS) * 0.5
+                c2 = _coef(a_ptr, cidx, cmask, BITS, 2, BITS) * 0.5
+                c3 = _coef(a_ptr, cidx, cmask, BITS, 3, BITS) * 0.5
+                c4 = _coef(a_ptr, cidx, cmask, BITS, 4, BITS) * 0.5
+                c5 = _coef(a_ptr, cidx, cmask, BITS, 5, BITS) * 0.5
+                c6 = _coef(a_ptr, cidx, cmask, BITS, 6, BITS) * 0.5
+                c7 = _coef(a_ptr, cidx, cmask, BITS, 7, BITS) * 0.5
+                for j in tl.static_range(PER):
+                    xj = tl.load(xd_ptr + tok * K + j * NW + widx)
+                    if KU < BITS:
+                        xqj = tl.load(xqd_ptr + tok * K + j * NW + widx)
+                    for t in tl.static_range(BITS):
+                        if j * BITS + t == 31:
+                            bit = word < 0
+                        else:
+                            bit = (word & (1 << (j * BITS + t))) != 0
+                        if t < KU:
+                            src = xj
+                        else:
+                            src = xqj
+                        acc += tl.where(bit, src[None, :], -src[None, :]) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
+        out = tl.sum(acc, axis=1)
+        if SPLIT == 1:
+            tl.store(y_ptr + tok * M + rows, out, mask=rmask)
+        else:
+            tl.atomic_add(y_ptr + tok * M + rows, out, mask=rmask)
 
     @triton.jit
     def _decode_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, u_ptr, v_ptr, M, stride_w, groups,
@@ -248,18 +287,27 @@ if triton is not None:
         rmask = rows < M
         word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
         coef = rows[:, None] * groups + widx[None, :] // WPG
-        bx = tl.load(bx_ptr + coef, mask=rmask[:, None], other=0.0)
-        bq = tl.load(bq_ptr + coef, mask=rmask[:, None], other=0.0)
+        cmask = rmask[:, None]
+        bx = tl.load(bx_ptr + coef, mask=cmask, other=0.0)
+        bq = tl.load(bq_ptr + coef, mask=cmask, other=0.0)
+        a0 = _coef(a_ptr, coef, cmask, BITS, 0, BITS)
+        a1 = _coef(a_ptr, coef, cmask, BITS, 1, BITS)
+        a2 = _coef(a_ptr, coef, cmask, BITS, 2, BITS)
+        a3 = _coef(a_ptr, coef, cmask, BITS, 3, BITS)
+        a4 = _coef(a_ptr, coef, cmask, BITS, 4, BITS)
+        a5 = _coef(a_ptr, coef, cmask, BITS, 5, BITS)
+        a6 = _coef(a_ptr, coef, cmask, BITS, 6, BITS)
+        a7 = _coef(a_ptr, coef, cmask, BITS, 7, BITS)
         for j in tl.static_range(PER):
             u = bx
             v = bq
             for t in tl.static_range(BITS):
-                bit = ((word >> (j * BITS + t)) & 1).to(tl.float32)
-                a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask[:, None], other=0.0)
+                bit = ((word >> (j * BITS + t)) & 1) != 0
+                a_t = _pick(t, a0, a1, a2, a3, a4, a5, a6, a7)
                 if t < KU:
-                    u += a_t * bit
+                    u += tl.where(bit, a_t, 0.0)
                 else:
-                    v += a_t * bit
+                    v += tl.where(bit, a_t, 0.0)
             cols = widx * PER + j
             out = rows[:, None] * K + cols[None, :]
             tl.store(u_ptr + out, u.to(tl.bfloat16), mask=rmask[:, None])
@@ -352,44 +400,80 @@ def levels_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bit
     return y
 
 
-def gemv_block_w(form: BitplaneForm, bits: int, block_w: int) -> int | None:
-    """The word tile of :func:`gemv_matmul`: the largest power of two <= ``block_w`` dividing the
-    words of a group (None when codes do not fill whole 32-bit words per group)."""
+def gemv_block_w(form: BitplaneForm, bits: int, block_w: int, split: int = 1) -> int | None:
+    """The word tile of :func:`gemv_matmul` for a requested ``block_w``: inside one group, the largest
+    power of two <= ``block_w`` dividing the group's words; across groups, ``block_w`` itself when it
+    holds whole groups. It must divide each of the ``split`` K chunks. None when codes do not fill
+    whole 32-bit words per group."""
     if 32 % bits or form.group % (32 // bits):
         return None
-    words = form.group // (32 // bits)
-    tile = words & (-words)
-    return min(tile, block_w)
+    wpg = form.group // (32 // bits)
+    words = form.group * form.bx.shape[1] // (32 // bits)
+    if words % split:
+        return None
+    chunk = words // split
+    if wpg < block_w and block_w % wpg == 0 and chunk % block_w == 0:
+        return block_w
+    tile = min(wpg & (-wpg), block_w)
+    while chunk % tile:
+        tile //= 2
+    return tile
 
 
 def gemv_supported(form: BitplaneForm, bits: int, row_bytes: int) -> bool:
     return gemv_block_w(form, bits, 1 << 30) is not None and row_bytes % 4 == 0
 
 
+def deinterleave(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(T, K)`` -> float32 ``(T, PER, K / PER)`` with ``[t, j, w] = x[t, w * PER + j]``: the input
+    seen by code position within a word (PER = 32 / bits), so the GEMV kernel's loads are contiguous."""
+    per = 32 // bits
+    t, k = x.shape
+    return x.float().reshape(t, k // per, per).transpose(1, 2).contiguous()
+
+
 def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_m: int = 8,
-                block_w: int = 64, num_warps: int = 4, xq: torch.Tensor | None = None,
+                block_w: int = 64, num_warps: int = 4, split: int = 1, xq: torch.Tensor | None = None,
                 affine: bool | None = None) -> torch.Tensor:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
-    groups of whole words). ``affine``: whether the format's levels are an affine grid (rtn);
-    computed from ``form`` when not given."""
-    if not gemv_supported(form, bits, packed.shape[1]):
+    groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
+    format's levels are an affine grid (rtn); computed from ``form`` when not given."""
+    tile = gemv_block_w(form, bits, block_w, split)
+    if tile is None or packed.shape[1] % 4:
         raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
-                         f"({bits} bits, group {form.group}, {packed.shape[1]} bytes per row)")
-    tile = gemv_block_w(form, bits, block_w)
-    _, x32, xq, y = _launch_setup(x, packed, form, bits, None, xq, tiled=False)
+                         f"({bits} bits, group {form.group}, {packed.shape[1]} bytes per row, split {split})")
+    _, x32, xq, _ = _launch_setup(x, packed, form, bits, None, xq, tiled=False)
     if affine is None:
         affine = level_tables(form, bits)[2]
     (t, k), m = x.shape, packed.shape[0]
+    y = (torch.zeros if split > 1 else torch.empty)(t, m, device=x.device, dtype=torch.float32)
+    xd = deinterleave(x32, bits)
+    xqd = deinterleave(xq, bits) if form.ku < bits else xd
     w = packed.view(torch.int32)
-    _gemv_kernel[(triton.cdiv(m, block_m), t)](
-        w, x32, xq, form.a, form.bx, form.bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
-        BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_W=tile, num_warps=num_warps)
+    _gemv_kernel[(triton.cdiv(m, block_m), split, t)](
+        w, xd, xqd, form.a, form.bx, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
+        BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split, num_warps=num_warps)
     return y
 
 
-# Few-token kernel per format, from eval/results/bench_kernels.md (H200): (kernel, rows per
-# program, words per tile or None, warps)
-GEMV_CONFIG = (8, 64, 4)
+# The GEMV kernel's tile (rows per program, warps, words per tile) and the number of programs a
+# row block is split into along K: enough programs to fill the GPU (eval/results/bench_kernels.md).
+GEMV_TILE = (16, 4, 32)
+GEMV_MIN_PROGRAMS = 512
+
+
+def gemv_split(m: int, form: BitplaneForm, bits: int, block_m: int, block_w: int) -> int:
+    """The K split (1, 2, 4 or 8) of a ``m``-row layer: the smallest that gives GEMV_MIN_PROGRAMS
+    programs, or the largest the row length allows."""
+    blocks = -(-m // block_m)
+    best = 1
+    for split in (1, 2, 4, 8):
+        if gemv_block_w(form, bits, block_w, split) is None:
+            break
+        best = split
+        if blocks * split >= GEMV_MIN_PROGRAMS:
+            break
+    return best
 
 
 def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
@@ -398,8 +482,9 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     words (1, 2, 4, 8 bits), else the bit-plane kernel for kashin at <= 2 bits and the level-table
     kernel otherwise (the fastest of those two on the H200, eval/results/bench_kernels.md)."""
     if gemv_supported(form, bits, packed.shape[1]):
-        block_m, block_w, warps = GEMV_CONFIG
-        return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps,
+        block_m, warps, block_w = GEMV_TILE
+        split = gemv_split(packed.shape[0], form, bits, block_m, block_w)
+        return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
                            affine=tables[2] if tables is not None else None)
     if form.transform is not None and bits <= 2:
         return bitplane_matmul(x, packed, form, bits, block_m=4, num_warps=1)

@@ -106,16 +106,20 @@ GEMV_CASES = [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(bits=4, grou
 
 @pytest.mark.parametrize("cfg", GEMV_CASES, ids=[f"{c.method}{c.bits}-u{c.ku}-g{c.group_size}-{c.transform}"
                                                  for c in GEMV_CASES])
-@pytest.mark.parametrize("block", [(4, 64, 1), (8, 2, 2)], ids=["wide", "narrow"])
+@pytest.mark.parametrize("block", [(4, 64, 1, 1), (8, 2, 2, 2), (16, 8, 4, 4)], ids=["wide", "narrow", "split"])
 def test_word_gemv_kernel_matches_the_reference(cfg, block):
-    """Every code position of a word (the sign bit too), several groups, partial row tiles."""
+    """Every code position of a word (the sign bit too), tiles inside and across groups, partial
+    row tiles, K split between programs."""
     pytest.importorskip("triton")
-    from quantune.kernels import gemv_matmul
+    from quantune.kernels import gemv_block_w, gemv_matmul
 
     q = _layer(cfg, out=37, inp=256)
     x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(5))
-    block_m, block_w, warps = block
-    got = gemv_matmul(x, q.codes, _form(q), cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps)
+    block_m, block_w, warps, split = block
+    if gemv_block_w(_form(q), cfg.bits, block_w, split) is None:
+        split = 1
+    got = gemv_matmul(x, q.codes, _form(q), cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
+                      split=split)
     torch.testing.assert_close(got, x @ q.dequantize().T, rtol=1e-4, atol=1e-5)
 
 
