@@ -458,7 +458,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
 
 # The GEMV kernel's tile (rows per program, warps, words per tile) and the number of programs a
 # row block is split into along K: enough programs to fill the GPU (eval/results/bench_kernels.md).
-GEMV_TILE = (16, 4, 32)
+GEMV_TILE = (16, 4, 32)         # kashin (sign planes): best or near-best on every measured shape
+GEMV_TILE_AFFINE = (128, 4, 8)  # rtn (affine grid), likewise
 GEMV_MIN_PROGRAMS = 512
 
 
@@ -482,10 +483,11 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     words (1, 2, 4, 8 bits), else the bit-plane kernel for kashin at <= 2 bits and the level-table
     kernel otherwise (the fastest of those two on the H200, eval/results/bench_kernels.md)."""
     if gemv_supported(form, bits, packed.shape[1]):
-        block_m, warps, block_w = GEMV_TILE
+        affine = tables[2] if tables is not None else level_tables(form, bits)[2]
+        block_m, warps, block_w = GEMV_TILE_AFFINE if affine else GEMV_TILE
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w)
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
-                           affine=tables[2] if tables is not None else None)
+                           affine=affine)
     if form.transform is not None and bits <= 2:
         return bitplane_matmul(x, packed, form, bits, block_m=4, num_warps=1)
     return levels_matmul(x, packed, form, bits, tables=tables, block_m=2, num_warps=1)
