@@ -442,11 +442,12 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if tile is None or packed.shape[1] % 4:
         raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
                          f"({bits} bits, group {form.group}, {packed.shape[1]} bytes per row, split {split})")
-    _, x32, xq, _ = _launch_setup(x, packed, form, bits, None, xq, tiled=False)
+    _, x32, xq, y = _launch_setup(x, packed, form, bits, None, xq, tiled=False)
     if affine is None:
         affine = level_tables(form, bits)[2]
     (t, k), m = x.shape, packed.shape[0]
-    y = (torch.zeros if split > 1 else torch.empty)(t, m, device=x.device, dtype=torch.float32)
+    if split > 1:  # the programs of a row block add their parts into y
+        y.zero_()
     xd = deinterleave(x32, bits)
     xqd = deinterleave(xq, bits) if form.ku < bits else xd
     w = packed.view(torch.int32)
