@@ -82,11 +82,20 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
 
 # (kernel, rows per program, warps, words per tile) tried per case: "planes" = bit-plane dot products,
 # "levels" = per-row level tables (kashin) or the affine grid (rtn), both reading a byte per code;
-# "gemv" = codes read as 32-bit words, decoded by register arithmetic (quantune.kernels.gemv_matmul),
-# the K split chosen by quantune.kernels.gemv_split
-CONFIGS = [("planes", 4, 1, 0), ("levels", 2, 1, 0),
-           ("gemv", 16, 4, 32), ("gemv", 64, 2, 8), ("gemv", 128, 4, 8), ("gemv", 64, 1, 8),
-           ("gemv", 128, 2, 16), ("gemv", 32, 1, 16), ("gemv", 256, 4, 8), ("gemv", 32, 2, 32)]
+# "gemvN" = codes read as 32-bit words, decoded by register arithmetic in mode N
+# (quantune.kernels.GEMV_MODES: 0/1 rtn's affine grid per weight / per word, 2/3/4 kashin's sign planes
+# per weight / plane sums / plane sums by the mantissa trick), the K split chosen by quantune.kernels.gemv_split
+CONFIGS = [("levels", 2, 1, 0),
+           ("gemv0", 128, 4, 8), ("gemv0", 64, 2, 8),
+           ("gemv1", 128, 4, 8), ("gemv1", 64, 2, 8), ("gemv1", 16, 4, 32), ("gemv1", 8, 4, 64), ("gemv1", 4, 4, 128),
+           ("gemv2", 16, 4, 32), ("gemv2", 32, 2, 32),
+           ("gemv3", 16, 4, 32), ("gemv3", 32, 2, 32), ("gemv3", 8, 4, 64), ("gemv3", 4, 4, 128),
+           ("gemv4", 16, 4, 32), ("gemv4", 32, 2, 32), ("gemv4", 8, 4, 64), ("gemv4", 4, 4, 128)]
+
+
+def gemv_mode(kind: str) -> int | None:
+    """"gemv3" -> 3, "gemv" -> None (the format's default mode)."""
+    return int(kind[4:]) if len(kind) > 4 else None
 
 
 def parse_configs(text: str) -> list[tuple]:
@@ -119,6 +128,7 @@ def main() -> None:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf
 
+    from quantune import kernels
     from quantune.kernels import (bitplane_matmul, decode_bf16, gemv_matmul, gemv_split, gemv_supported, level_tables,
                                   levels_matmul, prefill_matmul, transformed_input)
 
@@ -157,16 +167,25 @@ def main() -> None:
                 if kind == "planes":
                     return lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw, xq=xq_arg,
                                                    block_k=args.block_k)
-                if kind == "gemv":
+                if kind.startswith("gemv"):
                     split = gemv_split(q.codes.shape[0], form, bits, bm, tw)
-                    return lambda: gemv_matmul(x1, q.codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
-                                               split=split, xq=xq_arg, affine=tables[2])
+                    mode = gemv_mode(kind)
+
+                    def call():
+                        if xq_arg is None:  # time the input's transform too (no reuse across calls)
+                            kernels._PREPARED.clear()
+                        return gemv_matmul(x1, q.codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
+                                           split=split, xq=xq_arg, affine=tables[2], mode=mode, tables=tables)
+                    return call
                 return lambda: levels_matmul(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
                                              xq=xq_arg, block_k=args.block_k)
 
             timings, errors = {}, {}
             for kind, bm, nw, tw in configs:  # the kernel alone, input transform precomputed
-                if kind == "gemv" and not gemv_supported(form, bits, q.codes.shape[1]):
+                if kind.startswith("gemv") and not gemv_supported(form, bits, q.codes.shape[1]):
+                    continue
+                mode = gemv_mode(kind) if kind.startswith("gemv") else None
+                if mode is not None and (mode < 2) != tables[2]:  # a mode for the other kind of format
                     continue
                 try:
                     call = kernel_call(kind, bm, nw, tw, xq)
@@ -181,7 +200,7 @@ def main() -> None:
             t_full = bench(kernel_call(kind, bm, nw, tw, None))
             t_transform = bench(lambda: transformed_input(x32, form)) if form.transform else 0.0
             with torch.no_grad():
-                t_module = t_module_eager = bench_eager(lambda: q(x1))  # the module as called from Python
+                t_module = t_module_eager = bench_eager(lambda: (kernels._PREPARED.clear(), q(x1))[1])  # from Python
                 t_old_prefill = bench_eager(lambda: xp @ q.dequantize().to(torch.bfloat16).T)
                 t_decode = bench(lambda: decode_bf16(q.codes, form, bits, k))
                 t_q_prefill = bench(lambda: prefill_matmul(xp, q.codes, form, bits))

@@ -202,18 +202,68 @@ if triton is not None:
             return tl.zeros_like(idx).to(tl.float32)
 
     @triton.jit
-    def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, a_ptr, bx_ptr, y_ptr, M, stride_w, groups,
+    def _add_plane(t: tl.constexpr, v, p0, p1, p2, p3, p4, p5, p6, p7):
+        if t == 0:
+            p0 += v
+        if t == 1:
+            p1 += v
+        if t == 2:
+            p2 += v
+        if t == 3:
+            p3 += v
+        if t == 4:
+            p4 += v
+        if t == 5:
+            p5 += v
+        if t == 6:
+            p6 += v
+        if t == 7:
+            p7 += v
+        return p0, p1, p2, p3, p4, p5, p6, p7
+
+    @triton.jit
+    def _mantissa_field(word, pos: tl.constexpr, width: tl.constexpr):
+        """The ``width`` bits of ``word`` starting at bit ``pos`` as the float ``1 + n / 2**width`` (the
+        field moved to the top of an fp32 mantissa under the exponent of 1.0: one shift, one LOP3)."""
+        s: tl.constexpr = pos - (23 - width)
+        if s > 0:
+            moved = word >> s
+        elif s < 0:
+            moved = word << (-s)
+        else:
+            moved = word
+        field = (moved & (((1 << width) - 1) << (23 - width))) | 0x3F800000
+        return field.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _plane_sum(p, xs, xqs, t: tl.constexpr, KU: tl.constexpr, BITS: tl.constexpr):
+        """``sum_j bit_j src_j`` from ``p = sum_j (1 + bit_j / 2) src_j`` (MODE 4)."""
+        if t < KU:
+            p = 2.0 * (p - xs[None, :])
+        elif t < BITS:
+            p = 2.0 * (p - xqs[None, :])
+        return p
+
+    @triton.jit
+    def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, a_ptr, bx_ptr, bq_ptr, y_ptr, M, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
-                     AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr):
+                     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) so every input load is a contiguous vector shared by the
         rows a thread holds. SPLIT programs share a row block along K (atomic adds into y = 0).
 
-        - AFFINE (rtn): the code becomes a float through the exponent trick (``n | 0x4B000000`` read
-          as float is ``2^23 + n``): ``w = a0 * n + bx`` per weight, one FMA with x.
-        - otherwise (kashin): ``w = sum_t c_t s_t`` with signs ``s_t = 2 bit_t - 1`` (``a_t = 2 c_t``),
-          per plane a select of +x or -x (xq for t >= KU) and an FMA with ``c_t``; no offsets.
+        MODE (how a word's codes meet the input; see GEMV_MODES):
+        - 0, affine per weight (rtn): ``n | 0x4B000000`` read as float is ``2^23 + n``, so
+          ``w = scale * n + offset`` per weight and one FMA with x. ``a_ptr``/``bx_ptr``: scale and
+          offset per (row, group), contiguous.
+        - 1, affine per word (rtn): the code as ``f = 1 + n / 2^BITS`` (:func:`_mantissa_field`), one
+          FMA ``f * x`` per weight; per word ``scale * 2^BITS * (sum f x - sum x) + offset * sum x``.
+        - 2, signs per weight (kashin): ``w = sum_t c_t s_t`` with signs ``s_t = 2 bit_t - 1``
+          (``a_t = 2 c_t``), per plane a select of +x or -x (xq for t >= KU) and an FMA with ``c_t``.
+        - 3, plane sums (kashin): per word and plane ``sum_j bit_t x_j`` (a select and an add, no
+          coefficient), then ``a_t`` times it plus ``bx * sum x + bq * sum xq``.
+        - 4, plane sums through the mantissa trick (kashin): ``f = 1 + bit_t / 2`` times x, FMAs only.
         Coefficients: one per row when a tile lies inside one group, else gathered per word.
         """
         PER: tl.constexpr = 32 // BITS
@@ -236,15 +286,25 @@ if triton is not None:
             else:
                 cidx = rows[:, None] * groups + (widx // WPG)[None, :]
             cmask = rmask[:, None]
-            if AFFINE:
-                scale = tl.load(a_ptr + cidx * BITS, mask=cmask, other=0.0)
+            if MODE == 0:
+                scale = tl.load(a_ptr + cidx, mask=cmask, other=0.0)
                 offset = tl.load(bx_ptr + cidx, mask=cmask, other=0.0)
                 for j in tl.static_range(PER):
                     xj = tl.load(xd_ptr + tok * K + j * NW + widx)
                     field = ((word >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
                     n = field.to(tl.float32, bitcast=True) - 8388608.0
                     acc += (n * scale + offset) * xj[None, :]
-            else:
+            elif MODE == 1:
+                fx = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+                xs = tl.zeros([BLOCK_W], dtype=tl.float32)
+                for j in tl.static_range(PER):
+                    xj = tl.load(xd_ptr + tok * K + j * NW + widx)
+                    xs += xj
+                    fx += _mantissa_field(word, j * BITS, BITS) * xj[None, :]
+                scale = tl.load(a_ptr + cidx, mask=cmask, other=0.0) * (1 << BITS)
+                offset = tl.load(bx_ptr + cidx, mask=cmask, other=0.0)
+                acc += scale * (fx - xs[None, :]) + offset * xs[None, :]
+            elif MODE == 2:
                 c0 = _coef(a_ptr, cidx, cmask, BITS, 0, BITS) * 0.5
                 c1 = _coef(a_ptr, cidx, cmask, BITS, 1, BITS) * 0.5
                 c2 = _coef(a_ptr, cidx, cmask, BITS, 2, BITS) * 0.5
@@ -267,6 +327,57 @@ if triton is not None:
                         else:
                             src = xqj
                         acc += tl.where(bit, src[None, :], -src[None, :]) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
+            else:
+                p0 = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+                p1 = tl.zeros_like(p0)
+                p2 = tl.zeros_like(p0)
+                p3 = tl.zeros_like(p0)
+                p4 = tl.zeros_like(p0)
+                p5 = tl.zeros_like(p0)
+                p6 = tl.zeros_like(p0)
+                p7 = tl.zeros_like(p0)
+                xs = tl.zeros([BLOCK_W], dtype=tl.float32)
+                xqs = tl.zeros([BLOCK_W], dtype=tl.float32)
+                for j in tl.static_range(PER):
+                    xj = tl.load(xd_ptr + tok * K + j * NW + widx)
+                    xs += xj
+                    if KU < BITS:
+                        xqj = tl.load(xqd_ptr + tok * K + j * NW + widx)
+                        xqs += xqj
+                    for t in tl.static_range(BITS):
+                        if t < KU:
+                            src = xj
+                        else:
+                            src = xqj
+                        if MODE == 3:
+                            if j * BITS + t == 31:
+                                bit = word < 0
+                            else:
+                                bit = (word & (1 << (j * BITS + t))) != 0
+                            v = tl.where(bit, src[None, :], 0.0)
+                        else:
+                            v = _mantissa_field(word, j * BITS + t, 1) * src[None, :]
+                        p0, p1, p2, p3, p4, p5, p6, p7 = _add_plane(t, v, p0, p1, p2, p3, p4, p5, p6, p7)
+                if MODE == 4:  # sum (1 + b/2) src = sum src + (sum b src) / 2
+                    p0 = _plane_sum(p0, xs, xqs, 0, KU, BITS)
+                    p1 = _plane_sum(p1, xs, xqs, 1, KU, BITS)
+                    p2 = _plane_sum(p2, xs, xqs, 2, KU, BITS)
+                    p3 = _plane_sum(p3, xs, xqs, 3, KU, BITS)
+                    p4 = _plane_sum(p4, xs, xqs, 4, KU, BITS)
+                    p5 = _plane_sum(p5, xs, xqs, 5, KU, BITS)
+                    p6 = _plane_sum(p6, xs, xqs, 6, KU, BITS)
+                    p7 = _plane_sum(p7, xs, xqs, 7, KU, BITS)
+                acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * xs[None, :]
+                if KU < BITS:
+                    acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * xqs[None, :]
+                acc += _coef(a_ptr, cidx, cmask, BITS, 0, BITS) * p0
+                acc += _coef(a_ptr, cidx, cmask, BITS, 1, BITS) * p1
+                acc += _coef(a_ptr, cidx, cmask, BITS, 2, BITS) * p2
+                acc += _coef(a_ptr, cidx, cmask, BITS, 3, BITS) * p3
+                acc += _coef(a_ptr, cidx, cmask, BITS, 4, BITS) * p4
+                acc += _coef(a_ptr, cidx, cmask, BITS, 5, BITS) * p5
+                acc += _coef(a_ptr, cidx, cmask, BITS, 6, BITS) * p6
+                acc += _coef(a_ptr, cidx, cmask, BITS, 7, BITS) * p7
         out = tl.sum(acc, axis=1)
         if SPLIT == 1:
             tl.store(y_ptr + tok * M + rows, out, mask=rmask)
@@ -279,44 +390,37 @@ if triton is not None:
                        BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
         """Decode the factors to bf16 at memory speed for prefill: ``u = bx + sum_{t<KU} a_t bit_t``
         (the weight itself when there is no transformed factor) and ``v = bq + sum_{t>=KU} a_t bit_t``
-        (kashin's factor in the transformed basis). One program: BLOCK_M rows x BLOCK_W words."""
+        (kashin's factor in the transformed basis). One program: BLOCK_M rows x BLOCK_W words, decoded
+        as a (rows, words, PER) tile in the weight's own column order, so each thread writes its
+        word's PER values as one contiguous vector."""
         PER: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PER
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         widx = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        jj = tl.arange(0, PER)
         rmask = rows < M
         word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+        code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
         coef = rows[:, None] * groups + widx[None, :] // WPG
         cmask = rmask[:, None]
-        bx = tl.load(bx_ptr + coef, mask=cmask, other=0.0)
-        bq = tl.load(bq_ptr + coef, mask=cmask, other=0.0)
-        a0 = _coef(a_ptr, coef, cmask, BITS, 0, BITS)
-        a1 = _coef(a_ptr, coef, cmask, BITS, 1, BITS)
-        a2 = _coef(a_ptr, coef, cmask, BITS, 2, BITS)
-        a3 = _coef(a_ptr, coef, cmask, BITS, 3, BITS)
-        a4 = _coef(a_ptr, coef, cmask, BITS, 4, BITS)
-        a5 = _coef(a_ptr, coef, cmask, BITS, 5, BITS)
-        a6 = _coef(a_ptr, coef, cmask, BITS, 6, BITS)
-        a7 = _coef(a_ptr, coef, cmask, BITS, 7, BITS)
-        for j in tl.static_range(PER):
-            u = bx
-            v = bq
-            for t in tl.static_range(BITS):
-                bit = ((word >> (j * BITS + t)) & 1) != 0
-                a_t = _pick(t, a0, a1, a2, a3, a4, a5, a6, a7)
-                if t < KU:
-                    u += tl.where(bit, a_t, 0.0)
-                else:
-                    v += tl.where(bit, a_t, 0.0)
-            cols = widx * PER + j
-            out = rows[:, None] * K + cols[None, :]
-            tl.store(u_ptr + out, u.to(tl.bfloat16), mask=rmask[:, None])
-            if KU < BITS:
-                tl.store(v_ptr + out, v.to(tl.bfloat16), mask=rmask[:, None])
+        u = tl.load(bx_ptr + coef, mask=cmask, other=0.0)[:, :, None] + tl.zeros([BLOCK_M, BLOCK_W, PER], tl.float32)
+        v = tl.load(bq_ptr + coef, mask=cmask, other=0.0)[:, :, None] + tl.zeros([BLOCK_M, BLOCK_W, PER], tl.float32)
+        for t in tl.static_range(BITS):
+            a_t = tl.load(a_ptr + coef * BITS + t, mask=cmask, other=0.0)[:, :, None]
+            bit = ((code >> t) & 1).to(tl.float32)
+            if t < KU:
+                u += a_t * bit
+            else:
+                v += a_t * bit
+        out = rows[:, None, None] * K + widx[None, :, None] * PER + jj[None, None, :]
+        smask = rmask[:, None, None]
+        tl.store(u_ptr + out, u.to(tl.bfloat16), mask=smask)
+        if KU < BITS:
+            tl.store(v_ptr + out, v.to(tl.bfloat16), mask=smask)
 
 
 def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, block_m: int = 16,
-                block_w: int = 32, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+                block_w: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The factors as bf16 ``(out, k)`` matrices for prefill: ``(W, None)`` for a format without a
     transformed factor, ``(U, V)`` for kashin (``W = U + V Q^T`` per group, so ``x W^T = x U^T +
     (x Q) V^T``). Same word layout and limits as :func:`gemv_matmul`."""
@@ -326,6 +430,7 @@ def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, blo
         raise ValueError(f"the decode kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
                          f"({bits} bits, group {form.group})")
     m, words = packed.shape[0], packed.shape[1] // 4
+    block_w = block_w or max(1, 256 // (32 // bits))  # 256 weights of a row per program
     tile = min(block_w, words & (-words))
     w = packed.view(torch.int32)
     u = torch.empty(m, k, device=packed.device, dtype=torch.bfloat16)
@@ -355,13 +460,13 @@ def available() -> bool:
 
 
 def _launch_setup(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_k: int | None,
-                  xq: torch.Tensor | None, tiled: bool = True):
-    """Checks and buffers every fused kernel shares: the K tile (``tiled``), float32 inputs, the
+                  xq: torch.Tensor | None):
+    """Checks and buffers the tiled fused kernels share: the K tile, float32 inputs, the
     transformed input (unless given), the output. Returns ``(block_k, x32, xq, y)``."""
     if triton is None:
         raise RuntimeError("the fused kernel needs triton")
     block_k = block_k or block_k_for(form.group)
-    if tiled and (block_k is None or form.group % block_k):
+    if block_k is None or form.group % block_k:
         raise ValueError(f"group {form.group} has no power-of-two tile >= 16")
     t = x.shape[0]
     if t > MAX_TOKENS:
@@ -432,29 +537,79 @@ def deinterleave(x: torch.Tensor, bits: int) -> torch.Tensor:
     return x.float().reshape(t, k // per, per).transpose(1, 2).contiguous()
 
 
+GEMV_MODES = {0: "affine per weight", 1: "affine per word", 2: "signs per weight", 3: "plane sums",
+              4: "plane sums (mantissa)"}
+GEMV_MODE_AFFINE, GEMV_MODE_PLANES = 1, 3  # the defaults (eval/results/bench_kernels.md)
+
+
 def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_m: int = 8,
                 block_w: int = 64, num_warps: int = 4, split: int = 1, xq: torch.Tensor | None = None,
-                affine: bool | None = None) -> torch.Tensor:
+                affine: bool | None = None, mode: int | None = None, tables: tuple | None = None) -> torch.Tensor:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
-    format's levels are an affine grid (rtn); computed from ``form`` when not given."""
+    format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
+    are decoded (:data:`GEMV_MODES`; 0 and 1 need an affine grid), default per format. ``tables``:
+    :func:`level_tables` of the form when the caller has them."""
     tile = gemv_block_w(form, bits, block_w, split)
     if tile is None or packed.shape[1] % 4:
         raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
                          f"({bits} bits, group {form.group}, {packed.shape[1]} bytes per row, split {split})")
-    _, x32, xq, y = _launch_setup(x, packed, form, bits, None, xq, tiled=False)
+    if tables is None and (affine is None or affine):
+        tables = level_tables(form, bits)
     if affine is None:
-        affine = level_tables(form, bits)[2]
+        affine = tables[2]
+    if mode is None:
+        mode = GEMV_MODE_AFFINE if affine else GEMV_MODE_PLANES
+    if mode not in GEMV_MODES:
+        raise ValueError(f"unknown GEMV mode {mode}; choose one of {sorted(GEMV_MODES)}")
+    if mode in (0, 1) and not affine:
+        raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) needs an affine grid (rtn)")
     (t, k), m = x.shape, packed.shape[0]
+    xd, xqd = prepared_input(x, form, bits, xq)
+    y = torch.empty(t, m, device=x.device, dtype=torch.float32)
     if split > 1:  # the programs of a row block add their parts into y
         y.zero_()
-    xd = deinterleave(x32, bits)
-    xqd = deinterleave(xq, bits) if form.ku < bits else xd
     w = packed.view(torch.int32)
+    if mode in (0, 1):
+        a, bx, bq = tables[1], tables[0], tables[0]  # scale and offset per (row, group)
+    else:
+        a, bx, bq = form.a, form.bx, form.bq
     _gemv_kernel[(triton.cdiv(m, block_m), split, t)](
-        w, xd, xqd, form.a, form.bx, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
-        BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split, num_warps=num_warps)
+        w, xd, xqd, a, bx, bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
+        BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split, num_warps=num_warps)
     return y
+
+
+_PREPARED: dict = {}  # the last few-token input's de-interleaved copies, see prepared_input
+
+
+def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Tensor | None = None):
+    """``(xd, xqd)``: the de-interleaved float32 input and transformed input the GEMV kernel reads.
+
+    Layers that take the same input tensor (q/k/v, gate/up) share one transform: the last input is
+    kept (a reference, so its memory cannot be reused by another tensor while cached) with its
+    version counter, and reused while neither changes. ``xq`` given: no caching."""
+    if triton is None:
+        raise RuntimeError("the fused kernel needs triton")
+    if x.shape[0] > MAX_TOKENS:
+        raise ValueError(f"the fused kernel serves at most {MAX_TOKENS} tokens, got {x.shape[0]}")
+    needs_xq, given = form.ku < bits, xq is not None
+    key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version, bits,
+           form.transform if needs_xq else None, form.seed if needs_xq else None, form.group if needs_xq else None)
+    if not given:
+        hit = _PREPARED.get("entry")
+        if hit is not None and hit[0] == key:
+            return hit[2], hit[3]
+    x32 = x.float().contiguous()
+    xd = deinterleave(x32, bits)
+    if needs_xq:
+        xq = transformed_input(x32, form) if xq is None else xq
+        xqd = deinterleave(xq.float(), bits)
+    else:
+        xqd = xd
+    if not given:
+        _PREPARED["entry"] = (key, x, xd, xqd)
+    return xd, xqd
 
 
 # The GEMV kernel's tile (rows per program, warps, words per tile) and the number of programs a
@@ -488,7 +643,7 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
         block_m, warps, block_w = GEMV_TILE_AFFINE if affine else GEMV_TILE
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w)
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
-                           affine=affine)
+                           affine=affine, tables=tables)
     if form.transform is not None and bits <= 2:
         return bitplane_matmul(x, packed, form, bits, block_m=4, num_warps=1)
     return levels_matmul(x, packed, form, bits, tables=tables, block_m=2, num_warps=1)

@@ -107,20 +107,61 @@ GEMV_CASES = [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(bits=4, grou
 @pytest.mark.parametrize("cfg", GEMV_CASES, ids=[f"{c.method}{c.bits}-u{c.ku}-g{c.group_size}-{c.transform}"
                                                  for c in GEMV_CASES])
 @pytest.mark.parametrize("block", [(4, 64, 1, 1), (8, 2, 2, 2), (16, 8, 4, 4)], ids=["wide", "narrow", "split"])
-def test_word_gemv_kernel_matches_the_reference(cfg, block):
+@pytest.mark.parametrize("mode", [None, 0, 2, 4], ids=["default", "mode0", "mode2", "mode4"])
+def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     """Every code position of a word (the sign bit too), tiles inside and across groups, partial
-    row tiles, K split between programs."""
+    row tiles, K split between programs, every decode mode the format allows."""
     pytest.importorskip("triton")
     from quantune.kernels import gemv_block_w, gemv_matmul
 
+    affine = cfg.method == "rtn"
+    if mode is not None and (mode < 2) != affine:
+        pytest.skip("mode for the other kind of format")
     q = _layer(cfg, out=37, inp=256)
     x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(5))
     block_m, block_w, warps, split = block
     if gemv_block_w(_form(q), cfg.bits, block_w, split) is None:
         split = 1
     got = gemv_matmul(x, q.codes, _form(q), cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
-                      split=split)
+                      split=split, mode=mode)
     torch.testing.assert_close(got, x @ q.dequantize().T, rtol=1e-4, atol=1e-5)
+
+
+def test_word_gemv_kernel_refuses_a_mode_the_format_lacks():
+    pytest.importorskip("triton")
+    from quantune.kernels import gemv_matmul
+
+    q = _layer(QuantConfig(bits=4), out=8, inp=256)
+    with pytest.raises(ValueError, match="affine grid"):
+        gemv_matmul(torch.randn(1, 256), q.codes, _form(q), 4, mode=1)
+    with pytest.raises(ValueError, match="unknown GEMV mode"):
+        gemv_matmul(torch.randn(1, 256), q.codes, _form(q), 4, mode=9)
+
+
+def test_layers_with_one_input_share_its_transform():
+    """q/k/v (and gate/up) get the same input tensor: its transform is computed once, and recomputed
+    once the tensor changes in place."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    q = _layer(QuantConfig(bits=4), out=8, inp=256)
+    form = _form(q)
+    x = torch.randn(1, 256)
+    calls = []
+    original = kernels.transformed_input
+    kernels.transformed_input = lambda *a: calls.append(1) or original(*a)
+    try:
+        first = kernels.gemv_matmul(x, q.codes, form, 4)
+        again = kernels.gemv_matmul(x, q.codes, form, 4)
+        assert len(calls) == 1 and torch.equal(first, again)
+        x.mul_(2)  # same tensor, new values
+        doubled = kernels.gemv_matmul(x, q.codes, form, 4)
+        assert len(calls) == 2
+        torch.testing.assert_close(doubled, 2 * first, rtol=1e-5, atol=1e-6)
+        kernels.gemv_matmul(x.clone(), q.codes, form, 4)  # another tensor
+        assert len(calls) == 3
+    finally:
+        kernels.transformed_input = original
 
 
 def test_word_gemv_kernel_refuses_codes_across_words():
