@@ -85,17 +85,19 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
 # "gemvN" = codes read as 32-bit words, decoded by register arithmetic in mode N
 # (quantune.kernels.GEMV_MODES: 0/1 rtn's affine grid per weight / per word, 2/3/4 kashin's sign planes
 # per weight / plane sums / plane sums by the mantissa trick), the K split chosen by quantune.kernels.gemv_split
-CONFIGS = [("levels", 2, 1, 0),
-           ("gemv0", 128, 4, 8), ("gemv0", 64, 2, 8),
-           ("gemv1", 128, 4, 8), ("gemv1", 64, 2, 8), ("gemv1", 16, 4, 32), ("gemv1", 8, 4, 64), ("gemv1", 4, 4, 128),
-           ("gemv2", 16, 4, 32), ("gemv2", 32, 2, 32),
-           ("gemv3", 16, 4, 32), ("gemv3", 32, 2, 32), ("gemv3", 8, 4, 64), ("gemv3", 4, 4, 128),
-           ("gemv4", 16, 4, 32), ("gemv4", 32, 2, 32), ("gemv4", 8, 4, 64), ("gemv4", 4, 4, 128)]
+CONFIGS = [("gemv0", 128, 4, 8),
+           ("gemv1", 128, 4, 8), ("gemv1", 8, 4, 64), ("gemv1", 4, 4, 128),
+           ("gemv1p", 128, 4, 8), ("gemv1p", 8, 4, 64), ("gemv1p", 4, 4, 128),
+           ("gemv2", 16, 4, 32), ("gemv2p", 16, 4, 32),
+           ("gemv3", 16, 4, 32), ("gemv3", 8, 4, 64), ("gemv3", 32, 2, 32),
+           ("gemv3p", 16, 4, 32), ("gemv3p", 8, 4, 64), ("gemv3p", 32, 2, 32)]
+# earlier sweeps (eval/results/kernel_sweeps/): "planes"/"levels" kernels and gemv mode 4 never won
 
 
 def gemv_mode(kind: str) -> int | None:
-    """"gemv3" -> 3, "gemv" -> None (the format's default mode)."""
-    return int(kind[4:]) if len(kind) > 4 else None
+    """"gemv3" / "gemv3p" (prefetching) -> 3, "gemv" -> None (the format's default mode)."""
+    digits = kind[4:].rstrip("p")
+    return int(digits) if digits else None
 
 
 def parse_configs(text: str) -> list[tuple]:
@@ -175,7 +177,8 @@ def main() -> None:
                         if xq_arg is None:  # time the input's transform too (no reuse across calls)
                             kernels._PREPARED.clear()
                         return gemv_matmul(x1, q.codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
-                                           split=split, xq=xq_arg, affine=tables[2], mode=mode, tables=tables)
+                                           split=split, xq=xq_arg, affine=tables[2], mode=mode, tables=tables,
+                                           prefetch=kind.endswith("p"))
                     return call
                 return lambda: levels_matmul(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
                                              xq=xq_arg, block_k=args.block_k)
@@ -202,9 +205,10 @@ def main() -> None:
             with torch.no_grad():
                 t_module = t_module_eager = bench_eager(lambda: (kernels._PREPARED.clear(), q(x1))[1])  # from Python
                 t_old_prefill = bench_eager(lambda: xp @ q.dequantize().to(torch.bfloat16).T)
-                t_decode = bench(lambda: decode_bf16(q.codes, form, bits, k))
-                t_q_prefill = bench(lambda: prefill_matmul(xp, q.codes, form, bits))
-                got_p = prefill_matmul(xp[:64], q.codes, form, bits).float()
+                t_decode = bench(lambda: decode_bf16(q.codes, form, bits, k, tables=tables))
+                t_decode_planes = bench(lambda: decode_bf16(q.codes, form, bits, k, mode=0))
+                t_q_prefill = bench(lambda: prefill_matmul(xp, q.codes, form, bits, tables=tables))
+                got_p = prefill_matmul(xp[:64], q.codes, form, bits, tables=tables).float()
                 got_m = q(xp[:64]).float()  # the module's own dispatch for 64 tokens
             ref_p = xp[:64].float() @ q.dequantize().T
             index_bytes = q.codes.numel()
@@ -217,7 +221,8 @@ def main() -> None:
                    "best_config": {"kernel": kind, "block_m": bm, "num_warps": nw, "block_w": tw},
                    "config_seconds": {f"{c}:{a}x{b}x{d}": v for (c, a, b, d), v in timings.items()},
                    "config_rel_err": {f"{c}:{a}x{b}x{d}": v for (c, a, b, d), v in errors.items()},
-                   "decode_bf16_s": t_decode, "old_prefill_s": t_old_prefill,
+                   "decode_bf16_s": t_decode, "decode_bf16_planes_s": t_decode_planes,
+                   "old_prefill_s": t_old_prefill,
                    "kernel_s": t_kernel, "decode_s": t_full, "transform_s": t_transform, "module_s": t_module,
                    "module_eager_s": t_module_eager, "prefill_s": t_q_prefill,
                    "floor_s": (index_bytes + meta_bytes) / bw,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from quantune.methods import BitplaneForm
-from quantune.transforms import forward_transform
+from quantune.transforms import dct_twiddle, forward_transform, random_signs
 
 MAX_TOKENS = 16
 
@@ -247,7 +247,8 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, a_ptr, bx_ptr, bq_ptr, y_ptr, M, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
-                     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr):
+                     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
+                     PREFETCH: tl.constexpr):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) so every input load is a contiguous vector shared by the
@@ -265,6 +266,7 @@ if triton is not None:
           coefficient), then ``a_t`` times it plus ``bx * sum x + bq * sum xq``.
         - 4, plane sums through the mantissa trick (kashin): ``f = 1 + bit_t / 2`` times x, FMAs only.
         Coefficients: one per row when a tile lies inside one group, else gathered per word.
+        PREFETCH: the next tile's words are loaded before this tile's arithmetic (two tiles in flight).
         """
         PER: tl.constexpr = 32 // BITS
         NW: tl.constexpr = K // PER       # words per row
@@ -277,10 +279,18 @@ if triton is not None:
         rmask = rows < M
         wcols = tl.arange(0, BLOCK_W)
         acc = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+        if PREFETCH:
+            ahead = tl.load(w_ptr + rows[:, None] * stride_w + (part * CHUNK + wcols)[None, :], mask=rmask[:, None],
+                            other=0)
         for i in range(0, CHUNK, BLOCK_W):
             w0 = part * CHUNK + i
             widx = w0 + wcols
-            word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+            if PREFETCH:
+                word = ahead
+                ahead = tl.load(w_ptr + rows[:, None] * stride_w + (widx + BLOCK_W)[None, :],
+                                mask=rmask[:, None] & (i + BLOCK_W < CHUNK), other=0)
+            else:
+                word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
             if WPG >= BLOCK_W:  # the tile lies in one group: one coefficient per row
                 cidx = (rows * groups + w0 // WPG)[:, None]
             else:
@@ -385,14 +395,56 @@ if triton is not None:
             tl.atomic_add(y_ptr + tok * M + rows, out, mask=rmask)
 
     @triton.jit
+    def _prep_kernel(x_ptr, xd_ptr, signs_ptr, v_ptr, K: tl.constexpr, G: tl.constexpr, PER: tl.constexpr,
+                     HAS_V: tl.constexpr, BLOCK: tl.constexpr):
+        """One (token, group): the input in float32, de-interleaved for the GEMV (``xd[t, j, w] =
+        x[t, w * PER + j]``), and with HAS_V the DCT's FFT input ``v`` of that group (signs applied,
+        even entries in order, odd entries reversed behind them: Makhoul's reordering)."""
+        tok = tl.program_id(0)
+        grp = tl.program_id(1)
+        offs = tl.arange(0, BLOCK)
+        m = offs < G
+        xv = tl.load(x_ptr + tok * K + grp * G + offs, mask=m, other=0.0).to(tl.float32)
+        c = grp * G + offs
+        tl.store(xd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xv, mask=m)
+        if HAS_V:
+            sv = xv * tl.load(signs_ptr + offs, mask=m, other=0.0)
+            dest = tl.where(offs % 2 == 0, offs // 2, G - 1 - offs // 2)
+            tl.store(v_ptr + (tok * (K // G) + grp) * G + dest, sv, mask=m)
+
+    @triton.jit
+    def _dct_post_kernel(f_ptr, tw_ptr, xqd_ptr, K: tl.constexpr, G: tl.constexpr, PER: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        """``X_k = Re(t_k V_k)`` from the half spectrum ``rfft(v)`` (``V_k = conj(V_{G-k})`` above
+        G/2), written de-interleaved like :func:`_prep_kernel`'s ``xd``."""
+        tok = tl.program_id(0)
+        grp = tl.program_id(1)
+        k = tl.arange(0, BLOCK)
+        m = k < G
+        low = k <= G // 2
+        idx = tl.where(low, k, G - k)
+        base = f_ptr + (tok * (K // G) + grp) * (G // 2 + 1) * 2
+        re = tl.load(base + idx * 2, mask=m, other=0.0)
+        im = tl.load(base + idx * 2 + 1, mask=m, other=0.0)
+        im = tl.where(low, im, -im)
+        out = tl.load(tw_ptr + k * 2, mask=m, other=0.0) * re - tl.load(tw_ptr + k * 2 + 1, mask=m, other=0.0) * im
+        c = grp * G + k
+        tl.store(xqd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, out, mask=m)
+
+    @triton.jit
     def _decode_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, u_ptr, v_ptr, M, stride_w, groups,
                        K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+                       MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
         """Decode the factors to bf16 at memory speed for prefill: ``u = bx + sum_{t<KU} a_t bit_t``
         (the weight itself when there is no transformed factor) and ``v = bq + sum_{t>=KU} a_t bit_t``
         (kashin's factor in the transformed basis). One program: BLOCK_M rows x BLOCK_W words, decoded
         as a (rows, words, PER) tile in the weight's own column order, so each thread writes its
-        word's PER values as one contiguous vector."""
+        word's PER values as one contiguous vector.
+
+        MODE (DECODE_MODES): 0 planes (the sums above, from ``form.a``/``bx``/``bq``); 1 affine (rtn:
+        ``u = offset + scale * code`` from ``level_tables``: ``bx_ptr`` offsets, ``a_ptr`` scales);
+        2 tables (``u = lut_u[code & (2^KU - 1)]``, ``v = lut_v[code >> KU]`` per (row, group) from
+        ``level_tables``: ``a_ptr`` lut_u, ``bq_ptr`` lut_v)."""
         PER: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PER
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -403,50 +455,75 @@ if triton is not None:
         code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
         coef = rows[:, None] * groups + widx[None, :] // WPG
         cmask = rmask[:, None]
-        u = tl.load(bx_ptr + coef, mask=cmask, other=0.0)[:, :, None] + tl.zeros([BLOCK_M, BLOCK_W, PER], tl.float32)
-        v = tl.load(bq_ptr + coef, mask=cmask, other=0.0)[:, :, None] + tl.zeros([BLOCK_M, BLOCK_W, PER], tl.float32)
-        for t in tl.static_range(BITS):
-            a_t = tl.load(a_ptr + coef * BITS + t, mask=cmask, other=0.0)[:, :, None]
-            bit = ((code >> t) & 1).to(tl.float32)
-            if t < KU:
-                u += a_t * bit
-            else:
-                v += a_t * bit
-        out = rows[:, None, None] * K + widx[None, :, None] * PER + jj[None, None, :]
         smask = rmask[:, None, None]
+        if MODE == 1:
+            u = tl.load(bx_ptr + coef, mask=cmask, other=0.0)[:, :, None] + \
+                tl.load(a_ptr + coef, mask=cmask, other=0.0)[:, :, None] * code.to(tl.float32)
+            v = u
+        elif MODE == 2:
+            u = tl.load(a_ptr + coef[:, :, None] * (1 << KU) + (code & ((1 << KU) - 1)), mask=smask, other=0.0)
+            v = tl.load(bq_ptr + coef[:, :, None] * (1 << (BITS - KU)) + (code >> KU), mask=smask, other=0.0)
+        else:
+            u = tl.load(bx_ptr + coef, mask=cmask, other=0.0)[:, :, None] + tl.zeros([BLOCK_M, BLOCK_W, PER], tl.float32)
+            v = tl.load(bq_ptr + coef, mask=cmask, other=0.0)[:, :, None] + tl.zeros([BLOCK_M, BLOCK_W, PER], tl.float32)
+            for t in tl.static_range(BITS):
+                a_t = tl.load(a_ptr + coef * BITS + t, mask=cmask, other=0.0)[:, :, None]
+                bit = ((code >> t) & 1).to(tl.float32)
+                if t < KU:
+                    u += a_t * bit
+                else:
+                    v += a_t * bit
+        out = rows[:, None, None] * K + widx[None, :, None] * PER + jj[None, None, :]
         tl.store(u_ptr + out, u.to(tl.bfloat16), mask=smask)
         if KU < BITS:
             tl.store(v_ptr + out, v.to(tl.bfloat16), mask=smask)
 
 
+DECODE_MODES = {0: "planes", 1: "affine", 2: "tables"}
+
+
 def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, block_m: int = 16,
-                block_w: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+                block_w: int | None = None, num_warps: int = 4, tables: tuple | None = None,
+                mode: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The factors as bf16 ``(out, k)`` matrices for prefill: ``(W, None)`` for a format without a
     transformed factor, ``(U, V)`` for kashin (``W = U + V Q^T`` per group, so ``x W^T = x U^T +
-    (x Q) V^T``). Same word layout and limits as :func:`gemv_matmul`."""
+    (x Q) V^T``). Same word layout and limits as :func:`gemv_matmul`. ``mode``: :data:`DECODE_MODES`
+    (default affine for rtn, tables otherwise); ``tables``: :func:`level_tables` when the caller has them."""
     if triton is None:
         raise RuntimeError("the decode kernel needs triton")
     if not gemv_supported(form, bits, packed.shape[1]):
         raise ValueError(f"the decode kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
                          f"({bits} bits, group {form.group})")
+    if mode != 0 and tables is None:
+        tables = level_tables(form, bits)
+    if mode is None:
+        mode = 1 if tables[2] else 2
+    if mode not in DECODE_MODES or (mode == 1 and not tables[2]) or (mode == 2 and tables[2]):
+        raise ValueError(f"decode mode {mode} does not serve this format (modes: {DECODE_MODES})")
     m, words = packed.shape[0], packed.shape[1] // 4
     block_w = block_w or max(1, 256 // (32 // bits))  # 256 weights of a row per program
     tile = min(block_w, words & (-words))
     w = packed.view(torch.int32)
     u = torch.empty(m, k, device=packed.device, dtype=torch.bfloat16)
     v = torch.empty_like(u) if form.ku < bits else None
+    if mode == 0:
+        a, bx, bq = form.a, form.bx, form.bq
+    elif mode == 1:
+        a, bx, bq = tables[1], tables[0], tables[0]
+    else:
+        a, bx, bq = tables[0], tables[0], tables[1]
     _decode_kernel[(triton.cdiv(m, block_m), words // tile)](
-        w, form.a, form.bx, form.bq, u, u if v is None else v, m, w.stride(0), form.bx.shape[1], K=k,
-        GROUP=form.group, BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_W=tile, num_warps=num_warps)
+        w, a, bx, bq, u, u if v is None else v, m, w.stride(0), form.bx.shape[1], K=k,
+        GROUP=form.group, BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, num_warps=num_warps)
     return u, v
 
 
 def prefill_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
-                   factors: tuple | None = None) -> torch.Tensor:
+                   factors: tuple | None = None, tables: tuple | None = None) -> torch.Tensor:
     """``x W^T`` for many tokens in ``x.dtype`` (bf16/fp16): decode the factors to bf16 (or take
     ``factors`` from :func:`decode_bf16`), then cuBLAS: one GEMM, or for kashin two (``x U^T``
     plus ``(x Q) V^T`` accumulated into the same output)."""
-    u, v = factors if factors is not None else decode_bf16(packed, form, bits, x.shape[-1])
+    u, v = factors if factors is not None else decode_bf16(packed, form, bits, x.shape[-1], tables=tables)
     dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     y = x.to(dtype) @ u.to(dtype).T
     if v is not None:
@@ -544,12 +621,13 @@ GEMV_MODE_AFFINE, GEMV_MODE_PLANES = 1, 3  # the defaults (eval/results/bench_ke
 
 def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_m: int = 8,
                 block_w: int = 64, num_warps: int = 4, split: int = 1, xq: torch.Tensor | None = None,
-                affine: bool | None = None, mode: int | None = None, tables: tuple | None = None) -> torch.Tensor:
+                affine: bool | None = None, mode: int | None = None, tables: tuple | None = None,
+                prefetch: bool = False) -> torch.Tensor:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
     are decoded (:data:`GEMV_MODES`; 0 and 1 need an affine grid), default per format. ``tables``:
-    :func:`level_tables` of the form when the caller has them."""
+    :func:`level_tables` of the form when the caller has them. ``prefetch``: keep two word tiles in flight."""
     tile = gemv_block_w(form, bits, block_w, split)
     if tile is None or packed.shape[1] % 4:
         raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
@@ -576,7 +654,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         a, bx, bq = form.a, form.bx, form.bq
     _gemv_kernel[(triton.cdiv(m, block_m), split, t)](
         w, xd, xqd, a, bx, bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
-        BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split, num_warps=num_warps)
+        BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
+        PREFETCH=prefetch, num_warps=num_warps)
     return y
 
 
@@ -600,10 +679,27 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         hit = _PREPARED.get("entry")
         if hit is not None and hit[0] == key:
             return hit[2], hit[3]
-    x32 = x.float().contiguous()
-    xd = deinterleave(x32, bits)
-    if needs_xq:
-        xq = transformed_input(x32, form) if xq is None else xq
+    t, k = x.shape
+    per = 32 // bits
+    xd = torch.empty(t, per, k // per, device=x.device, dtype=torch.float32)
+    fused_dct = needs_xq and not given and form.transform == "dct"
+    g = form.group if fused_dct else k
+    block = triton.next_power_of_2(g)
+    x = x.contiguous()
+    if fused_dct:  # cast, de-interleave and DCT pre-step in one kernel, then one rfft and one post kernel
+        v = torch.empty(t * (k // g), g, device=x.device, dtype=torch.float32)
+        signs = random_signs(g, form.seed, device=x.device, dtype=torch.float32)
+    else:
+        v = signs = xd
+    warps = 4 if block <= 4096 else 8
+    _prep_kernel[(t, k // g)](x, xd, signs, v, K=k, G=g, PER=per, HAS_V=fused_dct, BLOCK=block, num_warps=warps)
+    if fused_dct:
+        spectrum = torch.view_as_real(torch.fft.rfft(v, dim=-1))
+        twiddle = torch.view_as_real(dct_twiddle(g, x.device, torch.float32))
+        xqd = torch.empty_like(xd)
+        _dct_post_kernel[(t, k // g)](spectrum, twiddle, xqd, K=k, G=g, PER=per, BLOCK=block, num_warps=warps)
+    elif needs_xq:
+        xq = transformed_input(x.float(), form) if xq is None else xq
         xqd = deinterleave(xq.float(), bits)
     else:
         xqd = xd

@@ -134,7 +134,8 @@ class QuantLinear(nn.Module):
             if path == "fused":
                 y = fused_matmul(x2, self.codes, self.bitplane_form(), self.qconfig.bits, self.level_tables())
             else:
-                y = prefill_matmul(x2.to(dtype), self.codes, self.bitplane_form(), self.qconfig.bits)
+                y = prefill_matmul(x2.to(dtype), self.codes, self.bitplane_form(), self.qconfig.bits,
+                                   tables=self.level_tables())
             y = y.to(dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(dtype)
         if torch.is_grad_enabled() and x.requires_grad:

@@ -51,7 +51,7 @@ def _fwht(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def _dct_twiddle(n: int, device: torch.device, dtype: torch.dtype):
+def dct_twiddle(n: int, device: torch.device, dtype: torch.dtype):
     k = torch.arange(n, dtype=torch.float64)
     w = torch.exp(-1j * math.pi * k / (2 * n))
     scale = torch.full((n,), math.sqrt(2.0 / n), dtype=torch.float64)
@@ -65,7 +65,7 @@ def dct_ortho(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     v = torch.cat((work[..., 0::2], work[..., 1::2].flip(-1)), dim=-1)
-    twiddle = _dct_twiddle(n, x.device, work.dtype)
+    twiddle = dct_twiddle(n, x.device, work.dtype)
     out = (torch.fft.fft(v, dim=-1) * twiddle).real
     return out.to(x.dtype)
 
@@ -74,7 +74,7 @@ def idct_ortho(y: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`dct_ortho` (orthonormal DCT-III) along the last dimension."""
     n = y.shape[-1]
     work = y if y.dtype in (torch.float32, torch.float64) else y.float()
-    twiddle = _dct_twiddle(n, y.device, work.dtype)
+    twiddle = dct_twiddle(n, y.device, work.dtype)
     # With X_k = Re(t_k V_k) and V the FFT of a real sequence (V_{n-k} = conj V_k), one
     # finds V_k = (X_k - i X_{n-k}) / t_k, taking X_n = 0.
     rev = torch.cat((torch.zeros_like(work[..., :1]), work[..., 1:].flip(-1)), dim=-1)

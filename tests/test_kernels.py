@@ -107,7 +107,7 @@ GEMV_CASES = [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(bits=4, grou
 @pytest.mark.parametrize("cfg", GEMV_CASES, ids=[f"{c.method}{c.bits}-u{c.ku}-g{c.group_size}-{c.transform}"
                                                  for c in GEMV_CASES])
 @pytest.mark.parametrize("block", [(4, 64, 1, 1), (8, 2, 2, 2), (16, 8, 4, 4)], ids=["wide", "narrow", "split"])
-@pytest.mark.parametrize("mode", [None, 0, 2, 4], ids=["default", "mode0", "mode2", "mode4"])
+@pytest.mark.parametrize("mode", [None, 0, 2, 4, "prefetch"], ids=["default", "mode0", "mode2", "mode4", "prefetch"])
 def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     """Every code position of a word (the sign bit too), tiles inside and across groups, partial
     row tiles, K split between programs, every decode mode the format allows."""
@@ -115,6 +115,8 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     from quantune.kernels import gemv_block_w, gemv_matmul
 
     affine = cfg.method == "rtn"
+    prefetch = mode == "prefetch"
+    mode = None if prefetch else mode
     if mode is not None and (mode < 2) != affine:
         pytest.skip("mode for the other kind of format")
     q = _layer(cfg, out=37, inp=256)
@@ -123,7 +125,7 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     if gemv_block_w(_form(q), cfg.bits, block_w, split) is None:
         split = 1
     got = gemv_matmul(x, q.codes, _form(q), cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
-                      split=split, mode=mode)
+                      split=split, mode=mode, prefetch=prefetch)
     torch.testing.assert_close(got, x @ q.dequantize().T, rtol=1e-4, atol=1e-5)
 
 
@@ -140,28 +142,38 @@ def test_word_gemv_kernel_refuses_a_mode_the_format_lacks():
 
 def test_layers_with_one_input_share_its_transform():
     """q/k/v (and gate/up) get the same input tensor: its transform is computed once, and recomputed
-    once the tensor changes in place."""
+    once the tensor changes in place or another tensor comes."""
     pytest.importorskip("triton")
     from quantune import kernels
 
     q = _layer(QuantConfig(bits=4), out=8, inp=256)
     form = _form(q)
     x = torch.randn(1, 256)
-    calls = []
-    original = kernels.transformed_input
-    kernels.transformed_input = lambda *a: calls.append(1) or original(*a)
-    try:
-        first = kernels.gemv_matmul(x, q.codes, form, 4)
-        again = kernels.gemv_matmul(x, q.codes, form, 4)
-        assert len(calls) == 1 and torch.equal(first, again)
-        x.mul_(2)  # same tensor, new values
-        doubled = kernels.gemv_matmul(x, q.codes, form, 4)
-        assert len(calls) == 2
-        torch.testing.assert_close(doubled, 2 * first, rtol=1e-5, atol=1e-6)
-        kernels.gemv_matmul(x.clone(), q.codes, form, 4)  # another tensor
-        assert len(calls) == 3
-    finally:
-        kernels.transformed_input = original
+    first = kernels.prepared_input(x, form, 4)
+    assert kernels.prepared_input(x, form, 4)[1] is first[1]
+    y = kernels.gemv_matmul(x, q.codes, form, 4)
+    x.mul_(2)  # same tensor, new values
+    doubled = kernels.prepared_input(x, form, 4)
+    assert doubled[1] is not first[1]
+    torch.testing.assert_close(kernels.gemv_matmul(x, q.codes, form, 4), 2 * y, rtol=1e-5, atol=1e-6)
+    assert kernels.prepared_input(x.clone(), form, 4)[1] is not doubled[1]
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=2, group_size=96),
+                                 QuantConfig(bits=4, transform="hadamard"), QuantConfig(method="rtn", bits=4)],
+                         ids=["dct-row", "dct-group96", "hadamard", "rtn"])
+def test_prepared_input_is_the_transformed_input_deinterleaved(cfg):
+    """The fused DCT (one cast/reorder kernel, an rfft, one post kernel) equals the torch transform."""
+    pytest.importorskip("triton")
+    from quantune.kernels import deinterleave, prepared_input, transformed_input
+
+    q = _layer(cfg, out=8, inp=192)
+    form = _form(q)
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(7)).bfloat16()
+    xd, xqd = prepared_input(x, form, cfg.bits)
+    torch.testing.assert_close(xd, deinterleave(x.float(), cfg.bits), rtol=0, atol=0)
+    want = deinterleave(transformed_input(x.float(), form), cfg.bits) if form.ku < cfg.bits else xd
+    torch.testing.assert_close(xqd, want, rtol=1e-5, atol=1e-5)
 
 
 def test_word_gemv_kernel_refuses_codes_across_words():
@@ -176,7 +188,8 @@ def test_word_gemv_kernel_refuses_codes_across_words():
 
 @pytest.mark.parametrize("cfg", GEMV_CASES[:4] + GEMV_CASES[7:], ids=[f"{c.method}{c.bits}-g{c.group_size}"
                                                                     for c in GEMV_CASES[:4] + GEMV_CASES[7:]])
-def test_decode_kernel_rebuilds_the_factors(cfg):
+@pytest.mark.parametrize("mode", [None, 0])
+def test_decode_kernel_rebuilds_the_factors(cfg, mode):
     """bf16 factors for prefill: U + V Q^T is the module's weight, and the two-GEMM product matches."""
     pytest.importorskip("triton")
     from quantune.kernels import decode_bf16, prefill_matmul
@@ -184,7 +197,7 @@ def test_decode_kernel_rebuilds_the_factors(cfg):
 
     q = _layer(cfg, out=37, inp=256)
     form = _form(q)
-    u, v = decode_bf16(q.codes, form, cfg.bits, q.in_features, block_m=16, block_w=4)
+    u, v = decode_bf16(q.codes, form, cfg.bits, q.in_features, block_m=16, block_w=4, mode=mode)
     w = u.float()
     if v is not None:
         g = form.group
