@@ -488,7 +488,7 @@ def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, blo
     """The factors as bf16 ``(out, k)`` matrices for prefill: ``(W, None)`` for a format without a
     transformed factor, ``(U, V)`` for kashin (``W = U + V Q^T`` per group, so ``x W^T = x U^T +
     (x Q) V^T``). Same word layout and limits as :func:`gemv_matmul`. ``mode``: :data:`DECODE_MODES`
-    (default affine for rtn, tables otherwise); ``tables``: :func:`level_tables` when the caller has them."""
+    (default affine for rtn, planes otherwise); ``tables``: :func:`level_tables` when the caller has them."""
     if triton is None:
         raise RuntimeError("the decode kernel needs triton")
     if not gemv_supported(form, bits, packed.shape[1]):
@@ -496,8 +496,8 @@ def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, blo
                          f"({bits} bits, group {form.group})")
     if mode != 0 and tables is None:
         tables = level_tables(form, bits)
-    if mode is None:
-        mode = 1 if tables[2] else 2
+    if mode is None:  # measured on the H200: tables lose to planes for kashin (eval/results/bench_kernels.md)
+        mode = 1 if tables[2] else 0
     if mode not in DECODE_MODES or (mode == 1 and not tables[2]) or (mode == 2 and tables[2]):
         raise ValueError(f"decode mode {mode} does not serve this format (modes: {DECODE_MODES})")
     m, words = packed.shape[0], packed.shape[1] // 4
@@ -708,10 +708,11 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     return xd, xqd
 
 
-# The GEMV kernel's tile (rows per program, warps, words per tile) and the number of programs a
-# row block is split into along K: enough programs to fill the GPU (eval/results/bench_kernels.md).
-GEMV_TILE = (16, 4, 32)         # kashin (sign planes): best or near-best on every measured shape
-GEMV_TILE_AFFINE = (128, 4, 8)  # rtn (affine grid), likewise
+# The GEMV kernel's set-up per format: (rows per program, warps, words per tile, prefetch) and the number of
+# programs a row block is split into along K, enough to fill the GPU. From the H200 sweeps
+# (eval/results/bench_kernels.md, kernel_sweeps/): the best or within 10% of it on every measured shape.
+GEMV_TILE = (8, 4, 64, True)           # kashin: plane sums (mode 3), next tile loaded ahead
+GEMV_TILE_AFFINE = (4, 4, 128, False)  # rtn: codes as mantissas (mode 1)
 GEMV_MIN_PROGRAMS = 512
 
 
@@ -736,10 +737,10 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     kernel otherwise (the fastest of those two on the H200, eval/results/bench_kernels.md)."""
     if gemv_supported(form, bits, packed.shape[1]):
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
-        block_m, warps, block_w = GEMV_TILE_AFFINE if affine else GEMV_TILE
+        block_m, warps, block_w, prefetch = GEMV_TILE_AFFINE if affine else GEMV_TILE
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w)
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
-                           affine=affine, tables=tables)
+                           affine=affine, tables=tables, prefetch=prefetch)
     if form.transform is not None and bits <= 2:
         return bitplane_matmul(x, packed, form, bits, block_m=4, num_warps=1)
     return levels_matmul(x, packed, form, bits, tables=tables, block_m=2, num_warps=1)
