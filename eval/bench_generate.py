@@ -61,7 +61,8 @@ def generate_speed(model, prompt: torch.Tensor, new_tokens: int, device: str) ->
     return {"new_tokens": int(out.shape[1] - prompt.shape[1]), "prefill_s": prefill, "total_s": total,
             "decode_tokens_per_s": (new_tokens - 1) / decode,
             "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None,
-            "first_tokens": out[0, prompt.shape[1]:prompt.shape[1] + 8].tolist()}
+            "first_tokens": out[0, prompt.shape[1]:prompt.shape[1] + 8].tolist(),
+            "all_tokens": out[0, prompt.shape[1]:].tolist()}
 
 
 @torch.no_grad()
@@ -89,6 +90,10 @@ def static_decode(model, prompt: torch.Tensor, new_tokens: int, device: str, cap
         with torch.cuda.graph(graph):
             out = step()
         run = graph.replay
+        for layer in getattr(cache, "layers", []):  # newer transformers count written positions on the device:
+            length = getattr(layer, "cumulative_length", None)  # the warm-up steps advanced it, rewind
+            if isinstance(length, torch.Tensor):
+                length.fill_(p)
     tokens = [int(tok)]
     _sync(device)
     t0 = time.perf_counter()
@@ -116,7 +121,8 @@ def graph_decode_speed(model, prompt: torch.Tensor, new_tokens: int, device: str
     same = next((i for i, (a, b) in enumerate(zip(graph_tokens, eager_tokens)) if a != b), len(graph_tokens))
     return {"graph_decode_tokens_per_s": (new_tokens - 1) / seconds,
             "static_eager_tokens_per_s": (new_tokens - 1) / eager_seconds,
-            "graph_tokens_match_static_eager": same, "graph_first_tokens": graph_tokens[:8]}
+            "graph_tokens_match_static_eager": same, "graph_first_tokens": graph_tokens[:8],
+            "static_eager_tokens": eager_tokens}
 
 
 def main() -> None:
@@ -155,8 +161,12 @@ def main() -> None:
         row = {"contender": name, "quantize_s": quantize_s, **generate_speed(model, prompt, args.new_tokens, device)}
         try:
             row.update(graph_decode_speed(model, prompt, args.new_tokens, device))
+            row["generate_tokens_match_static_eager"] = next(
+                (i for i, (a, b) in enumerate(zip(row["all_tokens"], row["static_eager_tokens"])) if a != b),
+                len(row["all_tokens"]))
         except Exception as exc:  # a model that does not capture: report it, keep the eager figure
             row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        row.pop("all_tokens")
         print(json.dumps(row), flush=True)
         rows.append(row)
         del model
@@ -169,12 +179,13 @@ def main() -> None:
     dev = (torch.cuda.get_device_name() if device == "cuda" else "CPU") + f", torch {torch.__version__}"
     out = Path(args.out)
     table = markdown_table(["contender", "eager tokens/s", "x bf16", "CUDA graph tokens/s", "x bf16 (graph)",
-                            "graph = static eager (tokens)", "prefill s", "peak GiB", "quantize s",
+                            "graph = static eager (tokens)", "generate = static eager (tokens)", "prefill s", "peak GiB", "quantize s",
                             "first tokens (eager / graph)"],
                            [[r["contender"], r["decode_tokens_per_s"], r["speedup_vs_bf16"],
                              r.get("graph_decode_tokens_per_s") or r.get("graph_error", "-"),
                              r["graph_speedup_vs_bf16"] or "-",
-                             f"{r.get('graph_tokens_match_static_eager', '-')} of {args.new_tokens}", r["prefill_s"],
+                             f"{r.get('graph_tokens_match_static_eager', '-')} of {args.new_tokens}",
+                             f"{r.get('generate_tokens_match_static_eager', '-')} of {args.new_tokens}", r["prefill_s"],
                              r["peak_gpu_gib"] if r["peak_gpu_gib"] is not None else "-", r["quantize_s"] or "-",
                              f"{r['first_tokens'][:4]} / {r.get('graph_first_tokens', [])[:4]}"]
                             for r in rows])
