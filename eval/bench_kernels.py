@@ -85,12 +85,11 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
 # "gemvN" = codes read as 32-bit words, decoded by register arithmetic in mode N
 # (quantune.kernels.GEMV_MODES: 0/1 rtn's affine grid per weight / per word, 2/3/4 kashin's sign planes
 # per weight / plane sums / plane sums by the mantissa trick), the K split chosen by quantune.kernels.gemv_split
-CONFIGS = [("gemv0", 128, 4, 8),
-           ("gemv1", 128, 4, 8), ("gemv1", 8, 4, 64), ("gemv1", 4, 4, 128),
-           ("gemv1p", 128, 4, 8), ("gemv1p", 8, 4, 64), ("gemv1p", 4, 4, 128),
-           ("gemv2", 16, 4, 32), ("gemv2p", 16, 4, 32),
-           ("gemv3", 16, 4, 32), ("gemv3", 8, 4, 64), ("gemv3", 32, 2, 32),
-           ("gemv3p", 16, 4, 32), ("gemv3p", 8, 4, 64), ("gemv3p", 32, 2, 32)]
+CONFIGS = [("gemv1", 4, 4, 128), ("gemv1", 8, 4, 64), ("gemv1", 16, 4, 64), ("gemv1", 32, 4, 32),
+           ("gemv1", 128, 4, 8), ("gemv1", 16, 8, 64), ("gemv1", 8, 4, 128), ("gemv1p", 16, 4, 64),
+           ("gemv2", 16, 4, 32),
+           ("gemv3", 8, 4, 64), ("gemv3", 16, 4, 32), ("gemv3", 32, 2, 32), ("gemv3", 16, 4, 64), ("gemv3", 8, 8, 128),
+           ("gemv3p", 8, 4, 64), ("gemv3p", 16, 4, 64), ("gemv4", 8, 4, 64)]
 # earlier sweeps (eval/results/kernel_sweeps/): "planes"/"levels" kernels and gemv mode 4 never won
 
 

@@ -239,31 +239,34 @@ if triton is not None:
     def _plane_sum(p, xs, xqs, t: tl.constexpr, KU: tl.constexpr, BITS: tl.constexpr):
         """``sum_j bit_j src_j`` from ``p = sum_j (1 + bit_j / 2) src_j`` (MODE 4)."""
         if t < KU:
-            p = 2.0 * (p - xs[None, :])
+            p = 2.0 * (p - xs)
         elif t < BITS:
-            p = 2.0 * (p - xqs[None, :])
+            p = 2.0 * (p - xqs)
         return p
 
     @triton.jit
-    def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, a_ptr, bx_ptr, bq_ptr, y_ptr, M, stride_w, groups,
+    def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, xs_ptr, xqs_ptr, a_ptr, bx_ptr, bq_ptr, y_ptr, M, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
-        (``xd[j, w] = x[w * PER + j]``) so every input load is a contiguous vector shared by the
-        rows a thread holds. SPLIT programs share a row block along K (atomic adds into y = 0).
+        (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
+        ``xqd``/``xqs`` for the transformed input). Every input load has the word tile's full shape,
+        so it lands in the tile's register layout (a 1-D load would be moved through shared memory
+        with a barrier, once per code position). SPLIT programs share a row block along K (atomic
+        adds into y = 0).
 
         MODE (how a word's codes meet the input; see GEMV_MODES):
         - 0, affine per weight (rtn): ``n | 0x4B000000`` read as float is ``2^23 + n``, so
           ``w = scale * n + offset`` per weight and one FMA with x. ``a_ptr``/``bx_ptr``: scale and
           offset per (row, group), contiguous.
         - 1, affine per word (rtn): the code as ``f = 1 + n / 2^BITS`` (:func:`_mantissa_field`), one
-          FMA ``f * x`` per weight; per word ``scale * 2^BITS * (sum f x - sum x) + offset * sum x``.
+          FMA ``f * x`` per weight; per word ``scale * 2^BITS * (sum f x - xs) + offset * xs``.
         - 2, signs per weight (kashin): ``w = sum_t c_t s_t`` with signs ``s_t = 2 bit_t - 1``
           (``a_t = 2 c_t``), per plane a select of +x or -x (xq for t >= KU) and an FMA with ``c_t``.
         - 3, plane sums (kashin): per word and plane ``sum_j bit_t x_j`` (a select and an add, no
-          coefficient), then ``a_t`` times it plus ``bx * sum x + bq * sum xq``.
+          coefficient), then ``a_t`` times it plus ``bx * xs + bq * xqs``.
         - 4, plane sums through the mantissa trick (kashin): ``f = 1 + bit_t / 2`` times x, FMAs only.
         Coefficients: one per row when a tile lies inside one group, else gathered per word.
         PREFETCH: the next tile's words are loaded before this tile's arithmetic (two tiles in flight).
@@ -278,19 +281,21 @@ if triton is not None:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
         wcols = tl.arange(0, BLOCK_W)
+        wtile = tl.broadcast_to(wcols[None, :], (BLOCK_M, BLOCK_W))  # word offsets in the tile's shape
         acc = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
         if PREFETCH:
-            ahead = tl.load(w_ptr + rows[:, None] * stride_w + (part * CHUNK + wcols)[None, :], mask=rmask[:, None],
-                            other=0)
+            ahead = tl.load(w_ptr + rows[:, None] * stride_w + part * CHUNK + wtile, mask=rmask[:, None], other=0)
         for i in range(0, CHUNK, BLOCK_W):
             w0 = part * CHUNK + i
             widx = w0 + wcols
+            xin = xd_ptr + tok * K + w0 + wtile    # code position j: + j * NW
+            xqin = xqd_ptr + tok * K + w0 + wtile
             if PREFETCH:
                 word = ahead
-                ahead = tl.load(w_ptr + rows[:, None] * stride_w + (widx + BLOCK_W)[None, :],
+                ahead = tl.load(w_ptr + rows[:, None] * stride_w + w0 + BLOCK_W + wtile,
                                 mask=rmask[:, None] & (i + BLOCK_W < CHUNK), other=0)
             else:
-                word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+                word = tl.load(w_ptr + rows[:, None] * stride_w + w0 + wtile, mask=rmask[:, None], other=0)
             if WPG >= BLOCK_W:  # the tile lies in one group: one coefficient per row
                 cidx = (rows * groups + w0 // WPG)[:, None]
             else:
@@ -300,20 +305,18 @@ if triton is not None:
                 scale = tl.load(a_ptr + cidx, mask=cmask, other=0.0)
                 offset = tl.load(bx_ptr + cidx, mask=cmask, other=0.0)
                 for j in tl.static_range(PER):
-                    xj = tl.load(xd_ptr + tok * K + j * NW + widx)
+                    xj = tl.load(xin + j * NW)
                     field = ((word >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
                     n = field.to(tl.float32, bitcast=True) - 8388608.0
-                    acc += (n * scale + offset) * xj[None, :]
+                    acc += (n * scale + offset) * xj
             elif MODE == 1:
                 fx = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
-                xs = tl.zeros([BLOCK_W], dtype=tl.float32)
                 for j in tl.static_range(PER):
-                    xj = tl.load(xd_ptr + tok * K + j * NW + widx)
-                    xs += xj
-                    fx += _mantissa_field(word, j * BITS, BITS) * xj[None, :]
+                    fx += _mantissa_field(word, j * BITS, BITS) * tl.load(xin + j * NW)
+                xs = tl.load(xs_ptr + tok * NW + w0 + wtile)
                 scale = tl.load(a_ptr + cidx, mask=cmask, other=0.0) * (1 << BITS)
                 offset = tl.load(bx_ptr + cidx, mask=cmask, other=0.0)
-                acc += scale * (fx - xs[None, :]) + offset * xs[None, :]
+                acc += scale * (fx - xs) + offset * xs
             elif MODE == 2:
                 c0 = _coef(a_ptr, cidx, cmask, BITS, 0, BITS) * 0.5
                 c1 = _coef(a_ptr, cidx, cmask, BITS, 1, BITS) * 0.5
@@ -324,9 +327,9 @@ if triton is not None:
                 c6 = _coef(a_ptr, cidx, cmask, BITS, 6, BITS) * 0.5
                 c7 = _coef(a_ptr, cidx, cmask, BITS, 7, BITS) * 0.5
                 for j in tl.static_range(PER):
-                    xj = tl.load(xd_ptr + tok * K + j * NW + widx)
+                    xj = tl.load(xin + j * NW)
                     if KU < BITS:
-                        xqj = tl.load(xqd_ptr + tok * K + j * NW + widx)
+                        xqj = tl.load(xqin + j * NW)
                     for t in tl.static_range(BITS):
                         if j * BITS + t == 31:
                             bit = word < 0
@@ -336,7 +339,7 @@ if triton is not None:
                             src = xj
                         else:
                             src = xqj
-                        acc += tl.where(bit, src[None, :], -src[None, :]) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
+                        acc += tl.where(bit, src, -src) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
             else:
                 p0 = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
                 p1 = tl.zeros_like(p0)
@@ -346,14 +349,10 @@ if triton is not None:
                 p5 = tl.zeros_like(p0)
                 p6 = tl.zeros_like(p0)
                 p7 = tl.zeros_like(p0)
-                xs = tl.zeros([BLOCK_W], dtype=tl.float32)
-                xqs = tl.zeros([BLOCK_W], dtype=tl.float32)
                 for j in tl.static_range(PER):
-                    xj = tl.load(xd_ptr + tok * K + j * NW + widx)
-                    xs += xj
+                    xj = tl.load(xin + j * NW)
                     if KU < BITS:
-                        xqj = tl.load(xqd_ptr + tok * K + j * NW + widx)
-                        xqs += xqj
+                        xqj = tl.load(xqin + j * NW)
                     for t in tl.static_range(BITS):
                         if t < KU:
                             src = xj
@@ -364,10 +363,14 @@ if triton is not None:
                                 bit = word < 0
                             else:
                                 bit = (word & (1 << (j * BITS + t))) != 0
-                            v = tl.where(bit, src[None, :], 0.0)
+                            v = tl.where(bit, src, 0.0)
                         else:
-                            v = _mantissa_field(word, j * BITS + t, 1) * src[None, :]
+                            v = _mantissa_field(word, j * BITS + t, 1) * src
                         p0, p1, p2, p3, p4, p5, p6, p7 = _add_plane(t, v, p0, p1, p2, p3, p4, p5, p6, p7)
+                xs = tl.load(xs_ptr + tok * NW + w0 + wtile)
+                xqs = xs
+                if KU < BITS:
+                    xqs = tl.load(xqs_ptr + tok * NW + w0 + wtile)
                 if MODE == 4:  # sum (1 + b/2) src = sum src + (sum b src) / 2
                     p0 = _plane_sum(p0, xs, xqs, 0, KU, BITS)
                     p1 = _plane_sum(p1, xs, xqs, 1, KU, BITS)
@@ -377,9 +380,9 @@ if triton is not None:
                     p5 = _plane_sum(p5, xs, xqs, 5, KU, BITS)
                     p6 = _plane_sum(p6, xs, xqs, 6, KU, BITS)
                     p7 = _plane_sum(p7, xs, xqs, 7, KU, BITS)
-                acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * xs[None, :]
+                acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * xs
                 if KU < BITS:
-                    acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * xqs[None, :]
+                    acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * xqs
                 acc += _coef(a_ptr, cidx, cmask, BITS, 0, BITS) * p0
                 acc += _coef(a_ptr, cidx, cmask, BITS, 1, BITS) * p1
                 acc += _coef(a_ptr, cidx, cmask, BITS, 2, BITS) * p2
@@ -395,11 +398,12 @@ if triton is not None:
             tl.atomic_add(y_ptr + tok * M + rows, out, mask=rmask)
 
     @triton.jit
-    def _prep_kernel(x_ptr, xd_ptr, signs_ptr, v_ptr, K: tl.constexpr, G: tl.constexpr, PER: tl.constexpr,
+    def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, K: tl.constexpr, G: tl.constexpr, PER: tl.constexpr,
                      HAS_V: tl.constexpr, BLOCK: tl.constexpr):
         """One (token, group): the input in float32, de-interleaved for the GEMV (``xd[t, j, w] =
-        x[t, w * PER + j]``), and with HAS_V the DCT's FFT input ``v`` of that group (signs applied,
-        even entries in order, odd entries reversed behind them: Makhoul's reordering)."""
+        x[t, w * PER + j]``) and summed per word (``xs[t, w]``), and with HAS_V the DCT's FFT input
+        ``v`` of that group (signs applied, even entries in order, odd entries reversed behind them:
+        Makhoul's reordering)."""
         tok = tl.program_id(0)
         grp = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
@@ -407,16 +411,19 @@ if triton is not None:
         xv = tl.load(x_ptr + tok * K + grp * G + offs, mask=m, other=0.0).to(tl.float32)
         c = grp * G + offs
         tl.store(xd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xv, mask=m)
+        wl = tl.arange(0, BLOCK // PER)
+        tl.store(xs_ptr + tok * (K // PER) + grp * (G // PER) + wl, tl.sum(tl.reshape(xv, (BLOCK // PER, PER)), axis=1),
+                 mask=wl < G // PER)
         if HAS_V:
             sv = xv * tl.load(signs_ptr + offs, mask=m, other=0.0)
             dest = tl.where(offs % 2 == 0, offs // 2, G - 1 - offs // 2)
             tl.store(v_ptr + (tok * (K // G) + grp) * G + dest, sv, mask=m)
 
     @triton.jit
-    def _dct_post_kernel(f_ptr, tw_ptr, xqd_ptr, K: tl.constexpr, G: tl.constexpr, PER: tl.constexpr,
+    def _dct_post_kernel(f_ptr, tw_ptr, xqd_ptr, xqs_ptr, K: tl.constexpr, G: tl.constexpr, PER: tl.constexpr,
                          BLOCK: tl.constexpr):
         """``X_k = Re(t_k V_k)`` from the half spectrum ``rfft(v)`` (``V_k = conj(V_{G-k})`` above
-        G/2), written de-interleaved like :func:`_prep_kernel`'s ``xd``."""
+        G/2), written de-interleaved and summed per word like :func:`_prep_kernel`'s ``xd``/``xs``."""
         tok = tl.program_id(0)
         grp = tl.program_id(1)
         k = tl.arange(0, BLOCK)
@@ -430,6 +437,9 @@ if triton is not None:
         out = tl.load(tw_ptr + k * 2, mask=m, other=0.0) * re - tl.load(tw_ptr + k * 2 + 1, mask=m, other=0.0) * im
         c = grp * G + k
         tl.store(xqd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, out, mask=m)
+        wl = tl.arange(0, BLOCK // PER)
+        tl.store(xqs_ptr + tok * (K // PER) + grp * (G // PER) + wl,
+                 tl.sum(tl.reshape(out, (BLOCK // PER, PER)), axis=1), mask=wl < G // PER)
 
     @triton.jit
     def _decode_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, u_ptr, v_ptr, M, stride_w, groups,
@@ -643,7 +653,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if mode in (0, 1) and not affine:
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) needs an affine grid (rtn)")
     (t, k), m = x.shape, packed.shape[0]
-    xd, xqd = prepared_input(x, form, bits, xq)
+    xd, xqd, xs, xqs = prepared_input(x, form, bits, xq)
     y = torch.empty(t, m, device=x.device, dtype=torch.float32)
     if split > 1:  # the programs of a row block add their parts into y
         y.zero_()
@@ -653,7 +663,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     else:
         a, bx, bq = form.a, form.bx, form.bq
     _gemv_kernel[(triton.cdiv(m, block_m), split, t)](
-        w, xd, xqd, a, bx, bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
+        w, xd, xqd, xs, xqs, a, bx, bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         PREFETCH=prefetch, num_warps=num_warps)
     return y
@@ -663,7 +673,9 @@ _PREPARED: dict = {}  # the last few-token input's de-interleaved copies, see pr
 
 
 def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Tensor | None = None):
-    """``(xd, xqd)``: the de-interleaved float32 input and transformed input the GEMV kernel reads.
+    """``(xd, xqd, xs, xqs)``: the float32 input and transformed input the GEMV kernel reads,
+    de-interleaved (``(T, PER, K / PER)``, see :func:`deinterleave`) and summed per 32-bit word of
+    codes (``(T, K / PER)``).
 
     Layers that take the same input tensor (q/k/v, gate/up) share one transform: the last input is
     kept (a reference, so its memory cannot be reused by another tensor while cached) with its
@@ -678,13 +690,14 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     if not given:
         hit = _PREPARED.get("entry")
         if hit is not None and hit[0] == key:
-            return hit[2], hit[3]
+            return hit[2]
     t, k = x.shape
     per = 32 // bits
     xd = torch.empty(t, per, k // per, device=x.device, dtype=torch.float32)
+    xs = torch.empty(t, k // per, device=x.device, dtype=torch.float32)
     fused_dct = needs_xq and not given and form.transform == "dct"
     g = form.group if fused_dct else k
-    block = triton.next_power_of_2(g)
+    block = max(triton.next_power_of_2(g), per)
     x = x.contiguous()
     if fused_dct:  # cast, de-interleave and DCT pre-step in one kernel, then one rfft and one post kernel
         v = torch.empty(t * (k // g), g, device=x.device, dtype=torch.float32)
@@ -692,20 +705,23 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     else:
         v = signs = xd
     warps = 4 if block <= 4096 else 8
-    _prep_kernel[(t, k // g)](x, xd, signs, v, K=k, G=g, PER=per, HAS_V=fused_dct, BLOCK=block, num_warps=warps)
+    _prep_kernel[(t, k // g)](x, xd, xs, signs, v, K=k, G=g, PER=per, HAS_V=fused_dct, BLOCK=block,
+                              num_warps=warps)
     if fused_dct:
         spectrum = torch.view_as_real(torch.fft.rfft(v, dim=-1))
         twiddle = torch.view_as_real(dct_twiddle(g, x.device, torch.float32))
-        xqd = torch.empty_like(xd)
-        _dct_post_kernel[(t, k // g)](spectrum, twiddle, xqd, K=k, G=g, PER=per, BLOCK=block, num_warps=warps)
+        xqd, xqs = torch.empty_like(xd), torch.empty_like(xs)
+        _dct_post_kernel[(t, k // g)](spectrum, twiddle, xqd, xqs, K=k, G=g, PER=per, BLOCK=block, num_warps=warps)
     elif needs_xq:
         xq = transformed_input(x.float(), form) if xq is None else xq
         xqd = deinterleave(xq.float(), bits)
+        xqs = xqd.sum(1)
     else:
-        xqd = xd
+        xqd, xqs = xd, xs
+    prepared = (xd, xqd, xs, xqs)
     if not given:
-        _PREPARED["entry"] = (key, x, xd, xqd)
-    return xd, xqd
+        _PREPARED["entry"] = (key, x, prepared)
+    return prepared
 
 
 # The GEMV kernel's set-up per format: (rows per program, warps, words per tile, prefetch) and the number of
@@ -717,17 +733,14 @@ GEMV_MIN_PROGRAMS = 512
 
 
 def gemv_split(m: int, form: BitplaneForm, bits: int, block_m: int, block_w: int) -> int:
-    """The K split (1, 2, 4 or 8) of a ``m``-row layer: the smallest that gives GEMV_MIN_PROGRAMS
-    programs, or the largest the row length allows."""
+    """The K split (1 or 2) of a ``m``-row layer: 2 when one program per row block leaves fewer than
+    GEMV_MIN_PROGRAMS programs and the row length allows it. Never more than two: two partial sums
+    added atomically into zero give the same float whichever lands first (``0 + a + b == 0 + b + a``),
+    so results stay bitwise reproducible; three or more would not be."""
     blocks = -(-m // block_m)
-    best = 1
-    for split in (1, 2, 4, 8):
-        if gemv_block_w(form, bits, block_w, split) is None:
-            break
-        best = split
-        if blocks * split >= GEMV_MIN_PROGRAMS:
-            break
-    return best
+    if blocks < GEMV_MIN_PROGRAMS and gemv_block_w(form, bits, block_w, 2) is not None:
+        return 2
+    return 1
 
 
 def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,

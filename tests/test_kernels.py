@@ -170,10 +170,12 @@ def test_prepared_input_is_the_transformed_input_deinterleaved(cfg):
     q = _layer(cfg, out=8, inp=192)
     form = _form(q)
     x = torch.randn(3, 192, generator=torch.Generator().manual_seed(7)).bfloat16()
-    xd, xqd = prepared_input(x, form, cfg.bits)
+    xd, xqd, xs, xqs = prepared_input(x, form, cfg.bits)
     torch.testing.assert_close(xd, deinterleave(x.float(), cfg.bits), rtol=0, atol=0)
     want = deinterleave(transformed_input(x.float(), form), cfg.bits) if form.ku < cfg.bits else xd
     torch.testing.assert_close(xqd, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs, xd.sum(1), rtol=1e-5, atol=1e-5)  # per 32-bit word of codes
+    torch.testing.assert_close(xqs, want.sum(1), rtol=1e-5, atol=1e-5)
 
 
 def test_word_gemv_kernel_refuses_codes_across_words():
@@ -208,3 +210,13 @@ def test_decode_kernel_rebuilds_the_factors(cfg, mode):
     got = prefill_matmul(x.bfloat16(), q.codes, form, cfg.bits).float()
     want = x @ ref.T
     assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+def test_gemv_splits_k_at_most_in_two_so_results_are_reproducible():
+    from quantune.kernels import GEMV_MIN_PROGRAMS, gemv_split
+
+    q = _layer(QuantConfig(bits=4), out=8, inp=256)
+    form = _form(q)
+    assert gemv_split(8, form, 4, block_m=8, block_w=4) == 2  # one row block: split
+    assert gemv_split(8 * GEMV_MIN_PROGRAMS, form, 4, block_m=8, block_w=4) == 1  # enough programs already
+    assert gemv_split(8, form, 4, block_m=8, block_w=32) == 1  # 32 words per row: no room for two 32-word chunks
