@@ -219,4 +219,3 @@ def test_gemv_splits_k_at_most_in_two_so_results_are_reproducible():
     form = _form(q)
     assert gemv_split(8, form, 4, block_m=8, block_w=4) == 2  # one row block: split
     assert gemv_split(8 * GEMV_MIN_PROGRAMS, form, 4, block_m=8, block_w=4) == 1  # enough programs already
-    assert gemv_split(8, form, 4, block_m=8, block_w=32) == 1  # 32 words per row: no room for two 32-word chunks
