@@ -83,14 +83,14 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
 # (kernel, rows per program, warps, words per tile) tried per case: "planes" = bit-plane dot products,
 # "levels" = per-row level tables (kashin) or the affine grid (rtn), both reading a byte per code;
 # "gemvN" = codes read as 32-bit words, decoded by register arithmetic in mode N
-# (quantune.kernels.GEMV_MODES: 0/1 rtn's affine grid per weight / per word, 2/3/4 kashin's sign planes
-# per weight / plane sums / plane sums by the mantissa trick), the K split chosen by quantune.kernels.gemv_split
-CONFIGS = [("gemv1", 4, 4, 128), ("gemv1", 8, 4, 64), ("gemv1", 16, 4, 64), ("gemv1", 32, 4, 32),
-           ("gemv1", 128, 4, 8), ("gemv1", 16, 8, 64), ("gemv1", 8, 4, 128), ("gemv1p", 16, 4, 64),
-           ("gemv2", 16, 4, 32),
-           ("gemv3", 8, 4, 64), ("gemv3", 16, 4, 32), ("gemv3", 32, 2, 32), ("gemv3", 16, 4, 64), ("gemv3", 8, 8, 128),
-           ("gemv3p", 8, 4, 64), ("gemv3p", 16, 4, 64), ("gemv4", 8, 4, 64)]
-# earlier sweeps (eval/results/kernel_sweeps/): "planes"/"levels" kernels and gemv mode 4 never won
+# (quantune.kernels.GEMV_MODES: 0/1 rtn's affine grid per weight / per word, 2/3/4/5 kashin's sign planes
+# per weight / plane sums / plane sums by the mantissa trick / plane sums as int16 dp2a dot products), the K
+# split chosen by quantune.kernels.gemv_split
+CONFIGS = [("gemv0", 128, 4, 8), ("gemv1", 4, 4, 128), ("gemv1", 8, 4, 128), ("gemv1", 8, 4, 64),
+           ("gemv2", 16, 4, 32), ("gemv3", 16, 4, 64), ("gemv3", 8, 8, 128),
+           ("gemv5", 16, 4, 64), ("gemv5", 8, 8, 128), ("gemv5", 8, 4, 64), ("gemv5", 16, 4, 32), ("gemv5", 32, 4, 32),
+           ("gemv5", 4, 4, 128)]
+# earlier sweeps (eval/results/kernel_sweeps/): "planes"/"levels" kernels, gemv mode 4 and prefetching never won
 
 
 def gemv_mode(kind: str) -> int | None:
@@ -171,13 +171,16 @@ def main() -> None:
                 if kind.startswith("gemv"):
                     split = gemv_split(q.codes.shape[0], form, bits, bm, tw)
                     mode = gemv_mode(kind)
+                    # xq given: the kernel alone (inputs prepared once, outside the timing)
+                    prepared = None if xq_arg is None else kernels.prepared_input(x1, form, bits, xq_arg,
+                                                                                  pairs=mode == 5)
 
                     def call():
-                        if xq_arg is None:  # time the input's transform too (no reuse across calls)
+                        if xq_arg is None:  # time the input's preparation too (no reuse across calls)
                             kernels._PREPARED.clear()
                         return gemv_matmul(x1, q.codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
                                            split=split, xq=xq_arg, affine=tables[2], mode=mode, tables=tables,
-                                           prefetch=kind.endswith("p"))
+                                           prefetch=kind.endswith("p"), prepared=prepared)
                     return call
                 return lambda: levels_matmul(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
                                              xq=xq_arg, block_k=args.block_k)
@@ -188,6 +191,8 @@ def main() -> None:
                     continue
                 mode = gemv_mode(kind) if kind.startswith("gemv") else None
                 if mode is not None and (mode < 2) != tables[2]:  # a mode for the other kind of format
+                    continue
+                if mode == 5 and bits not in (2, 4, 8):
                     continue
                 try:
                     call = kernel_call(kind, bm, nw, tw, xq)

@@ -14,6 +14,8 @@ most ``MAX_TOKENS`` tokens and the decode-then-GEMM path otherwise.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from quantune.methods import BitplaneForm
@@ -222,6 +224,39 @@ if triton is not None:
         return p0, p1, p2, p3, p4, p5, p6, p7
 
     @triton.jit
+    def _set_plane(t: tl.constexpr, v, p0, p1, p2, p3, p4, p5, p6, p7):
+        if t == 0:
+            p0 = v
+        if t == 1:
+            p1 = v
+        if t == 2:
+            p2 = v
+        if t == 3:
+            p3 = v
+        if t == 4:
+            p4 = v
+        if t == 5:
+            p5 = v
+        if t == 6:
+            p6 = v
+        if t == 7:
+            p7 = v
+        return p0, p1, p2, p3, p4, p5, p6, p7
+
+    @triton.jit
+    def _store_pairs(xp16_ptr, sc_ptr, tok, vals, offs, m, PER: tl.constexpr, NW: tl.constexpr, CPB: tl.constexpr):
+        """One token's whole input ``vals`` (column ``offs``) rounded to 16 bits with the token's scale
+        ``max|x| / 32767`` and stored as :func:`quantized_pairs` lays it out (int16 halves)."""
+        scale = tl.maximum(tl.max(tl.abs(vals), axis=0), 1e-30) / 32767.0
+        tl.store(sc_ptr + tok, scale)
+        qf = vals / scale
+        qi = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int32).to(tl.int16)
+        j = offs % PER
+        lane = j // CPB  # the byte of the bit-gathering register: pair 2h + half
+        dest = (((tok * CPB + j % CPB) * 2 + lane // 2) * NW + offs // PER) * 2 + lane % 2
+        tl.store(xp16_ptr + dest, qi, mask=m)
+
+    @triton.jit
     def _mantissa_field(word, pos: tl.constexpr, width: tl.constexpr):
         """The ``width`` bits of ``word`` starting at bit ``pos`` as the float ``1 + n / 2**width`` (the
         field moved to the top of an fp32 mantissa under the exponent of 1.0: one shift, one LOP3)."""
@@ -236,6 +271,36 @@ if triton is not None:
         return field.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _dp2a(a, b, c, HI: tl.constexpr, ASM: tl.constexpr):
+        """PTX ``dp2a``: ``c + a.h0 * b.byte0 + a.h1 * b.byte1`` (``.byte2``/``.byte3`` with HI), ``a``
+        two signed 16-bit halves, ``b`` four bytes; ASM=False computes the same with shifts and products
+        (Triton's CPU interpreter runs no PTX)."""
+        if ASM:
+            if HI:
+                r = tl.inline_asm_elementwise("dp2a.hi.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                              dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                r = tl.inline_asm_elementwise("dp2a.lo.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                              dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            lo = (a << 16) >> 16
+            hi = a >> 16
+            if HI:
+                r = c + lo * ((b >> 16) & 0xFF) + hi * ((b >> 24) & 0xFF)
+            else:
+                r = c + lo * (b & 0xFF) + hi * ((b >> 8) & 0xFF)
+        return r
+
+    @triton.jit
+    def _pairs(ptr, tok, k: tl.constexpr, h: tl.constexpr, CPB: tl.constexpr, NW: tl.constexpr, offs):
+        """Packed int16 input pairs for byte group ``k``, half ``h`` (see :func:`quantized_pairs`)."""
+        if k < CPB:
+            r = tl.load(ptr + ((tok * CPB + k) * 2 + h) * NW + offs)
+        else:
+            r = tl.zeros_like(offs)
+        return r
+
+    @triton.jit
     def _plane_sum(p, xs, xqs, t: tl.constexpr, KU: tl.constexpr, BITS: tl.constexpr):
         """``sum_j bit_j src_j`` from ``p = sum_j (1 + bit_j / 2) src_j`` (MODE 4)."""
         if t < KU:
@@ -245,10 +310,11 @@ if triton is not None:
         return p
 
     @triton.jit
-    def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, xs_ptr, xqs_ptr, a_ptr, bx_ptr, bq_ptr, y_ptr, M, stride_w, groups,
+    def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, xs_ptr, xqs_ptr, xp_ptr, xqp_ptr, sc_ptr, qsc_ptr,
+                     a_ptr, bx_ptr, bq_ptr, y_ptr, M, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
-                     PREFETCH: tl.constexpr):
+                     PREFETCH: tl.constexpr, ASM: tl.constexpr):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -268,6 +334,10 @@ if triton is not None:
         - 3, plane sums (kashin): per word and plane ``sum_j bit_t x_j`` (a select and an add, no
           coefficient), then ``a_t`` times it plus ``bx * xs + bq * xqs``.
         - 4, plane sums through the mantissa trick (kashin): ``f = 1 + bit_t / 2`` times x, FMAs only.
+        - 5, plane sums as integer dot products (kashin, 2/4/8 bits): the input rounded to 16 bits per
+          token (``xp``: int16 pairs, ``sc``: the token's scale, :func:`quantized_pairs`); one shift and
+          mask puts plane t's bits of four codes into the four bytes of a register, and two ``dp2a``
+          multiply-add them with four inputs (about one instruction per weight and plane, against three).
         Coefficients: one per row when a tile lies inside one group, else gathered per word.
         PREFETCH: the next tile's words are loaded before this tile's arithmetic (two tiles in flight).
         """
@@ -283,6 +353,15 @@ if triton is not None:
         wcols = tl.arange(0, BLOCK_W)
         wtile = tl.broadcast_to(wcols[None, :], (BLOCK_M, BLOCK_W))  # word offsets in the tile's shape
         acc = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+        ONE_GROUP: tl.constexpr = WPG % CHUNK == 0  # this program's codes share one group's coefficients
+        d0 = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)  # mode 5, ONE_GROUP: integer plane sums over K
+        d1 = tl.zeros_like(d0)
+        d2 = tl.zeros_like(d0)
+        d3 = tl.zeros_like(d0)
+        d4 = tl.zeros_like(d0)
+        d5 = tl.zeros_like(d0)
+        d6 = tl.zeros_like(d0)
+        d7 = tl.zeros_like(d0)
         if PREFETCH:
             ahead = tl.load(w_ptr + rows[:, None] * stride_w + part * CHUNK + wtile, mask=rmask[:, None], other=0)
         for i in range(0, CHUNK, BLOCK_W):
@@ -340,6 +419,60 @@ if triton is not None:
                         else:
                             src = xqj
                         acc += tl.where(bit, src, -src) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
+            elif MODE == 5:
+                CPB: tl.constexpr = 8 // BITS  # codes per byte
+                offs = w0 + wtile
+                xl0 = _pairs(xp_ptr, tok, 0, 0, CPB, NW, offs)
+                xh0 = _pairs(xp_ptr, tok, 0, 1, CPB, NW, offs)
+                xl1 = _pairs(xp_ptr, tok, 1, 0, CPB, NW, offs)
+                xh1 = _pairs(xp_ptr, tok, 1, 1, CPB, NW, offs)
+                xl2 = _pairs(xp_ptr, tok, 2, 0, CPB, NW, offs)
+                xh2 = _pairs(xp_ptr, tok, 2, 1, CPB, NW, offs)
+                xl3 = _pairs(xp_ptr, tok, 3, 0, CPB, NW, offs)
+                xh3 = _pairs(xp_ptr, tok, 3, 1, CPB, NW, offs)
+                ql0 = xl0
+                qh0 = xh0
+                ql1 = xl1
+                qh1 = xh1
+                ql2 = xl2
+                qh2 = xh2
+                ql3 = xl3
+                qh3 = xh3
+                if KU < BITS:
+                    ql0 = _pairs(xqp_ptr, tok, 0, 0, CPB, NW, offs)
+                    qh0 = _pairs(xqp_ptr, tok, 0, 1, CPB, NW, offs)
+                    ql1 = _pairs(xqp_ptr, tok, 1, 0, CPB, NW, offs)
+                    qh1 = _pairs(xqp_ptr, tok, 1, 1, CPB, NW, offs)
+                    ql2 = _pairs(xqp_ptr, tok, 2, 0, CPB, NW, offs)
+                    qh2 = _pairs(xqp_ptr, tok, 2, 1, CPB, NW, offs)
+                    ql3 = _pairs(xqp_ptr, tok, 3, 0, CPB, NW, offs)
+                    qh3 = _pairs(xqp_ptr, tok, 3, 1, CPB, NW, offs)
+                xscale = tl.load(sc_ptr + tok)
+                qscale = tl.load(qsc_ptr + tok)
+                for t in tl.static_range(BITS):
+                    if ONE_GROUP:  # dp2a adds straight into the plane's running integer sum
+                        dot = _pick(t, d0, d1, d2, d3, d4, d5, d6, d7)
+                    else:
+                        dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
+                    for k in tl.static_range(CPB):
+                        b = (word >> (t + k * BITS)) & 0x01010101
+                        if t < KU:
+                            lo = _pick(k, xl0, xl1, xl2, xl3, xl0, xl0, xl0, xl0)
+                            hi = _pick(k, xh0, xh1, xh2, xh3, xh0, xh0, xh0, xh0)
+                        else:
+                            lo = _pick(k, ql0, ql1, ql2, ql3, ql0, ql0, ql0, ql0)
+                            hi = _pick(k, qh0, qh1, qh2, qh3, qh0, qh0, qh0, qh0)
+                        dot = _dp2a(lo, b, dot, False, ASM)
+                        dot = _dp2a(hi, b, dot, True, ASM)
+                    if ONE_GROUP:  # stay in integers until the end (|sum| < K * 32767 < 2^31)
+                        d0, d1, d2, d3, d4, d5, d6, d7 = _set_plane(t, dot, d0, d1, d2, d3, d4, d5, d6, d7)
+                    elif t < KU:
+                        acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32) * xscale)
+                    else:
+                        acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32) * qscale)
+                acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * tl.load(xs_ptr + tok * NW + offs)
+                if KU < BITS:
+                    acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * tl.load(xqs_ptr + tok * NW + offs)
             else:
                 p0 = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
                 p1 = tl.zeros_like(p0)
@@ -391,6 +524,20 @@ if triton is not None:
                 acc += _coef(a_ptr, cidx, cmask, BITS, 5, BITS) * p5
                 acc += _coef(a_ptr, cidx, cmask, BITS, 6, BITS) * p6
                 acc += _coef(a_ptr, cidx, cmask, BITS, 7, BITS) * p7
+        if MODE == 5:
+            if ONE_GROUP:
+                gidx = (rows * groups + (part * CHUNK) // WPG)[:, None]
+                gmask = rmask[:, None]
+                xscale = tl.load(sc_ptr + tok)
+                qscale = tl.load(qsc_ptr + tok)
+                acc += _coef(a_ptr, gidx, gmask, BITS, 0, BITS) * (d0.to(tl.float32) * (xscale if 0 < KU else qscale))
+                acc += _coef(a_ptr, gidx, gmask, BITS, 1, BITS) * (d1.to(tl.float32) * (xscale if 1 < KU else qscale))
+                acc += _coef(a_ptr, gidx, gmask, BITS, 2, BITS) * (d2.to(tl.float32) * (xscale if 2 < KU else qscale))
+                acc += _coef(a_ptr, gidx, gmask, BITS, 3, BITS) * (d3.to(tl.float32) * (xscale if 3 < KU else qscale))
+                acc += _coef(a_ptr, gidx, gmask, BITS, 4, BITS) * (d4.to(tl.float32) * (xscale if 4 < KU else qscale))
+                acc += _coef(a_ptr, gidx, gmask, BITS, 5, BITS) * (d5.to(tl.float32) * (xscale if 5 < KU else qscale))
+                acc += _coef(a_ptr, gidx, gmask, BITS, 6, BITS) * (d6.to(tl.float32) * (xscale if 6 < KU else qscale))
+                acc += _coef(a_ptr, gidx, gmask, BITS, 7, BITS) * (d7.to(tl.float32) * (xscale if 7 < KU else qscale))
         out = tl.sum(acc, axis=1)
         if SPLIT == 1:
             tl.store(y_ptr + tok * M + rows, out, mask=rmask)
@@ -398,12 +545,12 @@ if triton is not None:
             tl.atomic_add(y_ptr + tok * M + rows, out, mask=rmask)
 
     @triton.jit
-    def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, K: tl.constexpr, G: tl.constexpr, PER: tl.constexpr,
-                     HAS_V: tl.constexpr, BLOCK: tl.constexpr):
+    def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, xp16_ptr, sc_ptr, K: tl.constexpr, G: tl.constexpr,
+                     PER: tl.constexpr, HAS_V: tl.constexpr, PAIRS: tl.constexpr, BLOCK: tl.constexpr):
         """One (token, group): the input in float32, de-interleaved for the GEMV (``xd[t, j, w] =
         x[t, w * PER + j]``) and summed per word (``xs[t, w]``), and with HAS_V the DCT's FFT input
         ``v`` of that group (signs applied, even entries in order, odd entries reversed behind them:
-        Makhoul's reordering)."""
+        Makhoul's reordering). PAIRS (G == K, one program per token): also the 16-bit pairs of GEMV mode 5."""
         tok = tl.program_id(0)
         grp = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
@@ -414,14 +561,16 @@ if triton is not None:
         wl = tl.arange(0, BLOCK // PER)
         tl.store(xs_ptr + tok * (K // PER) + grp * (G // PER) + wl, tl.sum(tl.reshape(xv, (BLOCK // PER, PER)), axis=1),
                  mask=wl < G // PER)
+        if PAIRS:
+            _store_pairs(xp16_ptr, sc_ptr, tok, xv, offs, m, PER, K // PER, 8 // (32 // PER))
         if HAS_V:
             sv = xv * tl.load(signs_ptr + offs, mask=m, other=0.0)
             dest = tl.where(offs % 2 == 0, offs // 2, G - 1 - offs // 2)
             tl.store(v_ptr + (tok * (K // G) + grp) * G + dest, sv, mask=m)
 
     @triton.jit
-    def _dct_post_kernel(f_ptr, tw_ptr, xqd_ptr, xqs_ptr, K: tl.constexpr, G: tl.constexpr, PER: tl.constexpr,
-                         BLOCK: tl.constexpr):
+    def _dct_post_kernel(f_ptr, tw_ptr, xqd_ptr, xqs_ptr, xqp16_ptr, qsc_ptr, K: tl.constexpr, G: tl.constexpr,
+                         PER: tl.constexpr, PAIRS: tl.constexpr, BLOCK: tl.constexpr):
         """``X_k = Re(t_k V_k)`` from the half spectrum ``rfft(v)`` (``V_k = conj(V_{G-k})`` above
         G/2), written de-interleaved and summed per word like :func:`_prep_kernel`'s ``xd``/``xs``."""
         tok = tl.program_id(0)
@@ -440,6 +589,8 @@ if triton is not None:
         wl = tl.arange(0, BLOCK // PER)
         tl.store(xqs_ptr + tok * (K // PER) + grp * (G // PER) + wl,
                  tl.sum(tl.reshape(out, (BLOCK // PER, PER)), axis=1), mask=wl < G // PER)
+        if PAIRS:
+            _store_pairs(xqp16_ptr, qsc_ptr, tok, out, k, m, PER, K // PER, 8 // (32 // PER))
 
     @triton.jit
     def _decode_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, u_ptr, v_ptr, M, stride_w, groups,
@@ -625,19 +776,21 @@ def deinterleave(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 GEMV_MODES = {0: "affine per weight", 1: "affine per word", 2: "signs per weight", 3: "plane sums",
-              4: "plane sums (mantissa)"}
+              4: "plane sums (mantissa)", 5: "plane sums (int16 dot products)"}
 GEMV_MODE_AFFINE, GEMV_MODE_PLANES = 1, 3  # the defaults (eval/results/bench_kernels.md)
 
 
 def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_m: int = 8,
                 block_w: int = 64, num_warps: int = 4, split: int = 1, xq: torch.Tensor | None = None,
                 affine: bool | None = None, mode: int | None = None, tables: tuple | None = None,
-                prefetch: bool = False) -> torch.Tensor:
+                prefetch: bool = False, prepared: tuple | None = None) -> torch.Tensor:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
     are decoded (:data:`GEMV_MODES`; 0 and 1 need an affine grid), default per format. ``tables``:
-    :func:`level_tables` of the form when the caller has them. ``prefetch``: keep two word tiles in flight."""
+    :func:`level_tables` of the form when the caller has them. ``prefetch``: keep two word tiles in flight.
+    ``prepared``: :func:`prepared_input`'s result for ``x`` when the caller has it (benchmarks time the
+    kernel alone)."""
     tile = gemv_block_w(form, bits, block_w, split)
     if tile is None or packed.shape[1] % 4:
         raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
@@ -652,8 +805,15 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         raise ValueError(f"unknown GEMV mode {mode}; choose one of {sorted(GEMV_MODES)}")
     if mode in (0, 1) and not affine:
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) needs an affine grid (rtn)")
+    if mode == 5 and bits not in (2, 4, 8):
+        raise ValueError(f"GEMV mode 5 ({GEMV_MODES[5]}) serves 2, 4 and 8-bit codes, not {bits}")
     (t, k), m = x.shape, packed.shape[0]
-    xd, xqd, xs, xqs = prepared_input(x, form, bits, xq)
+    if prepared is None:
+        prepared = prepared_input(x, form, bits, xq, pairs=mode == 5)
+    xd, xqd, xs, xqs, xp, xqp, sc, qsc = prepared
+    if xp is None:
+        xp, xqp, sc, qsc = xd, xqd, xs, xqs  # unused by the kernel
+    asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
     y = torch.empty(t, m, device=x.device, dtype=torch.float32)
     if split > 1:  # the programs of a row block add their parts into y
         y.zero_()
@@ -663,19 +823,36 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     else:
         a, bx, bq = form.a, form.bx, form.bq
     _gemv_kernel[(triton.cdiv(m, block_m), split, t)](
-        w, xd, xqd, xs, xqs, a, bx, bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
+        w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, a, bx, bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
-        PREFETCH=prefetch, num_warps=num_warps)
+        PREFETCH=prefetch, ASM=asm, num_warps=num_warps)
     return y
 
 
 _PREPARED: dict = {}  # the last few-token input's de-interleaved copies, see prepared_input
 
 
-def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Tensor | None = None):
-    """``(xd, xqd, xs, xqs)``: the float32 input and transformed input the GEMV kernel reads,
-    de-interleaved (``(T, PER, K / PER)``, see :func:`deinterleave`) and summed per 32-bit word of
-    codes (``(T, K / PER)``).
+def quantized_pairs(xd: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The de-interleaved input ``xd`` ``(T, PER, NW)`` rounded to 16 bits per token for GEMV mode 5:
+    ``(pairs, scale)``, ``scale = max|x| / 32767`` per token and ``pairs`` int32 ``(T, CPB, 2, NW)``
+    (CPB = 8 / bits codes per byte) holding two int16 values: ``[t, k, h, w]`` has the codes at
+    positions ``k + 2h CPB`` (low half) and ``k + (2h + 1) CPB`` (high half) of word ``w``, the codes
+    whose bits one shift and mask put into bytes 2h and 2h + 1 of a register."""
+    cpb = 8 // bits
+    scale = xd.abs().amax(dim=(1, 2)).clamp(min=1e-30) / 32767
+    q = torch.round(xd / scale[:, None, None]).clamp(-32767, 32767).to(torch.int32)
+    k = torch.arange(cpb, device=xd.device)
+    lo = torch.stack([k, k + 2 * cpb], dim=1)  # (CPB, 2): positions for h = 0, 1
+    pairs = (q[:, lo] & 0xFFFF) | (q[:, lo + cpb] << 16)
+    return pairs.contiguous(), scale.contiguous()
+
+
+def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Tensor | None = None,
+                   pairs: bool = False):
+    """``(xd, xqd, xs, xqs, xp, xqp, sc, qsc)``: the float32 input and transformed input the GEMV kernel
+    reads, de-interleaved (``(T, PER, K / PER)``, see :func:`deinterleave`) and summed per 32-bit word
+    of codes (``(T, K / PER)``); with ``pairs`` also both rounded to 16 bits (:func:`quantized_pairs`),
+    else None there.
 
     Layers that take the same input tensor (q/k/v, gate/up) share one transform: the last input is
     kept (a reference, so its memory cannot be reused by another tensor while cached) with its
@@ -685,7 +862,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     if x.shape[0] > MAX_TOKENS:
         raise ValueError(f"the fused kernel serves at most {MAX_TOKENS} tokens, got {x.shape[0]}")
     needs_xq, given = form.ku < bits, xq is not None
-    key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version, bits,
+    key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version, bits, pairs,
            form.transform if needs_xq else None, form.seed if needs_xq else None, form.group if needs_xq else None)
     if not given:
         hit = _PREPARED.get("entry")
@@ -705,20 +882,33 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     else:
         v = signs = xd
     warps = 4 if block <= 4096 else 8
-    _prep_kernel[(t, k // g)](x, xd, xs, signs, v, K=k, G=g, PER=per, HAS_V=fused_dct, BLOCK=block,
-                              num_warps=warps)
+    fused_pairs = pairs and g == k  # one program sees the token's whole input: its scale too
+    xp = xqp = sc = qsc = None
+    if fused_pairs:
+        xp = torch.empty(t, 8 // bits, 2, k // per, device=x.device, dtype=torch.int32)
+        sc = torch.empty(t, device=x.device, dtype=torch.float32)
+    _prep_kernel[(t, k // g)](x, xd, xs, signs, v, xd if xp is None else xp.view(torch.int16), xs if sc is None else sc,
+                              K=k, G=g, PER=per, HAS_V=fused_dct, PAIRS=fused_pairs, BLOCK=block, num_warps=warps)
     if fused_dct:
         spectrum = torch.view_as_real(torch.fft.rfft(v, dim=-1))
         twiddle = torch.view_as_real(dct_twiddle(g, x.device, torch.float32))
         xqd, xqs = torch.empty_like(xd), torch.empty_like(xs)
-        _dct_post_kernel[(t, k // g)](spectrum, twiddle, xqd, xqs, K=k, G=g, PER=per, BLOCK=block, num_warps=warps)
+        if fused_pairs:
+            xqp, qsc = torch.empty_like(xp), torch.empty_like(sc)
+        _dct_post_kernel[(t, k // g)](spectrum, twiddle, xqd, xqs, xd if xqp is None else xqp.view(torch.int16),
+                                      xs if qsc is None else qsc, K=k, G=g, PER=per, PAIRS=fused_pairs, BLOCK=block,
+                                      num_warps=warps)
     elif needs_xq:
         xq = transformed_input(x.float(), form) if xq is None else xq
         xqd = deinterleave(xq.float(), bits)
         xqs = xqd.sum(1)
     else:
         xqd, xqs = xd, xs
-    prepared = (xd, xqd, xs, xqs)
+    if pairs and xp is None:  # not fused above: torch
+        xp, sc = quantized_pairs(xd, bits)
+    if pairs and xqp is None:
+        xqp, qsc = quantized_pairs(xqd, bits) if needs_xq else (xp, sc)
+    prepared = (xd, xqd, xs, xqs, xp, xqp, sc, qsc)
     if not given:
         _PREPARED["entry"] = (key, x, prepared)
     return prepared
@@ -727,7 +917,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
 # The GEMV kernel's set-up per format: (rows per program, warps, words per tile, prefetch) and the number of
 # programs a row block is split into along K, enough to fill the GPU. From the H200 sweeps
 # (eval/results/bench_kernels.md, kernel_sweeps/): the best or within 10% of it on every measured shape.
-GEMV_TILE = (8, 4, 64, True)           # kashin: plane sums (mode 3), next tile loaded ahead
+GEMV_TILE = (16, 4, 64, False)         # kashin: plane sums (mode 3)
 GEMV_TILE_AFFINE = (4, 4, 128, False)  # rtn: codes as mantissas (mode 1)
 GEMV_MIN_PROGRAMS = 512
 

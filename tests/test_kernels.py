@@ -107,7 +107,8 @@ GEMV_CASES = [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(bits=4, grou
 @pytest.mark.parametrize("cfg", GEMV_CASES, ids=[f"{c.method}{c.bits}-u{c.ku}-g{c.group_size}-{c.transform}"
                                                  for c in GEMV_CASES])
 @pytest.mark.parametrize("block", [(4, 64, 1, 1), (8, 2, 2, 2), (16, 8, 4, 4)], ids=["wide", "narrow", "split"])
-@pytest.mark.parametrize("mode", [None, 0, 2, 4, "prefetch"], ids=["default", "mode0", "mode2", "mode4", "prefetch"])
+@pytest.mark.parametrize("mode", [None, 0, 2, 4, 5, "prefetch"], ids=["default", "mode0", "mode2", "mode4", "mode5",
+                                                                   "prefetch"])
 def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     """Every code position of a word (the sign bit too), tiles inside and across groups, partial
     row tiles, K split between programs, every decode mode the format allows."""
@@ -119,6 +120,8 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     mode = None if prefetch else mode
     if mode is not None and (mode < 2) != affine:
         pytest.skip("mode for the other kind of format")
+    if mode == 5 and cfg.bits not in (2, 4, 8):
+        pytest.skip("mode 5 serves 2, 4 and 8 bits")
     q = _layer(cfg, out=37, inp=256)
     x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(5))
     block_m, block_w, warps, split = block
@@ -126,7 +129,11 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
         split = 1
     got = gemv_matmul(x, q.codes, _form(q), cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
                       split=split, mode=mode, prefetch=prefetch)
-    torch.testing.assert_close(got, x @ q.dequantize().T, rtol=1e-4, atol=1e-5)
+    want = x @ q.dequantize().T
+    if mode == 5:  # the input rounded to 16 bits per token: relative error about 2^-16 of its largest entry
+        assert float((got - want).norm() / want.norm()) < 1e-4
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_word_gemv_kernel_refuses_a_mode_the_format_lacks():
@@ -138,6 +145,24 @@ def test_word_gemv_kernel_refuses_a_mode_the_format_lacks():
         gemv_matmul(torch.randn(1, 256), q.codes, _form(q), 4, mode=1)
     with pytest.raises(ValueError, match="unknown GEMV mode"):
         gemv_matmul(torch.randn(1, 256), q.codes, _form(q), 4, mode=9)
+
+
+def test_quantized_pairs_pack_the_codes_one_shift_reaches():
+    """Mode 5's pairs: low/high int16 halves hold the inputs whose codes' bits land in bytes 2h, 2h+1."""
+    from quantune.kernels import deinterleave, quantized_pairs
+
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(8))
+    for bits in (2, 4, 8):
+        xd = deinterleave(x, bits)
+        pairs, scale = quantized_pairs(xd, bits)
+        cpb, per = 8 // bits, 32 // bits
+        assert pairs.shape == (2, cpb, 2, 64 // per) and scale.shape == (2,)
+        lo = ((pairs << 16) >> 16).float() * scale[:, None, None, None]
+        hi = (pairs >> 16).float() * scale[:, None, None, None]
+        for k in range(cpb):
+            for h in range(2):
+                torch.testing.assert_close(lo[:, k, h], xd[:, k + 2 * h * cpb], rtol=0, atol=float(scale.max()))
+                torch.testing.assert_close(hi[:, k, h], xd[:, k + (2 * h + 1) * cpb], rtol=0, atol=float(scale.max()))
 
 
 def test_layers_with_one_input_share_its_transform():
@@ -165,17 +190,22 @@ def test_layers_with_one_input_share_its_transform():
 def test_prepared_input_is_the_transformed_input_deinterleaved(cfg):
     """The fused DCT (one cast/reorder kernel, an rfft, one post kernel) equals the torch transform."""
     pytest.importorskip("triton")
-    from quantune.kernels import deinterleave, prepared_input, transformed_input
+    from quantune.kernels import deinterleave, prepared_input, quantized_pairs, transformed_input
 
     q = _layer(cfg, out=8, inp=192)
     form = _form(q)
     x = torch.randn(3, 192, generator=torch.Generator().manual_seed(7)).bfloat16()
-    xd, xqd, xs, xqs = prepared_input(x, form, cfg.bits)
+    xd, xqd, xs, xqs, xp, xqp, sc, qsc = prepared_input(x, form, cfg.bits, pairs=True)
     torch.testing.assert_close(xd, deinterleave(x.float(), cfg.bits), rtol=0, atol=0)
     want = deinterleave(transformed_input(x.float(), form), cfg.bits) if form.ku < cfg.bits else xd
     torch.testing.assert_close(xqd, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xs, xd.sum(1), rtol=1e-5, atol=1e-5)  # per 32-bit word of codes
     torch.testing.assert_close(xqs, want.sum(1), rtol=1e-5, atol=1e-5)
+    for got_pairs, got_scale, src in ((xp, sc, xd), (xqp, qsc, want)):  # mode 5's 16-bit inputs
+        pairs, scale = quantized_pairs(src, cfg.bits)
+        torch.testing.assert_close(got_scale, scale, rtol=1e-6, atol=0)
+        assert ((got_pairs << 16 >> 16) - (pairs << 16 >> 16)).abs().max() <= 1  # rounding of exact halves
+        assert ((got_pairs >> 16) - (pairs >> 16)).abs().max() <= 1
 
 
 def test_word_gemv_kernel_refuses_codes_across_words():
