@@ -244,16 +244,14 @@ if triton is not None:
         return p0, p1, p2, p3, p4, p5, p6, p7
 
     @triton.jit
-    def _store_pairs(xp16_ptr, sc_ptr, tok, vals, offs, m, PER: tl.constexpr, NW: tl.constexpr, CPB: tl.constexpr):
-        """One token's whole input ``vals`` (column ``offs``) rounded to 16 bits with the token's scale
-        ``max|x| / 32767`` and stored as :func:`quantized_pairs` lays it out (int16 halves)."""
-        scale = tl.maximum(tl.max(tl.abs(vals), axis=0), 1e-30) / 32767.0
-        tl.store(sc_ptr + tok, scale)
+    def _store_pairs(xp16_ptr, tok, vals, scale, c, m, PER: tl.constexpr, NW: tl.constexpr, CPB: tl.constexpr):
+        """Columns ``c`` of a token's input ``vals`` rounded to 16 bits with ``scale`` (the token's
+        ``max|x| / 32767``), stored as :func:`quantized_pairs` lays them out (int16 halves)."""
         qf = vals / scale
         qi = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int32).to(tl.int16)
-        j = offs % PER
+        j = c % PER
         lane = j // CPB  # the byte of the bit-gathering register: pair 2h + half
-        dest = (((tok * CPB + j % CPB) * 2 + lane // 2) * NW + offs // PER) * 2 + lane % 2
+        dest = (((tok * CPB + j % CPB) * 2 + lane // 2) * NW + c // PER) * 2 + lane % 2
         tl.store(xp16_ptr + dest, qi, mask=m)
 
     @triton.jit
@@ -545,52 +543,68 @@ if triton is not None:
             tl.atomic_add(y_ptr + tok * M + rows, out, mask=rmask)
 
     @triton.jit
-    def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, xp16_ptr, sc_ptr, K: tl.constexpr, G: tl.constexpr,
-                     PER: tl.constexpr, HAS_V: tl.constexpr, PAIRS: tl.constexpr, BLOCK: tl.constexpr):
-        """One (token, group): the input in float32, de-interleaved for the GEMV (``xd[t, j, w] =
-        x[t, w * PER + j]``) and summed per word (``xs[t, w]``), and with HAS_V the DCT's FFT input
-        ``v`` of that group (signs applied, even entries in order, odd entries reversed behind them:
-        Makhoul's reordering). PAIRS (G == K, one program per token): also the 16-bit pairs of GEMV mode 5."""
+    def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, amax_ptr, K: tl.constexpr, G: tl.constexpr,
+                     PER: tl.constexpr, HAS_V: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr):
+        """CH columns of one token: the input in float32, de-interleaved for the GEMV (``xd[t, j, w] =
+        x[t, w * PER + j]``) and summed per word (``xs[t, w]``); with HAS_V the DCT's FFT input ``v`` of
+        each G-long group (signs applied, even entries in order, odd entries reversed behind them:
+        Makhoul's reordering); with PAIRS the token's running ``max |x|`` (atomic, for mode 5's scale)."""
         tok = tl.program_id(0)
-        grp = tl.program_id(1)
-        offs = tl.arange(0, BLOCK)
-        m = offs < G
-        xv = tl.load(x_ptr + tok * K + grp * G + offs, mask=m, other=0.0).to(tl.float32)
-        c = grp * G + offs
+        c = tl.program_id(1) * CH + tl.arange(0, CH)
+        m = c < K
+        xv = tl.load(x_ptr + tok * K + c, mask=m, other=0.0).to(tl.float32)
         tl.store(xd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xv, mask=m)
-        wl = tl.arange(0, BLOCK // PER)
-        tl.store(xs_ptr + tok * (K // PER) + grp * (G // PER) + wl, tl.sum(tl.reshape(xv, (BLOCK // PER, PER)), axis=1),
-                 mask=wl < G // PER)
+        wl = tl.program_id(1) * (CH // PER) + tl.arange(0, CH // PER)
+        tl.store(xs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xv, (CH // PER, PER)), axis=1), mask=wl < K // PER)
         if PAIRS:
-            _store_pairs(xp16_ptr, sc_ptr, tok, xv, offs, m, PER, K // PER, 8 // (32 // PER))
+            tl.atomic_max(amax_ptr + tok * 2, tl.max(tl.abs(xv), axis=0))
         if HAS_V:
-            sv = xv * tl.load(signs_ptr + offs, mask=m, other=0.0)
-            dest = tl.where(offs % 2 == 0, offs // 2, G - 1 - offs // 2)
-            tl.store(v_ptr + (tok * (K // G) + grp) * G + dest, sv, mask=m)
+            local = c % G
+            sv = xv * tl.load(signs_ptr + local, mask=m, other=0.0)
+            dest = tl.where(local % 2 == 0, local // 2, G - 1 - local // 2)
+            tl.store(v_ptr + tok * K + (c // G) * G + dest, sv, mask=m)
 
     @triton.jit
-    def _dct_post_kernel(f_ptr, tw_ptr, xqd_ptr, xqs_ptr, xqp16_ptr, qsc_ptr, K: tl.constexpr, G: tl.constexpr,
-                         PER: tl.constexpr, PAIRS: tl.constexpr, BLOCK: tl.constexpr):
-        """``X_k = Re(t_k V_k)`` from the half spectrum ``rfft(v)`` (``V_k = conj(V_{G-k})`` above
-        G/2), written de-interleaved and summed per word like :func:`_prep_kernel`'s ``xd``/``xs``."""
+    def _dct_post_kernel(f_ptr, tw_ptr, xqd_ptr, xqs_ptr, amax_ptr, K: tl.constexpr, G: tl.constexpr,
+                         PER: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr):
+        """``X_k = Re(t_k V_k)`` from each group's half spectrum ``rfft(v)`` (``V_k = conj(V_{G-k})``
+        above G/2), for CH columns of one token, written de-interleaved and summed per word like
+        :func:`_prep_kernel`'s ``xd``/``xs``; with PAIRS the token's running ``max |xq|``."""
         tok = tl.program_id(0)
-        grp = tl.program_id(1)
-        k = tl.arange(0, BLOCK)
-        m = k < G
+        c = tl.program_id(1) * CH + tl.arange(0, CH)
+        m = c < K
+        k = c % G
         low = k <= G // 2
         idx = tl.where(low, k, G - k)
-        base = f_ptr + (tok * (K // G) + grp) * (G // 2 + 1) * 2
+        base = f_ptr + (tok * (K // G) + c // G) * ((G // 2 + 1) * 2)
         re = tl.load(base + idx * 2, mask=m, other=0.0)
         im = tl.load(base + idx * 2 + 1, mask=m, other=0.0)
         im = tl.where(low, im, -im)
         out = tl.load(tw_ptr + k * 2, mask=m, other=0.0) * re - tl.load(tw_ptr + k * 2 + 1, mask=m, other=0.0) * im
-        c = grp * G + k
         tl.store(xqd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, out, mask=m)
-        wl = tl.arange(0, BLOCK // PER)
-        tl.store(xqs_ptr + tok * (K // PER) + grp * (G // PER) + wl,
-                 tl.sum(tl.reshape(out, (BLOCK // PER, PER)), axis=1), mask=wl < G // PER)
+        wl = tl.program_id(1) * (CH // PER) + tl.arange(0, CH // PER)
+        tl.store(xqs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(out, (CH // PER, PER)), axis=1), mask=wl < K // PER)
         if PAIRS:
-            _store_pairs(xqp16_ptr, qsc_ptr, tok, out, k, m, PER, K // PER, 8 // (32 // PER))
+            tl.atomic_max(amax_ptr + tok * 2 + 1, tl.max(tl.abs(out), axis=0))
+
+    @triton.jit
+    def _pairs_kernel(xd_ptr, xqd_ptr, amax_ptr, xp16_ptr, xqp16_ptr, sc_ptr, qsc_ptr, K: tl.constexpr,
+                      PER: tl.constexpr, HAS_Q: tl.constexpr, CH: tl.constexpr):
+        """GEMV mode 5's 16-bit inputs for CH columns of one token, from the de-interleaved inputs and
+        the token's ``max |x|`` (``max |xq|``) gathered by the kernels above."""
+        tok = tl.program_id(0)
+        c = tl.program_id(1) * CH + tl.arange(0, CH)
+        m = c < K
+        src = tok * K + (c % PER) * (K // PER) + c // PER
+        scale = tl.maximum(tl.load(amax_ptr + tok * 2), 1e-30) / 32767.0
+        tl.store(sc_ptr + tok, scale)
+        _store_pairs(xp16_ptr, tok, tl.load(xd_ptr + src, mask=m, other=0.0), scale, c, m, PER, K // PER,
+                     8 // (32 // PER))
+        if HAS_Q:
+            qscale = tl.maximum(tl.load(amax_ptr + tok * 2 + 1), 1e-30) / 32767.0
+            tl.store(qsc_ptr + tok, qscale)
+            _store_pairs(xqp16_ptr, tok, tl.load(xqd_ptr + src, mask=m, other=0.0), qscale, c, m, PER, K // PER,
+                         8 // (32 // PER))
 
     @triton.jit
     def _decode_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, u_ptr, v_ptr, M, stride_w, groups,
@@ -777,7 +791,14 @@ def deinterleave(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 GEMV_MODES = {0: "affine per weight", 1: "affine per word", 2: "signs per weight", 3: "plane sums",
               4: "plane sums (mantissa)", 5: "plane sums (int16 dot products)"}
-GEMV_MODE_AFFINE, GEMV_MODE_PLANES = 1, 3  # the defaults (eval/results/bench_kernels.md)
+GEMV_MODE_AFFINE, GEMV_MODE_DOTS, GEMV_MODE_PLANES = 1, 5, 3  # defaults: rtn; kashin at 2/4/8 bits; other kashin
+
+
+def gemv_default_mode(affine: bool, bits: int) -> int:
+    """The fastest mode measured on the H200 for a format (eval/results/bench_kernels.md)."""
+    if affine:
+        return GEMV_MODE_AFFINE
+    return GEMV_MODE_DOTS if bits in (2, 4, 8) else GEMV_MODE_PLANES
 
 
 def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_m: int = 8,
@@ -800,7 +821,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if affine is None:
         affine = tables[2]
     if mode is None:
-        mode = GEMV_MODE_AFFINE if affine else GEMV_MODE_PLANES
+        mode = gemv_default_mode(affine, bits)
     if mode not in GEMV_MODES:
         raise ValueError(f"unknown GEMV mode {mode}; choose one of {sorted(GEMV_MODES)}")
     if mode in (0, 1) and not affine:
@@ -830,6 +851,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
 
 
 _PREPARED: dict = {}  # the last few-token input's de-interleaved copies, see prepared_input
+PREP_COLUMNS = 1024  # columns of one token per program of the input-preparation kernels
 
 
 def quantized_pairs(xd: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -873,37 +895,33 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     xd = torch.empty(t, per, k // per, device=x.device, dtype=torch.float32)
     xs = torch.empty(t, k // per, device=x.device, dtype=torch.float32)
     fused_dct = needs_xq and not given and form.transform == "dct"
+    fused_pairs = pairs and (fused_dct or not needs_xq)  # both inputs' pairs from the kernels below
     g = form.group if fused_dct else k
-    block = max(triton.next_power_of_2(g), per)
+    ch = min(PREP_COLUMNS, max(triton.next_power_of_2(k), per))
+    grid = (t, triton.cdiv(k, ch))
     x = x.contiguous()
+    v = torch.empty(t, k, device=x.device, dtype=torch.float32) if fused_dct else xd
+    signs = random_signs(g, form.seed, device=x.device, dtype=torch.float32) if fused_dct else xd
+    amax = torch.zeros(t, 2, device=x.device, dtype=torch.float32) if fused_pairs else xd
+    _prep_kernel[grid](x, xd, xs, signs, v, amax, K=k, G=g, PER=per, HAS_V=fused_dct, PAIRS=fused_pairs, CH=ch)
     if fused_dct:  # cast, de-interleave and DCT pre-step in one kernel, then one rfft and one post kernel
-        v = torch.empty(t * (k // g), g, device=x.device, dtype=torch.float32)
-        signs = random_signs(g, form.seed, device=x.device, dtype=torch.float32)
-    else:
-        v = signs = xd
-    warps = 4 if block <= 4096 else 8
-    fused_pairs = pairs and g == k  # one program sees the token's whole input: its scale too
-    xp = xqp = sc = qsc = None
-    if fused_pairs:
-        xp = torch.empty(t, 8 // bits, 2, k // per, device=x.device, dtype=torch.int32)
-        sc = torch.empty(t, device=x.device, dtype=torch.float32)
-    _prep_kernel[(t, k // g)](x, xd, xs, signs, v, xd if xp is None else xp.view(torch.int16), xs if sc is None else sc,
-                              K=k, G=g, PER=per, HAS_V=fused_dct, PAIRS=fused_pairs, BLOCK=block, num_warps=warps)
-    if fused_dct:
-        spectrum = torch.view_as_real(torch.fft.rfft(v, dim=-1))
+        spectrum = torch.view_as_real(torch.fft.rfft(v.view(t * (k // g), g), dim=-1))
         twiddle = torch.view_as_real(dct_twiddle(g, x.device, torch.float32))
         xqd, xqs = torch.empty_like(xd), torch.empty_like(xs)
-        if fused_pairs:
-            xqp, qsc = torch.empty_like(xp), torch.empty_like(sc)
-        _dct_post_kernel[(t, k // g)](spectrum, twiddle, xqd, xqs, xd if xqp is None else xqp.view(torch.int16),
-                                      xs if qsc is None else qsc, K=k, G=g, PER=per, PAIRS=fused_pairs, BLOCK=block,
-                                      num_warps=warps)
+        _dct_post_kernel[grid](spectrum, twiddle, xqd, xqs, amax, K=k, G=g, PER=per, PAIRS=fused_pairs, CH=ch)
     elif needs_xq:
         xq = transformed_input(x.float(), form) if xq is None else xq
         xqd = deinterleave(xq.float(), bits)
         xqs = xqd.sum(1)
     else:
         xqd, xqs = xd, xs
+    xp = xqp = sc = qsc = None
+    if fused_pairs:
+        xp = torch.empty(t, 8 // bits, 2, k // per, device=x.device, dtype=torch.int32)
+        sc = torch.empty(t, device=x.device, dtype=torch.float32)
+        xqp, qsc = (torch.empty_like(xp), torch.empty_like(sc)) if needs_xq else (xp, sc)
+        _pairs_kernel[grid](xd, xqd, amax, xp.view(torch.int16), xqp.view(torch.int16), sc, qsc, K=k, PER=per,
+                            HAS_Q=needs_xq, CH=ch)
     if pairs and xp is None:  # not fused above: torch
         xp, sc = quantized_pairs(xd, bits)
     if pairs and xqp is None:
@@ -917,7 +935,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
 # The GEMV kernel's set-up per format: (rows per program, warps, words per tile, prefetch) and the number of
 # programs a row block is split into along K, enough to fill the GPU. From the H200 sweeps
 # (eval/results/bench_kernels.md, kernel_sweeps/): the best or within 10% of it on every measured shape.
-GEMV_TILE = (16, 4, 64, False)         # kashin: plane sums (mode 3)
+GEMV_TILE = (16, 4, 64, False)         # kashin: int16 dot products (mode 5) or plane sums (mode 3)
 GEMV_TILE_AFFINE = (4, 4, 128, False)  # rtn: codes as mantissas (mode 1)
 GEMV_MIN_PROGRAMS = 512
 

@@ -93,7 +93,11 @@ def test_the_dispatched_kernel_matches_the_module(cfg):
     q = _layer(cfg, out=37)
     x = torch.randn(3, q.in_features, generator=torch.Generator().manual_seed(4))
     got = fused_matmul(x, q.codes, q.bitplane_form(), cfg.bits, q.level_tables())
-    torch.testing.assert_close(got, x @ q.dequantize().T, rtol=1e-4, atol=1e-5)
+    want = x @ q.dequantize().T
+    if cfg.method == "kashin":  # mode 5: the input rounded to 16 bits per token
+        assert float((got - want).norm() / want.norm()) < 1e-4
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 
@@ -116,6 +120,8 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     from quantune.kernels import gemv_block_w, gemv_matmul
 
     affine = cfg.method == "rtn"
+    if mode in (0, 2, 4, "prefetch") and block[3] != 4:
+        pytest.skip("the slower alternative modes run on one tiling (the split one) to keep the suite short")
     prefetch = mode == "prefetch"
     mode = None if prefetch else mode
     if mode is not None and (mode < 2) != affine:
@@ -130,7 +136,7 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     got = gemv_matmul(x, q.codes, _form(q), cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
                       split=split, mode=mode, prefetch=prefetch)
     want = x @ q.dequantize().T
-    if mode == 5:  # the input rounded to 16 bits per token: relative error about 2^-16 of its largest entry
+    if mode == 5 or (mode is None and not affine and cfg.bits in (2, 4, 8)):  # input rounded to 16 bits per token
         assert float((got - want).norm() / want.norm()) < 1e-4
     else:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
