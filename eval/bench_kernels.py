@@ -93,6 +93,33 @@ CONFIGS = [("gemv0", 128, 4, 8), ("gemv1", 4, 4, 128), ("gemv1", 8, 4, 128), ("g
 # earlier sweeps (eval/results/kernel_sweeps/): "planes"/"levels" kernels, gemv mode 4 and prefetching never won
 
 
+def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
+    """The Markdown report of a run's rows (also: ``--render RESULTS.json`` re-renders a saved run)."""
+    us = 1e6
+    table = markdown_table(
+        ["in x out", "method", "kernel", "rel. err", "decode us", "kernel us", "torch transform us", "floor us",
+         "bf16 us", "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16",
+         "prefill rel. err", "bf16 rel. err", "decode to bf16 us", "old prefill ms"],
+        [[f"{r['in']}x{r['out']}", r["method"], "{kernel}:{block_m}x{num_warps}x{block_w}".format(**r["best_config"]),
+          r["rel_err_vs_reference"], r["decode_s"] * us, r["kernel_s"] * us,
+          r["transform_s"] * us, r["floor_s"] * us, r["bf16_decode_s"] * us, r["nf4_decode_s"] * us,
+          r["speedup_vs_bf16"], r["speedup_vs_nf4"], r["prefill_s"] * 1e3, r["bf16_prefill_s"] * 1e3,
+          r["prefill_vs_bf16"], r["prefill_rel_err"], r["bf16_prefill_rel_err"], r["decode_bf16_s"] * us,
+          r["old_prefill_s"] * 1e3] for r in rows])
+    return (f"# Low-bit matmul kernels\n\nDevice: {device}. Times are medians with the calls captured in a CUDA "
+            f"graph (triton.testing.do_bench_cudagraph). Decode: 1 token; 'decode us' is everything a call does "
+            f"(input preparation: cast, de-interleave, kashin's DCT through one rfft and two Triton kernels, mode "
+            f"5's 16-bit inputs; then the GEMV kernel), 'kernel us' the GEMV kernel alone on inputs prepared "
+            f"beforehand, for the best of {n_configs} kernel/tile configs (gemvMODE:rows x warps x words, "
+            f"quantune.kernels.GEMV_MODES), 'torch transform us' the plain torch DCT for reference. Prefill: "
+            f"{prefill_tokens} tokens, quantune decodes the factors to bf16 with a Triton kernel, then cuBLAS (rtn: "
+            f"one GEMM; kashin: x U^T + (x Q) V^T, two GEMMs); 'old prefill' is the first path (float32 torch "
+            f"decode, eager). Floor: index + coefficient bytes / copy bandwidth. rel. err: the decode path vs the "
+            f"float32 reference x W_hat^T (kashin's mode 5 rounds the input to 16 bits per token: about 1e-4); "
+            f"prefill rel. err the same for the bf16 prefill path, next to bf16 cuBLAS's own error against "
+            f"float32 (x W^T).\n\n{table}\n")
+
+
 def gemv_mode(kind: str) -> int | None:
     """"gemv3" / "gemv3p" (prefetching) -> 3, "gemv" -> None (the format's default mode)."""
     digits = kind[4:].rstrip("p")
@@ -121,7 +148,13 @@ def main() -> None:
     p.add_argument("--out", default="eval/results/bench_kernels")
     p.add_argument("--smoke", action="store_true", help="CPU check of the script under TRITON_INTERPRET=1 "
                                                         "(small shape, no NF4); measures nothing")
+    p.add_argument("--render", metavar="RESULTS_JSON", help="re-render the Markdown of a saved run and exit")
     args = p.parse_args()
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        n = len(saved["rows"][0]["config_seconds"]) if saved["rows"] else 0
+        Path(args.render).with_suffix(".md").write_text(render(saved["rows"], saved["device"], n, 2048))
+        return
     global DEV
     if args.smoke:
         DEV, args.shapes, args.prefill_tokens = "cpu", "256x96", 24
@@ -237,25 +270,7 @@ def main() -> None:
             q = tables = None  # free the layer before the next case
     device = f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU (smoke)'}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s"
     out = Path(args.out)
-    us = 1e6
-    table = markdown_table(
-        ["in x out", "method", "kernel", "rel. err", "decode us", "kernel us", "transform us", "floor us", "bf16 us",
-         "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16", "prefill rel. err",
-         "bf16 rel. err", "decode to bf16 us", "old prefill ms"],
-        [[f"{r['in']}x{r['out']}", r["method"], "{kernel}:{block_m}x{num_warps}x{block_w}".format(**r["best_config"]),
-          r["rel_err_vs_reference"], r["decode_s"] * us, r["kernel_s"] * us,
-          r["transform_s"] * us, r["floor_s"] * us, r["bf16_decode_s"] * us, r["nf4_decode_s"] * us,
-          r["speedup_vs_bf16"], r["speedup_vs_nf4"], r["prefill_s"] * 1e3, r["bf16_prefill_s"] * 1e3,
-          r["prefill_vs_bf16"], r["prefill_rel_err"], r["bf16_prefill_rel_err"], r["decode_bf16_s"] * us,
-          r["old_prefill_s"] * 1e3] for r in rows])
-    md = (f"# Low-bit matmul kernels\n\nDevice: {device}. Times are medians with the calls captured in a CUDA "
-          f"graph (triton.testing.do_bench_cudagraph). Decode: 1 token, quantune = input transform + fused "
-          f"kernel (best of {len(configs)} kernel/tile configs, kernel:rows x warps x words; kernel column: the "
-          f"kernel alone, input transform precomputed); prefill: {args.prefill_tokens} tokens, quantune decodes "
-          f"the factors to bf16 with a Triton kernel, then cuBLAS (rtn: one GEMM; kashin: x U^T + (x Q) V^T, two "
-          f"GEMMs); 'old prefill' is the previous path (float32 torch decode, eager). Floor: index + coefficient "
-          f"bytes / copy bandwidth. rel. err: the kernel vs the float32 reference x W_hat^T; prefill rel. err the "
-          f"same for the bf16 prefill path, next to bf16 cuBLAS's own error against float32 (x W^T).\n\n{table}\n")
+    md = render(rows, device, len(configs), args.prefill_tokens)
     write_results(out, {"device": device, "copy_bandwidth_Bps": bw, "rows": rows}, md)
 
 
