@@ -1,16 +1,23 @@
-"""Fused low-bit matmul for few tokens (decode): read packed codes once, never build a weight.
+"""Triton kernels for quantized linear layers on the GPU: a few-token GEMV that never builds a
+weight, and a decode of the factors to bf16 for prefill.
 
 Both formats decode linearly in the bits of their codes (:class:`quantune.methods.BitplaneForm`),
 so ``y = x W^T`` is, per output row, ``bits`` dot products of 0/1 bit planes with ``x`` (or with
-``xq = Q^T x`` per group, for kashin's transformed factor), combined with per-group
-coefficients: the kernel streams the packed bytes (bits/8 bytes per weight instead of 2 for
-bf16) and keeps ``bits`` accumulators in registers. ``xq`` costs one fast transform of the
-activations, not of the weights.
+``xq = Q^T x`` per group, for kashin's transformed factor) combined with per-group coefficients.
 
-:func:`bitplane_matmul_reference` is the same math in plain torch (CPU, tests);
-:func:`bitplane_matmul` runs the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1`` for
-correctness checks). :class:`~quantune.qlinear.QuantLinear` uses the kernel on CUDA for inputs of at
-most ``MAX_TOKENS`` tokens and the decode-then-GEMM path otherwise.
+- :func:`gemv_matmul` (up to ``MAX_TOKENS`` tokens): codes read as 32-bit words, decoded in
+  registers (:data:`GEMV_MODES`: rtn's codes as float mantissas, kashin's planes as int16 ``dp2a``
+  dot products, and the slower alternatives kept for comparison), inputs prepared once per input
+  tensor by :func:`prepared_input` (cast, de-interleave, kashin's DCT via one rfft).
+- :func:`decode_bf16` + :func:`prefill_matmul` (more tokens): the factors decoded to bf16 at
+  memory speed, then cuBLAS (one GEMM for rtn, two for kashin: ``x U^T + (x Q) V^T``).
+- :func:`bitplane_matmul` / :func:`levels_matmul`: earlier byte-reading kernels for code widths
+  that straddle words (3, 5, 6, 7 bits).
+
+:func:`bitplane_matmul_reference` is the same math in plain torch (CPU, tests). Every kernel runs
+on CUDA or, for correctness checks, on the CPU under ``TRITON_INTERPRET=1``; timing lives in
+``eval/bench_kernels.py``. :class:`~quantune.qlinear.QuantLinear` picks the path by device and
+token count (``_kernel_path``).
 """
 from __future__ import annotations
 
