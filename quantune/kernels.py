@@ -858,6 +858,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
 
 
 _PREPARED: dict = {}  # the last few-token input's de-interleaved copies, see prepared_input
+SHARE_INPUTS = True  # reuse the last input's preparation for the same, unchanged tensor (see prepared_input)
 PREP_COLUMNS = 1024  # columns of one token per program of the input-preparation kernels
 
 
@@ -885,7 +886,9 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
 
     Layers that take the same input tensor (q/k/v, gate/up) share one transform: the last input is
     kept (a reference, so its memory cannot be reused by another tensor while cached) with its
-    version counter, and reused while neither changes. ``xq`` given: no caching."""
+    version counter, and reused while neither changes. ``xq`` given: no caching. A write that bypasses
+    the version counter (through ``.data`` or a DLPack alias) is not seen: set ``SHARE_INPUTS = False``
+    where a program writes its inputs that way."""
     if triton is None:
         raise RuntimeError("the fused kernel needs triton")
     if x.shape[0] > MAX_TOKENS:
@@ -893,7 +896,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     needs_xq, given = form.ku < bits, xq is not None
     key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version, bits, pairs,
            form.transform if needs_xq else None, form.seed if needs_xq else None, form.group if needs_xq else None)
-    if not given:
+    if not given and SHARE_INPUTS:
         hit = _PREPARED.get("entry")
         if hit is not None and hit[0] == key:
             return hit[2]
@@ -934,7 +937,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     if pairs and xqp is None:
         xqp, qsc = quantized_pairs(xqd, bits) if needs_xq else (xp, sc)
     prepared = (xd, xqd, xs, xqs, xp, xqp, sc, qsc)
-    if not given:
+    if not given and SHARE_INPUTS:
         _PREPARED["entry"] = (key, x, prepared)
     return prepared
 

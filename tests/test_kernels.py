@@ -188,6 +188,11 @@ def test_layers_with_one_input_share_its_transform():
     assert doubled[1] is not first[1]
     torch.testing.assert_close(kernels.gemv_matmul(x, q.codes, form, 4), 2 * y, rtol=1e-5, atol=1e-6)
     assert kernels.prepared_input(x.clone(), form, 4)[1] is not doubled[1]
+    kernels.SHARE_INPUTS = False  # switched off: every call prepares its input
+    try:
+        assert kernels.prepared_input(x, form, 4)[1] is not kernels.prepared_input(x, form, 4)[1]
+    finally:
+        kernels.SHARE_INPUTS = True
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=2, group_size=96),
