@@ -23,7 +23,7 @@ case "$1" in
              python -m eval.recovery_table /tmp/rec 29.871 --out "$out/finetune_recovery_3bit" ;;
   finetune)  python -m eval.bench_finetune --out "$out/bench_finetune" ;;                        # issue 4
   memory)    python -m eval.bench_memory --out "$out/bench_memory" ;;                            # issue 6
-  generate)  python -m eval.bench_generate --contenders bf16,kashin-4,kashin-2,rtn-4 --new-tokens 64 \
+  generate)  python -m eval.bench_generate --contenders bf16,kashin-4,kashin-2,rtn-4,rtn-2 --new-tokens 64 \
                --out "$out/bench_generate" ;;                                                      # issue 5
   ddp)       # issue 4 on nvidia-h200-x2: the same global batch on 1 and on 2 GPUs, the seed noise, and 2 GPUs at
              # the one-GPU per-GPU batch (throughput scaling); then the comparison table and plot
