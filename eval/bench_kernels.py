@@ -223,7 +223,9 @@ def main() -> None:
                 if kind.startswith("gemv") and not gemv_supported(form, bits, q.codes.shape[1]):
                     continue
                 mode = gemv_mode(kind) if kind.startswith("gemv") else None
-                if mode is not None and (mode < 2) != tables[2]:  # a mode for the other kind of format
+                if mode is not None and mode < 2 and not tables[2]:  # rtn's affine modes on kashin
+                    continue
+                if mode in (2, 3, 4) and tables[2]:  # kashin's float plane modes: never faster on rtn
                     continue
                 if mode == 5 and bits not in (2, 4, 8):
                     continue
