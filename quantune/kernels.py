@@ -211,26 +211,6 @@ if triton is not None:
             return tl.zeros_like(idx).to(tl.float32)
 
     @triton.jit
-    def _add_plane(t: tl.constexpr, v, p0, p1, p2, p3, p4, p5, p6, p7):
-        if t == 0:
-            p0 += v
-        if t == 1:
-            p1 += v
-        if t == 2:
-            p2 += v
-        if t == 3:
-            p3 += v
-        if t == 4:
-            p4 += v
-        if t == 5:
-            p5 += v
-        if t == 6:
-            p6 += v
-        if t == 7:
-            p7 += v
-        return p0, p1, p2, p3, p4, p5, p6, p7
-
-    @triton.jit
     def _set_plane(t: tl.constexpr, v, p0, p1, p2, p3, p4, p5, p6, p7):
         if t == 0:
             p0 = v
@@ -435,23 +415,14 @@ if triton is not None:
                 xh2 = _pairs(xp_ptr, tok, 2, 1, CPB, NW, offs)
                 xl3 = _pairs(xp_ptr, tok, 3, 0, CPB, NW, offs)
                 xh3 = _pairs(xp_ptr, tok, 3, 1, CPB, NW, offs)
-                ql0 = xl0
-                qh0 = xh0
-                ql1 = xl1
-                qh1 = xh1
-                ql2 = xl2
-                qh2 = xh2
-                ql3 = xl3
-                qh3 = xh3
-                if KU < BITS:
-                    ql0 = _pairs(xqp_ptr, tok, 0, 0, CPB, NW, offs)
-                    qh0 = _pairs(xqp_ptr, tok, 0, 1, CPB, NW, offs)
-                    ql1 = _pairs(xqp_ptr, tok, 1, 0, CPB, NW, offs)
-                    qh1 = _pairs(xqp_ptr, tok, 1, 1, CPB, NW, offs)
-                    ql2 = _pairs(xqp_ptr, tok, 2, 0, CPB, NW, offs)
-                    qh2 = _pairs(xqp_ptr, tok, 2, 1, CPB, NW, offs)
-                    ql3 = _pairs(xqp_ptr, tok, 3, 0, CPB, NW, offs)
-                    qh3 = _pairs(xqp_ptr, tok, 3, 1, CPB, NW, offs)
+                ql0 = _pairs(xqp_ptr, tok, 0, 0, CPB, NW, offs)  # unused (and not loaded) when KU == BITS
+                qh0 = _pairs(xqp_ptr, tok, 0, 1, CPB, NW, offs)
+                ql1 = _pairs(xqp_ptr, tok, 1, 0, CPB, NW, offs)
+                qh1 = _pairs(xqp_ptr, tok, 1, 1, CPB, NW, offs)
+                ql2 = _pairs(xqp_ptr, tok, 2, 0, CPB, NW, offs)
+                qh2 = _pairs(xqp_ptr, tok, 2, 1, CPB, NW, offs)
+                ql3 = _pairs(xqp_ptr, tok, 3, 0, CPB, NW, offs)
+                qh3 = _pairs(xqp_ptr, tok, 3, 1, CPB, NW, offs)
                 xscale = tl.load(sc_ptr + tok)
                 qscale = tl.load(qsc_ptr + tok)
                 for t in tl.static_range(BITS):
@@ -504,7 +475,8 @@ if triton is not None:
                             v = tl.where(bit, src, 0.0)
                         else:
                             v = _mantissa_field(word, j * BITS + t, 1) * src
-                        p0, p1, p2, p3, p4, p5, p6, p7 = _add_plane(t, v, p0, p1, p2, p3, p4, p5, p6, p7)
+                        p0, p1, p2, p3, p4, p5, p6, p7 = _set_plane(t, _pick(t, p0, p1, p2, p3, p4, p5, p6, p7) + v,
+                                                                    p0, p1, p2, p3, p4, p5, p6, p7)
                 xs = tl.load(xs_ptr + tok * NW + w0 + wtile)
                 xqs = xs
                 if KU < BITS:
