@@ -84,12 +84,13 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
 # "levels" = per-row level tables (kashin) or the affine grid (rtn), both reading a byte per code;
 # "gemvN" = codes read as 32-bit words, decoded by register arithmetic in mode N
 # (quantune.kernels.GEMV_MODES: 0/1 rtn's affine grid per weight / per word, 2/3/4/5 kashin's sign planes
-# per weight / plane sums / plane sums by the mantissa trick / plane sums as int16 dp2a dot products), the K
-# split chosen by quantune.kernels.gemv_split
+# per weight / plane sums / plane sums by the mantissa trick / plane sums as int16 dp2a dot products, 6 rtn's
+# whole codes as int16 dp2a dot products), the K split chosen by quantune.kernels.gemv_split
 CONFIGS = [("gemv0", 128, 4, 8), ("gemv1", 4, 4, 128), ("gemv1", 8, 4, 128), ("gemv1", 8, 4, 64),
            ("gemv2", 16, 4, 32), ("gemv3", 16, 4, 64), ("gemv3", 8, 8, 128),
            ("gemv5", 16, 4, 64), ("gemv5", 8, 8, 128), ("gemv5", 8, 4, 64), ("gemv5", 16, 4, 32), ("gemv5", 32, 4, 32),
-           ("gemv5", 4, 4, 128)]
+           ("gemv5", 4, 4, 128), ("gemv6", 4, 4, 128), ("gemv6", 8, 4, 128), ("gemv6", 16, 4, 64), ("gemv6", 8, 4, 64),
+           ("gemv6", 16, 4, 128), ("gemv6", 4, 2, 128)]
 # earlier sweeps (eval/results/kernel_sweeps/): "planes"/"levels" kernels, gemv mode 4 and prefetching never won
 
 
@@ -205,8 +206,8 @@ def main() -> None:
                     split = gemv_split(q.codes.shape[0], form, bits, bm, tw)
                     mode = gemv_mode(kind)
                     # xq given: the kernel alone (inputs prepared once, outside the timing)
-                    prepared = None if xq_arg is None else kernels.prepared_input(x1, form, bits, xq_arg,
-                                                                                  pairs=mode == 5)
+                    pairs = kernels.gemv_pairs(kernels.gemv_default_mode(tables[2], bits) if mode is None else mode)
+                    prepared = None if xq_arg is None else kernels.prepared_input(x1, form, bits, xq_arg, pairs=pairs)
 
                     def call():
                         if xq_arg is None:  # time the input's preparation too (no reuse across calls)
@@ -223,11 +224,11 @@ def main() -> None:
                 if kind.startswith("gemv") and not gemv_supported(form, bits, q.codes.shape[1]):
                     continue
                 mode = gemv_mode(kind) if kind.startswith("gemv") else None
-                if mode is not None and mode < 2 and not tables[2]:  # rtn's affine modes on kashin
+                if mode in (0, 1, 6) and not tables[2]:  # rtn's affine modes on kashin
                     continue
                 if mode in (2, 3, 4) and tables[2]:  # kashin's float plane modes: never faster on rtn
                     continue
-                if mode == 5 and bits not in (2, 4, 8):
+                if mode in (5, 6) and bits not in (2, 4, 8):
                     continue
                 try:
                     call = kernel_call(kind, bm, nw, tw, xq)

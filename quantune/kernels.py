@@ -258,14 +258,14 @@ if triton is not None:
     @triton.jit
     def _dp2a(a, b, c, HI: tl.constexpr, ASM: tl.constexpr):
         """PTX ``dp2a``: ``c + a.h0 * b.byte0 + a.h1 * b.byte1`` (``.byte2``/``.byte3`` with HI), ``a``
-        two signed 16-bit halves, ``b`` four bytes; ASM=False computes the same with shifts and products
-        (Triton's CPU interpreter runs no PTX)."""
+        two signed 16-bit halves, ``b`` four unsigned bytes; ASM=False computes the same with shifts
+        and products (Triton's CPU interpreter runs no PTX)."""
         if ASM:
             if HI:
-                r = tl.inline_asm_elementwise("dp2a.hi.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                r = tl.inline_asm_elementwise("dp2a.hi.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                               dtype=tl.int32, is_pure=True, pack=1)
             else:
-                r = tl.inline_asm_elementwise("dp2a.lo.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                r = tl.inline_asm_elementwise("dp2a.lo.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                               dtype=tl.int32, is_pure=True, pack=1)
         else:
             lo = (a << 16) >> 16
@@ -295,11 +295,11 @@ if triton is not None:
         return p
 
     @triton.jit
-    def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, xs_ptr, xqs_ptr, xp_ptr, xqp_ptr, sc_ptr, qsc_ptr,
+    def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, xs_ptr, xqs_ptr, xp_ptr, xqp_ptr, sc_ptr, qsc_ptr, xg_ptr,
                      a_ptr, bx_ptr, bq_ptr, y_ptr, M, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
-                     PREFETCH: tl.constexpr, ASM: tl.constexpr):
+                     PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -323,6 +323,12 @@ if triton is not None:
           token (``xp``: int16 pairs, ``sc``: the token's scale, :func:`quantized_pairs`); one shift and
           mask puts plane t's bits of four codes into the four bytes of a register, and two ``dp2a``
           multiply-add them with four inputs (about one instruction per weight and plane, against three).
+        - 6, codes as integer dot products (rtn, 2/4/8 bits): the input rounded to 16 bits per XCH-column
+          chunk (``sc``: one scale per token and chunk); ``(word >> k b) & 0x0F0F0F0F`` (4 bits) puts four
+          whole codes in a register's bytes and two ``dp2a`` multiply-add them with four inputs: per word
+          of 8 codes 2 LOP3, 1 shift and 4 ``dp2a``, then ``scale * xscale * dot + offset * xs`` per word
+          when the tile lies in one group, else per group from the dots summed over the group's words
+          and the group sums of x (``xg``), so the coefficients are never gathered per word.
         Coefficients: one per row when a tile lies inside one group, else gathered per word.
         PREFETCH: the next tile's words are loaded before this tile's arithmetic (two tiles in flight).
         """
@@ -338,6 +344,8 @@ if triton is not None:
         wcols = tl.arange(0, BLOCK_W)
         wtile = tl.broadcast_to(wcols[None, :], (BLOCK_M, BLOCK_W))  # word offsets in the tile's shape
         acc = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+        GPT: tl.constexpr = BLOCK_W // WPG if WPG < BLOCK_W else 1  # groups per tile (mode 6)
+        accg = tl.zeros([BLOCK_M, GPT], dtype=tl.float32)           # mode 6 across groups: per (row, group)
         ONE_GROUP: tl.constexpr = WPG % CHUNK == 0  # this program's codes share one group's coefficients
         d0 = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)  # mode 5, ONE_GROUP: integer plane sums over K
         d1 = tl.zeros_like(d0)
@@ -449,6 +457,30 @@ if triton is not None:
                 acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * tl.load(xs_ptr + tok * NW + offs)
                 if KU < BITS:
                     acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * tl.load(xqs_ptr + tok * NW + offs)
+            elif MODE == 6:
+                CPB6: tl.constexpr = 8 // BITS
+                offs = w0 + wtile
+                dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
+                for k in tl.static_range(CPB6):
+                    if BITS == 8:
+                        b = word
+                    else:
+                        b = (word >> (k * BITS)) & (((1 << BITS) - 1) * 0x01010101)
+                    dot = _dp2a(_pairs(xp_ptr, tok, k, 0, CPB6, NW, offs), b, dot, False, ASM)
+                    dot = _dp2a(_pairs(xp_ptr, tok, k, 1, CPB6, NW, offs), b, dot, True, ASM)
+                tl.static_assert(XCH % (BLOCK_W * PER) == 0, "mode 6 tiles lie inside one input chunk")
+                xscale = tl.load(sc_ptr + tok * ((K + XCH - 1) // XCH) + (w0 * PER) // XCH)
+                if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
+                    scale = tl.load(a_ptr + cidx, mask=cmask, other=0.0)
+                    offset = tl.load(bx_ptr + cidx, mask=cmask, other=0.0)
+                    acc += (scale * xscale) * dot.to(tl.float32) + offset * tl.load(xs_ptr + tok * NW + offs)
+                else:  # integer sums per group first, then one coefficient each (no per-word gather)
+                    gcols = tl.broadcast_to((w0 // WPG + tl.arange(0, GPT))[None, :], (BLOCK_M, GPT))
+                    gidx = rows[:, None] * groups + gcols
+                    dg = tl.sum(tl.reshape(dot, (BLOCK_M, GPT, WPG)), axis=2).to(tl.float32)
+                    scale = tl.load(a_ptr + gidx, mask=cmask, other=0.0)
+                    offset = tl.load(bx_ptr + gidx, mask=cmask, other=0.0)
+                    accg += (scale * xscale) * dg + offset * tl.load(xg_ptr + tok * (K // GROUP) + gcols)
             else:
                 p0 = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
                 p1 = tl.zeros_like(p0)
@@ -516,27 +548,43 @@ if triton is not None:
                 acc += _coef(a_ptr, gidx, gmask, BITS, 6, BITS) * (d6.to(tl.float32) * (xscale if 6 < KU else qscale))
                 acc += _coef(a_ptr, gidx, gmask, BITS, 7, BITS) * (d7.to(tl.float32) * (xscale if 7 < KU else qscale))
         out = tl.sum(acc, axis=1)
+        if MODE == 6:
+            if WPG < BLOCK_W:
+                out = tl.sum(accg, axis=1)
         if SPLIT == 1:
             tl.store(y_ptr + tok * M + rows, out, mask=rmask)
         else:
             tl.atomic_add(y_ptr + tok * M + rows, out, mask=rmask)
 
     @triton.jit
-    def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, amax_ptr, K: tl.constexpr, G: tl.constexpr,
-                     PER: tl.constexpr, HAS_V: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr):
+    def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, amax_ptr, xp16_ptr, sc_ptr, xg_ptr, K: tl.constexpr,
+                     G: tl.constexpr, PER: tl.constexpr, HAS_V: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr,
+                     GS: tl.constexpr = 0):
         """CH columns of one token: the input in float32, de-interleaved for the GEMV (``xd[t, j, w] =
         x[t, w * PER + j]``) and summed per word (``xs[t, w]``); with HAS_V the DCT's FFT input ``v`` of
         each G-long group (signs applied, even entries in order, odd entries reversed behind them:
-        Makhoul's reordering); with PAIRS the token's running ``max |x|`` (atomic, for mode 5's scale)."""
+        Makhoul's reordering); PAIRS 1: the token's running ``max |x|`` (atomic, for mode 5's scale);
+        PAIRS 2: the chunk's 16-bit pairs and scale ``max |x| / 32767`` (``sc[t, chunk]``, mode 6), and
+        ``xd``/``xs`` of the rounded input, so mode 6 computes ``x_r W^T`` for that one rounded ``x_r``;
+        GS > 0: sums over GS-column groups (``xg``, mode 6; GS divides CH)."""
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
         xv = tl.load(x_ptr + tok * K + c, mask=m, other=0.0).to(tl.float32)
+        if PAIRS == 2:  # the sums below then add the rounded inputs the dot products see
+            scale = tl.maximum(tl.max(tl.abs(xv), axis=0), 1e-30) / 32767.0
+            tl.store(sc_ptr + tok * tl.num_programs(1) + tl.program_id(1), scale)
+            _store_pairs(xp16_ptr, tok, xv, scale, c, m, PER, K // PER, 8 // (32 // PER))
+            qf = xv / scale
+            xv = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int32).to(tl.float32) * scale
         tl.store(xd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xv, mask=m)
         wl = tl.program_id(1) * (CH // PER) + tl.arange(0, CH // PER)
         tl.store(xs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xv, (CH // PER, PER)), axis=1), mask=wl < K // PER)
-        if PAIRS:
+        if PAIRS == 1:
             tl.atomic_max(amax_ptr + tok * 2, tl.max(tl.abs(xv), axis=0))
+        if GS > 0:
+            gl = tl.program_id(1) * (CH // GS) + tl.arange(0, CH // GS)
+            tl.store(xg_ptr + tok * (K // GS) + gl, tl.sum(tl.reshape(xv, (CH // GS, GS)), axis=1), mask=gl < K // GS)
         if HAS_V:
             local = c % G
             sv = xv * tl.load(signs_ptr + local, mask=m, other=0.0)
@@ -769,14 +817,20 @@ def deinterleave(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 GEMV_MODES = {0: "affine per weight", 1: "affine per word", 2: "signs per weight", 3: "plane sums",
-              4: "plane sums (mantissa)", 5: "plane sums (int16 dot products)"}
+              4: "plane sums (mantissa)", 5: "plane sums (int16 dot products)", 6: "codes (int16 dot products)"}
 GEMV_MODE_AFFINE, GEMV_MODE_DOTS, GEMV_MODE_PLANES = 1, 5, 3  # defaults: rtn; kashin at 2/4/8 bits; other kashin
+GEMV_MODE_CODES = 6  # rtn at 2/4/8 bits
+
+
+def gemv_pairs(mode: int) -> bool | str:
+    """The 16-bit inputs a GEMV mode reads (:func:`prepared_input`'s ``pairs``)."""
+    return {5: True, 6: "chunk"}.get(mode, False)
 
 
 def gemv_default_mode(affine: bool, bits: int) -> int:
     """The fastest mode measured on the H200 for a format (eval/results/bench_kernels.md)."""
     if affine:
-        return GEMV_MODE_AFFINE
+        return GEMV_MODE_CODES if bits in (2, 4, 8) else GEMV_MODE_AFFINE
     return GEMV_MODE_DOTS if bits in (2, 4, 8) else GEMV_MODE_PLANES
 
 
@@ -791,47 +845,57 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     :func:`level_tables` of the form when the caller has them. ``prefetch``: keep two word tiles in flight.
     ``prepared``: :func:`prepared_input`'s result for ``x`` when the caller has it (benchmarks time the
     kernel alone)."""
-    tile = gemv_block_w(form, bits, block_w, split)
-    if tile is None or packed.shape[1] % 4:
-        raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
-                         f"({bits} bits, group {form.group}, {packed.shape[1]} bytes per row, split {split})")
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
         affine = tables[2]
     if mode is None:
         mode = gemv_default_mode(affine, bits)
+    if mode == 6 and 32 % bits == 0:  # a tile must lie inside one chunk of the input's 16-bit rounding
+        block_w = min(block_w, prep_columns(x.shape[1], 32 // bits) // (32 // bits))
+    tile = gemv_block_w(form, bits, block_w, split)
+    if tile is None or packed.shape[1] % 4:
+        raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
+                         f"({bits} bits, group {form.group}, {packed.shape[1]} bytes per row, split {split})")
     if mode not in GEMV_MODES:
         raise ValueError(f"unknown GEMV mode {mode}; choose one of {sorted(GEMV_MODES)}")
-    if mode in (0, 1) and not affine:
+    if mode in (0, 1, 6) and not affine:
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) needs an affine grid (rtn)")
-    if mode == 5 and bits not in (2, 4, 8):
-        raise ValueError(f"GEMV mode 5 ({GEMV_MODES[5]}) serves 2, 4 and 8-bit codes, not {bits}")
+    if mode in (5, 6) and bits not in (2, 4, 8):
+        raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) serves 2, 4 and 8-bit codes, not {bits}")
     (t, k), m = x.shape, packed.shape[0]
     if prepared is None:
-        prepared = prepared_input(x, form, bits, xq, pairs=mode == 5)
-    xd, xqd, xs, xqs, xp, xqp, sc, qsc = prepared
+        prepared = prepared_input(x, form, bits, xq, pairs=gemv_pairs(mode))
+    xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg = prepared
     if xp is None:
         xp, xqp, sc, qsc = xd, xqd, xs, xqs  # unused by the kernel
+    if xg is None:
+        xg = xs  # unused by the kernel
     asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
     y = torch.empty(t, m, device=x.device, dtype=torch.float32)
     if split > 1:  # the programs of a row block add their parts into y
         y.zero_()
     w = packed.view(torch.int32)
-    if mode in (0, 1):
+    if mode in (0, 1, 6):
         a, bx, bq = tables[1], tables[0], tables[0]  # scale and offset per (row, group)
     else:
         a, bx, bq = form.a, form.bx, form.bq
     _gemv_kernel[(triton.cdiv(m, block_m), split, t)](
-        w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, a, bx, bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
+        w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
-        PREFETCH=prefetch, ASM=asm, num_warps=num_warps)
+        PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), num_warps=num_warps)
     return y
 
 
 _PREPARED: dict = {}  # the last few-token input's de-interleaved copies, see prepared_input
 SHARE_INPUTS = True  # reuse the last input's preparation for the same, unchanged tensor (see prepared_input)
 PREP_COLUMNS = 1024  # columns of one token per program of the input-preparation kernels
+
+
+def prep_columns(k: int, per: int) -> int:
+    """Columns per program of the input-preparation kernels (and per scale of mode 6's chunk-scaled
+    16-bit inputs) for a ``k``-wide input with ``per`` codes a word."""
+    return min(PREP_COLUMNS, max(triton.next_power_of_2(k), per))
 
 
 def quantized_pairs(xd: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -850,11 +914,14 @@ def quantized_pairs(xd: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
 
 
 def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Tensor | None = None,
-                   pairs: bool = False):
-    """``(xd, xqd, xs, xqs, xp, xqp, sc, qsc)``: the float32 input and transformed input the GEMV kernel
+                   pairs: bool | str = False):
+    """``(xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg)``: the float32 input and transformed input the GEMV kernel
     reads, de-interleaved (``(T, PER, K / PER)``, see :func:`deinterleave`) and summed per 32-bit word
-    of codes (``(T, K / PER)``); with ``pairs`` also both rounded to 16 bits (:func:`quantized_pairs`),
-    else None there.
+    of codes (``(T, K / PER)``); with ``pairs`` also both rounded to 16 bits (:func:`quantized_pairs`;
+    ``True``: one scale per token for mode 5, ``"chunk"``: one per :func:`prep_columns` columns for
+    mode 6, ``sc`` then ``(T, chunks)``, and ``xd``/``xs`` then hold the rounded input), else None
+    there; ``xg``: with ``"chunk"``, the rounded input's sums over each group of ``form.group`` columns
+    when a group is shorter than a chunk, else None.
 
     Layers that take the same input tensor (q/k/v, gate/up) share one transform: the last input is
     kept (a reference, so its memory cannot be reused by another tensor while cached) with its
@@ -865,9 +932,15 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         raise RuntimeError("the fused kernel needs triton")
     if x.shape[0] > MAX_TOKENS:
         raise ValueError(f"the fused kernel serves at most {MAX_TOKENS} tokens, got {x.shape[0]}")
+    if pairs not in (False, True, "chunk"):
+        raise ValueError(f"pairs must be False, True (one scale per token) or 'chunk', not {pairs!r}")
     needs_xq, given = form.ku < bits, xq is not None
+    chunked = pairs == "chunk"
+    if chunked and needs_xq:
+        raise ValueError("chunk-scaled pairs (GEMV mode 6) serve formats without a transformed factor (rtn)")
     key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version, bits, pairs,
-           form.transform if needs_xq else None, form.seed if needs_xq else None, form.group if needs_xq else None)
+           form.transform if needs_xq else None, form.seed if needs_xq else None,
+           form.group if needs_xq or chunked else None)
     if not given and SHARE_INPUTS:
         hit = _PREPARED.get("entry")
         if hit is not None and hit[0] == key:
@@ -877,15 +950,25 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     xd = torch.empty(t, per, k // per, device=x.device, dtype=torch.float32)
     xs = torch.empty(t, k // per, device=x.device, dtype=torch.float32)
     fused_dct = needs_xq and not given and form.transform == "dct"
-    fused_pairs = pairs and (fused_dct or not needs_xq)  # both inputs' pairs from the kernels below
+    fused_pairs = pairs is True and (fused_dct or not needs_xq)  # both inputs' pairs from the kernels below
     g = form.group if fused_dct else k
-    ch = min(PREP_COLUMNS, max(triton.next_power_of_2(k), per))
+    ch = prep_columns(k, per)
     grid = (t, triton.cdiv(k, ch))
     x = x.contiguous()
     v = torch.empty(t, k, device=x.device, dtype=torch.float32) if fused_dct else xd
     signs = random_signs(g, form.seed, device=x.device, dtype=torch.float32) if fused_dct else xd
     amax = torch.zeros(t, 2, device=x.device, dtype=torch.float32) if fused_pairs else xd
-    _prep_kernel[grid](x, xd, xs, signs, v, amax, K=k, G=g, PER=per, HAS_V=fused_dct, PAIRS=fused_pairs, CH=ch)
+    xp = xqp = sc = qsc = xg = None
+    gs = 0
+    if chunked:  # mode 6: each program rounds its own columns with its own scale
+        xp = torch.empty(t, 8 // bits, 2, k // per, device=x.device, dtype=torch.int32)
+        sc = torch.empty(t, grid[1], device=x.device, dtype=torch.float32)
+        if form.group < ch and ch % form.group == 0:  # sums per group, for tiles across groups
+            gs = form.group
+            xg = torch.empty(t, k // gs, device=x.device, dtype=torch.float32)
+    _prep_kernel[grid](x, xd, xs, signs, v, amax, xp.view(torch.int16) if chunked else xd, sc if chunked else xd,
+                       xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,
+                       PAIRS=2 if chunked else int(fused_pairs), CH=ch, GS=gs)
     if fused_dct:  # cast, de-interleave and DCT pre-step in one kernel, then one rfft and one post kernel
         spectrum = torch.view_as_real(torch.fft.rfft(v.view(t * (k // g), g), dim=-1))
         twiddle = torch.view_as_real(dct_twiddle(g, x.device, torch.float32))
@@ -897,18 +980,19 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         xqs = xqd.sum(1)
     else:
         xqd, xqs = xd, xs
-    xp = xqp = sc = qsc = None
+    if chunked:
+        xqp, qsc = xp, sc
     if fused_pairs:
         xp = torch.empty(t, 8 // bits, 2, k // per, device=x.device, dtype=torch.int32)
         sc = torch.empty(t, device=x.device, dtype=torch.float32)
         xqp, qsc = (torch.empty_like(xp), torch.empty_like(sc)) if needs_xq else (xp, sc)
         _pairs_kernel[grid](xd, xqd, amax, xp.view(torch.int16), xqp.view(torch.int16), sc, qsc, K=k, PER=per,
                             HAS_Q=needs_xq, CH=ch)
-    if pairs and xp is None:  # not fused above: torch
+    if pairs is True and xp is None:  # not fused above: torch
         xp, sc = quantized_pairs(xd, bits)
-    if pairs and xqp is None:
+    if pairs is True and xqp is None:
         xqp, qsc = quantized_pairs(xqd, bits) if needs_xq else (xp, sc)
-    prepared = (xd, xqd, xs, xqs, xp, xqp, sc, qsc)
+    prepared = (xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg)
     if not given and SHARE_INPUTS:
         _PREPARED["entry"] = (key, x, prepared)
     return prepared
@@ -918,7 +1002,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
 # programs a row block is split into along K, enough to fill the GPU. From the H200 sweeps
 # (eval/results/bench_kernels.md, kernel_sweeps/): the best or within 10% of it on every measured shape.
 GEMV_TILE = (16, 4, 64, False)         # kashin: int16 dot products (mode 5) or plane sums (mode 3)
-GEMV_TILE_AFFINE = (4, 4, 128, False)  # rtn: codes as mantissas (mode 1)
+GEMV_TILE_AFFINE = (4, 1, 128, False)  # rtn: codes as int16 dot products (mode 6) or mantissas (mode 1)
 GEMV_MIN_PROGRAMS = 512
 
 

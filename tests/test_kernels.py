@@ -85,19 +85,20 @@ def test_rtn_levels_are_affine_and_kashin_levels_are_tables():
 
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(method="rtn", bits=4, group_size=64)],
                          ids=["kashin4", "kashin2", "rtn4"])
-def test_the_dispatched_kernel_matches_the_module(cfg):
-    """What QuantLinear runs on CUDA for few tokens (chosen per format from the H200 measurements)."""
+def test_the_dispatched_kernel_matches_the_module(cfg, monkeypatch):
+    """What QuantLinear runs on CUDA for few tokens (chosen per format from the H200 measurements),
+    on an input longer than one chunk of the input preparation (tiles clamped to a chunk)."""
     pytest.importorskip("triton")
+    from quantune import kernels
     from quantune.kernels import fused_matmul
 
+    monkeypatch.setattr(kernels, "PREP_COLUMNS", 64)
     q = _layer(cfg, out=37)
     x = torch.randn(3, q.in_features, generator=torch.Generator().manual_seed(4))
     got = fused_matmul(x, q.codes, q.bitplane_form(), cfg.bits, q.level_tables())
     want = x @ q.dequantize().T
-    if cfg.method == "kashin":  # mode 5: the input rounded to 16 bits per token
-        assert float((got - want).norm() / want.norm()) < 1e-4
-    else:
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # modes 5 (kashin) and 6 (rtn): the input rounded to 16 bits per token or chunk of columns
+    assert float((got - want).norm() / want.norm()) < 2e-4
 
 
 
@@ -111,8 +112,8 @@ GEMV_CASES = [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(bits=4, grou
 @pytest.mark.parametrize("cfg", GEMV_CASES, ids=[f"{c.method}{c.bits}-u{c.ku}-g{c.group_size}-{c.transform}"
                                                  for c in GEMV_CASES])
 @pytest.mark.parametrize("block", [(4, 64, 1, 1), (8, 2, 2, 2), (16, 8, 4, 4)], ids=["wide", "narrow", "split"])
-@pytest.mark.parametrize("mode", [None, 0, 2, 4, 5, "prefetch"], ids=["default", "mode0", "mode2", "mode4", "mode5",
-                                                                   "prefetch"])
+@pytest.mark.parametrize("mode", [None, 0, 1, 2, 4, 5, 6, "prefetch"],
+                         ids=["default", "mode0", "mode1", "mode2", "mode4", "mode5", "mode6", "prefetch"])
 def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     """Every code position of a word (the sign bit too), tiles inside and across groups, partial
     row tiles, K split between programs, every decode mode the format allows."""
@@ -120,14 +121,14 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     from quantune.kernels import gemv_block_w, gemv_matmul
 
     affine = cfg.method == "rtn"
-    if mode in (0, 2, 4, "prefetch") and block[3] != 4:
+    if mode in (0, 1, 2, 4, "prefetch") and block[3] != 4:
         pytest.skip("the slower alternative modes run on one tiling (the split one) to keep the suite short")
     prefetch = mode == "prefetch"
     mode = None if prefetch else mode
-    if mode is not None and mode != 5 and (mode < 2) != affine:
+    if mode is not None and mode != 5 and (mode in (0, 1, 6)) != affine:
         pytest.skip("mode for the other kind of format")
-    if mode == 5 and cfg.bits not in (2, 4, 8):
-        pytest.skip("mode 5 serves 2, 4 and 8 bits")
+    if mode in (5, 6) and cfg.bits not in (2, 4, 8):
+        pytest.skip("modes 5 and 6 serve 2, 4 and 8 bits")
     q = _layer(cfg, out=37, inp=256)
     x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(5))
     block_m, block_w, warps, split = block
@@ -136,8 +137,8 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     got = gemv_matmul(x, q.codes, _form(q), cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
                       split=split, mode=mode, prefetch=prefetch)
     want = x @ q.dequantize().T
-    if mode == 5 or (mode is None and not affine and cfg.bits in (2, 4, 8)):  # input rounded to 16 bits per token
-        assert float((got - want).norm() / want.norm()) < 1e-4
+    if mode in (5, 6) or (mode is None and cfg.bits in (2, 4, 8)):  # the input rounded to 16 bits
+        assert float((got - want).norm() / want.norm()) < 2e-4
     else:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -206,7 +207,8 @@ def test_prepared_input_is_the_transformed_input_deinterleaved(cfg):
     q = _layer(cfg, out=8, inp=192)
     form = _form(q)
     x = torch.randn(3, 192, generator=torch.Generator().manual_seed(7)).bfloat16()
-    xd, xqd, xs, xqs, xp, xqp, sc, qsc = prepared_input(x, form, cfg.bits, pairs=True)
+    xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg = prepared_input(x, form, cfg.bits, pairs=True)
+    assert xg is None  # group sums come with mode 6's chunk-scaled pairs only
     torch.testing.assert_close(xd, deinterleave(x.float(), cfg.bits), rtol=0, atol=0)
     want = deinterleave(transformed_input(x.float(), form), cfg.bits) if form.ku < cfg.bits else xd
     torch.testing.assert_close(xqd, want, rtol=1e-5, atol=1e-5)
@@ -217,6 +219,49 @@ def test_prepared_input_is_the_transformed_input_deinterleaved(cfg):
         torch.testing.assert_close(got_scale, scale, rtol=1e-6, atol=0)
         assert ((got_pairs << 16 >> 16) - (pairs << 16 >> 16)).abs().max() <= 1  # rounding of exact halves
         assert ((got_pairs >> 16) - (pairs >> 16)).abs().max() <= 1
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(method="rtn", bits=4),
+                                 QuantConfig(method="rtn", bits=2, group_size=32, symmetric=False),
+                                 QuantConfig(method="rtn", bits=8, group_size=32)],
+                         ids=["rtn4-g64", "rtn4-row", "rtn2-g32", "rtn8-g32"])
+@pytest.mark.parametrize("block", [(4, 128, 4, 1), (16, 8, 2, 2), (8, 4, 1, 1)], ids=["wide", "split", "in-group"])
+def test_mode6_is_exact_for_the_chunk_rounded_input(cfg, block, monkeypatch):
+    """Mode 6 computes ``x_r W^T`` exactly (up to float32 sums) for ``x`` rounded to 16 bits with one
+    scale per chunk of columns: four chunks here, tiles inside a group, across groups and split in K."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    monkeypatch.setattr(kernels, "PREP_COLUMNS", 128)
+    kernels._PREPARED.clear()
+    q = _layer(cfg, out=21, inp=512)
+    form = _form(q)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(11)) * torch.linspace(0.1, 4, 512)
+    block_m, block_w, warps, split = block
+    got = kernels.gemv_matmul(x, q.codes, form, cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
+                              split=split, mode=6)
+    chunks = x.view(3, 4, 128)
+    scale = chunks.abs().amax(-1, keepdim=True) / 32767
+    x_r = (torch.round(chunks / scale) * scale).view(3, 512)
+    w = q.dequantize()
+    torch.testing.assert_close(got, x_r @ w.T, rtol=1e-5, atol=1e-5)
+    assert float((got - x @ w.T).norm() / (x @ w.T).norm()) < 2e-4
+    xg = kernels.prepared_input(x, form, cfg.bits, pairs="chunk")[8]
+    if form.group < 128:  # group sums for tiles across groups
+        torch.testing.assert_close(xg, x_r.view(3, -1, form.group).sum(-1), rtol=1e-5, atol=1e-5)
+    else:
+        assert xg is None
+
+
+def test_mode6_refuses_kashin():
+    pytest.importorskip("triton")
+    from quantune.kernels import gemv_matmul, prepared_input
+
+    q = _layer(QuantConfig(bits=4), out=8, inp=256)
+    with pytest.raises(ValueError, match="affine grid"):
+        gemv_matmul(torch.randn(1, 256), q.codes, _form(q), 4, mode=6)
+    with pytest.raises(ValueError, match="transformed factor"):
+        prepared_input(torch.randn(1, 256), _form(q), 4, pairs="chunk")
 
 
 def test_word_gemv_kernel_refuses_codes_across_words():
