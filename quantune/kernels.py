@@ -6,9 +6,10 @@ so ``y = x W^T`` is, per output row, ``bits`` dot products of 0/1 bit planes wit
 ``xq = Q^T x`` per group, for kashin's transformed factor) combined with per-group coefficients.
 
 - :func:`gemv_matmul` (up to ``MAX_TOKENS`` tokens): codes read as 32-bit words, decoded in
-  registers (:data:`GEMV_MODES`: rtn's codes as float mantissas, kashin's planes as int16 ``dp2a``
-  dot products, and the slower alternatives kept for comparison), inputs prepared once per input
-  tensor by :func:`prepared_input` (cast, de-interleave, kashin's DCT via one rfft).
+  registers (:data:`GEMV_MODES`: rtn's whole codes and kashin's bit planes as int16 ``dp2a`` dot
+  products with the input rounded to 16 bits, and the slower alternatives kept for comparison),
+  inputs prepared once per input tensor by :func:`prepared_input` (cast, de-interleave, rounding,
+  kashin's DCT via one rfft).
 - :func:`decode_bf16` + :func:`prefill_matmul` (more tokens): the factors decoded to bf16 at
   memory speed, then cuBLAS (one GEMM for rtn, two for kashin: ``x U^T + (x Q) V^T``).
 - :func:`bitplane_matmul` / :func:`levels_matmul`: earlier byte-reading kernels for code widths

@@ -119,25 +119,36 @@ class QuantLinear(nn.Module):
         half = _compute_dtype(x) in (torch.bfloat16, torch.float16)  # float32 keeps the float32 decode
         return "prefill" if half and kernels.gemv_supported(form, self.qconfig.bits, self.codes.shape[1]) else None
 
+    @torch.compiler.disable
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``y`` through a Triton kernel when one serves ``x`` (see :meth:`_kernel_path`), else None.
+        Opaque to ``torch.compile`` (a graph break): the code around the layer compiles and fuses,
+        the kernel launches stay as they are."""
+        path = self._kernel_path(x)
+        if path is None:
+            return None
+        from quantune.kernels import fused_matmul, prefill_matmul
+
+        dtype = _compute_dtype(x)
+        x2 = x.reshape(-1, self.in_features)
+        if path == "fused":
+            y = fused_matmul(x2, self.codes, self.bitplane_form(), self.qconfig.bits, self.level_tables())
+        else:
+            y = prefill_matmul(x2.to(dtype), self.codes, self.bitplane_form(), self.qconfig.bits,
+                               tables=self.level_tables())
+        y = y.to(dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight_cache is not None:  # one decoded copy: a plain linear (autograd keeps only x)
             w = self._weight_cache
             if not torch.is_autocast_enabled(x.device.type) and w.dtype != x.dtype:
                 w = w.to(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(w.dtype))
-        path = self._kernel_path(x)
-        if path is not None:
-            from quantune.kernels import fused_matmul, prefill_matmul
-
-            dtype = _compute_dtype(x)
-            x2 = x.reshape(-1, self.in_features)
-            if path == "fused":
-                y = fused_matmul(x2, self.codes, self.bitplane_form(), self.qconfig.bits, self.level_tables())
-            else:
-                y = prefill_matmul(x2.to(dtype), self.codes, self.bitplane_form(), self.qconfig.bits,
-                                   tables=self.level_tables())
-            y = y.to(dtype).reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias.to(dtype)
+        if x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad):
+            y = self._kernel_forward(x)
+            if y is not None:
+                return y
         if torch.is_grad_enabled() and x.requires_grad:
             y = _DecodedMatmul.apply(x, self)  # keeps no decoded weight alive for the backward pass
             return y if self.bias is None else y + self.bias.to(y.dtype)
