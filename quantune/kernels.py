@@ -553,7 +553,7 @@ if triton is not None:
             if WPG < BLOCK_W:
                 out = tl.sum(accg, axis=1)
         if SPLIT == 1:
-            tl.store(y_ptr + tok * M + rows, out, mask=rmask)
+            tl.store(y_ptr + tok * M + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
         else:
             tl.atomic_add(y_ptr + tok * M + rows, out, mask=rmask)
 
@@ -838,14 +838,16 @@ def gemv_default_mode(affine: bool, bits: int) -> int:
 def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_m: int = 8,
                 block_w: int = 64, num_warps: int = 4, split: int = 1, xq: torch.Tensor | None = None,
                 affine: bool | None = None, mode: int | None = None, tables: tuple | None = None,
-                prefetch: bool = False, prepared: tuple | None = None) -> torch.Tensor:
+                prefetch: bool = False, prepared: tuple | None = None,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
     are decoded (:data:`GEMV_MODES`; 0 and 1 need an affine grid), default per format. ``tables``:
     :func:`level_tables` of the form when the caller has them. ``prefetch``: keep two word tiles in flight.
     ``prepared``: :func:`prepared_input`'s result for ``x`` when the caller has it (benchmarks time the
-    kernel alone)."""
+    kernel alone). ``out_dtype``: of the result, rounded once from the float32 sums (float32 where
+    ``split`` > 1: the programs add their parts atomically)."""
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
@@ -873,7 +875,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if xg is None:
         xg = xs  # unused by the kernel
     asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    y = torch.empty(t, m, device=x.device, dtype=torch.float32)
+    y = torch.empty(t, m, device=x.device, dtype=torch.float32 if split > 1 else out_dtype)
     if split > 1:  # the programs of a row block add their parts into y
         y.zero_()
     w = packed.view(torch.int32)
@@ -1002,9 +1004,22 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
 # The GEMV kernel's set-up per format: (rows per program, warps, words per tile, prefetch) and the number of
 # programs a row block is split into along K, enough to fill the GPU. From the H200 sweeps
 # (eval/results/bench_kernels.md, kernel_sweeps/): the best or within 10% of it on every measured shape.
-GEMV_TILE = (16, 4, 64, False)         # kashin: int16 dot products (mode 5) or plane sums (mode 3)
-GEMV_TILE_AFFINE = (4, 1, 128, False)  # rtn: codes as int16 dot products (mode 6) or mantissas (mode 1)
+# Candidates in order: the first that gives at least GEMV_MIN_WARPS warps in all is taken, else the last
+# (one-warp programs over 128-word tiles keep 4 x 16 bytes of codes in flight per thread; layers with
+# few rows need smaller row blocks to fill the GPU: 14336x4096 kashin-4 16.1 us at 2x1x128 vs 23.4 at 8x2x128).
+GEMV_TILES = ((8, 2, 128, False), (2, 1, 128, False))         # kashin: int16 dot products (mode 5), plane sums
+GEMV_TILES_AFFINE = ((4, 1, 128, False), (2, 1, 128, False))  # rtn: codes as int16 dot products (mode 6)
+GEMV_MIN_WARPS = 2048
 GEMV_MIN_PROGRAMS = 512
+
+
+def gemv_tile(m: int, affine: bool) -> tuple[int, int, int, bool]:
+    """(rows per program, warps, words per tile, prefetch) of the GEMV for a ``m``-row layer."""
+    tiles = GEMV_TILES_AFFINE if affine else GEMV_TILES
+    for tile in tiles:
+        if -(-m // tile[0]) * tile[1] >= GEMV_MIN_WARPS:
+            return tile
+    return tiles[-1]
 
 
 def gemv_split(m: int, form: BitplaneForm, bits: int, block_m: int, block_w: int) -> int:
@@ -1019,16 +1034,18 @@ def gemv_split(m: int, form: BitplaneForm, bits: int, block_m: int, block_w: int
 
 
 def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
-                 tables: tuple | None) -> torch.Tensor:
+                 tables: tuple | None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The few-token kernel for this format: the word-reading GEMV where codes fill whole 32-bit
     words (1, 2, 4, 8 bits), else the bit-plane kernel for kashin at <= 2 bits and the level-table
-    kernel otherwise (the fastest of those two on the H200, eval/results/bench_kernels.md)."""
+    kernel otherwise (the fastest of those two on the H200, eval/results/bench_kernels.md).
+    ``out_dtype``: the GEMV stores its result in it (float32 sums, one rounding); the others return
+    float32."""
     if gemv_supported(form, bits, packed.shape[1]):
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
-        block_m, warps, block_w, prefetch = GEMV_TILE_AFFINE if affine else GEMV_TILE
+        block_m, warps, block_w, prefetch = gemv_tile(packed.shape[0], affine)
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w)
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
-                           affine=affine, tables=tables, prefetch=prefetch)
+                           affine=affine, tables=tables, prefetch=prefetch, out_dtype=out_dtype)
     if form.transform is not None and bits <= 2:
         return bitplane_matmul(x, packed, form, bits, block_m=4, num_warps=1)
     return levels_matmul(x, packed, form, bits, tables=tables, block_m=2, num_warps=1)

@@ -132,7 +132,8 @@ class QuantLinear(nn.Module):
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, self.in_features)
         if path == "fused":
-            y = fused_matmul(x2, self.codes, self.bitplane_form(), self.qconfig.bits, self.level_tables())
+            y = fused_matmul(x2, self.codes, self.bitplane_form(), self.qconfig.bits, self.level_tables(),
+                             out_dtype=dtype)
         else:
             y = prefill_matmul(x2.to(dtype), self.codes, self.bitplane_form(), self.qconfig.bits,
                                tables=self.level_tables())

@@ -20,13 +20,16 @@ def _run(args, tmp_path, timeout):
 
 def test_generate_benchmark_checks_the_graph_loop_against_eager_steps(tmp_path):
     out = tmp_path / "gen"
-    _run(["eval.bench_generate", "--smoke", "--contenders", "bf16,rtn-4", "--new-tokens", "5", "--out", str(out)],
-         tmp_path, 300)
+    _run(["eval.bench_generate", "--smoke", "--contenders", "bf16,rtn-4", "--new-tokens", "5", "--compile",
+          "--out", str(out)], tmp_path, 600)
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["contender"] for r in rows] == ["bf16", "rtn-4"]
     for r in rows:  # without a GPU the "graph" loop runs the same steps eagerly: all tokens agree
         assert r["graph_tokens_match_static_eager"] == 5 and r["generate_tokens_match_static_eager"] == 5
-    assert "graph = static eager" in out.with_suffix(".md").read_text()
+        assert "compile_error" not in r, r.get("compile_error")
+        assert r["compiled_logits_rel_diff"] < 0.05  # the compiled model computes the same (up to rounding)
+    md = out.with_suffix(".md").read_text()
+    assert "graph = static eager" in md and "compiled + CUDA graph tokens/s" in md
 
 
 @pytest.mark.slow

@@ -253,6 +253,37 @@ def test_mode6_is_exact_for_the_chunk_rounded_input(cfg, block, monkeypatch):
         assert xg is None
 
 
+def test_gemv_tiles_keep_enough_warps_in_flight():
+    from quantune.kernels import GEMV_MIN_WARPS, gemv_tile
+
+    for affine in (True, False):
+        for m in (1024, 4096, 14336, 28672):
+            block_m, warps, block_w, _ = gemv_tile(m, affine)
+            assert block_w == 128
+            if -(-m // block_m) * warps < GEMV_MIN_WARPS:  # too few rows for any candidate: the smallest tile
+                assert (block_m, warps) == (2, 1)
+    assert gemv_tile(4096, True)[:2] == (2, 1) and gemv_tile(14336, True)[:2] == (4, 1)
+    assert gemv_tile(4096, False)[:2] == (2, 1) and gemv_tile(14336, False)[:2] == (8, 2)
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=4)],
+                         ids=["rtn4", "kashin4"])
+@pytest.mark.parametrize("split", [1, 2])
+def test_gemv_stores_the_requested_dtype(cfg, split):
+    """bf16 out: the float32 sums rounded once (split 2 adds in float32: float32 out)."""
+    pytest.importorskip("triton")
+    from quantune.kernels import gemv_matmul
+
+    q = _layer(cfg, out=24, inp=256)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(3))
+    want = gemv_matmul(x, q.codes, _form(q), 4, block_m=4, block_w=8, num_warps=1, split=split)
+    got = gemv_matmul(x, q.codes, _form(q), 4, block_m=4, block_w=8, num_warps=1, split=split,
+                      out_dtype=torch.bfloat16)
+    assert got.dtype == (torch.bfloat16 if split == 1 else torch.float32)
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-6)  # within one bf16 step (the CPU
+    # interpreter's cast may truncate where the GPU rounds to nearest)
+
+
 def test_mode6_refuses_kashin():
     pytest.importorskip("triton")
     from quantune.kernels import gemv_matmul, prepared_input
