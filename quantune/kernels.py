@@ -212,6 +212,11 @@ if triton is not None:
             return tl.zeros_like(idx).to(tl.float32)
 
     @triton.jit
+    def _halve(d, t: tl.constexpr):
+        """An integer plane sum gathered as ``2^t`` times its value, as that value in float32 (exact)."""
+        return d.to(tl.float32) * (1.0 / (1 << t))
+
+    @triton.jit
     def _set_plane(t: tl.constexpr, v, p0, p1, p2, p3, p4, p5, p6, p7):
         if t == 0:
             p0 = v
@@ -415,6 +420,10 @@ if triton is not None:
                         acc += tl.where(bit, src, -src) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
             elif MODE == 5:
                 CPB: tl.constexpr = 8 // BITS  # codes per byte
+                # plane t of byte group k as (word >> k BITS) & (0x01010101 << t): bytes of 0 or 2^t, one LOP3
+                # per plane and group after one shift per group, 2^t divided out with the coefficient; one
+                # shift per (t, k) instead where a row's integer sums could pass 2^31 (very long rows, 8 bits)
+                SAFE: tl.constexpr = (CHUNK // BLOCK_W) * CPB * 4 * 32767 * (1 << (BITS - 1)) < 2147483648
                 offs = w0 + wtile
                 xl0 = _pairs(xp_ptr, tok, 0, 0, CPB, NW, offs)
                 xh0 = _pairs(xp_ptr, tok, 0, 1, CPB, NW, offs)
@@ -440,7 +449,13 @@ if triton is not None:
                     else:
                         dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
                     for k in tl.static_range(CPB):
-                        b = (word >> (t + k * BITS)) & 0x01010101
+                        if SAFE or not ONE_GROUP:
+                            if t == 7:  # 0x80808080 as a signed 32-bit constant
+                                b = (word >> (k * BITS)) & -2139062144
+                            else:
+                                b = (word >> (k * BITS)) & (0x01010101 << t)
+                        else:
+                            b = (word >> (t + k * BITS)) & 0x01010101
                         if t < KU:
                             lo = _pick(k, xl0, xl1, xl2, xl3, xl0, xl0, xl0, xl0)
                             hi = _pick(k, xh0, xh1, xh2, xh3, xh0, xh0, xh0, xh0)
@@ -452,9 +467,9 @@ if triton is not None:
                     if ONE_GROUP:  # stay in integers until the end (|sum| < K * 32767 < 2^31)
                         d0, d1, d2, d3, d4, d5, d6, d7 = _set_plane(t, dot, d0, d1, d2, d3, d4, d5, d6, d7)
                     elif t < KU:
-                        acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32) * xscale)
+                        acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32) * (xscale / (1 << t)))
                     else:
-                        acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32) * qscale)
+                        acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32) * (qscale / (1 << t)))
                 acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * tl.load(xs_ptr + tok * NW + offs)
                 if KU < BITS:
                     acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * tl.load(xqs_ptr + tok * NW + offs)
@@ -540,6 +555,14 @@ if triton is not None:
                 gmask = rmask[:, None]
                 xscale = tl.load(sc_ptr + tok)
                 qscale = tl.load(qsc_ptr + tok)
+                if (CHUNK // BLOCK_W) * (8 // BITS) * 4 * 32767 * (1 << (BITS - 1)) < 2147483648:  # planes x 2^t
+                    d1 = _halve(d1, 1)
+                    d2 = _halve(d2, 2)
+                    d3 = _halve(d3, 3)
+                    d4 = _halve(d4, 4)
+                    d5 = _halve(d5, 5)
+                    d6 = _halve(d6, 6)
+                    d7 = _halve(d7, 7)
                 acc += _coef(a_ptr, gidx, gmask, BITS, 0, BITS) * (d0.to(tl.float32) * (xscale if 0 < KU else qscale))
                 acc += _coef(a_ptr, gidx, gmask, BITS, 1, BITS) * (d1.to(tl.float32) * (xscale if 1 < KU else qscale))
                 acc += _coef(a_ptr, gidx, gmask, BITS, 2, BITS) * (d2.to(tl.float32) * (xscale if 2 < KU else qscale))
@@ -564,7 +587,7 @@ if triton is not None:
         """CH columns of one token: the input in float32, de-interleaved for the GEMV (``xd[t, j, w] =
         x[t, w * PER + j]``) and summed per word (``xs[t, w]``); with HAS_V the DCT's FFT input ``v`` of
         each G-long group (signs applied, even entries in order, odd entries reversed behind them:
-        Makhoul's reordering); PAIRS 1: the token's running ``max |x|`` (atomic, for mode 5's scale);
+        Makhoul's reordering); PAIRS 1: the chunk's ``max |x|`` (for mode 5's scale per token);
         PAIRS 2: the chunk's 16-bit pairs and scale ``max |x| / 32767`` (``sc[t, chunk]``, mode 6), and
         ``xd``/``xs`` of the rounded input, so mode 6 computes ``x_r W^T`` for that one rounded ``x_r``;
         GS > 0: sums over GS-column groups (``xg``, mode 6; GS divides CH)."""
@@ -577,12 +600,13 @@ if triton is not None:
             tl.store(sc_ptr + tok * tl.num_programs(1) + tl.program_id(1), scale)
             _store_pairs(xp16_ptr, tok, xv, scale, c, m, PER, K // PER, 8 // (32 // PER))
             qf = xv / scale
-            xv = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int32).to(tl.float32) * scale
+            rounded = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int32).to(tl.float32) * scale
+            xv = tl.where(xv == xv, rounded, xv)  # a NaN stays NaN (max ignores it; its integer is garbage)
         tl.store(xd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xv, mask=m)
         wl = tl.program_id(1) * (CH // PER) + tl.arange(0, CH // PER)
         tl.store(xs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xv, (CH // PER, PER)), axis=1), mask=wl < K // PER)
         if PAIRS == 1:
-            tl.atomic_max(amax_ptr + tok * 2, tl.max(tl.abs(xv), axis=0))
+            tl.store(amax_ptr + tok * 2 * tl.num_programs(1) + tl.program_id(1), tl.max(tl.abs(xv), axis=0))
         if GS > 0:
             gl = tl.program_id(1) * (CH // GS) + tl.arange(0, CH // GS)
             tl.store(xg_ptr + tok * (K // GS) + gl, tl.sum(tl.reshape(xv, (CH // GS, GS)), axis=1), mask=gl < K // GS)
@@ -597,7 +621,7 @@ if triton is not None:
                          PER: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr):
         """``X_k = Re(t_k V_k)`` from each group's half spectrum ``rfft(v)`` (``V_k = conj(V_{G-k})``
         above G/2), for CH columns of one token, written de-interleaved and summed per word like
-        :func:`_prep_kernel`'s ``xd``/``xs``; with PAIRS the token's running ``max |xq|``."""
+        :func:`_prep_kernel`'s ``xd``/``xs``; with PAIRS the chunk's ``max |xq|``."""
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
@@ -613,23 +637,27 @@ if triton is not None:
         wl = tl.program_id(1) * (CH // PER) + tl.arange(0, CH // PER)
         tl.store(xqs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(out, (CH // PER, PER)), axis=1), mask=wl < K // PER)
         if PAIRS:
-            tl.atomic_max(amax_ptr + tok * 2 + 1, tl.max(tl.abs(out), axis=0))
+            tl.store(amax_ptr + (tok * 2 + 1) * tl.num_programs(1) + tl.program_id(1), tl.max(tl.abs(out), axis=0))
 
     @triton.jit
     def _pairs_kernel(xd_ptr, xqd_ptr, amax_ptr, xp16_ptr, xqp16_ptr, sc_ptr, qsc_ptr, K: tl.constexpr,
-                      PER: tl.constexpr, HAS_Q: tl.constexpr, CH: tl.constexpr):
+                      PER: tl.constexpr, HAS_Q: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr):
         """GEMV mode 5's 16-bit inputs for CH columns of one token, from the de-interleaved inputs and
-        the token's ``max |x|`` (``max |xq|``) gathered by the kernels above."""
+        the token's ``max |x|`` (``max |xq|``): the maximum of the kernels above's per-chunk maxima."""
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
         src = tok * K + (c % PER) * (K // PER) + c // PER
-        scale = tl.maximum(tl.load(amax_ptr + tok * 2), 1e-30) / 32767.0
+        chunks = tl.arange(0, NCH)
+        cm = chunks < tl.num_programs(1)
+        scale = tl.maximum(tl.max(tl.load(amax_ptr + tok * 2 * tl.num_programs(1) + chunks, mask=cm, other=0.0),
+                                  axis=0), 1e-30) / 32767.0
         tl.store(sc_ptr + tok, scale)
         _store_pairs(xp16_ptr, tok, tl.load(xd_ptr + src, mask=m, other=0.0), scale, c, m, PER, K // PER,
                      8 // (32 // PER))
         if HAS_Q:
-            qscale = tl.maximum(tl.load(amax_ptr + tok * 2 + 1), 1e-30) / 32767.0
+            qmax = tl.load(amax_ptr + (tok * 2 + 1) * tl.num_programs(1) + chunks, mask=cm, other=0.0)
+            qscale = tl.maximum(tl.max(qmax, axis=0), 1e-30) / 32767.0
             tl.store(qsc_ptr + tok, qscale)
             _store_pairs(xqp16_ptr, tok, tl.load(xqd_ptr + src, mask=m, other=0.0), qscale, c, m, PER, K // PER,
                          8 // (32 // PER))
@@ -960,7 +988,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     x = x.contiguous()
     v = torch.empty(t, k, device=x.device, dtype=torch.float32) if fused_dct else xd
     signs = random_signs(g, form.seed, device=x.device, dtype=torch.float32) if fused_dct else xd
-    amax = torch.zeros(t, 2, device=x.device, dtype=torch.float32) if fused_pairs else xd
+    amax = torch.empty(t, 2, grid[1], device=x.device, dtype=torch.float32) if fused_pairs else xd  # per chunk
     xp = xqp = sc = qsc = xg = None
     gs = 0
     if chunked:  # mode 6: each program rounds its own columns with its own scale
@@ -990,7 +1018,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         sc = torch.empty(t, device=x.device, dtype=torch.float32)
         xqp, qsc = (torch.empty_like(xp), torch.empty_like(sc)) if needs_xq else (xp, sc)
         _pairs_kernel[grid](xd, xqd, amax, xp.view(torch.int16), xqp.view(torch.int16), sc, qsc, K=k, PER=per,
-                            HAS_Q=needs_xq, CH=ch)
+                            HAS_Q=needs_xq, CH=ch, NCH=triton.next_power_of_2(grid[1]))
     if pairs is True and xp is None:  # not fused above: torch
         xp, sc = quantized_pairs(xd, bits)
     if pairs is True and xqp is None:

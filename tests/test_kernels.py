@@ -253,6 +253,22 @@ def test_mode6_is_exact_for_the_chunk_rounded_input(cfg, block, monkeypatch):
         assert xg is None
 
 
+@pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=4)],
+                         ids=["rtn4", "kashin4"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_input_gives_a_non_finite_output(cfg, bad):
+    """The 16-bit rounding must not turn a NaN or inf activation into finite numbers."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    q = _layer(cfg, out=8, inp=256)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(2))
+    x[0, 5] = bad
+    kernels._PREPARED.clear()
+    y = kernels.fused_matmul(x, q.codes, q.bitplane_form(), 4, q.level_tables())
+    assert not y[0].isfinite().any() and y[1].isfinite().all()
+
+
 def test_gemv_tiles_keep_enough_warps_in_flight():
     from quantune.kernels import GEMV_MIN_WARPS, gemv_tile
 
