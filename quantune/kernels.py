@@ -847,8 +847,8 @@ def deinterleave(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 GEMV_MODES = {0: "affine per weight", 1: "affine per word", 2: "signs per weight", 3: "plane sums",
               4: "plane sums (mantissa)", 5: "plane sums (int16 dot products)", 6: "codes (int16 dot products)"}
-GEMV_MODE_AFFINE, GEMV_MODE_DOTS, GEMV_MODE_PLANES = 1, 5, 3  # defaults: rtn; kashin at 2/4/8 bits; other kashin
-GEMV_MODE_CODES = 6  # rtn at 2/4/8 bits
+# defaults: rtn at 2/4/8 bits (codes), other rtn (affine), kashin at 2/4/8 bits (dots), other kashin (planes)
+GEMV_MODE_CODES, GEMV_MODE_AFFINE, GEMV_MODE_DOTS, GEMV_MODE_PLANES = 6, 1, 5, 3
 
 
 def gemv_pairs(mode: int) -> bool | str:
