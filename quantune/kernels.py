@@ -212,7 +212,13 @@ if triton is not None:
             return tl.zeros_like(idx).to(tl.float32)
 
     @triton.jit
-    def _halve(d, t: tl.constexpr):
+    def _zeros8(z):
+        """Eight zero tensors like ``z`` (per-plane accumulators)."""
+        return z, tl.zeros_like(z), tl.zeros_like(z), tl.zeros_like(z), tl.zeros_like(z), tl.zeros_like(z), \
+            tl.zeros_like(z), tl.zeros_like(z)
+
+    @triton.jit
+    def _unscaled(d, t: tl.constexpr):
         """An integer plane sum gathered as ``2^t`` times its value, as that value in float32 (exact)."""
         return d.to(tl.float32) * (1.0 / (1 << t))
 
@@ -353,14 +359,13 @@ if triton is not None:
         GPT: tl.constexpr = BLOCK_W // WPG if WPG < BLOCK_W else 1  # groups per tile (mode 6)
         accg = tl.zeros([BLOCK_M, GPT], dtype=tl.float32)           # mode 6 across groups: per (row, group)
         ONE_GROUP: tl.constexpr = WPG % CHUNK == 0  # this program's codes share one group's coefficients
-        d0 = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)  # mode 5, ONE_GROUP: integer plane sums over K
-        d1 = tl.zeros_like(d0)
-        d2 = tl.zeros_like(d0)
-        d3 = tl.zeros_like(d0)
-        d4 = tl.zeros_like(d0)
-        d5 = tl.zeros_like(d0)
-        d6 = tl.zeros_like(d0)
-        d7 = tl.zeros_like(d0)
+        CPB: tl.constexpr = 8 // BITS  # codes per byte (modes 5 and 6)
+        # mode 5 gathers plane t of byte group k as (word >> k BITS) & (0x01010101 << t): bytes of 0 or 2^t, one
+        # LOP3 per plane and group after one shift per group, 2^t divided out with the coefficient; one shift per
+        # (t, k) instead where a row's integer sums could pass 2^31 (very long rows at 8 bits)
+        SCALED: tl.constexpr = (not ONE_GROUP) or (CHUNK // BLOCK_W) * CPB * 4 * 32767 * (1 << (BITS - 1)) < 2147483648
+        # mode 5, ONE_GROUP: integer plane sums over K
+        d0, d1, d2, d3, d4, d5, d6, d7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32))
         if PREFETCH:
             ahead = tl.load(w_ptr + rows[:, None] * stride_w + part * CHUNK + wtile, mask=rmask[:, None], other=0)
         for i in range(0, CHUNK, BLOCK_W):
@@ -419,11 +424,6 @@ if triton is not None:
                             src = xqj
                         acc += tl.where(bit, src, -src) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
             elif MODE == 5:
-                CPB: tl.constexpr = 8 // BITS  # codes per byte
-                # plane t of byte group k as (word >> k BITS) & (0x01010101 << t): bytes of 0 or 2^t, one LOP3
-                # per plane and group after one shift per group, 2^t divided out with the coefficient; one
-                # shift per (t, k) instead where a row's integer sums could pass 2^31 (very long rows, 8 bits)
-                SAFE: tl.constexpr = (CHUNK // BLOCK_W) * CPB * 4 * 32767 * (1 << (BITS - 1)) < 2147483648
                 offs = w0 + wtile
                 xl0 = _pairs(xp_ptr, tok, 0, 0, CPB, NW, offs)
                 xh0 = _pairs(xp_ptr, tok, 0, 1, CPB, NW, offs)
@@ -449,7 +449,7 @@ if triton is not None:
                     else:
                         dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
                     for k in tl.static_range(CPB):
-                        if SAFE or not ONE_GROUP:
+                        if SCALED:
                             if t == 7:  # 0x80808080 as a signed 32-bit constant
                                 b = (word >> (k * BITS)) & -2139062144
                             else:
@@ -474,16 +474,15 @@ if triton is not None:
                 if KU < BITS:
                     acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * tl.load(xqs_ptr + tok * NW + offs)
             elif MODE == 6:
-                CPB6: tl.constexpr = 8 // BITS
                 offs = w0 + wtile
                 dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
-                for k in tl.static_range(CPB6):
+                for k in tl.static_range(CPB):
                     if BITS == 8:
                         b = word
                     else:
                         b = (word >> (k * BITS)) & (((1 << BITS) - 1) * 0x01010101)
-                    dot = _dp2a(_pairs(xp_ptr, tok, k, 0, CPB6, NW, offs), b, dot, False, ASM)
-                    dot = _dp2a(_pairs(xp_ptr, tok, k, 1, CPB6, NW, offs), b, dot, True, ASM)
+                    dot = _dp2a(_pairs(xp_ptr, tok, k, 0, CPB, NW, offs), b, dot, False, ASM)
+                    dot = _dp2a(_pairs(xp_ptr, tok, k, 1, CPB, NW, offs), b, dot, True, ASM)
                 tl.static_assert(XCH % (BLOCK_W * PER) == 0, "mode 6 tiles lie inside one input chunk")
                 xscale = tl.load(sc_ptr + tok * ((K + XCH - 1) // XCH) + (w0 * PER) // XCH)
                 if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
@@ -498,14 +497,7 @@ if triton is not None:
                     offset = tl.load(bx_ptr + gidx, mask=cmask, other=0.0)
                     accg += (scale * xscale) * dg + offset * tl.load(xg_ptr + tok * (K // GROUP) + gcols)
             else:
-                p0 = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
-                p1 = tl.zeros_like(p0)
-                p2 = tl.zeros_like(p0)
-                p3 = tl.zeros_like(p0)
-                p4 = tl.zeros_like(p0)
-                p5 = tl.zeros_like(p0)
-                p6 = tl.zeros_like(p0)
-                p7 = tl.zeros_like(p0)
+                p0, p1, p2, p3, p4, p5, p6, p7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32))
                 for j in tl.static_range(PER):
                     xj = tl.load(xin + j * NW)
                     if KU < BITS:
@@ -555,14 +547,14 @@ if triton is not None:
                 gmask = rmask[:, None]
                 xscale = tl.load(sc_ptr + tok)
                 qscale = tl.load(qsc_ptr + tok)
-                if (CHUNK // BLOCK_W) * (8 // BITS) * 4 * 32767 * (1 << (BITS - 1)) < 2147483648:  # planes x 2^t
-                    d1 = _halve(d1, 1)
-                    d2 = _halve(d2, 2)
-                    d3 = _halve(d3, 3)
-                    d4 = _halve(d4, 4)
-                    d5 = _halve(d5, 5)
-                    d6 = _halve(d6, 6)
-                    d7 = _halve(d7, 7)
+                if SCALED:  # plane t was gathered as 2^t times its value
+                    d1 = _unscaled(d1, 1)
+                    d2 = _unscaled(d2, 2)
+                    d3 = _unscaled(d3, 3)
+                    d4 = _unscaled(d4, 4)
+                    d5 = _unscaled(d5, 5)
+                    d6 = _unscaled(d6, 6)
+                    d7 = _unscaled(d7, 7)
                 acc += _coef(a_ptr, gidx, gmask, BITS, 0, BITS) * (d0.to(tl.float32) * (xscale if 0 < KU else qscale))
                 acc += _coef(a_ptr, gidx, gmask, BITS, 1, BITS) * (d1.to(tl.float32) * (xscale if 1 < KU else qscale))
                 acc += _coef(a_ptr, gidx, gmask, BITS, 2, BITS) * (d2.to(tl.float32) * (xscale if 2 < KU else qscale))
@@ -989,10 +981,10 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     v = torch.empty(t, k, device=x.device, dtype=torch.float32) if fused_dct else xd
     signs = random_signs(g, form.seed, device=x.device, dtype=torch.float32) if fused_dct else xd
     amax = torch.empty(t, 2, grid[1], device=x.device, dtype=torch.float32) if fused_pairs else xd  # per chunk
-    xp = xqp = sc = qsc = xg = None
+    xp = torch.empty(t, 8 // bits, 2, k // per, device=x.device, dtype=torch.int32) if chunked or fused_pairs else None
+    xqp = sc = qsc = xg = None
     gs = 0
     if chunked:  # mode 6: each program rounds its own columns with its own scale
-        xp = torch.empty(t, 8 // bits, 2, k // per, device=x.device, dtype=torch.int32)
         sc = torch.empty(t, grid[1], device=x.device, dtype=torch.float32)
         if form.group < ch and ch % form.group == 0:  # sums per group, for tiles across groups
             gs = form.group
@@ -1014,7 +1006,6 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     if chunked:
         xqp, qsc = xp, sc
     if fused_pairs:
-        xp = torch.empty(t, 8 // bits, 2, k // per, device=x.device, dtype=torch.int32)
         sc = torch.empty(t, device=x.device, dtype=torch.float32)
         xqp, qsc = (torch.empty_like(xp), torch.empty_like(sc)) if needs_xq else (xp, sc)
         _pairs_kernel[grid](xd, xqd, amax, xp.view(torch.int16), xqp.view(torch.int16), sc, qsc, K=k, PER=per,

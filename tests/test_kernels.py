@@ -145,13 +145,17 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
 
 def test_word_gemv_kernel_refuses_a_mode_the_format_lacks():
     pytest.importorskip("triton")
-    from quantune.kernels import gemv_matmul
+    from quantune.kernels import gemv_matmul, prepared_input
 
     q = _layer(QuantConfig(bits=4), out=8, inp=256)
     with pytest.raises(ValueError, match="affine grid"):
         gemv_matmul(torch.randn(1, 256), q.codes, _form(q), 4, mode=1)
     with pytest.raises(ValueError, match="unknown GEMV mode"):
         gemv_matmul(torch.randn(1, 256), q.codes, _form(q), 4, mode=9)
+    with pytest.raises(ValueError, match="affine grid"):
+        gemv_matmul(torch.randn(1, 256), q.codes, _form(q), 4, mode=6)
+    with pytest.raises(ValueError, match="transformed factor"):  # mode 6's chunk-scaled inputs: rtn only
+        prepared_input(torch.randn(1, 256), _form(q), 4, pairs="chunk")
 
 
 def test_quantized_pairs_pack_the_codes_one_shift_reaches():
@@ -312,17 +316,6 @@ def test_gemv_stores_the_requested_dtype(cfg, split):
     assert got.dtype == (torch.bfloat16 if split == 1 else torch.float32)
     torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-6)  # within one bf16 step (the CPU
     # interpreter's cast may truncate where the GPU rounds to nearest)
-
-
-def test_mode6_refuses_kashin():
-    pytest.importorskip("triton")
-    from quantune.kernels import gemv_matmul, prepared_input
-
-    q = _layer(QuantConfig(bits=4), out=8, inp=256)
-    with pytest.raises(ValueError, match="affine grid"):
-        gemv_matmul(torch.randn(1, 256), q.codes, _form(q), 4, mode=6)
-    with pytest.raises(ValueError, match="transformed factor"):
-        prepared_input(torch.randn(1, 256), _form(q), 4, pairs="chunk")
 
 
 def test_word_gemv_kernel_refuses_codes_across_words():
