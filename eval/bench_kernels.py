@@ -100,11 +100,14 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
     """The Markdown report of a run's rows (also: ``--render RESULTS.json`` re-renders a saved run)."""
     us = 1e6
     table = markdown_table(
-        ["in x out", "method", "kernel", "rel. err", "decode us", "kernel us", "torch transform us", "floor us",
+        ["in x out", "method", "kernel", "rel. err", "decode us", "decode us, no PDL", "kernel us",
+         "torch transform us", "floor us",
          "bf16 us", "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16",
          "prefill rel. err", "bf16 rel. err", "decode to bf16 us", "old prefill ms"],
         [[f"{r['in']}x{r['out']}", r["method"], "{kernel}:{block_m}x{num_warps}x{block_w}".format(**r["best_config"]),
-          r["rel_err_vs_reference"], r["decode_s"] * us, r["kernel_s"] * us,
+          r["rel_err_vs_reference"], r["decode_s"] * us,
+          (f"{r['decode_no_pdl_s'] * us:.3f}" + ("" if r.get("pdl_equals_serial", True) else " (differs!)"))
+          if "decode_no_pdl_s" in r else "-", r["kernel_s"] * us,
           r["transform_s"] * us, r["floor_s"] * us, r["bf16_decode_s"] * us, r["nf4_decode_s"] * us,
           r["speedup_vs_bf16"], r["speedup_vs_nf4"], r["prefill_s"] * 1e3, r["bf16_prefill_s"] * 1e3,
           r["prefill_vs_bf16"], r["prefill_rel_err"], r["bf16_prefill_rel_err"], r["decode_bf16_s"] * us,
@@ -112,7 +115,9 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
     return (f"# Low-bit matmul kernels\n\nDevice: {device}. Times are medians with the calls captured in a CUDA "
             f"graph (triton.testing.do_bench_cudagraph). Decode: 1 token; 'decode us' is everything a call does "
             f"(input preparation: cast, de-interleave, kashin's DCT through one rfft and two Triton kernels, the "
-            f"16-bit inputs of modes 5 and 6; then the GEMV kernel), 'kernel us' the GEMV kernel alone on inputs prepared "
+            f"16-bit inputs of modes 5 and 6; then the GEMV kernel, launched with programmatic dependent launch so it "
+            f"loads codes while the preparation runs; 'no PDL': launched plainly, same run, outputs checked equal), "
+            f"'kernel us' the GEMV kernel alone on inputs prepared "
             f"beforehand, for the best of {n_configs} kernel/tile configs (gemvMODE:rows x warps x words, "
             f"quantune.kernels.GEMV_MODES), 'torch transform us' the plain torch DCT for reference. Prefill: "
             f"{prefill_tokens} tokens, quantune decodes the factors to bf16 with a Triton kernel, then cuBLAS (rtn: "
@@ -245,6 +250,13 @@ def main() -> None:
             got = kernel_call(kind, bm, nw, tw, None)()
             rel = float((got - ref).norm() / ref.norm())
             t_full = bench(kernel_call(kind, bm, nw, tw, None))
+            kernels.GEMV_PDL = False  # the same call without programmatic dependent launch, same run
+            try:
+                got_serial = kernel_call(kind, bm, nw, tw, None)()
+                t_serial = bench(kernel_call(kind, bm, nw, tw, None))
+            finally:
+                kernels.GEMV_PDL = True
+            pdl_same = bool(torch.equal(got_serial, got))
             t_transform = bench(lambda: transformed_input(x32, form)) if form.transform else 0.0
             with torch.no_grad():
                 t_module = t_module_eager = bench_eager(lambda: (kernels._PREPARED.clear(), q(x1))[1])  # from Python
@@ -267,7 +279,8 @@ def main() -> None:
                    "config_rel_err": {f"{c}:{a}x{b}x{d}": v for (c, a, b, d), v in errors.items()},
                    "decode_bf16_s": t_decode, "decode_bf16_planes_s": t_decode_planes,
                    "old_prefill_s": t_old_prefill,
-                   "kernel_s": t_kernel, "decode_s": t_full, "transform_s": t_transform, "module_s": t_module,
+                   "kernel_s": t_kernel, "decode_s": t_full, "decode_no_pdl_s": t_serial,
+                   "pdl_equals_serial": pdl_same, "transform_s": t_transform, "module_s": t_module,
                    "module_eager_s": t_module_eager, "prefill_s": t_q_prefill,
                    "floor_s": (index_bytes + meta_bytes) / bw,
                    "speedup_vs_bf16": t_bf16 / t_full, "speedup_vs_nf4": t_nf4 / t_full,

@@ -22,6 +22,7 @@ token count (``_kernel_path``).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -289,6 +290,19 @@ if triton is not None:
         return r
 
     @triton.jit
+    def _gdc_wait():
+        """PTX ``griddepcontrol.wait``: block until the previous kernel in the stream has finished and its
+        writes are visible (a kernel launched with programmatic dependent launch runs ahead until here)."""
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _gdc_launch_dependents():
+        """PTX ``griddepcontrol.launch_dependents``: the next kernel, if launched with programmatic
+        dependent launch, may start now (it waits in :func:`_gdc_wait` for this one's results)."""
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+    @triton.jit
     def _pairs(ptr, tok, k: tl.constexpr, h: tl.constexpr, CPB: tl.constexpr, NW: tl.constexpr, offs):
         """Packed int16 input pairs for byte group ``k``, half ``h`` (see :func:`quantized_pairs`)."""
         if k < CPB:
@@ -311,7 +325,7 @@ if triton is not None:
                      a_ptr, bx_ptr, bq_ptr, y_ptr, M, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
-                     PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024):
+                     PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -343,6 +357,9 @@ if triton is not None:
           and the group sums of x (``xg``), so the coefficients are never gathered per word.
         Coefficients: one per row when a tile lies inside one group, else gathered per word.
         PREFETCH: the next tile's words are loaded before this tile's arithmetic (two tiles in flight).
+        PDL: launched with programmatic dependent launch (Hopper): the program loads its first words of
+        codes, which no earlier kernel writes, while the input-preparation kernel before it still runs,
+        and waits for that kernel (``griddepcontrol.wait``) before it reads anything else.
         """
         PER: tl.constexpr = 32 // BITS
         NW: tl.constexpr = K // PER       # words per row
@@ -368,6 +385,8 @@ if triton is not None:
         d0, d1, d2, d3, d4, d5, d6, d7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32))
         if PREFETCH:
             ahead = tl.load(w_ptr + rows[:, None] * stride_w + part * CHUNK + wtile, mask=rmask[:, None], other=0)
+            if PDL:
+                _gdc_wait()
         for i in range(0, CHUNK, BLOCK_W):
             w0 = part * CHUNK + i
             widx = w0 + wcols
@@ -379,6 +398,9 @@ if triton is not None:
                                 mask=rmask[:, None] & (i + BLOCK_W < CHUNK), other=0)
             else:
                 word = tl.load(w_ptr + rows[:, None] * stride_w + w0 + wtile, mask=rmask[:, None], other=0)
+                if PDL:
+                    if i == 0:  # the first words are on their way: now wait for the prepared input
+                        _gdc_wait()
             if WPG >= BLOCK_W:  # the tile lies in one group: one coefficient per row
                 cidx = (rows * groups + w0 // WPG)[:, None]
             else:
@@ -575,14 +597,17 @@ if triton is not None:
     @triton.jit
     def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, amax_ptr, xp16_ptr, sc_ptr, xg_ptr, K: tl.constexpr,
                      G: tl.constexpr, PER: tl.constexpr, HAS_V: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr,
-                     GS: tl.constexpr = 0):
+                     GS: tl.constexpr = 0, TRIGGER: tl.constexpr = False):
         """CH columns of one token: the input in float32, de-interleaved for the GEMV (``xd[t, j, w] =
         x[t, w * PER + j]``) and summed per word (``xs[t, w]``); with HAS_V the DCT's FFT input ``v`` of
         each G-long group (signs applied, even entries in order, odd entries reversed behind them:
         Makhoul's reordering); PAIRS 1: the chunk's ``max |x|`` (for mode 5's scale per token);
         PAIRS 2: the chunk's 16-bit pairs and scale ``max |x| / 32767`` (``sc[t, chunk]``, mode 6), and
         ``xd``/``xs`` of the rounded input, so mode 6 computes ``x_r W^T`` for that one rounded ``x_r``;
-        GS > 0: sums over GS-column groups (``xg``, mode 6; GS divides CH)."""
+        GS > 0: sums over GS-column groups (``xg``, mode 6; GS divides CH). TRIGGER: let a GEMV launched
+        with programmatic dependent launch start at once (:func:`_gdc_launch_dependents`)."""
+        if TRIGGER:
+            _gdc_launch_dependents()
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
@@ -633,9 +658,13 @@ if triton is not None:
 
     @triton.jit
     def _pairs_kernel(xd_ptr, xqd_ptr, amax_ptr, xp16_ptr, xqp16_ptr, sc_ptr, qsc_ptr, K: tl.constexpr,
-                      PER: tl.constexpr, HAS_Q: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr):
+                      PER: tl.constexpr, HAS_Q: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr,
+                      TRIGGER: tl.constexpr = False):
         """GEMV mode 5's 16-bit inputs for CH columns of one token, from the de-interleaved inputs and
-        the token's ``max |x|`` (``max |xq|``): the maximum of the kernels above's per-chunk maxima."""
+        the token's ``max |x|`` (``max |xq|``): the maximum of the kernels above's per-chunk maxima.
+        TRIGGER: as in :func:`_prep_kernel`."""
+        if TRIGGER:
+            _gdc_launch_dependents()
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
@@ -859,7 +888,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                 block_w: int = 64, num_warps: int = 4, split: int = 1, xq: torch.Tensor | None = None,
                 affine: bool | None = None, mode: int | None = None, tables: tuple | None = None,
                 prefetch: bool = False, prepared: tuple | None = None,
-                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.float32, share: bool = True) -> torch.Tensor:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
@@ -867,7 +896,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     :func:`level_tables` of the form when the caller has them. ``prefetch``: keep two word tiles in flight.
     ``prepared``: :func:`prepared_input`'s result for ``x`` when the caller has it (benchmarks time the
     kernel alone). ``out_dtype``: of the result, rounded once from the float32 sums (float32 where
-    ``split`` > 1: the programs add their parts atomically)."""
+    ``split`` > 1: the programs add their parts atomically). ``share``: see :func:`prepared_input`."""
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
@@ -887,17 +916,18 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if mode in (5, 6) and bits not in (2, 4, 8):
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) serves 2, 4 and 8-bit codes, not {bits}")
     (t, k), m = x.shape, packed.shape[0]
+    y = torch.empty(t, m, device=x.device, dtype=torch.float32 if split > 1 else out_dtype)
+    if split > 1:  # the programs of a row block add their parts into y (zeroed first: the input's
+        y.zero_()  # preparation stays the kernel right before the GEMV, see pdl_enabled)
+    pdl = pdl_enabled(x)
     if prepared is None:
-        prepared = prepared_input(x, form, bits, xq, pairs=gemv_pairs(mode))
+        prepared = prepared_input(x, form, bits, xq, pairs=gemv_pairs(mode), trigger=pdl, share=share)
     xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg = prepared
     if xp is None:
         xp, xqp, sc, qsc = xd, xqd, xs, xqs  # unused by the kernel
     if xg is None:
         xg = xs  # unused by the kernel
     asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    y = torch.empty(t, m, device=x.device, dtype=torch.float32 if split > 1 else out_dtype)
-    if split > 1:  # the programs of a row block add their parts into y
-        y.zero_()
     w = packed.view(torch.int32)
     if mode in (0, 1, 6):
         a, bx, bq = tables[1], tables[0], tables[0]  # scale and offset per (row, group)
@@ -906,8 +936,27 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     _gemv_kernel[(triton.cdiv(m, block_m), split, t)](
         w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
-        PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), num_warps=num_warps)
+        PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, num_warps=num_warps,
+        **({"launch_pdl": True} if pdl else {}))
     return y
+
+
+GEMV_PDL = True  # launch the GEMV with programmatic dependent launch where the GPU has it (see pdl_enabled)
+
+
+def pdl_enabled(x: torch.Tensor) -> bool:
+    """Whether the GEMV for ``x`` is launched with programmatic dependent launch: on CUDA devices of
+    compute capability 9.0 (Hopper) and later, unless ``GEMV_PDL`` is off. The GEMV then starts while
+    the input's preparation kernel (which signals early) still runs, loads its first codes and waits
+    for the prepared input in the kernel: the launch gap and the small preparation kernel overlap
+    the weight reads. Correct with any kernel before it: the wait covers whatever ran last."""
+    return (GEMV_PDL and x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())[0] >= 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 _PREPARED: dict = {}  # the last few-token input's de-interleaved copies, see prepared_input
@@ -937,7 +986,7 @@ def quantized_pairs(xd: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
 
 
 def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Tensor | None = None,
-                   pairs: bool | str = False):
+                   pairs: bool | str = False, trigger: bool = False, share: bool = True):
     """``(xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg)``: the float32 input and transformed input the GEMV kernel
     reads, de-interleaved (``(T, PER, K / PER)``, see :func:`deinterleave`) and summed per 32-bit word
     of codes (``(T, K / PER)``); with ``pairs`` also both rounded to 16 bits (:func:`quantized_pairs`;
@@ -950,7 +999,9 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     kept (a reference, so its memory cannot be reused by another tensor while cached) with its
     version counter, and reused while neither changes. ``xq`` given: no caching. A write that bypasses
     the version counter (through ``.data`` or a DLPack alias) is not seen: set ``SHARE_INPUTS = False``
-    where a program writes its inputs that way."""
+    where a program writes its inputs that way, and ``share=False`` for inputs whose memory is written
+    without it (torch.compile's generated kernels: see ``quantune.qlinear``'s custom op). ``trigger``: the last kernel lets a GEMV launched with
+    programmatic dependent launch start early (:func:`pdl_enabled`)."""
     if triton is None:
         raise RuntimeError("the fused kernel needs triton")
     if x.shape[0] > MAX_TOKENS:
@@ -964,7 +1015,8 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version, bits, pairs,
            form.transform if needs_xq else None, form.seed if needs_xq else None,
            form.group if needs_xq or chunked else None)
-    if not given and SHARE_INPUTS:
+    share = share and not given and SHARE_INPUTS
+    if share:
         hit = _PREPARED.get("entry")
         if hit is not None and hit[0] == key:
             return hit[2]
@@ -991,7 +1043,8 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
             xg = torch.empty(t, k // gs, device=x.device, dtype=torch.float32)
     _prep_kernel[grid](x, xd, xs, signs, v, amax, xp.view(torch.int16) if chunked else xd, sc if chunked else xd,
                        xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,
-                       PAIRS=2 if chunked else int(fused_pairs), CH=ch, GS=gs)
+                       PAIRS=2 if chunked else int(fused_pairs), CH=ch, GS=gs,
+                       TRIGGER=trigger and not needs_xq and not (pairs is True and not fused_pairs))
     if fused_dct:  # cast, de-interleave and DCT pre-step in one kernel, then one rfft and one post kernel
         spectrum = torch.view_as_real(torch.fft.rfft(v.view(t * (k // g), g), dim=-1))
         twiddle = torch.view_as_real(dct_twiddle(g, x.device, torch.float32))
@@ -1009,13 +1062,13 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         sc = torch.empty(t, device=x.device, dtype=torch.float32)
         xqp, qsc = (torch.empty_like(xp), torch.empty_like(sc)) if needs_xq else (xp, sc)
         _pairs_kernel[grid](xd, xqd, amax, xp.view(torch.int16), xqp.view(torch.int16), sc, qsc, K=k, PER=per,
-                            HAS_Q=needs_xq, CH=ch, NCH=triton.next_power_of_2(grid[1]))
+                            HAS_Q=needs_xq, CH=ch, NCH=triton.next_power_of_2(grid[1]), TRIGGER=trigger)
     if pairs is True and xp is None:  # not fused above: torch
         xp, sc = quantized_pairs(xd, bits)
     if pairs is True and xqp is None:
         xqp, qsc = quantized_pairs(xqd, bits) if needs_xq else (xp, sc)
     prepared = (xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg)
-    if not given and SHARE_INPUTS:
+    if share:
         _PREPARED["entry"] = (key, x, prepared)
     return prepared
 
@@ -1053,18 +1106,19 @@ def gemv_split(m: int, form: BitplaneForm, bits: int, block_m: int, block_w: int
 
 
 def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
-                 tables: tuple | None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 tables: tuple | None, out_dtype: torch.dtype = torch.float32, share: bool = True) -> torch.Tensor:
     """The few-token kernel for this format: the word-reading GEMV where codes fill whole 32-bit
     words (1, 2, 4, 8 bits), else the bit-plane kernel for kashin at <= 2 bits and the level-table
     kernel otherwise (the fastest of those two on the H200, eval/results/bench_kernels.md).
     ``out_dtype``: the GEMV stores its result in it (float32 sums, one rounding); the others return
-    float32."""
+    float32. ``share``: let layers that take the same input tensor share its preparation
+    (:func:`prepared_input`)."""
     if gemv_supported(form, bits, packed.shape[1]):
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
         block_m, warps, block_w, prefetch = gemv_tile(packed.shape[0], affine)
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w)
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
-                           affine=affine, tables=tables, prefetch=prefetch, out_dtype=out_dtype)
+                           affine=affine, tables=tables, prefetch=prefetch, out_dtype=out_dtype, share=share)
     if form.transform is not None and bits <= 2:
         return bitplane_matmul(x, packed, form, bits, block_m=4, num_warps=1)
     return levels_matmul(x, packed, form, bits, tables=tables, block_m=2, num_warps=1)

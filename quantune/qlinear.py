@@ -11,7 +11,9 @@ fast fused kernels can replace the decode later behind the same module.
 """
 from __future__ import annotations
 
+import itertools
 import time
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -37,6 +39,16 @@ class QuantLinear(nn.Module):
         self._weight_cache: torch.Tensor | None = None
         self._bitplane = None  # BitplaneForm for the fused decode kernel, built on first use
         self._levels = None    # its level tables (quantune.kernels.level_tables), likewise
+        self._register()
+
+    def _register(self):
+        """A handle through which torch.compile'd code reaches this module (see :func:`_linear_op`)."""
+        self._handle = next(_HANDLES)
+        _MODULES[self._handle] = self
+
+    def __setstate__(self, state):  # copies (copy.deepcopy) get their own handle
+        super().__setstate__(state)
+        self._register()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, qconfig: QuantConfig, name: str = "") -> tuple["QuantLinear", dict]:
@@ -120,10 +132,10 @@ class QuantLinear(nn.Module):
         return "prefill" if half and kernels.gemv_supported(form, self.qconfig.bits, self.codes.shape[1]) else None
 
     @torch.compiler.disable
-    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``y`` through a Triton kernel when one serves ``x`` (see :meth:`_kernel_path`), else None.
-        Opaque to ``torch.compile`` (a graph break): the code around the layer compiles and fuses,
-        the kernel launches stay as they are."""
+    def _kernel_forward(self, x: torch.Tensor, share: bool = True) -> torch.Tensor | None:
+        """``x W^T`` (no bias) through a Triton kernel when one serves ``x`` (see :meth:`_kernel_path`),
+        else None. ``share``: reuse the input's preparation across layers (see
+        :func:`quantune.kernels.prepared_input`)."""
         path = self._kernel_path(x)
         if path is None:
             return None
@@ -133,12 +145,21 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if path == "fused":
             y = fused_matmul(x2, self.codes, self.bitplane_form(), self.qconfig.bits, self.level_tables(),
-                             out_dtype=dtype)
+                             out_dtype=dtype, share=share)
         else:
             y = prefill_matmul(x2.to(dtype), self.codes, self.bitplane_form(), self.qconfig.bits,
                                tables=self.level_tables())
-        y = y.to(dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(dtype)
+        return y.to(dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _inference_matmul(self, x: torch.Tensor, share: bool = True) -> torch.Tensor:
+        """``x W^T`` (no bias) without autograd: a Triton kernel on CUDA where one serves ``x``, else
+        the decoded weight and one GEMM."""
+        if x.is_cuda:
+            y = self._kernel_forward(x, share=share)
+            if y is not None:
+                return y
+        dtype = _compute_dtype(x)
+        return F.linear(x.to(dtype), self.decoded_weight(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight_cache is not None:  # one decoded copy: a plain linear (autograd keeps only x)
@@ -146,19 +167,41 @@ class QuantLinear(nn.Module):
             if not torch.is_autocast_enabled(x.device.type) and w.dtype != x.dtype:
                 w = w.to(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(w.dtype))
-        if x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad):
-            y = self._kernel_forward(x)
-            if y is not None:
-                return y
-        if torch.is_grad_enabled() and x.requires_grad:
-            y = _DecodedMatmul.apply(x, self)  # keeps no decoded weight alive for the backward pass
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            if torch.compiler.is_compiling():  # one opaque op in the graph: no graph break
+                y = torch.ops.quantune.linear(x, self.codes, self._handle, self.out_features)
+            else:
+                y = self._inference_matmul(x)
             return y if self.bias is None else y + self.bias.to(y.dtype)
-        dtype = _compute_dtype(x)
-        return F.linear(x.to(dtype), self.decoded_weight(dtype), None if self.bias is None else self.bias.to(dtype))
+        y = _DecodedMatmul.apply(x, self)  # keeps no decoded weight alive for the backward pass
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         c = self.qconfig
         return f"in_features={self.in_features}, out_features={self.out_features}, method={c.method}, bits={c.bits}"
+
+
+_HANDLES = itertools.count()
+_MODULES: "weakref.WeakValueDictionary[int, QuantLinear]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("quantune::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, codes: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """``x W^T`` of the QuantLinear behind ``handle`` (its ``codes`` passed along so the graph depends
+    on them), for torch.compile: the layer is one opaque op in the captured graph instead of a graph
+    break, so the code around it compiles into one graph (and CUDA graphs capture it whole). Its input
+    may live in memory that compiled kernels rewrite without a version bump, so nothing is shared
+    between layers here: each call prepares its own input."""
+    module = _MODULES.get(handle)
+    if module is None or module.codes.data_ptr() != codes.data_ptr():
+        raise QuantuneError(f"quantune::linear: no quantized layer behind handle {handle} for these codes "
+                            "(compiled code outlived its model?)")
+    return module._inference_matmul(x, share=False)
+
+
+@_linear_op.register_fake
+def _linear_op_fake(x, codes, handle, out_features):
+    return x.new_empty((*x.shape[:-1], out_features), dtype=_compute_dtype(x))
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -234,6 +234,43 @@ def test_cache_is_used_by_forward():
     assert not torch.equal(q(x), torch.zeros(2, 5, 4))
 
 
+# ---------------------------------------------------------------- torch.compile
+
+@pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=16),
+                                 QuantConfig(method="kashin", bits=3)])
+def test_compiles_into_one_graph_with_eager_outputs(cfg):
+    """Under torch.compile the layer is one custom op (quantune::linear): fullgraph=True would raise on
+    a graph break, and the compiled outputs equal eager ones."""
+    q, _ = QuantLinear.from_linear(_linear(48, 24, seed=3), cfg)
+    model = nn.Sequential(nn.LayerNorm(48), q, nn.GELU()).eval()
+    x = _inputs(48)
+    with torch.no_grad():
+        ref = model(x)
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_compiled_copy_computes_with_its_own_codes():
+    import copy
+
+    q, _ = QuantLinear.from_linear(_linear(32, 16, bias=False, seed=4), QuantConfig(method="rtn", bits=4, group_size=16))
+    twin = copy.deepcopy(q)
+    assert twin._handle != q._handle
+    twin.codes.zero_()
+    x = _inputs(32)
+    with torch.no_grad():
+        got = torch.compile(twin, backend="aot_eager", fullgraph=True)(x)
+        torch.testing.assert_close(got, twin(x), rtol=0, atol=0)
+        assert not torch.equal(got, q(x))
+
+
+def test_custom_op_refuses_codes_of_another_layer():
+    a, _ = QuantLinear.from_linear(_linear(32, 16, seed=5), QuantConfig(method="rtn", bits=4, group_size=16))
+    b, _ = QuantLinear.from_linear(_linear(32, 16, seed=6), QuantConfig(method="rtn", bits=4, group_size=16))
+    with pytest.raises(QuantuneError, match="no quantized layer behind handle"):
+        torch.ops.quantune.linear(_inputs(32), b.codes, a._handle, 16)
+
+
 # ---------------------------------------------------------------- QuantConfig
 
 @pytest.mark.parametrize("changes", [
