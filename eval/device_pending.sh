@@ -23,8 +23,11 @@ case "$1" in
              python -m eval.recovery_table /tmp/rec 29.871 --out "$out/finetune_recovery_3bit" ;;
   finetune)  python -m eval.bench_finetune --out "$out/bench_finetune" ;;                        # issue 4
   memory)    python -m eval.bench_memory --out "$out/bench_memory" ;;                            # issue 6
-  generate)  python -m eval.bench_generate --contenders bf16,rtn-4,kashin-4,rtn-2,kashin-2 --new-tokens 64 --compile \
+  generate)  # rtn and kashin in two runs: five contenders with --compile did not fit one 10-minute call
+             python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --compile \
                --out "$out/bench_generate" ;;                                                      # issue 5
+  generate-kashin) python -m eval.bench_generate --contenders bf16,kashin-4,kashin-2 --new-tokens 64 --compile \
+               --out "$out/bench_generate_kashin" ;;                                               # issue 5
   chunks)    python eval/sweep_prep_columns.py ;;                                                  # issue 5
   ddp)       # issue 4 on nvidia-h200-x2: the same global batch on 1 and on 2 GPUs, the seed noise, and 2 GPUs at
              # the one-GPU per-GPU batch (throughput scaling); then the comparison table and plot
@@ -40,5 +43,5 @@ case "$1" in
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, quantize, recovery3, finetune, memory, generate, chunks, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, quantize, recovery3, finetune, memory, generate, generate-kashin, chunks, ddp)"; exit 2 ;;
 esac
