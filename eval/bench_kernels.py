@@ -85,7 +85,8 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
 # "gemvN" = codes read as 32-bit words, decoded by register arithmetic in mode N
 # (quantune.kernels.GEMV_MODES: 0/1 rtn's affine grid per weight / per word, 2/3/4/5 kashin's sign planes
 # per weight / plane sums / plane sums by the mantissa trick / plane sums as int16 dp2a dot products, 6 rtn's
-# whole codes as int16 dp2a dot products), the K split chosen by quantune.kernels.gemv_split
+# whole codes as int16 dp2a dot products), the K split chosen by quantune.kernels.gemv_split; a "p" suffix
+# prefetches the next tile in registers, "sN" keeps N tiles in flight by Triton's loop pipelining (gemv6s3)
 CONFIGS = [("gemv1", 4, 4, 128),
            ("gemv5", 16, 4, 64), ("gemv5", 8, 8, 128), ("gemv5", 8, 4, 64), ("gemv5", 16, 4, 32), ("gemv5", 32, 4, 32),
            ("gemv5", 4, 4, 128), ("gemv5", 4, 1, 128), ("gemv5", 8, 1, 64), ("gemv5", 4, 1, 64), ("gemv5", 8, 2, 128),
@@ -128,10 +129,21 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
             f"float32 (x W^T).\n\n{table}\n")
 
 
+def gemv_variant(kind: str) -> tuple[int | None, bool, int]:
+    """``gemvMODE[p][sN]`` -> (mode, prefetch, stages): "gemv3" -> (3, False, 1), "gemv6p" (prefetching)
+    -> (6, True, 1), "gemv6s3" (three tiles in flight by loop pipelining) -> (6, False, 3), "gemv" ->
+    (None, False, 1) (the format's default mode)."""
+    import re
+
+    found = re.fullmatch(r"gemv(\d*)(p?)(?:s(\d+))?", kind)
+    if found is None:
+        raise ValueError(f"unknown kernel {kind!r}: gemvMODE[p][sSTAGES], e.g. gemv6, gemv6p, gemv6s3")
+    mode, prefetch, stages = found.groups()
+    return (int(mode) if mode else None), prefetch == "p", int(stages or 1)
+
+
 def gemv_mode(kind: str) -> int | None:
-    """"gemv3" / "gemv3p" (prefetching) -> 3, "gemv" -> None (the format's default mode)."""
-    digits = kind[4:].rstrip("p")
-    return int(digits) if digits else None
+    return gemv_variant(kind)[0]
 
 
 def parse_configs(text: str) -> list[tuple]:
@@ -221,7 +233,8 @@ def main() -> None:
                             kernels._PREPARED.clear()
                         return gemv_matmul(x1, q.codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
                                            split=split, xq=xq_arg, affine=tables[2], mode=mode, tables=tables,
-                                           prefetch=kind.endswith("p"), prepared=prepared)
+                                           prefetch=gemv_variant(kind)[1], stages=gemv_variant(kind)[2],
+                                           prepared=prepared)
                     return call
                 return lambda: levels_matmul(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
                                              xq=xq_arg, block_k=args.block_k)

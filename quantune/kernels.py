@@ -325,7 +325,8 @@ if triton is not None:
                      a_ptr, bx_ptr, bq_ptr, y_ptr, M, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
-                     PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False):
+                     PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
+                     STAGES: tl.constexpr = 1):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -360,6 +361,8 @@ if triton is not None:
         PDL: launched with programmatic dependent launch (Hopper): the program loads its first words of
         codes, which no earlier kernel writes, while the input-preparation kernel before it still runs,
         and waits for that kernel (``griddepcontrol.wait``) before it reads anything else.
+        STAGES > 1: Triton's loop pipelining keeps that many tiles' loads in flight through shared memory
+        (cp.async) instead of registers; 1 is the plain loop.
         """
         PER: tl.constexpr = 32 // BITS
         NW: tl.constexpr = K // PER       # words per row
@@ -385,9 +388,9 @@ if triton is not None:
         d0, d1, d2, d3, d4, d5, d6, d7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32))
         if PREFETCH:
             ahead = tl.load(w_ptr + rows[:, None] * stride_w + part * CHUNK + wtile, mask=rmask[:, None], other=0)
-            if PDL:
-                _gdc_wait()
-        for i in range(0, CHUNK, BLOCK_W):
+        if PDL and (PREFETCH or STAGES > 1):  # a pipelined loop issues its first input loads before it starts
+            _gdc_wait()
+        for i in tl.range(0, CHUNK, BLOCK_W, num_stages=STAGES):
             w0 = part * CHUNK + i
             widx = w0 + wcols
             xin = xd_ptr + tok * K + w0 + wtile    # code position j: + j * NW
@@ -398,7 +401,7 @@ if triton is not None:
                                 mask=rmask[:, None] & (i + BLOCK_W < CHUNK), other=0)
             else:
                 word = tl.load(w_ptr + rows[:, None] * stride_w + w0 + wtile, mask=rmask[:, None], other=0)
-                if PDL:
+                if PDL and STAGES == 1:
                     if i == 0:  # the first words are on their way: now wait for the prepared input
                         _gdc_wait()
             if WPG >= BLOCK_W:  # the tile lies in one group: one coefficient per row
@@ -888,7 +891,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                 block_w: int = 64, num_warps: int = 4, split: int = 1, xq: torch.Tensor | None = None,
                 affine: bool | None = None, mode: int | None = None, tables: tuple | None = None,
                 prefetch: bool = False, prepared: tuple | None = None,
-                out_dtype: torch.dtype = torch.float32, share: bool = True) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.float32, share: bool = True, stages: int = 1) -> torch.Tensor:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
@@ -896,7 +899,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     :func:`level_tables` of the form when the caller has them. ``prefetch``: keep two word tiles in flight.
     ``prepared``: :func:`prepared_input`'s result for ``x`` when the caller has it (benchmarks time the
     kernel alone). ``out_dtype``: of the result, rounded once from the float32 sums (float32 where
-    ``split`` > 1: the programs add their parts atomically). ``share``: see :func:`prepared_input`."""
+    ``split`` > 1: the programs add their parts atomically). ``share``: see :func:`prepared_input`.
+    ``stages``: tiles in flight through Triton's loop pipelining (1: the plain loop; more: for sweeps)."""
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
@@ -936,7 +940,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     _gemv_kernel[(triton.cdiv(m, block_m), split, t)](
         w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
-        PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, num_warps=num_warps,
+        PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, STAGES=stages, num_warps=num_warps,
         **({"launch_pdl": True} if pdl else {}))
     return y
 

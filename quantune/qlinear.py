@@ -6,8 +6,10 @@ It holds a method's packed buffers (codes plus small metadata, see
     y = x W_hat^T + b,   W_hat = dequantize(buffers)
 
 with a reference PyTorch path: decode the weight, then one GEMM. For kashin,
-``W_hat = U + V Q^T`` row by row, which equals ``y = x C_u[idx]^T + (x Q) C_v[idx]^T``;
-fast fused kernels can replace the decode later behind the same module.
+``W_hat = U + V Q^T`` row by row, which equals ``y = x C_u[idx]^T + (x Q) C_v[idx]^T``.
+On CUDA without autograd, Triton kernels serve it (:mod:`quantune.kernels`: a GEMV for up to 16
+tokens, a bf16 decode plus cuBLAS for more); under ``torch.compile`` the layer is one custom op
+(``quantune::linear``), so a compiled model has no graph break at its quantized layers.
 """
 from __future__ import annotations
 
@@ -151,15 +153,15 @@ class QuantLinear(nn.Module):
                                tables=self.level_tables())
         return y.to(dtype).reshape(*x.shape[:-1], self.out_features)
 
-    def _inference_matmul(self, x: torch.Tensor, share: bool = True) -> torch.Tensor:
-        """``x W^T`` (no bias) without autograd: a Triton kernel on CUDA where one serves ``x``, else
-        the decoded weight and one GEMM."""
+    def _inference_forward(self, x: torch.Tensor, share: bool = True) -> torch.Tensor:
+        """``x W^T + b`` without autograd: a Triton kernel on CUDA where one serves ``x``, else the
+        decoded weight and one GEMM."""
         if x.is_cuda:
             y = self._kernel_forward(x, share=share)
             if y is not None:
-                return y
+                return y if self.bias is None else y + self.bias.to(y.dtype)
         dtype = _compute_dtype(x)
-        return F.linear(x.to(dtype), self.decoded_weight(dtype))
+        return F.linear(x.to(dtype), self.decoded_weight(dtype), None if self.bias is None else self.bias.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight_cache is not None:  # one decoded copy: a plain linear (autograd keeps only x)
@@ -169,10 +171,8 @@ class QuantLinear(nn.Module):
             return F.linear(x, w, None if self.bias is None else self.bias.to(w.dtype))
         if not (torch.is_grad_enabled() and x.requires_grad):
             if torch.compiler.is_compiling():  # one opaque op in the graph: no graph break
-                y = torch.ops.quantune.linear(x, self.codes, self._handle, self.out_features)
-            else:
-                y = self._inference_matmul(x)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
+                return torch.ops.quantune.linear(x, self.codes, self.bias, self._handle, self.out_features)
+            return self._inference_forward(x)
         y = _DecodedMatmul.apply(x, self)  # keeps no decoded weight alive for the backward pass
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -186,9 +186,10 @@ _MODULES: "weakref.WeakValueDictionary[int, QuantLinear]" = weakref.WeakValueDic
 
 
 @torch.library.custom_op("quantune::linear", mutates_args=())
-def _linear_op(x: torch.Tensor, codes: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    """``x W^T`` of the QuantLinear behind ``handle`` (its ``codes`` passed along so the graph depends
-    on them), for torch.compile: the layer is one opaque op in the captured graph instead of a graph
+def _linear_op(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None, handle: int,
+               out_features: int) -> torch.Tensor:
+    """``x W^T + b`` of the QuantLinear behind ``handle`` (its ``codes`` and bias passed along so the
+    graph depends on them; the same arithmetic as its uncompiled forward), for torch.compile: the layer is one opaque op in the captured graph instead of a graph
     break, so the code around it compiles into one graph (and CUDA graphs capture it whole). Its input
     may live in memory that compiled kernels rewrite without a version bump, so nothing is shared
     between layers here: each call prepares its own input."""
@@ -196,11 +197,11 @@ def _linear_op(x: torch.Tensor, codes: torch.Tensor, handle: int, out_features: 
     if module is None or module.codes.data_ptr() != codes.data_ptr():
         raise QuantuneError(f"quantune::linear: no quantized layer behind handle {handle} for these codes "
                             "(compiled code outlived its model?)")
-    return module._inference_matmul(x, share=False)
+    return module._inference_forward(x, share=False)
 
 
 @_linear_op.register_fake
-def _linear_op_fake(x, codes, handle, out_features):
+def _linear_op_fake(x, codes, bias, handle, out_features):
     return x.new_empty((*x.shape[:-1], out_features), dtype=_compute_dtype(x))
 
 

@@ -3,6 +3,8 @@
 Without a GPU the kernel runs under Triton's CPU interpreter (TRITON_INTERPRET=1, set in
 conftest before triton is imported); timing belongs to eval/bench_kernels.py on the GPU.
 """
+import os
+
 import pytest
 import torch
 
@@ -112,8 +114,8 @@ GEMV_CASES = [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(bits=4, grou
 @pytest.mark.parametrize("cfg", GEMV_CASES, ids=[f"{c.method}{c.bits}-u{c.ku}-g{c.group_size}-{c.transform}"
                                                  for c in GEMV_CASES])
 @pytest.mark.parametrize("block", [(4, 64, 1, 1), (8, 2, 2, 2), (16, 8, 4, 4)], ids=["wide", "narrow", "split"])
-@pytest.mark.parametrize("mode", [None, 0, 1, 2, 4, 5, 6, "prefetch"],
-                         ids=["default", "mode0", "mode1", "mode2", "mode4", "mode5", "mode6", "prefetch"])
+@pytest.mark.parametrize("mode", [None, 0, 1, 2, 4, 5, 6, "prefetch", "stages"],
+                         ids=["default", "mode0", "mode1", "mode2", "mode4", "mode5", "mode6", "prefetch", "stages3"])
 def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     """Every code position of a word (the sign bit too), tiles inside and across groups, partial
     row tiles, K split between programs, every decode mode the format allows."""
@@ -121,10 +123,10 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     from quantune.kernels import gemv_block_w, gemv_matmul
 
     affine = cfg.method == "rtn"
-    if mode in (0, 1, 2, 4, "prefetch") and block[3] != 4:
+    if mode in (0, 1, 2, 4, "prefetch", "stages") and block[3] != 4:
         pytest.skip("the slower alternative modes run on one tiling (the split one) to keep the suite short")
-    prefetch = mode == "prefetch"
-    mode = None if prefetch else mode
+    prefetch, stages = mode == "prefetch", 3 if mode == "stages" else 1
+    mode = None if mode in ("prefetch", "stages") else mode
     if mode is not None and mode != 5 and (mode in (0, 1, 6)) != affine:
         pytest.skip("mode for the other kind of format")
     if mode in (5, 6) and cfg.bits not in (2, 4, 8):
@@ -135,7 +137,7 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     if gemv_block_w(_form(q), cfg.bits, block_w, split) is None:
         split = 1
     got = gemv_matmul(x, q.codes, _form(q), cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
-                      split=split, mode=mode, prefetch=prefetch)
+                      split=split, mode=mode, prefetch=prefetch, stages=stages)
     want = x @ q.dequantize().T
     if mode in (5, 6) or (mode is None and cfg.bits in (2, 4, 8)):  # the input rounded to 16 bits
         assert float((got - want).norm() / want.norm()) < 2e-4
@@ -191,6 +193,10 @@ def test_layers_with_one_input_share_its_transform():
     x.mul_(2)  # same tensor, new values
     doubled = kernels.prepared_input(x, form, 4)
     assert doubled[1] is not first[1]
+    # share=False (the compiled custom op's calls): neither reads nor fills the cache
+    fresh = kernels.prepared_input(x, form, 4, share=False)
+    assert fresh[1] is not doubled[1] and kernels.prepared_input(x, form, 4)[1] is doubled[1]
+    torch.testing.assert_close(fresh[1], doubled[1], rtol=0, atol=0)
     torch.testing.assert_close(kernels.gemv_matmul(x, q.codes, form, 4), 2 * y, rtol=1e-5, atol=1e-6)
     assert kernels.prepared_input(x.clone(), form, 4)[1] is not doubled[1]
     kernels.SHARE_INPUTS = False  # switched off: every call prepares its input
@@ -198,6 +204,24 @@ def test_layers_with_one_input_share_its_transform():
         assert kernels.prepared_input(x, form, 4)[1] is not kernels.prepared_input(x, form, 4)[1]
     finally:
         kernels.SHARE_INPUTS = True
+
+
+def test_programmatic_dependent_launch_only_on_hopper_cuda():
+    """The GEMV asks for programmatic dependent launch only for CUDA inputs on compute capability 9+
+    (and never under the interpreter or with GEMV_PDL off): CPU inputs never do."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    assert not kernels.pdl_enabled(torch.zeros(2))
+    if torch.cuda.is_available():
+        x = torch.zeros(2, device="cuda")
+        assert kernels.pdl_enabled(x) == (torch.cuda.get_device_capability()[0] >= 9 and
+                                          os.environ.get("TRITON_INTERPRET", "0") != "1")
+        kernels.GEMV_PDL = False
+        try:
+            assert not kernels.pdl_enabled(x)
+        finally:
+            kernels.GEMV_PDL = True
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=2, group_size=96),

@@ -250,6 +250,18 @@ def test_compiles_into_one_graph_with_eager_outputs(cfg):
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
+def test_compiled_under_autocast_keeps_the_compute_dtype():
+    """The op's traced output dtype (its fake) is the one the layer computes in: bf16 under autocast."""
+    q, _ = QuantLinear.from_linear(_linear(48, 24, seed=7), QuantConfig(method="rtn", bits=4, group_size=16))
+    model = nn.Sequential(nn.Linear(48, 48), q, nn.ReLU()).eval()
+    x = _inputs(48)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x)
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    assert ref.dtype == got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
 def test_compiled_copy_computes_with_its_own_codes():
     import copy
 
@@ -268,7 +280,7 @@ def test_custom_op_refuses_codes_of_another_layer():
     a, _ = QuantLinear.from_linear(_linear(32, 16, seed=5), QuantConfig(method="rtn", bits=4, group_size=16))
     b, _ = QuantLinear.from_linear(_linear(32, 16, seed=6), QuantConfig(method="rtn", bits=4, group_size=16))
     with pytest.raises(QuantuneError, match="no quantized layer behind handle"):
-        torch.ops.quantune.linear(_inputs(32), b.codes, a._handle, 16)
+        torch.ops.quantune.linear(_inputs(32), b.codes, b.bias, a._handle, 16)
 
 
 # ---------------------------------------------------------------- QuantConfig
