@@ -140,7 +140,8 @@ def graph_decode_speed(model, prompt: torch.Tensor, new_tokens: int, device: str
             "static_eager_tokens": eager_tokens}
 
 
-def compiled_decode_speed(model, prompt: torch.Tensor, new_tokens: int, device: str, eager_tokens: list) -> dict:
+def compiled_decode_speed(model, prompt: torch.Tensor, new_tokens: int, device: str, eager_tokens: list,
+                          share_inputs: bool = True) -> dict:
     """The same CUDA-graph decode with the model under ``torch.compile`` (inductor fuses the norms,
     rotary embedding, residual adds and activation around the linear layers; each quantune layer is
     one opaque custom op in the graph), checked against the uncompiled static-cache tokens. Only the
@@ -151,7 +152,10 @@ def compiled_decode_speed(model, prompt: torch.Tensor, new_tokens: int, device: 
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, dynamic=False)
+    from quantune.compiler import SHARE_INPUTS, compile_model
+
+    SHARE_INPUTS.groups = 0
+    compiled = compile_model(model, dynamic=False, share_inputs=share_inputs)
     t0 = time.perf_counter()
     first: dict = {}
     static_decode(compiled, prompt, 3, device, capture=False, prefill_model=model, first_step=first)  # compiles
@@ -163,7 +167,7 @@ def compiled_decode_speed(model, prompt: torch.Tensor, new_tokens: int, device: 
     same = next((i for i, (a, b) in enumerate(zip(tokens, eager_tokens)) if a != b), len(tokens))
     return {"compiled_graph_tokens_per_s": (new_tokens - 1) / seconds, "compile_s": compile_s,
             "compiled_tokens_match_static_eager": same, "compiled_logits_rel_diff": logits_rel,
-            "graph_breaks": breaks}
+            "graph_breaks": breaks, "shared_input_groups": SHARE_INPUTS.groups if share_inputs else None}
 
 
 def main() -> None:
@@ -173,6 +177,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--out", default="eval/results/bench_generate")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--no-share-pass", action="store_true", help="compile without quantune.compiler.ShareInputs "
+                                                                "(each layer prepares its own input)")
     p.add_argument("--compile", action="store_true", help="also decode with the model under torch.compile "
                                                           "(CUDA graph of the compiled step)")
     args = p.parse_args()
@@ -211,7 +217,8 @@ def main() -> None:
             row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
         if args.compile and "static_eager_tokens" in row:
             try:
-                row.update(compiled_decode_speed(model, prompt, args.new_tokens, device, row["static_eager_tokens"]))
+                row.update(compiled_decode_speed(model, prompt, args.new_tokens, device, row["static_eager_tokens"],
+                                                 share_inputs=not args.no_share_pass))
             except Exception as exc:  # report, keep the other figures
                 row["compile_error"] = f"{type(exc).__name__}: {exc}"[:300]
         row.pop("all_tokens")
@@ -249,15 +256,15 @@ def write_report(rows: list, args, shape: dict, device: str) -> None:
     if args.compile:
         table += "\n\n" + markdown_table(
             ["contender", "compiled + CUDA graph tokens/s", "x bf16 (compiled)", "compiled = static eager (tokens)",
-             "first step's logits: compiled vs eager (rel.)", "compile s", "graph breaks"],
+             "first step's logits: compiled vs eager (rel.)", "compile s", "graph breaks", "shared-input groups"],
             [[r["contender"], r.get("compiled_graph_tokens_per_s") or r.get("compile_error", "-"),
               r["compiled_speedup_vs_bf16"] or "-", f"{r.get('compiled_tokens_match_static_eager', '-')} of "
               f"{args.new_tokens}", r.get("compiled_logits_rel_diff", "-"), r.get("compile_s") or "-",
-              r.get("graph_breaks", "-")] for r in rows])
+              r.get("graph_breaks", "-"), r.get("shared_input_groups") or "-"] for r in rows])
     md = (f"# Greedy generation at batch 1\n\nDevice: {dev}. Model: Llama-3-8B shape, random bf16 weights "
           f"({'smoke: 2 layers, 256 wide' if args.smoke else '32 layers'}); prompt {args.prompt} tokens, "
           f"{args.new_tokens} new tokens, eager: transformers generate with a dynamic KV cache; CUDA graph: a static KV cache and one decode step captured and replayed per token, checked against the same static-cache steps run eagerly (tokens equal up to the stated count; transformers generate's dynamic cache runs other attention kernels, so its tokens can part from the static cache's on a random model's near-tied logits)"
-          f"{'; compiled: the model under torch.compile (inductor, each quantune layer one custom op: quantune::linear), the decode step only (prompt uncompiled), then the same CUDA-graph decode, its first step' + chr(39) + 's logits compared with the eager model' + chr(39) + 's' if args.compile else ''}.\n\n{table}\n")
+          f"{'; compiled: the model under torch.compile (quantune.compiler.compile_model: inductor, each quantune layer one custom op, quantune::linear, and the layers that read one tensor merged into one quantune::linear_shared that prepares it once unless --no-share-pass), the decode step only (prompt uncompiled), then the same CUDA-graph decode, its first step' + chr(39) + 's logits compared with the eager model' + chr(39) + 's' if args.compile else ''}.\n\n{table}\n")
     write_results(out, {"device": dev, "shape": shape, "prompt": args.prompt,
                                                     "new_tokens": args.new_tokens, "rows": rows}, md)
 

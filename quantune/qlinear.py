@@ -193,16 +193,41 @@ def _linear_op(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None, 
     break, so the code around it compiles into one graph (and CUDA graphs capture it whole). Its input
     may live in memory that compiled kernels rewrite without a version bump, so nothing is shared
     between layers here: each call prepares its own input."""
-    module = _MODULES.get(handle)
-    if module is None or module.codes.data_ptr() != codes.data_ptr():
-        raise QuantuneError(f"quantune::linear: no quantized layer behind handle {handle} for these codes "
-                            "(compiled code outlived its model?)")
-    return module._inference_forward(x, share=False)
+    return _module(handle, codes)._inference_forward(x, share=False)
 
 
 @_linear_op.register_fake
 def _linear_op_fake(x, codes, bias, handle, out_features):
     return x.new_empty((*x.shape[:-1], out_features), dtype=_compute_dtype(x))
+
+
+@torch.library.custom_op("quantune::linear_shared", mutates_args=())
+def _linear_shared_op(x: torch.Tensor, codes: list[torch.Tensor], bias: list[torch.Tensor | None],
+                      handles: list[int], out_features: list[int]) -> list[torch.Tensor]:
+    """``quantune::linear`` of several layers that read the same input (q/k/v, gate/up), preparing
+    that input once for all of them: the preparation is cached for the length of this call only
+    (made from single-layer ops by :class:`quantune.compiler.ShareInputs`)."""
+    from quantune import kernels
+
+    modules = [_module(h, c) for h, c in zip(handles, codes)]
+    kernels._PREPARED.clear()  # nothing from outside this call can match
+    try:
+        return [m._inference_forward(x, share=True) for m in modules]
+    finally:
+        kernels._PREPARED.clear()  # x's memory may be rewritten once the call returns
+
+
+@_linear_shared_op.register_fake
+def _linear_shared_op_fake(x, codes, bias, handles, out_features):
+    return [x.new_empty((*x.shape[:-1], n), dtype=_compute_dtype(x)) for n in out_features]
+
+
+def _module(handle: int, codes: torch.Tensor) -> "QuantLinear":
+    module = _MODULES.get(handle)
+    if module is None or module.codes.data_ptr() != codes.data_ptr():
+        raise QuantuneError(f"quantune::linear: no quantized layer behind handle {handle} for these codes "
+                            "(compiled code outlived its model?)")
+    return module
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
