@@ -26,6 +26,8 @@ case "$1" in
   generate)  # rtn and kashin in two runs: five contenders with --compile did not fit one 10-minute call
              python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --compile \
                --out "$out/bench_generate" ;;                                                      # issue 5
+  generate-noshare) python -m eval.bench_generate --contenders bf16,rtn-4 --new-tokens 64 --compile --no-share-pass \
+               --out "$out/bench_generate_noshare" ;;   # issue 5: the same compile without quantune's ShareInputs pass
   generate-kashin) python -m eval.bench_generate --contenders bf16,kashin-4,kashin-2 --new-tokens 64 --compile \
                --out "$out/bench_generate_kashin" ;;                                               # issue 5
   chunks)    python eval/sweep_prep_columns.py ;;                                                  # issue 5
@@ -47,5 +49,5 @@ case "$1" in
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, quantize, recovery3, finetune, memory, generate, generate-kashin, chunks, stages, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, stages, ddp)"; exit 2 ;;
 esac
