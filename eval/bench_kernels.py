@@ -223,7 +223,7 @@ def main() -> None:
                                                    block_k=args.block_k)
                 if kind.startswith("gemv"):
                     split = gemv_split(q.codes.shape[0], form, bits, bm, tw)
-                    mode = gemv_mode(kind)
+                    mode, prefetch, stages = gemv_variant(kind)
                     # xq given: the kernel alone (inputs prepared once, outside the timing)
                     pairs = kernels.gemv_pairs(kernels.gemv_default_mode(tables[2], bits) if mode is None else mode)
                     prepared = None if xq_arg is None else kernels.prepared_input(x1, form, bits, xq_arg, pairs=pairs)
@@ -233,8 +233,7 @@ def main() -> None:
                             kernels._PREPARED.clear()
                         return gemv_matmul(x1, q.codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
                                            split=split, xq=xq_arg, affine=tables[2], mode=mode, tables=tables,
-                                           prefetch=gemv_variant(kind)[1], stages=gemv_variant(kind)[2],
-                                           prepared=prepared)
+                                           prefetch=prefetch, stages=stages, prepared=prepared)
                     return call
                 return lambda: levels_matmul(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
                                              xq=xq_arg, block_k=args.block_k)

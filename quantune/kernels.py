@@ -290,6 +290,14 @@ if triton is not None:
         return r
 
     @triton.jit
+    def _pairs8(ptr, tok, CPB: tl.constexpr, NW: tl.constexpr, offs):
+        """The low and high halves of byte groups 0..3 (:func:`_pairs`), in that order."""
+        return (_pairs(ptr, tok, 0, 0, CPB, NW, offs), _pairs(ptr, tok, 0, 1, CPB, NW, offs),
+                _pairs(ptr, tok, 1, 0, CPB, NW, offs), _pairs(ptr, tok, 1, 1, CPB, NW, offs),
+                _pairs(ptr, tok, 2, 0, CPB, NW, offs), _pairs(ptr, tok, 2, 1, CPB, NW, offs),
+                _pairs(ptr, tok, 3, 0, CPB, NW, offs), _pairs(ptr, tok, 3, 1, CPB, NW, offs))
+
+    @triton.jit
     def _gdc_wait():
         """PTX ``griddepcontrol.wait``: block until the previous kernel in the stream has finished and its
         writes are visible (a kernel launched with programmatic dependent launch runs ahead until here)."""
@@ -450,22 +458,8 @@ if triton is not None:
                         acc += tl.where(bit, src, -src) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
             elif MODE == 5:
                 offs = w0 + wtile
-                xl0 = _pairs(xp_ptr, tok, 0, 0, CPB, NW, offs)
-                xh0 = _pairs(xp_ptr, tok, 0, 1, CPB, NW, offs)
-                xl1 = _pairs(xp_ptr, tok, 1, 0, CPB, NW, offs)
-                xh1 = _pairs(xp_ptr, tok, 1, 1, CPB, NW, offs)
-                xl2 = _pairs(xp_ptr, tok, 2, 0, CPB, NW, offs)
-                xh2 = _pairs(xp_ptr, tok, 2, 1, CPB, NW, offs)
-                xl3 = _pairs(xp_ptr, tok, 3, 0, CPB, NW, offs)
-                xh3 = _pairs(xp_ptr, tok, 3, 1, CPB, NW, offs)
-                ql0 = _pairs(xqp_ptr, tok, 0, 0, CPB, NW, offs)  # unused (and not loaded) when KU == BITS
-                qh0 = _pairs(xqp_ptr, tok, 0, 1, CPB, NW, offs)
-                ql1 = _pairs(xqp_ptr, tok, 1, 0, CPB, NW, offs)
-                qh1 = _pairs(xqp_ptr, tok, 1, 1, CPB, NW, offs)
-                ql2 = _pairs(xqp_ptr, tok, 2, 0, CPB, NW, offs)
-                qh2 = _pairs(xqp_ptr, tok, 2, 1, CPB, NW, offs)
-                ql3 = _pairs(xqp_ptr, tok, 3, 0, CPB, NW, offs)
-                qh3 = _pairs(xqp_ptr, tok, 3, 1, CPB, NW, offs)
+                xl0, xh0, xl1, xh1, xl2, xh2, xl3, xh3 = _pairs8(xp_ptr, tok, CPB, NW, offs)
+                ql0, qh0, ql1, qh1, ql2, qh2, ql3, qh3 = _pairs8(xqp_ptr, tok, CPB, NW, offs)  # dropped when KU == BITS
                 xscale = tl.load(sc_ptr + tok)
                 qscale = tl.load(qsc_ptr + tok)
                 for t in tl.static_range(BITS):
