@@ -5,7 +5,9 @@ Under ``torch.compile`` every :class:`~quantune.qlinear.QuantLinear` is one cust
 reorder, 16-bit rounding, kashin's DCT), because the eager path's sharing cache cannot be trusted
 with compiled code's reused buffers. :func:`compile_model` adds :class:`ShareInputs`, an inductor
 pass that merges the ops reading one tensor (q/k/v, gate/up) into one ``quantune::linear_shared``
-call that prepares the input once.
+call that prepares the input once; with the layers' codes stored back to back
+(:func:`quantune.qlinear.colocate_siblings`, which compile_model runs first) that call is one GEMV
+launch for q/k/v and one for gate/up.
 """
 from __future__ import annotations
 
@@ -72,10 +74,15 @@ def compile_model(model, *, mode: str | None = None, options: dict | None = None
                   **kwargs):
     """``torch.compile(model, ...)`` with :class:`ShareInputs` (inductor backend). ``mode`` is turned
     into its inductor options (torch.compile takes either a mode or options, and the pass is an
-    option); other keyword arguments go to torch.compile as they are."""
+    option); other keyword arguments go to torch.compile as they are. With ``share_inputs`` the
+    quantized siblings' codes are first stored back to back (:func:`~quantune.qlinear.colocate_siblings`:
+    same values and memory, so a merged group runs as one launch)."""
     from torch._inductor import list_mode_options
+
+    from quantune.qlinear import colocate_siblings
 
     opts = {**(list_mode_options(mode) if mode else {}), **(options or {})}
     if share_inputs:
+        colocate_siblings(model)
         opts.setdefault("post_grad_custom_post_pass", SHARE_INPUTS)
     return torch.compile(model, options=opts or None, **kwargs)

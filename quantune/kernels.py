@@ -330,11 +330,11 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, xs_ptr, xqs_ptr, xp_ptr, xqp_ptr, sc_ptr, qsc_ptr, xg_ptr,
-                     a_ptr, bx_ptr, bq_ptr, y_ptr, M, stride_w, groups,
+                     a_ptr, bx_ptr, bq_ptr, y_ptr, y1_ptr, y2_ptr, M, M1, M2, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
-                     STAGES: tl.constexpr = 1):
+                     STAGES: tl.constexpr = 1, NOUT: tl.constexpr = 1):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -371,6 +371,9 @@ if triton is not None:
         and waits for that kernel (``griddepcontrol.wait``) before it reads anything else.
         STAGES > 1: Triton's loop pipelining keeps that many tiles' loads in flight through shared memory
         (cp.async) instead of registers; 1 is the plain loop.
+        NOUT > 1: the rows are those of NOUT layers stored back to back (q/k/v, gate/up): rows below M1 go
+        to ``y_ptr`` (``(T, M1)``), rows from M1 to ``y1_ptr`` (``(T, M - M1)``, or ``(T, M2 - M1)`` with
+        a third output from M2 to ``y2_ptr``): one launch for layers that read the same input.
         """
         PER: tl.constexpr = 32 // BITS
         NW: tl.constexpr = K // PER       # words per row
@@ -586,7 +589,13 @@ if triton is not None:
         if MODE == 6:
             if WPG < BLOCK_W:
                 out = tl.sum(accg, axis=1)
-        if SPLIT == 1:
+        if NOUT == 2:
+            tl.store(tl.where(rows < M1, y_ptr + tok * M1 + rows, y1_ptr + tok * (M - M1) + (rows - M1)),
+                     out.to(y_ptr.dtype.element_ty), mask=rmask)
+        elif NOUT == 3:
+            dst = tl.where(rows < M2, y1_ptr + tok * (M2 - M1) + (rows - M1), y2_ptr + tok * (M - M2) + (rows - M2))
+            tl.store(tl.where(rows < M1, y_ptr + tok * M1 + rows, dst), out.to(y_ptr.dtype.element_ty), mask=rmask)
+        elif SPLIT == 1:
             tl.store(y_ptr + tok * M + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
         else:
             tl.atomic_add(y_ptr + tok * M + rows, out, mask=rmask)
@@ -885,7 +894,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                 block_w: int = 64, num_warps: int = 4, split: int = 1, xq: torch.Tensor | None = None,
                 affine: bool | None = None, mode: int | None = None, tables: tuple | None = None,
                 prefetch: bool = False, prepared: tuple | None = None,
-                out_dtype: torch.dtype = torch.float32, share: bool = True, stages: int = 1) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.float32, share: bool = True, stages: int = 1,
+                outputs: tuple[int, ...] | None = None) -> torch.Tensor | list[torch.Tensor]:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
@@ -894,7 +904,10 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     ``prepared``: :func:`prepared_input`'s result for ``x`` when the caller has it (benchmarks time the
     kernel alone). ``out_dtype``: of the result, rounded once from the float32 sums (float32 where
     ``split`` > 1: the programs add their parts atomically). ``share``: see :func:`prepared_input`.
-    ``stages``: tiles in flight through Triton's loop pipelining (1: the plain loop; more: for sweeps)."""
+    ``stages``: tiles in flight through Triton's loop pipelining (1: the plain loop; more: for sweeps).
+    ``outputs``: the row counts of two or three layers whose codes and coefficients lie back to back in
+    ``packed``/``form``/``tables`` (:func:`quantune.qlinear.colocate`): one launch, one result each
+    (a list), for ``split`` 1 only."""
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
@@ -914,7 +927,13 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if mode in (5, 6) and bits not in (2, 4, 8):
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) serves 2, 4 and 8-bit codes, not {bits}")
     (t, k), m = x.shape, packed.shape[0]
-    y = torch.empty(t, m, device=x.device, dtype=torch.float32 if split > 1 else out_dtype)
+    if outputs is not None and (len(outputs) not in (2, 3) or sum(outputs) != m or min(outputs) < 1 or split > 1):
+        raise ValueError(f"outputs must be 2 or 3 positive row counts adding up to {m} rows, with split 1 "
+                         f"(got {outputs}, split {split})")
+    ys = [torch.empty(t, n, device=x.device, dtype=out_dtype) for n in outputs] if outputs else \
+        [torch.empty(t, m, device=x.device, dtype=torch.float32 if split > 1 else out_dtype)]
+    y = ys[0]
+    bounds = [sum(outputs[:i]) for i in (1, 2)] if outputs else [m, m]
     if split > 1:  # the programs of a row block add their parts into y (zeroed first: the input's
         y.zero_()  # preparation stays the kernel right before the GEMV, see pdl_enabled)
     pdl = pdl_enabled(x)
@@ -932,11 +951,12 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     else:
         a, bx, bq = form.a, form.bx, form.bq
     _gemv_kernel[(triton.cdiv(m, block_m), split, t)](
-        w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, m, w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
+        w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, ys[1 % len(ys)], ys[-1], m, bounds[0], bounds[1],
+        w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
-        PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, STAGES=stages, num_warps=num_warps,
-        **({"launch_pdl": True} if pdl else {}))
-    return y
+        PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, STAGES=stages, NOUT=len(ys),
+        num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+    return ys if outputs else y
 
 
 GEMV_PDL = True  # launch the GEMV with programmatic dependent launch where the GPU has it (see pdl_enabled)
@@ -1104,19 +1124,26 @@ def gemv_split(m: int, form: BitplaneForm, bits: int, block_m: int, block_w: int
 
 
 def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int,
-                 tables: tuple | None, out_dtype: torch.dtype = torch.float32, share: bool = True) -> torch.Tensor:
+                 tables: tuple | None, out_dtype: torch.dtype = torch.float32, share: bool = True,
+                 outputs: tuple[int, ...] | None = None) -> torch.Tensor | list[torch.Tensor] | None:
     """The few-token kernel for this format: the word-reading GEMV where codes fill whole 32-bit
     words (1, 2, 4, 8 bits), else the bit-plane kernel for kashin at <= 2 bits and the level-table
     kernel otherwise (the fastest of those two on the H200, eval/results/bench_kernels.md).
     ``out_dtype``: the GEMV stores its result in it (float32 sums, one rounding); the others return
     float32. ``share``: let layers that take the same input tensor share its preparation
-    (:func:`prepared_input`)."""
+    (:func:`prepared_input`). ``outputs``: row counts of layers stored back to back (see
+    :func:`gemv_matmul`): one launch and a list of results, or None where no one-launch kernel
+    serves them (the caller then runs the layers one by one); never split along K."""
     if gemv_supported(form, bits, packed.shape[1]):
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
         block_m, warps, block_w, prefetch = gemv_tile(packed.shape[0], affine)
-        split = gemv_split(packed.shape[0], form, bits, block_m, block_w)
+        # layers launched together keep their rows whole (split 1): results are stored per layer
+        split = gemv_split(packed.shape[0], form, bits, block_m, block_w) if outputs is None else 1
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
-                           affine=affine, tables=tables, prefetch=prefetch, out_dtype=out_dtype, share=share)
+                           affine=affine, tables=tables, prefetch=prefetch, out_dtype=out_dtype, share=share,
+                           outputs=outputs)
+    if outputs is not None:
+        return None
     if form.transform is not None and bits <= 2:
         return bitplane_matmul(x, packed, form, bits, block_m=4, num_warps=1)
     return levels_matmul(x, packed, form, bits, tables=tables, block_m=2, num_warps=1)

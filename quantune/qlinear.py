@@ -13,6 +13,7 @@ tokens, a bf16 decode plus cuBLAS for more); under ``torch.compile`` the layer i
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 import weakref
@@ -212,7 +213,8 @@ def _linear_shared_op(x: torch.Tensor, codes: list[torch.Tensor], bias: list[tor
     modules = [_module(h, c) for h, c in zip(handles, codes)]
     kernels._PREPARED.clear()  # nothing from outside this call can match
     try:
-        return [m._inference_forward(x, share=True) for m in modules]
+        ys = _joined_forward(modules, x)
+        return ys if ys is not None else [m._inference_forward(x, share=True) for m in modules]
     finally:
         kernels._PREPARED.clear()  # x's memory may be rewritten once the call returns
 
@@ -220,6 +222,102 @@ def _linear_shared_op(x: torch.Tensor, codes: list[torch.Tensor], bias: list[tor
 @_linear_shared_op.register_fake
 def _linear_shared_op_fake(x, codes, bias, handles, out_features):
     return [x.new_empty((*x.shape[:-1], n), dtype=_compute_dtype(x)) for n in out_features]
+
+
+def colocate(modules: list[QuantLinear]) -> None:
+    """Store the codes of layers with the same input width and format back to back, one row block
+    each (and likewise the coefficients and level tables the kernels read), so that layers which
+    read the same input (q/k/v, gate/up) run as one GEMV launch with one result each (see
+    :func:`_joined_forward`). The modules keep their own tensors, now views into shared storage:
+    the same values, the same memory. Modules that do not match the first are refused."""
+    if len(modules) < 2:
+        return
+    first = modules[0]
+    for m in modules[1:]:
+        if (m.in_features, m.qconfig, m.codes.device, m.codes.dtype) != \
+                (first.in_features, first.qconfig, first.codes.device, first.codes.dtype):
+            raise QuantuneError(f"colocate: layers differ in input width, format or device "
+                                f"({first.extra_repr()} vs {m.extra_repr()})")
+    rows = [m.out_features for m in modules]
+
+    def split(joined: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(joined, rows))
+
+    with torch.no_grad():
+        for m, c in zip(modules, split(torch.cat([m.codes for m in modules]))):
+            m.codes = c  # a registered buffer: setattr replaces it
+        forms = [m.bitplane_form() for m in modules]
+        tables = [m.level_tables() for m in modules]
+        parts = {f: split(torch.cat([getattr(fm, f) for fm in forms])) for f in ("a", "bx", "bq")}
+        tparts = [split(torch.cat([t[i] for t in tables])) for i in (0, 1)]
+        for i, m in enumerate(modules):
+            m._bitplane = dataclasses.replace(forms[i], a=parts["a"][i], bx=parts["bx"][i], bq=parts["bq"][i])
+            m._levels = (tparts[0][i], tparts[1][i], tables[i][2])
+
+
+def colocate_siblings(model: nn.Module) -> int:
+    """:func:`colocate` each run of consecutive QuantLinear children (in declaration order) of every
+    module that share input width, format and device: q/k/v/o of an attention block, gate/up of an
+    MLP. Returns the number of runs."""
+    runs = 0
+    for parent in model.modules():
+        run: list[QuantLinear] = []
+        for child in list(parent.children()) + [None]:
+            same = isinstance(child, QuantLinear) and run and \
+                (child.in_features, child.qconfig, child.codes.device) == \
+                (run[0].in_features, run[0].qconfig, run[0].codes.device)
+            if same:
+                run.append(child)
+                continue
+            if len(run) > 1:
+                colocate(run)
+                runs += 1
+            run = [child] if isinstance(child, QuantLinear) else []
+    return runs
+
+
+def _back_to_back(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor over ``tensors`` when they are contiguous row blocks of one storage, in order."""
+    first = tensors[0]
+    end = first.data_ptr()
+    for t in tensors:
+        if (not t.is_contiguous() or t.data_ptr() != end or t.shape[1:] != first.shape[1:]
+                or t.dtype != first.dtype or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        end += t.numel() * t.element_size()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
+def _joined_forward(modules: list[QuantLinear], x: torch.Tensor) -> list[torch.Tensor] | None:
+    """The outputs of 2 or 3 layers that read ``x`` from one GEMV launch, when :func:`colocate` put
+    their codes, coefficients and tables back to back and the few-token kernel serves ``x``; else None."""
+    if len(modules) not in (2, 3) or any(m.qconfig != modules[0].qconfig or m.in_features != modules[0].in_features
+                                         for m in modules):
+        return None
+    if any(m._kernel_path(x) != "fused" for m in modules):
+        return None
+    forms = [m.bitplane_form() for m in modules]
+    tables = [m.level_tables() for m in modules]
+    codes = _back_to_back([m.codes for m in modules])
+    joined = {f: _back_to_back([getattr(fm, f) for fm in forms]) for f in ("a", "bx", "bq")}
+    jt = [_back_to_back([t[i] for t in tables]) for i in (0, 1)]
+    if codes is None or any(v is None for v in joined.values()) or any(v is None for v in jt):
+        return None
+    from quantune.kernels import fused_matmul
+
+    dtype = _compute_dtype(x)
+    x2 = x.reshape(-1, modules[0].in_features)
+    form = dataclasses.replace(forms[0], **joined)
+    ys = fused_matmul(x2, codes, form, modules[0].qconfig.bits, (jt[0], jt[1], tables[0][2]), out_dtype=dtype,
+                      share=True, outputs=tuple(m.out_features for m in modules))
+    if ys is None:
+        return None
+    out = []
+    for m, y in zip(modules, ys):
+        y = y.to(dtype).reshape(*x.shape[:-1], m.out_features)
+        out.append(y if m.bias is None else y + m.bias.to(y.dtype))
+    return out
 
 
 def _module(handle: int, codes: torch.Tensor) -> "QuantLinear":

@@ -383,3 +383,29 @@ def test_gemv_splits_k_at_most_in_two_so_results_are_reproducible():
     form = _form(q)
     assert gemv_split(8, form, 4, block_m=8, block_w=4) == 2  # one row block: split
     assert gemv_split(8 * GEMV_MIN_PROGRAMS, form, 4, block_m=8, block_w=4) == 1  # enough programs already
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=2)],
+                         ids=["rtn4", "kashin2"])
+@pytest.mark.parametrize("rows", [(37, 13, 13), (24, 40)], ids=["three", "two"])
+def test_one_launch_for_layers_stored_back_to_back(cfg, rows):
+    """Two or three layers' codes and coefficients concatenated by rows: one GEMV launch stores each
+    layer's rows in its own output (row tiles across the boundaries included), equal to a launch each."""
+    pytest.importorskip("triton")
+    import dataclasses
+
+    from quantune.kernels import gemv_matmul, level_tables
+
+    layers = [_layer(cfg, out=n, inp=256, seed=i) for i, n in enumerate(rows)]
+    forms = [_form(q) for q in layers]
+    form = dataclasses.replace(forms[0], **{f: torch.cat([getattr(fm, f) for fm in forms]) for f in ("a", "bx", "bq")})
+    codes = torch.cat([q.codes for q in layers])
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(11))
+    got = gemv_matmul(x, codes, form, cfg.bits, block_m=4, block_w=8, num_warps=1, outputs=rows,
+                      tables=level_tables(form, cfg.bits))
+    assert [tuple(y.shape) for y in got] == [(2, n) for n in rows]
+    for y, q, fm in zip(got, layers, forms):
+        torch.testing.assert_close(y, gemv_matmul(x, q.codes, fm, cfg.bits, block_m=4, block_w=8, num_warps=1),
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="outputs must be 2 or 3"):
+        gemv_matmul(x, codes, form, cfg.bits, block_m=4, block_w=8, num_warps=1, outputs=(sum(rows),))

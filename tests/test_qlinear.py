@@ -283,6 +283,57 @@ def test_custom_op_refuses_codes_of_another_layer():
         torch.ops.quantune.linear(_inputs(32), b.codes, b.bias, a._handle, 16)
 
 
+@pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=4)],
+                         ids=["rtn4", "kashin4"])
+def test_colocated_siblings_run_as_one_launch_with_each_layers_outputs(cfg, monkeypatch):
+    """q/k/v-like siblings: codes, coefficients and tables stored back to back (views: same values,
+    one storage), and the one-launch GEMV (the few-token path, forced here on the CPU interpreter)
+    gives each layer its own launch's result; o (another input width) is left alone."""
+    pytest.importorskip("triton")
+    from quantune import qlinear
+    from quantune.qlinear import colocate_siblings
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = QuantLinear.from_linear(_linear(256, 37, seed=1), cfg)[0]
+            self.k = QuantLinear.from_linear(_linear(256, 13, seed=2), cfg)[0]
+            self.v = QuantLinear.from_linear(_linear(256, 13, bias=False, seed=3), cfg)[0]
+            self.o = QuantLinear.from_linear(_linear(128, 256, seed=4), cfg)[0]
+
+    block = Block()
+    layers = [block.q, block.k, block.v]
+    before = [m.dequantize() for m in layers]
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(9))
+    monkeypatch.setattr(QuantLinear, "_kernel_path", lambda self, x: "fused")
+    with torch.no_grad():  # each layer through its own kernel launch (its rows split along K: 1-ulp sums)
+        alone = [m._kernel_forward(x, share=False) + (0 if m.bias is None else m.bias) for m in layers]
+        assert qlinear._joined_forward(layers, x) is None  # separate storage: no one-launch path
+        assert colocate_siblings(block) == 1
+        assert len({m.codes.untyped_storage().data_ptr() for m in layers}) == 1
+        assert block.o.codes.untyped_storage().data_ptr() != block.q.codes.untyped_storage().data_ptr()
+        for m, w in zip(layers, before):
+            torch.testing.assert_close(m.dequantize(), w, rtol=0, atol=0)
+        joined = qlinear._joined_forward(layers, x)
+        assert joined is not None
+        for got, want in zip(joined, alone):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert qlinear._joined_forward([block.q, block.v], x) is None  # not neighbours in storage
+        outs = torch.ops.quantune.linear_shared(x, [m.codes for m in layers], [m.bias for m in layers],
+                                                [m._handle for m in layers], [m.out_features for m in layers])
+        for got, want in zip(outs, joined):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_colocate_refuses_layers_of_different_formats():
+    from quantune.qlinear import colocate
+
+    a = QuantLinear.from_linear(_linear(32, 16, seed=1), QuantConfig(method="rtn", bits=4, group_size=16))[0]
+    b = QuantLinear.from_linear(_linear(32, 16, seed=2), QuantConfig(method="rtn", bits=2, group_size=16))[0]
+    with pytest.raises(QuantuneError, match="colocate: layers differ"):
+        colocate([a, b])
+
+
 # ---------------------------------------------------------------- QuantConfig
 
 @pytest.mark.parametrize("changes", [
