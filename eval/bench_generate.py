@@ -67,14 +67,13 @@ def generate_speed(model, prompt: torch.Tensor, new_tokens: int, device: str) ->
 
 @torch.no_grad()
 def static_decode(model, prompt: torch.Tensor, new_tokens: int, device: str, capture: bool,
-                  prefill_model=None, first_step: dict | None = None, profile: dict | None = None) -> tuple[list, float]:
+                  prefill_model=None, first_step: dict | None = None) -> tuple[list, float]:
     """Greedy decode with a static KV cache, one token per step: each step either captured once as a
     CUDA graph and replayed (``capture``), or run eagerly (the same kernels launched from Python).
     ``prefill_model``: runs the prompt instead of ``model`` (a compiled model then sees only the
     decode step's shapes: one compilation). ``first_step``: filled with the first decode step's
-    logits from ``model`` and from ``prefill_model`` on the same cache. ``profile``: filled with the
-    GPU kernels of 8 further steps (:func:`kernel_profile`). Returns the tokens and the seconds of the
-    steps after the first token."""
+    logits from ``model`` and from ``prefill_model`` on the same cache. Returns the tokens and the
+    seconds of the steps after the first token."""
     from transformers import StaticCache
 
     p = prompt.shape[1]
@@ -117,30 +116,7 @@ def static_decode(model, prompt: torch.Tensor, new_tokens: int, device: str, cap
         tokens.append(nxt)
     _sync(device)
     seconds = time.perf_counter() - t0
-    if profile is not None and device == "cuda":
-        profile.update(kernel_profile(run or step, steps=8))
     return [int(t) for t in tokens], seconds
-
-
-def kernel_profile(step, steps: int) -> dict:
-    """The GPU kernels of ``steps`` decode steps (torch.profiler, CUDA graph replays included): per step,
-    the total kernel time and the 12 kernels that take most of it (name, launches, microseconds)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    kernels = []
-    for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None)
-        if us is None:
-            us = getattr(e, "self_cuda_time_total", 0)
-        if us > 0:
-            kernels.append({"kernel": e.key[:90], "launches_per_step": e.count / steps, "us_per_step": us / steps})
-    kernels.sort(key=lambda k: -k["us_per_step"])
-    return {"kernel_us_per_step": sum(k["us_per_step"] for k in kernels), "kernel_launches_per_step":
-            sum(k["launches_per_step"] for k in kernels), "top_kernels": kernels[:12]}
 
 
 def _rewind(cache, p: int) -> None:
@@ -165,13 +141,12 @@ def graph_decode_speed(model, prompt: torch.Tensor, new_tokens: int, device: str
 
 
 def compiled_decode_speed(model, prompt: torch.Tensor, new_tokens: int, device: str, eager_tokens: list,
-                          share_inputs: bool = True, profile: bool = False) -> dict:
+                          share_inputs: bool = True) -> dict:
     """The same CUDA-graph decode with the model under ``torch.compile`` (inductor fuses the norms,
     rotary embedding, residual adds and activation around the linear layers; each quantune layer is
     one opaque custom op in the graph), checked against the uncompiled static-cache tokens. Only the
     decode step is compiled (the prompt runs uncompiled: one compilation per model). Counts dynamo's
-    graph breaks; compares the first decode step's logits with the uncompiled model's. ``profile``:
-    also the kernels of a compiled step (:func:`kernel_profile`, CUDA only)."""
+    graph breaks; compares the first decode step's logits with the uncompiled model's."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -188,14 +163,11 @@ def compiled_decode_speed(model, prompt: torch.Tensor, new_tokens: int, device: 
     breaks = sum(counters["graph_break"].values())
     want, got = first["reference"], first["model"]
     logits_rel = float((got - want).norm() / want.norm())
-    prof: dict = {}
-    tokens, seconds = static_decode(compiled, prompt, new_tokens, device, capture=device == "cuda", prefill_model=model,
-                                    profile=prof if profile else None)
+    tokens, seconds = static_decode(compiled, prompt, new_tokens, device, capture=device == "cuda", prefill_model=model)
     same = next((i for i, (a, b) in enumerate(zip(tokens, eager_tokens)) if a != b), len(tokens))
     return {"compiled_graph_tokens_per_s": (new_tokens - 1) / seconds, "compile_s": compile_s,
             "compiled_tokens_match_static_eager": same, "compiled_logits_rel_diff": logits_rel,
-            "graph_breaks": breaks, "shared_input_groups": SHARE_INPUTS.groups if share_inputs else None,
-            **({"compiled_profile": prof} if prof else {})}
+            "graph_breaks": breaks, "shared_input_groups": SHARE_INPUTS.groups if share_inputs else None}
 
 
 def main() -> None:
@@ -209,8 +181,6 @@ def main() -> None:
                                                                 "(each layer prepares its own input)")
     p.add_argument("--compile", action="store_true", help="also decode with the model under torch.compile "
                                                           "(CUDA graph of the compiled step)")
-    p.add_argument("--profile", action="store_true", help="with --compile: list the kernels of a compiled "
-                                                          "decode step (torch.profiler)")
     args = p.parse_args()
     from quantune.config import QuantConfig
     from quantune.quantize import quantize_model
@@ -248,7 +218,7 @@ def main() -> None:
         if args.compile and "static_eager_tokens" in row:
             try:
                 row.update(compiled_decode_speed(model, prompt, args.new_tokens, device, row["static_eager_tokens"],
-                                                 share_inputs=not args.no_share_pass, profile=args.profile))
+                                                 share_inputs=not args.no_share_pass))
             except Exception as exc:  # report, keep the other figures
                 row["compile_error"] = f"{type(exc).__name__}: {exc}"[:300]
         row.pop("all_tokens")
@@ -291,14 +261,6 @@ def write_report(rows: list, args, shape: dict, device: str) -> None:
               r["compiled_speedup_vs_bf16"] or "-", f"{r.get('compiled_tokens_match_static_eager', '-')} of "
               f"{args.new_tokens}", r.get("compiled_logits_rel_diff", "-"), r.get("compile_s") or "-",
               r.get("graph_breaks", "-"), r.get("shared_input_groups") or "-"] for r in rows])
-    for r in rows:
-        prof = r.get("compiled_profile")
-        if prof:
-            table += (f"\n\n{r['contender']}, one compiled decode step (CUDA graph replay, torch.profiler): "
-                      f"{prof['kernel_us_per_step']:.0f} us of kernels in {prof['kernel_launches_per_step']:.0f} "
-                      f"launches; the 12 largest:\n\n" + markdown_table(
-                          ["kernel", "launches per step", "us per step"],
-                          [[k["kernel"], k["launches_per_step"], k["us_per_step"]] for k in prof["top_kernels"]]))
     md = (f"# Greedy generation at batch 1\n\nDevice: {dev}. Model: Llama-3-8B shape, random bf16 weights "
           f"({'smoke: 2 layers, 256 wide' if args.smoke else '32 layers'}); prompt {args.prompt} tokens, "
           f"{args.new_tokens} new tokens, eager: transformers generate with a dynamic KV cache; CUDA graph: a static KV cache and one decode step captured and replayed per token, checked against the same static-cache steps run eagerly (tokens equal up to the stated count; transformers generate's dynamic cache runs other attention kernels, so its tokens can part from the static cache's on a random model's near-tied logits)"
