@@ -740,15 +740,16 @@ if triton is not None:
 DECODE_MODES = {0: "planes", 1: "affine", 2: "tables"}
 
 
-def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, block_m: int = 8,
+def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, block_m: int | None = None,
                 block_w: int | None = None, num_warps: int = 4, tables: tuple | None = None,
                 mode: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The factors as bf16 ``(out, k)`` matrices for prefill: ``(W, None)`` for a format without a
     transformed factor, ``(U, V)`` for kashin (``W = U + V Q^T`` per group, so ``x W^T = x U^T +
     (x Q) V^T``). Same word layout and limits as :func:`gemv_matmul`. ``mode``: :data:`DECODE_MODES`
     (default affine for rtn, planes otherwise); ``tables``: :func:`level_tables` when the caller has them.
-    8 rows per program: on the H200 rtn-4 decodes 4096x4096 in 16.1 us against 22.1 at 16 rows
-    (eval/results/kernel_sweeps/sweep_decode.json)."""
+    Tiles (``block_m`` rows x ``block_w`` words per program), measured on the H200
+    (eval/results/kernel_sweeps/sweep_decode*.json): the affine mode 4 x 64 (rtn-4 4096x4096 11.3 us
+    against 22.1 at 16 x 32), the others 16 rows x 256 weights (kashin-4 4096x4096 27.9 us, 29.3 at 8 rows)."""
     if triton is None:
         raise RuntimeError("the decode kernel needs triton")
     if not gemv_supported(form, bits, packed.shape[1]):
@@ -761,7 +762,9 @@ def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, blo
     if mode not in DECODE_MODES or (mode == 1 and not tables[2]) or (mode == 2 and tables[2]):
         raise ValueError(f"decode mode {mode} does not serve this format (modes: {DECODE_MODES})")
     m, words = packed.shape[0], packed.shape[1] // 4
-    block_w = block_w or max(1, 256 // (32 // bits))  # 256 weights of a row per program
+    if block_m is None:
+        block_m = 4 if mode == 1 else 16
+    block_w = block_w or (64 if mode == 1 else max(1, 256 // (32 // bits)))
     tile = min(block_w, words & (-words))
     w = packed.view(torch.int32)
     u = torch.empty(m, k, device=packed.device, dtype=torch.bfloat16)
