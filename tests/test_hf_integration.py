@@ -141,6 +141,20 @@ def test_save_pretrained_of_loaded_model_round_trips(tmp_path):
     assert torch.equal(_logits(again, _ids()), _logits(model, _ids()))
 
 
+def test_colocated_model_saves_and_reloads_the_same(tmp_path):
+    """A model whose siblings were stored back to back for one-launch inference (compile_model does
+    it) still saves every layer's own codes: transformers clones tensors that share storage."""
+    from quantune.qlinear import colocate_siblings
+
+    model, _, folder = _quantized_folder(tmp_path, "llama", QuantConfig(method="rtn", bits=4, group_size=32))
+    want = _logits(model, _ids())
+    assert colocate_siblings(model) > 0
+    model.save_pretrained(tmp_path / "colocated")
+    assert load_file(tmp_path / "colocated" / "model.safetensors").keys() == load_file(folder / "model.safetensors").keys()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "colocated")
+    assert torch.equal(_logits(again, _ids()), want)
+
+
 def test_wrong_format_version_is_a_clear_error(tmp_path):
     _, _, folder = _quantized_folder(tmp_path)
     _edit_quant_config(folder, format_version=99)
