@@ -909,7 +909,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     ``prepared``: :func:`prepared_input`'s result for ``x`` when the caller has it (benchmarks time the
     kernel alone). ``out_dtype``: of the result, rounded once from the float32 sums (float32 where
     ``split`` > 1: the programs add their parts atomically). ``share``: see :func:`prepared_input`.
-    ``stages``: tiles in flight through Triton's loop pipelining (1: the plain loop; more: for sweeps).
+    ``stages``: tiles in flight through Triton's loop pipelining (1: the plain loop; more: for sweeps,
+    measured 2.5-4x slower on the H200, eval/results/kernel_sweeps/bench_kernels_stages.md).
     ``outputs``: the row counts of two or three layers whose codes and coefficients lie back to back in
     ``packed``/``form``/``tables`` (:func:`quantune.qlinear.colocate`): one launch, one result each
     (a list), for ``split`` 1 only."""
