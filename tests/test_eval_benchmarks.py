@@ -31,6 +31,7 @@ def test_generate_benchmark_checks_the_graph_loop_against_eager_steps(tmp_path):
         assert r["compiled_logits_rel_diff"] < 0.05  # the compiled model computes the same (up to rounding)
         assert r["graph_breaks"] == 0  # quantune's layers are custom ops in the graph, not graph breaks
     assert rows[1]["shared_input_groups"] == 4  # q/k/v and gate/up of each of the two layers share their input
+    assert rows[1]["one_launch_groups"] == 0  # the one-launch GEMV serves CUDA inputs only
     md = out.with_suffix(".md").read_text()
     assert "graph = static eager" in md and "compiled + CUDA graph tokens/s" in md
 
