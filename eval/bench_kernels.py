@@ -86,7 +86,8 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int):
 # (quantune.kernels.GEMV_MODES: 0/1 rtn's affine grid per weight / per word, 2/3/4/5 kashin's sign planes
 # per weight / plane sums / plane sums by the mantissa trick / plane sums as int16 dp2a dot products, 6 rtn's
 # whole codes as int16 dp2a dot products), the K split chosen by quantune.kernels.gemv_split; a "p" suffix
-# prefetches the next tile in registers, "sN" keeps N tiles in flight by Triton's loop pipelining (gemv6s3)
+# prefetches the next tile in registers (Triton's loop pipelining, "gemv6s3", measured 2.5-4x slower and was
+# removed: eval/results/kernel_sweeps/bench_kernels_stages.md)
 CONFIGS = [("gemv1", 4, 4, 128),
            ("gemv5", 16, 4, 64), ("gemv5", 8, 8, 128), ("gemv5", 8, 4, 64), ("gemv5", 16, 4, 32), ("gemv5", 32, 4, 32),
            ("gemv5", 4, 4, 128), ("gemv5", 4, 1, 128), ("gemv5", 8, 1, 64), ("gemv5", 4, 1, 64), ("gemv5", 8, 2, 128),
@@ -129,17 +130,16 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
             f"float32 (x W^T).\n\n{table}\n")
 
 
-def gemv_variant(kind: str) -> tuple[int | None, bool, int]:
-    """``gemvMODE[p][sN]`` -> (mode, prefetch, stages): "gemv3" -> (3, False, 1), "gemv6p" (prefetching)
-    -> (6, True, 1), "gemv6s3" (three tiles in flight by loop pipelining) -> (6, False, 3), "gemv" ->
-    (None, False, 1) (the format's default mode)."""
+def gemv_variant(kind: str) -> tuple[int | None, bool]:
+    """``gemvMODE[p]`` -> (mode, prefetch): "gemv3" -> (3, False), "gemv6p" (prefetching) -> (6, True),
+    "gemv" -> (None, False) (the format's default mode)."""
     import re
 
-    found = re.fullmatch(r"gemv(\d*)(p?)(?:s(\d+))?", kind)
+    found = re.fullmatch(r"gemv(\d*)(p?)", kind)
     if found is None:
-        raise ValueError(f"unknown kernel {kind!r}: gemvMODE[p][sSTAGES], e.g. gemv6, gemv6p, gemv6s3")
-    mode, prefetch, stages = found.groups()
-    return (int(mode) if mode else None), prefetch == "p", int(stages or 1)
+        raise ValueError(f"unknown kernel {kind!r}: gemvMODE[p], e.g. gemv6, gemv6p")
+    mode, prefetch = found.groups()
+    return (int(mode) if mode else None), prefetch == "p"
 
 
 def gemv_mode(kind: str) -> int | None:
@@ -223,7 +223,7 @@ def main() -> None:
                                                    block_k=args.block_k)
                 if kind.startswith("gemv"):
                     split = gemv_split(q.codes.shape[0], form, bits, bm, tw)
-                    mode, prefetch, stages = gemv_variant(kind)
+                    mode, prefetch = gemv_variant(kind)
                     # xq given: the kernel alone (inputs prepared once, outside the timing)
                     pairs = kernels.gemv_pairs(kernels.gemv_default_mode(tables[2], bits) if mode is None else mode)
                     prepared = None if xq_arg is None else kernels.prepared_input(x1, form, bits, xq_arg, pairs=pairs)
@@ -233,7 +233,7 @@ def main() -> None:
                             kernels._PREPARED.clear()
                         return gemv_matmul(x1, q.codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
                                            split=split, xq=xq_arg, affine=tables[2], mode=mode, tables=tables,
-                                           prefetch=prefetch, stages=stages, prepared=prepared)
+                                           prefetch=prefetch, prepared=prepared)
                     return call
                 return lambda: levels_matmul(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
                                              xq=xq_arg, block_k=args.block_k)

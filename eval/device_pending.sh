@@ -33,10 +33,6 @@ case "$1" in
   chunks)    python eval/sweep_prep_columns.py ;;                                                  # issue 5
   joined)    python -m eval.bench_joined ;;   # issue 5: q/k/v and gate/up as one GEMV launch against a launch each
   decode-sweep) python eval/sweep_decode.py ;;  # issue 5: tiles of the bf16 decode for prefill
-  stages)    # issue 5 (measured 2026-11-29: 2.5-4x slower than the plain loop): loop pipelining against the plain loop
-             python -m eval.bench_kernels --methods rtn-4,rtn-2,kashin-4 --configs \
-               gemv6:2x1x128,gemv6:4x1x128,gemv6:8x1x128,gemv6s2:2x1x128,gemv6s3:2x1x128,gemv6s3:4x1x128,gemv6s4:4x1x128,gemv6s3:8x4x128,gemv5:2x1x128,gemv5:8x2x128,gemv5s3:2x1x128,gemv5s3:4x1x128 \
-               --out "$out/bench_kernels_stages" ;;
   ddp)       # issue 4 on nvidia-h200-x2: the same global batch on 1 and on 2 GPUs, the seed noise, and 2 GPUs at
              # the one-GPU per-GPU batch (throughput scaling); then the comparison table and plot
              [ -d /tmp/rec/k2 ] || python -m quantune quantize /tmp/smollm2.gguf --bits 2 --out /tmp/rec/k2 --no-eval
@@ -51,5 +47,5 @@ case "$1" in
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, stages, joined, decode-sweep, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
 esac

@@ -334,7 +334,7 @@ if triton is not None:
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
-                     STAGES: tl.constexpr = 1, NOUT: tl.constexpr = 1):
+                     NOUT: tl.constexpr = 1):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -369,8 +369,6 @@ if triton is not None:
         PDL: launched with programmatic dependent launch (Hopper): the program loads its first words of
         codes, which no earlier kernel writes, while the input-preparation kernel before it still runs,
         and waits for that kernel (``griddepcontrol.wait``) before it reads anything else.
-        STAGES > 1: Triton's loop pipelining keeps that many tiles' loads in flight through shared memory
-        (cp.async) instead of registers; 1 is the plain loop.
         NOUT > 1: the rows are those of NOUT layers stored back to back (q/k/v, gate/up): rows below M1 go
         to ``y_ptr`` (``(T, M1)``), rows from M1 to ``y1_ptr`` (``(T, M - M1)``, or ``(T, M2 - M1)`` with
         a third output from M2 to ``y2_ptr``): one launch for layers that read the same input.
@@ -399,9 +397,9 @@ if triton is not None:
         d0, d1, d2, d3, d4, d5, d6, d7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32))
         if PREFETCH:
             ahead = tl.load(w_ptr + rows[:, None] * stride_w + part * CHUNK + wtile, mask=rmask[:, None], other=0)
-        if PDL and (PREFETCH or STAGES > 1):  # a pipelined loop issues its first input loads before it starts
-            _gdc_wait()
-        for i in tl.range(0, CHUNK, BLOCK_W, num_stages=STAGES):
+            if PDL:
+                _gdc_wait()
+        for i in range(0, CHUNK, BLOCK_W):
             w0 = part * CHUNK + i
             widx = w0 + wcols
             xin = xd_ptr + tok * K + w0 + wtile    # code position j: + j * NW
@@ -412,7 +410,7 @@ if triton is not None:
                                 mask=rmask[:, None] & (i + BLOCK_W < CHUNK), other=0)
             else:
                 word = tl.load(w_ptr + rows[:, None] * stride_w + w0 + wtile, mask=rmask[:, None], other=0)
-                if PDL and STAGES == 1:
+                if PDL:
                     if i == 0:  # the first words are on their way: now wait for the prepared input
                         _gdc_wait()
             if WPG >= BLOCK_W:  # the tile lies in one group: one coefficient per row
@@ -899,7 +897,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                 block_w: int = 64, num_warps: int = 4, split: int = 1, xq: torch.Tensor | None = None,
                 affine: bool | None = None, mode: int | None = None, tables: tuple | None = None,
                 prefetch: bool = False, prepared: tuple | None = None,
-                out_dtype: torch.dtype = torch.float32, share: bool = True, stages: int = 1,
+                out_dtype: torch.dtype = torch.float32, share: bool = True,
                 outputs: tuple[int, ...] | None = None) -> torch.Tensor | list[torch.Tensor]:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
@@ -909,8 +907,6 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     ``prepared``: :func:`prepared_input`'s result for ``x`` when the caller has it (benchmarks time the
     kernel alone). ``out_dtype``: of the result, rounded once from the float32 sums (float32 where
     ``split`` > 1: the programs add their parts atomically). ``share``: see :func:`prepared_input`.
-    ``stages``: tiles in flight through Triton's loop pipelining (1: the plain loop; more: for sweeps,
-    measured 2.5-4x slower on the H200, eval/results/kernel_sweeps/bench_kernels_stages.md).
     ``outputs``: the row counts of two or three layers whose codes and coefficients lie back to back in
     ``packed``/``form``/``tables`` (:func:`quantune.qlinear.colocate`): one launch, one result each
     (a list), for ``split`` 1 only."""
@@ -960,7 +956,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, ys[1 % len(ys)], ys[-1], m, bounds[0], bounds[1],
         w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
-        PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, STAGES=stages, NOUT=len(ys),
+        PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys),
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 

@@ -259,20 +259,16 @@ def colocate_siblings(model: nn.Module) -> int:
     """:func:`colocate` each run of consecutive QuantLinear children (in declaration order) of every
     module that share input width, format and device: q/k/v/o of an attention block, gate/up of an
     MLP. Returns the number of runs."""
+    def key(child):
+        return (child.in_features, child.qconfig, child.codes.device) if isinstance(child, QuantLinear) else None
+
     runs = 0
     for parent in model.modules():
-        run: list[QuantLinear] = []
-        for child in list(parent.children()) + [None]:
-            same = isinstance(child, QuantLinear) and run and \
-                (child.in_features, child.qconfig, child.codes.device) == \
-                (run[0].in_features, run[0].qconfig, run[0].codes.device)
-            if same:
-                run.append(child)
-                continue
-            if len(run) > 1:
-                colocate(run)
+        for k, group in itertools.groupby(parent.children(), key):
+            group = list(group)
+            if k is not None and len(group) > 1:
+                colocate(group)
                 runs += 1
-            run = [child] if isinstance(child, QuantLinear) else []
     return runs
 
 

@@ -114,8 +114,8 @@ GEMV_CASES = [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(bits=4, grou
 @pytest.mark.parametrize("cfg", GEMV_CASES, ids=[f"{c.method}{c.bits}-u{c.ku}-g{c.group_size}-{c.transform}"
                                                  for c in GEMV_CASES])
 @pytest.mark.parametrize("block", [(4, 64, 1, 1), (8, 2, 2, 2), (16, 8, 4, 4)], ids=["wide", "narrow", "split"])
-@pytest.mark.parametrize("mode", [None, 0, 1, 2, 4, 5, 6, "prefetch", "stages"],
-                         ids=["default", "mode0", "mode1", "mode2", "mode4", "mode5", "mode6", "prefetch", "stages3"])
+@pytest.mark.parametrize("mode", [None, 0, 1, 2, 4, 5, 6, "prefetch"],
+                         ids=["default", "mode0", "mode1", "mode2", "mode4", "mode5", "mode6", "prefetch"])
 def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     """Every code position of a word (the sign bit too), tiles inside and across groups, partial
     row tiles, K split between programs, every decode mode the format allows."""
@@ -123,10 +123,10 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     from quantune.kernels import gemv_block_w, gemv_matmul
 
     affine = cfg.method == "rtn"
-    if mode in (0, 1, 2, 4, "prefetch", "stages") and block[3] != 4:
+    if mode in (0, 1, 2, 4, "prefetch") and block[3] != 4:
         pytest.skip("the slower alternative modes run on one tiling (the split one) to keep the suite short")
-    prefetch, stages = mode == "prefetch", 3 if mode == "stages" else 1
-    mode = None if mode in ("prefetch", "stages") else mode
+    prefetch = mode == "prefetch"
+    mode = None if prefetch else mode
     if mode is not None and mode != 5 and (mode in (0, 1, 6)) != affine:
         pytest.skip("mode for the other kind of format")
     if mode in (5, 6) and cfg.bits not in (2, 4, 8):
@@ -137,7 +137,7 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     if gemv_block_w(_form(q), cfg.bits, block_w, split) is None:
         split = 1
     got = gemv_matmul(x, q.codes, _form(q), cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
-                      split=split, mode=mode, prefetch=prefetch, stages=stages)
+                      split=split, mode=mode, prefetch=prefetch)
     want = x @ q.dequantize().T
     if mode in (5, 6) or (mode is None and cfg.bits in (2, 4, 8)):  # the input rounded to 16 bits
         assert float((got - want).norm() / want.norm()) < 2e-4
