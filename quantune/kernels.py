@@ -72,12 +72,22 @@ def level_tables(form: BitplaneForm, bits: int) -> tuple[torch.Tensor, torch.Ten
     ``lut_u[r, g, j] = bx + sum_{t < ku} a_t bit_t(j)`` (``2**ku`` entries) and likewise
     ``lut_v`` over the high ``bits - ku`` bits with ``bq``. When every ``a_t = a_0 2^t`` (rtn's
     uniform grid) the u value is affine in the code and no table is needed: returns
-    ``(bx, a_0, True)`` instead."""
+    ``(bx, a_0, True)`` instead (offset and scale per (row, group)), with ``bx`` None where
+    ``bx = -2^(bits-1) a_0`` (rtn's symmetric grid: the kernels derive the offset from the scale),
+    and both in float16 where float16 holds them exactly (rtn's scales and minima are stored in
+    float16): the kernels then read as many coefficient bytes as the format stores, not the four
+    times as many of float32 offsets and scales."""
     a = form.a.float()
     ku, kv = form.ku, bits - form.ku
     powers = 2.0 ** torch.arange(ku, device=a.device)
     if kv == 0 and torch.allclose(a[..., :ku], a[..., :1] * powers, rtol=1e-6, atol=0):
-        return form.bx.float().contiguous(), a[..., 0].contiguous(), True
+        scale, offset = a[..., 0].contiguous(), form.bx.float().contiguous()
+        if torch.equal(offset, scale * -(1 << (bits - 1))):
+            offset = None
+        exact = [t for t in (scale, offset) if t is not None]
+        if all(torch.equal(t.half().float(), t) for t in exact):
+            scale, offset = (None if t is None else t.half() for t in (scale, offset))
+        return offset, scale, True
 
     def table(coeffs, offset, k):
         j = torch.arange(1 << k, device=a.device)
@@ -145,7 +155,7 @@ if triton is not None:
     def _levels_kernel(codes_ptr, x_ptr, xq_ptr, lu_ptr, lv_ptr, y_ptr,
                        M, stride_codes, groups, group, K: tl.constexpr,
                        BITS: tl.constexpr, KU: tl.constexpr, AFFINE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SYM: tl.constexpr = False):
         """Decode each weight's two factors through per-row level tables (a gather from a few
         cached bytes per row instead of BITS bit-plane products) and accumulate u x + v xq
         elementwise; one reduction per row at the end. AFFINE: u = lu + lv * code (rtn)."""
@@ -171,8 +181,8 @@ if triton is not None:
                                    mask=rmask[:, None], other=0)
                     code |= (((byte >> (p[None, :] & 7).to(tl.uint8)) & 1).to(tl.int32) << t)
             if AFFINE:
-                u = tl.load(lu_ptr + coef, mask=rmask, other=0.0)[:, None] + \
-                    tl.load(lv_ptr + coef, mask=rmask, other=0.0)[:, None] * code.to(tl.float32)
+                scale, offset = _affine(lv_ptr, lu_ptr, coef, rmask, SYM, BITS)
+                u = offset[:, None] + scale[:, None] * code.to(tl.float32)
                 acc += u * x[None, :]
             else:
                 u = tl.load(lu_ptr + coef[:, None] * (1 << KU) + (code & ((1 << KU) - 1)),
@@ -185,6 +195,17 @@ if triton is not None:
                     acc += v * xq[None, :]
         tl.store(y_ptr + tok * M + rows, tl.sum(acc, axis=1), mask=rmask)
 
+
+    @triton.jit
+    def _affine(a_ptr, bx_ptr, idx, mask, SYM: tl.constexpr, BITS: tl.constexpr):
+        """rtn's (scale, offset) per (row, group) from :func:`level_tables` (float16 or float32) as
+        float32; SYM (symmetric grid, no offsets stored): ``offset = -2^(BITS-1) scale``."""
+        scale = tl.load(a_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if SYM:
+            offset = scale * -(1 << (BITS - 1))
+        else:
+            offset = tl.load(bx_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        return scale, offset
 
     @triton.jit
     def _pick(t: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
@@ -334,7 +355,7 @@ if triton is not None:
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
-                     NOUT: tl.constexpr = 1):
+                     NOUT: tl.constexpr = 1, SYM: tl.constexpr = False):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -419,8 +440,7 @@ if triton is not None:
                 cidx = rows[:, None] * groups + (widx // WPG)[None, :]
             cmask = rmask[:, None]
             if MODE == 0:
-                scale = tl.load(a_ptr + cidx, mask=cmask, other=0.0)
-                offset = tl.load(bx_ptr + cidx, mask=cmask, other=0.0)
+                scale, offset = _affine(a_ptr, bx_ptr, cidx, cmask, SYM, BITS)
                 for j in tl.static_range(PER):
                     xj = tl.load(xin + j * NW)
                     field = ((word >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
@@ -431,9 +451,8 @@ if triton is not None:
                 for j in tl.static_range(PER):
                     fx += _mantissa_field(word, j * BITS, BITS) * tl.load(xin + j * NW)
                 xs = tl.load(xs_ptr + tok * NW + w0 + wtile)
-                scale = tl.load(a_ptr + cidx, mask=cmask, other=0.0) * (1 << BITS)
-                offset = tl.load(bx_ptr + cidx, mask=cmask, other=0.0)
-                acc += scale * (fx - xs) + offset * xs
+                scale, offset = _affine(a_ptr, bx_ptr, cidx, cmask, SYM, BITS)
+                acc += (scale * (1 << BITS)) * (fx - xs) + offset * xs
             elif MODE == 2:
                 c0 = _coef(a_ptr, cidx, cmask, BITS, 0, BITS) * 0.5
                 c1 = _coef(a_ptr, cidx, cmask, BITS, 1, BITS) * 0.5
@@ -506,15 +525,13 @@ if triton is not None:
                 tl.static_assert(XCH % (BLOCK_W * PER) == 0, "mode 6 tiles lie inside one input chunk")
                 xscale = tl.load(sc_ptr + tok * ((K + XCH - 1) // XCH) + (w0 * PER) // XCH)
                 if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
-                    scale = tl.load(a_ptr + cidx, mask=cmask, other=0.0)
-                    offset = tl.load(bx_ptr + cidx, mask=cmask, other=0.0)
+                    scale, offset = _affine(a_ptr, bx_ptr, cidx, cmask, SYM, BITS)
                     acc += (scale * xscale) * dot.to(tl.float32) + offset * tl.load(xs_ptr + tok * NW + offs)
                 else:  # integer sums per group first, then one coefficient each (no per-word gather)
                     gcols = tl.broadcast_to((w0 // WPG + tl.arange(0, GPT))[None, :], (BLOCK_M, GPT))
                     gidx = rows[:, None] * groups + gcols
                     dg = tl.sum(tl.reshape(dot, (BLOCK_M, GPT, WPG)), axis=2).to(tl.float32)
-                    scale = tl.load(a_ptr + gidx, mask=cmask, other=0.0)
-                    offset = tl.load(bx_ptr + gidx, mask=cmask, other=0.0)
+                    scale, offset = _affine(a_ptr, bx_ptr, gidx, cmask, SYM, BITS)
                     accg += (scale * xscale) * dg + offset * tl.load(xg_ptr + tok * (K // GROUP) + gcols)
             else:
                 p0, p1, p2, p3, p4, p5, p6, p7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32))
@@ -690,7 +707,7 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, u_ptr, v_ptr, M, stride_w, groups,
                        K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
-                       MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+                       MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SYM: tl.constexpr = False):
         """Decode the factors to bf16 at memory speed for prefill: ``u = bx + sum_{t<KU} a_t bit_t``
         (the weight itself when there is no transformed factor) and ``v = bq + sum_{t>=KU} a_t bit_t``
         (kashin's factor in the transformed basis). One program: BLOCK_M rows x BLOCK_W words, decoded
@@ -713,8 +730,8 @@ if triton is not None:
         cmask = rmask[:, None]
         smask = rmask[:, None, None]
         if MODE == 1:
-            u = tl.load(bx_ptr + coef, mask=cmask, other=0.0)[:, :, None] + \
-                tl.load(a_ptr + coef, mask=cmask, other=0.0)[:, :, None] * code.to(tl.float32)
+            scale, offset = _affine(a_ptr, bx_ptr, coef, cmask, SYM, BITS)
+            u = offset[:, :, None] + scale[:, :, None] * code.to(tl.float32)
             v = u
         elif MODE == 2:
             u = tl.load(a_ptr + coef[:, :, None] * (1 << KU) + (code & ((1 << KU) - 1)), mask=smask, other=0.0)
@@ -770,12 +787,13 @@ def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, blo
     if mode == 0:
         a, bx, bq = form.a, form.bx, form.bq
     elif mode == 1:
-        a, bx, bq = tables[1], tables[0], tables[0]
+        a, bx, bq = tables[1], *(2 * [tables[1] if tables[0] is None else tables[0]])
     else:
         a, bx, bq = tables[0], tables[0], tables[1]
     _decode_kernel[(triton.cdiv(m, block_m), words // tile)](
         w, a, bx, bq, u, u if v is None else v, m, w.stride(0), form.bx.shape[1], K=k,
-        GROUP=form.group, BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, num_warps=num_warps)
+        GROUP=form.group, BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile,
+        SYM=mode == 1 and tables[0] is None, num_warps=num_warps)
     return u, v
 
 
@@ -838,8 +856,8 @@ def levels_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bit
     (t, k), m = x.shape, packed.shape[0]
     lu, lv, affine = tables if tables is not None else level_tables(form, bits)
     _levels_kernel[(triton.cdiv(m, block_m), t)](
-        packed, x32, xq, lu, lv, y, m, packed.stride(0), form.bx.shape[1], form.group, K=k, BITS=bits, KU=form.ku,
-        AFFINE=affine, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
+        packed, x32, xq, lv if lu is None else lu, lv, y, m, packed.stride(0), form.bx.shape[1], form.group, K=k,
+        BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_K=block_k, SYM=lu is None, num_warps=num_warps)
     return y
 
 
@@ -948,15 +966,16 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         xg = xs  # unused by the kernel
     asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
     w = packed.view(torch.int32)
+    sym = mode in (0, 1, 6) and tables[0] is None  # symmetric grid: offsets derived from the scales
     if mode in (0, 1, 6):
-        a, bx, bq = tables[1], tables[0], tables[0]  # scale and offset per (row, group)
+        a, bx, bq = tables[1], *(2 * [tables[1] if sym else tables[0]])  # scale and offset per (row, group)
     else:
         a, bx, bq = form.a, form.bx, form.bq
     _gemv_kernel[(triton.cdiv(m, block_m), split, t)](
         w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, ys[1 % len(ys)], ys[-1], m, bounds[0], bounds[1],
         w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
-        PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys),
+        PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys), SYM=sym,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 

@@ -249,7 +249,9 @@ def colocate(modules: list[QuantLinear]) -> None:
         forms = [m.bitplane_form() for m in modules]
         tables = [m.level_tables() for m in modules]
         parts = {f: split(torch.cat([getattr(fm, f) for fm in forms])) for f in ("a", "bx", "bq")}
-        tparts = [split(torch.cat([t[i] for t in tables])) for i in (0, 1)]
+        # rtn's symmetric grid has no offset table (None): the layers share the format, so all or none do
+        tparts = [[None] * len(modules) if tables[0][i] is None else split(torch.cat([t[i] for t in tables]))
+                  for i in (0, 1)]
         for i, m in enumerate(modules):
             m._bitplane = dataclasses.replace(forms[i], a=parts["a"][i], bx=parts["bx"][i], bq=parts["bq"][i])
             m._levels = (tparts[0][i], tparts[1][i], tables[i][2])
@@ -297,8 +299,9 @@ def _joined_forward(modules: list[QuantLinear], x: torch.Tensor) -> list[torch.T
     tables = [m.level_tables() for m in modules]
     codes = _back_to_back([m.codes for m in modules])
     joined = {f: _back_to_back([getattr(fm, f) for fm in forms]) for f in ("a", "bx", "bq")}
-    jt = [_back_to_back([t[i] for t in tables]) for i in (0, 1)]
-    if codes is None or any(v is None for v in joined.values()) or any(v is None for v in jt):
+    jt = [None if tables[0][i] is None else _back_to_back([t[i] for t in tables]) for i in (0, 1)]
+    if codes is None or any(v is None for v in joined.values()) or jt[1] is None or \
+            (jt[0] is None) != (tables[0][0] is None):
         return None
     from quantune.kernels import fused_matmul
 

@@ -80,6 +80,44 @@ def test_rtn_levels_are_affine_and_kashin_levels_are_tables():
 
     rtn = _layer(QuantConfig(method="rtn", bits=4, group_size=32))
     assert level_tables(_form(rtn), 4)[2] is True
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_rtn_tables_hold_the_stored_coefficients_exactly(symmetric):
+    """rtn's kernels read the float16 scales (and minima) the format stores, not float32 copies:
+    the symmetric grid's offset -2^(b-1) s is derived (no table), and the values are exact."""
+    from quantune.kernels import level_tables
+
+    q = _layer(QuantConfig(method="rtn", bits=4, group_size=32, symmetric=symmetric))
+    form = _form(q)
+    offset, scale, affine = level_tables(form, 4)
+    assert affine and scale.dtype == torch.float16
+    assert torch.equal(scale.float(), form.a[..., 0])
+    if symmetric:
+        assert offset is None
+    else:
+        assert offset.dtype == torch.float16 and torch.equal(offset.float(), form.bx)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("mode", [0, 1, 6])
+def test_narrow_rtn_tables_give_the_float32_tables_result(symmetric, mode):
+    """The float16 / derived coefficients decode to the same float32 values: bitwise the same output
+    as the float32 tables of before, in every affine GEMV mode, and in the bf16 decode for prefill."""
+    pytest.importorskip("triton")
+    from quantune.kernels import decode_bf16, gemv_matmul, level_tables
+
+    q = _layer(QuantConfig(method="rtn", bits=4, group_size=32, symmetric=symmetric), out=21, inp=128)
+    form = _form(q)
+    wide = (form.bx.float().contiguous(), form.a[..., 0].float().contiguous(), True)
+    narrow = level_tables(form, 4)
+    x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(9))
+    kw = dict(block_m=4, block_w=4, num_warps=1, mode=mode, affine=True, share=False)
+    assert torch.equal(gemv_matmul(x, q.codes, form, 4, tables=narrow, **kw),
+                       gemv_matmul(x, q.codes, form, 4, tables=wide, **kw))
+    if mode == 6:
+        assert torch.equal(decode_bf16(q.codes, form, 4, q.in_features, tables=narrow)[0],
+                           decode_bf16(q.codes, form, 4, q.in_features, tables=wide)[0])
     kashin = _layer(QuantConfig(method="kashin", bits=4))
     lu, lv, affine = level_tables(_form(kashin), 4)
     assert not affine and lu.shape[-1] == 8 and lv.shape[-1] == 2
