@@ -13,6 +13,8 @@ bandwidth and each case's byte floor (bytes read / bandwidth).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -24,6 +26,37 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 
 
 DEV = "cuda"
+COLD_BYTES = 512 << 20  # what the timed calls of a case read in turn: ten times the H200's 50 MB L2
+
+
+def cold_copies(nbytes: int) -> int:
+    """How many copies of a case's weights (``nbytes`` each) the timed calls cycle through, so that a call
+    never finds its weights in L2 from the call before (in a model the other layers evict them): enough
+    for COLD_BYTES, at most 64 (one on the CPU)."""
+    return 1 if DEV == "cpu" else max(1, min(64, -(-COLD_BYTES // nbytes)))
+
+
+def rotating(calls: list):
+    """One callable running ``calls`` in turn: each call a CUDA graph captures takes the next one."""
+    turn = itertools.cycle(calls)
+    return lambda: next(turn)()
+
+
+def layer_copies(codes: torch.Tensor, form, tables: tuple, n: int) -> list[tuple]:
+    """``n`` copies (the first the original) of what the few-token kernels read: codes, bit-plane form,
+    level tables."""
+    def clone(t):
+        return t.clone() if isinstance(t, torch.Tensor) else t
+    return [(codes, form, tables)] + [
+        (codes.clone(), dataclasses.replace(form, a=form.a.clone(), bx=form.bx.clone(), bq=form.bq.clone()),
+         tuple(clone(t) for t in tables)) for _ in range(n - 1)]
+
+
+def kernel_bytes(codes: torch.Tensor, form, tables: tuple, affine: bool) -> int:
+    """Bytes one few-token call reads from its weights: codes, and rtn's scale (offset) tables or
+    kashin's coefficients."""
+    coeff = [t for t in tables[:2] if t is not None] if affine else [form.a, form.bx, form.bq]
+    return codes.numel() * codes.element_size() + sum(t.numel() * t.element_size() for t in coeff)
 
 
 def _wall(fn, reps: int = 3) -> float:
@@ -102,7 +135,7 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
     """The Markdown report of a run's rows (also: ``--render RESULTS.json`` re-renders a saved run)."""
     us = 1e6
     table = markdown_table(
-        ["in x out", "method", "kernel", "rel. err", "decode us", "decode us, no PDL", "kernel us",
+        ["in x out", "method", "kernel", "rel. err", "decode us", "decode us, no PDL", "kernel us", "kernel GB/s",
          "torch transform us", "floor us",
          "bf16 us", "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16",
          "prefill rel. err", "bf16 rel. err", "decode to bf16 us", "old prefill ms"],
@@ -110,12 +143,16 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
           r["rel_err_vs_reference"], r["decode_s"] * us,
           (f"{r['decode_no_pdl_s'] * us:.3f}" + ("" if r.get("pdl_equals_serial", True) else " (differs!)"))
           if "decode_no_pdl_s" in r else "-", r["kernel_s"] * us,
+          f"{r['kernel_read_Bps'] / 1e9:.0f}" if r.get("kernel_read_Bps") else "-",
           r["transform_s"] * us, r["floor_s"] * us, r["bf16_decode_s"] * us, r["nf4_decode_s"] * us,
           r["speedup_vs_bf16"], r["speedup_vs_nf4"], r["prefill_s"] * 1e3, r["bf16_prefill_s"] * 1e3,
           r["prefill_vs_bf16"], r["prefill_rel_err"], r["bf16_prefill_rel_err"], r["decode_bf16_s"] * us,
           r["old_prefill_s"] * 1e3] for r in rows])
     return (f"# Low-bit matmul kernels\n\nDevice: {device}. Times are medians with the calls captured in a CUDA "
-            f"graph (triton.testing.do_bench_cudagraph). Decode: 1 token; 'decode us' is everything a call does "
+            f"graph (triton.testing.do_bench_cudagraph); the decode calls (bf16, NF4 and quantune alike) cycle "
+            f"through copies of the case's weights, {COLD_BYTES >> 20} MB or more together, so no call finds its "
+            f"weights in L2 from the call before (as in a model, whose other layers evict them). 'kernel GB/s': "
+            f"the bytes the GEMV reads from the weights (codes and the coefficient tables it loads) per second. Decode: 1 token; 'decode us' is everything a call does "
             f"(input preparation: cast, de-interleave, kashin's DCT through one rfft and two Triton kernels, the "
             f"16-bit inputs of modes 5 and 6; then the GEMV kernel, launched with programmatic dependent launch so it "
             f"loads codes while the preparation runs; 'no PDL': launched plainly, same run, outputs checked equal), "
@@ -196,14 +233,18 @@ def main() -> None:
         w16 = w.to(torch.bfloat16)
         x1 = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
         xp = torch.randn(args.prefill_tokens, k, device=DEV, dtype=torch.bfloat16)
-        t_bf16 = bench(lambda: x1 @ w16.T)
+        w16s = [w16] + [w16.clone() for _ in range(cold_copies(w16.numel() * 2) - 1)]
+        t_bf16 = bench(rotating([lambda w=w: x1 @ w.T for w in w16s]))
+        w16s = None
         t_bf16_eager = bench_eager(lambda: x1 @ w16.T)
         t_bf16_prefill = bench(lambda: xp @ w16.T)
         if args.smoke:
             t_nf4 = float("nan")
         else:
-            packed, state = bnbf.quantize_4bit(w16, blocksize=64, compress_statistics=True, quant_type="nf4")
-            t_nf4 = bench(lambda: bnb.matmul_4bit(x1, packed.t(), quant_state=state))
+            nf4 = [bnbf.quantize_4bit(w16, blocksize=64, compress_statistics=True, quant_type="nf4")
+                   for _ in range(cold_copies(n * k // 2))]
+            t_nf4 = bench(rotating([lambda p=p, st=st: bnb.matmul_4bit(x1, p.t(), quant_state=st) for p, st in nf4]))
+            nf4 = None
         base = {"in": k, "out": n, "bf16_decode_s": t_bf16, "bf16_decode_eager_s": t_bf16_eager,
                 "bf16_prefill_s": t_bf16_prefill, "nf4_decode_s": t_nf4, "bf16_floor_s": 2 * n * k / bw,
                 "nf4_floor_s": (n * k / 2 + n * k / 64) / bw}
@@ -216,13 +257,16 @@ def main() -> None:
             x32 = x1.float().contiguous()
             xq = transformed_input(x32, form).float().contiguous()
             tables = level_tables(form, bits)
+            read_bytes = kernel_bytes(q.codes, form, tables, tables[2])
+            copies = layer_copies(q.codes, form, tables, cold_copies(read_bytes))
 
-            def kernel_call(kind, bm, nw, tw, xq_arg):
+            def kernel_call(kind, bm, nw, tw, xq_arg, layer=None):
+                codes, form, tables = layer or copies[0]
                 if kind == "planes":
-                    return lambda: bitplane_matmul(x1, q.codes, form, bits, block_m=bm, num_warps=nw, xq=xq_arg,
+                    return lambda: bitplane_matmul(x1, codes, form, bits, block_m=bm, num_warps=nw, xq=xq_arg,
                                                    block_k=args.block_k)
                 if kind.startswith("gemv"):
-                    split = gemv_split(q.codes.shape[0], form, bits, bm, tw)
+                    split = gemv_split(codes.shape[0], form, bits, bm, tw)
                     mode, prefetch = gemv_variant(kind)
                     # xq given: the kernel alone (inputs prepared once, outside the timing)
                     pairs = kernels.gemv_pairs(kernels.gemv_default_mode(tables[2], bits) if mode is None else mode)
@@ -231,12 +275,15 @@ def main() -> None:
                     def call():
                         if xq_arg is None:  # time the input's preparation too (no reuse across calls)
                             kernels._PREPARED.clear()
-                        return gemv_matmul(x1, q.codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
+                        return gemv_matmul(x1, codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
                                            split=split, xq=xq_arg, affine=tables[2], mode=mode, tables=tables,
                                            prefetch=prefetch, prepared=prepared)
                     return call
-                return lambda: levels_matmul(x1, q.codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
+                return lambda: levels_matmul(x1, codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
                                              xq=xq_arg, block_k=args.block_k)
+
+            def timed(kind, bm, nw, tw, xq_arg):  # the calls cycle through the weights' copies (cold L2)
+                return bench(rotating([kernel_call(kind, bm, nw, tw, xq_arg, layer=c) for c in copies]))
 
             timings, errors = {}, {}
             for kind, bm, nw, tw in configs:  # the kernel alone, input transform precomputed
@@ -255,17 +302,17 @@ def main() -> None:
                     call = kernel_call(kind, bm, nw, tw, xq)
                     got = call()
                     errors[(kind, bm, nw, tw)] = float((got - ref).norm() / ref.norm())
-                    timings[(kind, bm, nw, tw)] = bench(call)
+                    timings[(kind, bm, nw, tw)] = timed(kind, bm, nw, tw, xq)
                 except Exception as exc:  # a config that does not compile here
                     print(f"config {kind} {bm}x{nw}x{tw}: {type(exc).__name__}: {exc}"[:200], flush=True)
             (kind, bm, nw, tw), t_kernel = min(timings.items(), key=lambda kv: kv[1])
             got = kernel_call(kind, bm, nw, tw, None)()
             rel = float((got - ref).norm() / ref.norm())
-            t_full = bench(kernel_call(kind, bm, nw, tw, None))
+            t_full = timed(kind, bm, nw, tw, None)
             kernels.GEMV_PDL = False  # the same call without programmatic dependent launch, same run
             try:
                 got_serial = kernel_call(kind, bm, nw, tw, None)()
-                t_serial = bench(kernel_call(kind, bm, nw, tw, None))
+                t_serial = timed(kind, bm, nw, tw, None)
             finally:
                 kernels.GEMV_PDL = True
             pdl_same = bool(torch.equal(got_serial, got))
@@ -296,10 +343,11 @@ def main() -> None:
                    "module_eager_s": t_module_eager, "prefill_s": t_q_prefill,
                    "floor_s": (index_bytes + meta_bytes) / bw,
                    "speedup_vs_bf16": t_bf16 / t_full, "speedup_vs_nf4": t_nf4 / t_full,
-                   "kernel_speedup_vs_bf16": t_bf16 / t_kernel, "prefill_vs_bf16": t_bf16_prefill / t_q_prefill}
+                   "kernel_speedup_vs_bf16": t_bf16 / t_kernel, "kernel_read_bytes": read_bytes,
+                   "kernel_read_Bps": read_bytes / t_kernel if t_kernel else None, "weight_copies": len(copies), "prefill_vs_bf16": t_bf16_prefill / t_q_prefill}
             print(json.dumps(row), flush=True)
             rows.append(row)
-            q = tables = None  # free the layer before the next case
+            q = tables = copies = None  # free the layer before the next case
     device = f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU (smoke)'}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s"
     out = Path(args.out)
     md = render(rows, device, len(configs), args.prefill_tokens)

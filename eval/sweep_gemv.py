@@ -2,9 +2,10 @@
 and the K split, on the four benchmark shapes for the given formats (rtn: group 64, as in bench_kernels),
 one token. Per config the kernel alone on an input prepared beforehand, CUDA-graph medians, the bytes it
 reads (codes plus the coefficient tables it loads) per second, and whether its output equals the default
-config's bitwise (a split of 2 adds two float32 parts: equal to split 1 up to rounding, checked to 1e-6);
-then the whole call of the module's default choice (input preparation included) against bf16 cuBLAS in the
-same run. Writes $OUT/sweep_gemv.json. Run on the GPU: ``python eval/sweep_gemv.py``; without one it checks
+config's bitwise (else its relative difference: a split of 2 adds two float32 parts); then the whole call
+the module makes (quantune.kernels.fused_matmul: input preparation and the default tile) against bf16
+cuBLAS in the same run. Every timed call cycles through copies of the weights (bench_kernels.cold_copies:
+512 MB or more together), so none finds its weights in L2. Writes $OUT/sweep_gemv.json. Run on the GPU: ``python eval/sweep_gemv.py``; without one it checks
 itself under TRITON_INTERPRET=1 on a small shape and times nothing."""
 import argparse
 import json
@@ -23,22 +24,35 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="rtn-4,rtn-2")
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x28672")
+    p.add_argument("--configs", default=None, help="rows x warps x words per tile, 'p' to prefetch the next tile, "
+                                                   "e.g. 4x1x64,2x1x128p")
+    p.add_argument("--splits", default="1,2")
+    p.add_argument("--evict", default="", help="L2 eviction policies of the codes' loads to try, e.g. ',evict_first'")
     args = p.parse_args()
     import triton.testing
 
+    from eval import bench_kernels
     from quantune import kernels
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    bench_kernels.DEV = dev
+    rotating = bench_kernels.rotating
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if dev == "cuda" else [(256, 64)]
-    configs = CONFIGS if dev == "cuda" else [(2, 1, 4), (1, 1, 8)]
-    bench = (lambda f: triton.testing.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3) if dev == "cuda" \
+    configs = [(*map(int, c.rstrip("p").split("x")), c.endswith("p")) for c in args.configs.split(",")] \
+        if args.configs else [(*c, False) for c in CONFIGS]
+    if dev != "cuda":
+        configs = [(2, 1, 4, False), (1, 1, 8, True)]
+    # seconds (do_bench_cudagraph gives milliseconds)
+    bench = (lambda f: triton.testing.do_bench_cudagraph(f, rep=100, return_mode="median") / 1e3) if dev == "cuda" \
         else (lambda f: (f(), 0.0)[1])
     out = []
     for k, n in shapes:
         torch.manual_seed(0)
         lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        t_bf16 = bench(lambda: x @ lin.weight.T)
+        w16s = [lin.weight] + [lin.weight.detach().clone() for _ in range(bench_kernels.cold_copies(2 * k * n) - 1)]
+        t_bf16 = bench(rotating([lambda w=w: x @ w.T for w in w16s]))
+        w16s = None
         for spec in args.methods.split(","):
             method, bits = spec.split("-")
             bits = int(bits)
@@ -48,46 +62,47 @@ def main() -> None:
             affine = tables[2]
             mode = kernels.gemv_default_mode(affine, bits)
             prepared = kernels.prepared_input(x, form, bits, pairs=kernels.gemv_pairs(mode), share=False)
-            table_bytes = sum(t.numel() * t.element_size() for t in (tables[:2] if affine else (form.a, form.bx)) if
-                              t is not None)
-            read = q.codes.numel() + table_bytes
-            bm0, nw0, bw0, _ = kernels.gemv_tile(n, affine)
+            read = bench_kernels.kernel_bytes(q.codes, form, tables, affine)
+            copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
+            bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, affine)
             split0 = kernels.gemv_split(n, form, bits, bm0, bw0)
             want = kernels.gemv_matmul(x, q.codes, form, bits, block_m=bm0, block_w=bw0, num_warps=nw0, split=split0,
-                                       tables=tables, prepared=prepared)
-            for bm, nw, bw in configs:
-                for split in (1, 2):
-                    if kernels.gemv_block_w(form, bits, bw, split) is None:
-                        continue
+                                       tables=tables, prepared=prepared, prefetch=pre0)
+            variants = [(c, s, e) for c in configs for s in map(int, args.splits.split(",")) for e in args.evict.split(",")]
+            for (bm, nw, bw, pre), split, evict in variants:
+                if kernels.gemv_block_w(form, bits, bw, split) is None:
+                    continue
 
-                    def call():
-                        return kernels.gemv_matmul(x, q.codes, form, bits, block_m=bm, block_w=bw, num_warps=nw,
-                                                   split=split, tables=tables, prepared=prepared)
-                    try:
-                        got = call()
-                        t = bench(call)
-                    except Exception as exc:  # a config that does not compile here
-                        print(f"{spec} {k}x{n} {bm}x{nw}x{bw} split {split}: {type(exc).__name__}: {exc}"[:200])
-                        continue
-                    err = float((got - want).norm() / want.norm())
-                    row = dict(k=k, n=n, method=spec, block_m=bm, warps=nw, block_w=bw, split=split,
-                               kernel_us=t * 1e6 if t else None, read_GBps=read / t / 1e9 if t else None,
-                               bf16_us=t_bf16 * 1e6, kernel_x_bf16=t_bf16 / t if t else None,
-                               equal=bool(torch.equal(got, want)), rel_diff=err,
-                               default=(bm, nw, bw, split) == (bm0, nw0, bw0, split0))
-                    print(json.dumps(row), flush=True)
-                    out.append(row)
+                def call(layer=copies[0]):
+                    codes, form_, tables_ = layer
+                    return kernels.gemv_matmul(x, codes, form_, bits, block_m=bm, block_w=bw, num_warps=nw,
+                                               split=split, tables=tables_, prepared=prepared, evict=evict,
+                                               prefetch=pre)
+                try:
+                    got = call()
+                    t = bench(rotating([lambda c=c: call(c) for c in copies]))
+                except Exception as exc:  # a config that does not compile here
+                    print(f"{spec} {k}x{n} {bm}x{nw}x{bw} split {split}: {type(exc).__name__}: {exc}"[:200])
+                    continue
+                err = float((got - want).norm() / want.norm())
+                row = dict(k=k, n=n, method=spec, block_m=bm, warps=nw, block_w=bw, prefetch=pre, split=split, evict=evict,
+                           kernel_us=t * 1e6 if t else None, read_GBps=read / t / 1e9 if t else None,
+                           bf16_us=t_bf16 * 1e6, kernel_x_bf16=t_bf16 / t if t else None,
+                           equal=bool(torch.equal(got, want)), rel_diff=err,
+                           default=(bm, nw, bw, pre, split) == (bm0, nw0, bw0, pre0, split0))
+                print(json.dumps(row), flush=True)
+                out.append(row)
 
-            def whole():  # the module's own call, the input's preparation included (no reuse across calls)
+            def whole(layer):  # the module's call, the input's preparation included (no reuse across calls)
                 kernels._PREPARED.clear()
-                return q(x)
-            with torch.no_grad():
-                t_whole = bench(whole)
+                return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
+            t_whole = bench(rotating([lambda c=c: whole(c) for c in copies]))
             row = dict(k=k, n=n, method=spec, whole_call_us=t_whole * 1e6 if t_whole else None,
                        default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
                        whole_x_bf16=t_bf16 / t_whole if t_whole else None, bytes_read=read)
             print("whole", json.dumps(row), flush=True)
             out.append(row)
+            q = copies = None
     folder = os.environ.get("OUT", "/tmp/out")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "sweep_gemv.json"), "w") as f:

@@ -355,7 +355,7 @@ if triton is not None:
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
-                     NOUT: tl.constexpr = 1, SYM: tl.constexpr = False):
+                     NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = ""):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -387,6 +387,7 @@ if triton is not None:
           and the group sums of x (``xg``), so the coefficients are never gathered per word.
         Coefficients: one per row when a tile lies inside one group, else gathered per word.
         PREFETCH: the next tile's words are loaded before this tile's arithmetic (two tiles in flight).
+        EVICT: the codes' loads' L2 eviction policy ("" or "evict_first": each code is read once).
         PDL: launched with programmatic dependent launch (Hopper): the program loads its first words of
         codes, which no earlier kernel writes, while the input-preparation kernel before it still runs,
         and waits for that kernel (``griddepcontrol.wait``) before it reads anything else.
@@ -417,7 +418,8 @@ if triton is not None:
         # mode 5, ONE_GROUP: integer plane sums over K
         d0, d1, d2, d3, d4, d5, d6, d7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32))
         if PREFETCH:
-            ahead = tl.load(w_ptr + rows[:, None] * stride_w + part * CHUNK + wtile, mask=rmask[:, None], other=0)
+            ahead = tl.load(w_ptr + rows[:, None] * stride_w + part * CHUNK + wtile, mask=rmask[:, None], other=0,
+                            eviction_policy=EVICT)
             if PDL:
                 _gdc_wait()
         for i in range(0, CHUNK, BLOCK_W):
@@ -428,9 +430,10 @@ if triton is not None:
             if PREFETCH:
                 word = ahead
                 ahead = tl.load(w_ptr + rows[:, None] * stride_w + w0 + BLOCK_W + wtile,
-                                mask=rmask[:, None] & (i + BLOCK_W < CHUNK), other=0)
+                                mask=rmask[:, None] & (i + BLOCK_W < CHUNK), other=0, eviction_policy=EVICT)
             else:
-                word = tl.load(w_ptr + rows[:, None] * stride_w + w0 + wtile, mask=rmask[:, None], other=0)
+                word = tl.load(w_ptr + rows[:, None] * stride_w + w0 + wtile, mask=rmask[:, None], other=0,
+                               eviction_policy=EVICT)
                 if PDL:
                     if i == 0:  # the first words are on their way: now wait for the prepared input
                         _gdc_wait()
@@ -916,7 +919,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                 affine: bool | None = None, mode: int | None = None, tables: tuple | None = None,
                 prefetch: bool = False, prepared: tuple | None = None,
                 out_dtype: torch.dtype = torch.float32, share: bool = True,
-                outputs: tuple[int, ...] | None = None) -> torch.Tensor | list[torch.Tensor]:
+                outputs: tuple[int, ...] | None = None, evict: str | None = None) -> torch.Tensor | list[torch.Tensor]:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
@@ -927,7 +930,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     ``split`` > 1: the programs add their parts atomically). ``share``: see :func:`prepared_input`.
     ``outputs``: the row counts of two or three layers whose codes and coefficients lie back to back in
     ``packed``/``form``/``tables`` (:func:`quantune.qlinear.colocate`): one launch, one result each
-    (a list), for ``split`` 1 only."""
+    (a list), for ``split`` 1 only. ``evict``: the L2 eviction policy of the codes' loads ("" or "evict_first",
+    default :data:`GEMV_EVICT`)."""
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
@@ -976,10 +980,15 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys), SYM=sym,
+        EVICT=GEMV_EVICT if evict is None else evict,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 
 
+# The codes' loads are marked first to leave L2: a call reads each code once, and in a model the other layers'
+# weights come through L2 before this layer's are read again. H200, weights cycled so that none stays in L2
+# (eval/results/kernel_sweeps/sweep_gemv_cold.json): rtn-4 8192x28672 4x1x64 32.9 us against 33.8 without it.
+GEMV_EVICT = "evict_first"
 GEMV_PDL = True  # launch the GEMV with programmatic dependent launch where the GPU has it (see pdl_enabled)
 
 
@@ -1119,7 +1128,9 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
 # (one-warp programs over 128-word tiles keep 4 x 16 bytes of codes in flight per thread; layers with
 # few rows need smaller row blocks to fill the GPU: 14336x4096 kashin-4 16.1 us at 2x1x128 vs 23.4 at 8x2x128).
 GEMV_TILES = ((8, 2, 128, False), (2, 1, 128, False))         # kashin: int16 dot products (mode 5), plane sums
-GEMV_TILES_AFFINE = ((4, 1, 128, False), (2, 1, 128, False))  # rtn: codes as int16 dot products (mode 6)
+# rtn: codes as int16 dot products (mode 6); many rows: 4 x 64 words (cold L2, rtn-4 4096x14336 9.8 us against
+# 10.6 at 4 x 128, kernel_sweeps/sweep_gemv_cold.json)
+GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
 GEMV_MIN_WARPS = 2048
 GEMV_MIN_PROGRAMS = 512
 
