@@ -355,10 +355,10 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
     for affine in (True, False):
         for m in (1024, 4096, 14336, 28672):
             block_m, warps, block_w, _ = gemv_tile(m, affine)
-            assert block_w == 128
+            assert block_w in (64, 128)
             if -(-m // block_m) * warps < GEMV_MIN_WARPS:  # too few rows for any candidate: the smallest tile
                 assert (block_m, warps) == (2, 1)
-    assert gemv_tile(4096, True)[:2] == (2, 1) and gemv_tile(14336, True)[:2] == (4, 1)
+    assert gemv_tile(4096, True)[:3] == (2, 1, 128) and gemv_tile(14336, True)[:3] == (4, 1, 64)
     assert gemv_tile(4096, False)[:2] == (2, 1) and gemv_tile(14336, False)[:2] == (8, 2)
 
 
