@@ -447,3 +447,41 @@ def test_one_launch_for_layers_stored_back_to_back(cfg, rows):
                                    rtol=0, atol=0)
     with pytest.raises(ValueError, match="outputs must be 2 or 3"):
         gemv_matmul(x, codes, form, cfg.bits, block_m=4, block_w=8, num_warps=1, outputs=(sum(rows),))
+
+
+def test_dct_split_covers_power_of_two_widths_up_to_8192():
+    from quantune.kernels import dct_split
+
+    assert dct_split(4096) == (64, 64) and dct_split(8192) == (64, 128) and dct_split(256) == (16, 16)
+    assert dct_split(512) == (16, 32)
+    for k in (128, 14336, 16384, 192, 11008):
+        assert dct_split(k) is None
+
+
+@pytest.mark.parametrize("k, bits", [(256, 4), (512, 2), (512, 8)])
+def test_one_kernel_dct_preparation_matches_the_rfft_path(k, bits, monkeypatch):
+    """Kashin's input preparation in one program per token (DFT split N1 x N2 through tl.dot) gives
+    what the four-launch rfft path gives: x's parts exactly, the transformed input to float32
+    rounding, its 16-bit pairs within one step of the rounding, and the same GEMV result."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    q = _layer(QuantConfig(bits=bits), out=24, inp=k)
+    form = q.bitplane_form()
+    assert form.group == k and kernels.dct_split(k) is not None
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(11))
+    new = kernels.prepared_input(x, form, bits, pairs=True, share=False)
+    monkeypatch.setattr(kernels, "DCT_ONE_KERNEL", False)
+    old = kernels.prepared_input(x, form, bits, pairs=True, share=False)
+    xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg = new
+    assert xg is None and old[8] is None
+    for a, b in ((xd, old[0]), (xs, old[2]), (xp, old[4]), (sc, old[6])):
+        assert torch.equal(a, b)
+    for a, b in ((xqd, old[1]), (xqs, old[3]), (qsc, old[7])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+    step = (xqp.view(torch.int16).int() - old[5].view(torch.int16).int()).abs()
+    assert int(step.max()) <= 1 and float(step.float().mean()) < 0.01
+    monkeypatch.setattr(kernels, "DCT_ONE_KERNEL", True)
+    got = kernels.fused_matmul(x, q.codes, form, bits, q.level_tables())
+    want = x @ q.dequantize().T
+    assert float((got - want).norm() / want.norm()) < 2e-4
