@@ -708,58 +708,6 @@ if triton is not None:
                          8 // (32 // PER))
 
     @triton.jit
-    def _dct_prep_kernel(x_ptr, signs_ptr, f1_ptr, tw_ptr, f2_ptr, post_ptr, xd_ptr, xs_ptr, xqd_ptr, xqs_ptr,
-                         xp16_ptr, xqp16_ptr, sc_ptr, qsc_ptr, K: tl.constexpr, PER: tl.constexpr,
-                         N1: tl.constexpr, N2: tl.constexpr, PRECISION: tl.constexpr, TRIGGER: tl.constexpr = False):
-        """Kashin's whole input preparation for GEMV mode 5 in one program per token, for an input that
-        is one DCT group of K = N1 N2 columns: x and ``xq = DCT(signs x)`` de-interleaved, summed per word
-        and rounded to 16-bit pairs (what :func:`_prep_kernel`, one rfft, :func:`_dct_post_kernel` and
-        :func:`_pairs_kernel` do in four launches). The FFT of Makhoul's reordering ``v`` (``v[n] = s x``
-        at ``2n`` below K/2, at ``2(K - 1 - n) + 1`` above) is split as K = N1 N2 (``n = N2 n1 + n2``,
-        ``k = k1 + N1 k2``): an N1-point DFT along n1 (``tl.dot``), the twiddles ``exp(-2 pi i n2 k1 / K)``,
-        an N2-point DFT along n2 (``tl.dot``); then ``X_k = Re(t_k V_k)``. ``f1``/``f2``: (cos, sin) of the
-        DFT angles, ``tw``: of the twiddles, ``post``: ``t_k`` (:func:`dct_twiddle`), all interleaved
-        float32 pairs. PRECISION: ``tl.dot``'s (tf32x3 on the GPU: float32 accuracy from tensor cores)."""
-        if TRIGGER:
-            _gdc_launch_dependents()
-        tok = tl.program_id(0)
-        r1 = tl.arange(0, N1)
-        r2 = tl.arange(0, N2)
-        # x itself, as a tile of rows of N2 consecutive columns
-        c = r1[:, None] * N2 + r2[None, :]
-        xv = tl.load(x_ptr + tok * K + c).to(tl.float32)
-        NW: tl.constexpr = K // PER
-        tl.store(xd_ptr + tok * K + (c % PER) * NW + c // PER, xv)
-        tl.store(xs_ptr + tok * NW + tl.arange(0, NW), tl.sum(tl.reshape(xv, (NW, PER)), axis=1))
-        scale = tl.maximum(tl.max(tl.max(tl.abs(xv), axis=1), axis=0), 1e-30) / 32767.0
-        tl.store(sc_ptr + tok, scale)
-        _store_pairs(xp16_ptr, tok, xv, scale, c, c < K, PER, NW, 8 // (32 // PER))
-        # v[n1, n2] with n = N2 n1 + n2
-        src = tl.where(c < K // 2, 2 * c, 2 * (K - 1 - c) + 1)
-        v = tl.load(x_ptr + tok * K + src).to(tl.float32) * tl.load(signs_ptr + src)
-        i1 = r1[:, None] * N1 + r1[None, :]  # [k1, n1]
-        a_re = tl.dot(tl.load(f1_ptr + 2 * i1), v, input_precision=PRECISION)
-        a_im = -tl.dot(tl.load(f1_ptr + 2 * i1 + 1), v, input_precision=PRECISION)
-        tc = tl.load(tw_ptr + 2 * c)  # [k1, n2]: angle 2 pi n2 k1 / K
-        ts = tl.load(tw_ptr + 2 * c + 1)
-        b_re = a_re * tc + a_im * ts
-        b_im = a_im * tc - a_re * ts
-        i2 = r2[:, None] * N2 + r2[None, :]  # [n2, k2]
-        c2 = tl.load(f2_ptr + 2 * i2)
-        s2 = tl.load(f2_ptr + 2 * i2 + 1)
-        v_re = tl.dot(b_re, c2, input_precision=PRECISION) + tl.dot(b_im, s2, input_precision=PRECISION)
-        v_im = tl.dot(b_im, c2, input_precision=PRECISION) - tl.dot(b_re, s2, input_precision=PRECISION)
-        k = r1[:, None] + N1 * r2[None, :]  # [k1, k2]
-        xq = tl.load(post_ptr + 2 * k) * v_re - tl.load(post_ptr + 2 * k + 1) * v_im
-        # k's words: PER consecutive k1 of one k2 (PER divides N1)
-        tl.store(xqd_ptr + tok * K + (k % PER) * NW + k // PER, xq)
-        wq = (tl.arange(0, N1 // PER))[:, None] + (N1 // PER) * r2[None, :]
-        tl.store(xqs_ptr + tok * NW + wq, tl.sum(tl.reshape(xq, (N1 // PER, PER, N2)), axis=1))
-        qscale = tl.maximum(tl.max(tl.max(tl.abs(xq), axis=1), axis=0), 1e-30) / 32767.0
-        tl.store(qsc_ptr + tok, qscale)
-        _store_pairs(xqp16_ptr, tok, xq, qscale, k, k < K, PER, NW, 8 // (32 // PER))
-
-    @triton.jit
     def _decode_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, u_ptr, v_ptr, M, stride_w, groups,
                        K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                        MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SYM: tl.constexpr = False):
@@ -1059,37 +1007,6 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-DCT_ONE_KERNEL = True  # kashin's preparation in one kernel where the input is one DCT group (see dct_split)
-
-
-def dct_split(k: int) -> tuple[int, int] | None:
-    """``(N1, N2)`` with ``k = N1 N2`` for :func:`_dct_prep_kernel`'s one-program DCT: powers of two,
-    16 <= N1 <= N2 <= 2 N1, k at most 8192 (the program holds a few k-element tiles in registers);
-    None for other widths (they take the rfft path)."""
-    if k & (k - 1) or not 256 <= k <= 8192:
-        return None
-    n1 = 1 << ((k.bit_length() - 1) // 2)
-    return n1, k // n1
-
-
-@functools.lru_cache(maxsize=8)
-def _dct_tables(k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(cos, sin) pairs of the DFT angles of :func:`_dct_prep_kernel` for a ``k``-wide group (float64
-    computed, float32 stored): N1-point DFT ``[k1, n1]``, twiddles ``[k1, n2]`` (``2 pi n2 k1 / k``),
-    N2-point DFT ``[n2, k2]``, and the DCT's ``t_k``."""
-    n1, n2 = dct_split(k)
-
-    def pairs(angle):
-        return torch.stack((torch.cos(angle), torch.sin(angle)), dim=-1).to(device=device, dtype=torch.float32)
-
-    a1, a2 = torch.arange(n1, dtype=torch.float64), torch.arange(n2, dtype=torch.float64)
-    two_pi = 2 * torch.pi
-    return (pairs(two_pi * a1[:, None] * a1[None, :] / n1).contiguous(),
-            pairs(two_pi * a1[:, None] * a2[None, :] / k).contiguous(),
-            pairs(two_pi * a2[:, None] * a2[None, :] / n2).contiguous(),
-            torch.view_as_real(dct_twiddle(k, device, torch.float32)).contiguous())
-
-
 _PREPARED: dict = {}  # the last few-token input's de-interleaved copies, see prepared_input
 SHARE_INPUTS = True  # reuse the last input's preparation for the same, unchanged tensor (see prepared_input)
 PREP_COLUMNS = 1024  # columns of one token per program of the input-preparation kernels
@@ -1156,24 +1073,6 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     xd = torch.empty(t, per, k // per, device=x.device, dtype=torch.float32)
     xs = torch.empty(t, k // per, device=x.device, dtype=torch.float32)
     fused_dct = needs_xq and not given and form.transform == "dct"
-    split = dct_split(k) if fused_dct and pairs is True and form.group == k and DCT_ONE_KERNEL else None
-    if split is not None and split[0] % per == 0:  # one program per token does it all
-        x = x.contiguous()
-        xqd, xqs = torch.empty_like(xd), torch.empty_like(xs)
-        xp = torch.empty(t, 8 // bits, 2, k // per, device=x.device, dtype=torch.int32)
-        xqp = torch.empty_like(xp)
-        sc = torch.empty(t, device=x.device, dtype=torch.float32)
-        qsc = torch.empty_like(sc)
-        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        _dct_prep_kernel[(t,)](x, random_signs(k, form.seed, device=x.device, dtype=torch.float32),
-                               *_dct_tables(k, x.device), xd, xs, xqd, xqs, xp.view(torch.int16), xqp.view(torch.int16),
-                               sc, qsc, K=k, PER=per, N1=split[0], N2=split[1],
-                               PRECISION="ieee" if interpret or not x.is_cuda else "tf32x3", TRIGGER=trigger,
-                               num_warps=4 if k <= 1024 else 8)
-        prepared = (xd, xqd, xs, xqs, xp, xqp, sc, qsc, None)
-        if share:
-            _PREPARED["entry"] = (key, x, prepared)
-        return prepared
     fused_pairs = pairs is True and (fused_dct or not needs_xq)  # both inputs' pairs from the kernels below
     g = form.group if fused_dct else k
     ch = prep_columns(k, per)
