@@ -8,7 +8,8 @@ kernel (quantune.kernels), torch bf16 ``x @ W^T``, ``bnb.matmul_4bit``. Prefill 
 quantune decodes the weight to bf16 and runs one GEMM (timed together) against bf16 GEMM.
 Correctness: every kernel output is compared with the float32 reference (``x @ W_hat^T`` from
 the module's own dequantization) in the same run. The table states the measured device copy
-bandwidth and each case's byte floor (bytes read / bandwidth).
+bandwidth and each case's byte floor (bytes read / bandwidth). Decode timings cycle through copies
+of each case's weights (``cold_copies``) so that no call is served from L2, as in a model.
 """
 from __future__ import annotations
 
