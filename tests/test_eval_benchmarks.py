@@ -10,9 +10,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args, tmp_path, timeout):
+def _run(args, tmp_path, timeout, **extra_env):
     # no compiled-graph cache: a graph loaded from an earlier run skips quantune's inductor pass and its count
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, TORCHINDUCTOR_FX_GRAPH_CACHE="0")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, TORCHINDUCTOR_FX_GRAPH_CACHE="0", **extra_env)
     done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -47,3 +47,18 @@ def test_kernel_benchmark_smoke_and_rerender(tmp_path):
     out.with_suffix(".md").unlink()
     _run(["eval.bench_kernels", "--render", str(out.with_suffix(".json"))], tmp_path, 120)
     assert "Low-bit matmul kernels" in out.with_suffix(".md").read_text()
+
+
+def test_gemv_sweep_smoke_checks_every_tile_against_the_default(tmp_path):
+    """eval/sweep_gemv.py on the CPU (a small shape under the interpreter): every tile, split and eviction
+    policy computes what the layer's default tile computes, and the bytes it reports are the codes plus
+    rtn's float16 scales (no offset table on the symmetric grid)."""
+    pytest.importorskip("triton")
+    _run(["eval.sweep_gemv", "--methods", "rtn-4", "--evict", ",evict_first"], tmp_path, 600, OUT=str(tmp_path))
+    rows = json.loads((tmp_path / "sweep_gemv.json").read_text())
+    tiles = [r for r in rows if "kernel_us" in r]
+    assert {r["evict"] for r in tiles} == {"", "evict_first"} and {r["split"] for r in tiles} == {1, 2}
+    assert all(r["rel_diff"] < 1e-5 for r in tiles)
+    (whole,) = [r for r in rows if "whole_call_us" in r]
+    k, n = whole["k"], whole["n"]
+    assert whole["bytes_read"] == n * k // 2 + n * (k // 64) * 2  # 4-bit codes, one float16 scale per 64
