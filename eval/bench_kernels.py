@@ -53,6 +53,25 @@ def layer_copies(codes: torch.Tensor, form, tables: tuple, n: int) -> list[tuple
          tuple(clone(t) for t in tables)) for _ in range(n - 1)]
 
 
+def save_sweep(rows: list, name: str, key: tuple, metric: str) -> None:
+    """A sweep's rows as ``$OUT/NAME.json``; prints the row with the least ``metric`` per ``key`` (row
+    fields; rows without the metric are skipped)."""
+    import os
+
+    folder = Path(os.environ.get("OUT", "/tmp/out"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    best = {}
+    for r in rows:
+        if r.get(metric) is None:
+            continue
+        k = tuple(r[f] for f in key)
+        if k not in best or r[metric] < best[k][metric]:
+            best[k] = r
+    for r in best.values():
+        print("best", json.dumps(r), flush=True)
+
+
 def kernel_bytes(codes: torch.Tensor, form, tables: tuple, affine: bool) -> int:
     """Bytes one few-token call reads from its weights: codes, and rtn's scale (offset) tables or
     kashin's coefficients."""

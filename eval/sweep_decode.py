@@ -6,10 +6,10 @@ to the default config's. Writes $OUT/sweep_decode.json. Run on the GPU: ``python
 without one it checks itself under TRITON_INTERPRET=1 on a small shape and times nothing."""
 import argparse
 import json
-import os
 
 import torch
 
+from eval.bench_kernels import save_sweep
 from quantune.config import QuantConfig
 from quantune.qlinear import QuantLinear
 
@@ -48,17 +48,7 @@ def main() -> None:
                            bf16_prefill_us=t_bf16, prefill_x_bf16=t_bf16 / t_pre if t_pre else None, equal=same)
                 print(json.dumps(row), flush=True)
                 out.append(row)
-    folder = os.environ.get("OUT", "/tmp/out")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "sweep_decode.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    best = {}
-    for r in out:
-        key = (r["k"], r["n"], r["bits"])
-        if key not in best or r["prefill_us"] < best[key]["prefill_us"]:
-            best[key] = r
-    for r in best.values():
-        print("best", json.dumps(r), flush=True)
+    save_sweep(out, "sweep_decode", ("k", "n", "bits"), "prefill_us")
 
 
 if __name__ == "__main__":

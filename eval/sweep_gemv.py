@@ -5,11 +5,11 @@ reads (codes plus the coefficient tables it loads) per second, and whether its o
 config's bitwise (else its relative difference: a split of 2 adds two float32 parts); then the whole call
 the module makes (quantune.kernels.fused_matmul: input preparation and the default tile) against bf16
 cuBLAS in the same run. Every timed call cycles through copies of the weights (bench_kernels.cold_copies:
-512 MB or more together), so none finds its weights in L2. Writes $OUT/sweep_gemv.json. Run on the GPU: ``python eval/sweep_gemv.py``; without one it checks
-itself under TRITON_INTERPRET=1 on a small shape and times nothing."""
+512 MB or more together), so none finds its weights in L2. Writes $OUT/sweep_gemv.json. Run on the GPU:
+``python eval/sweep_gemv.py``; without one it checks itself under TRITON_INTERPRET=1 on a small shape and
+times nothing."""
 import argparse
 import json
-import os
 
 import torch
 
@@ -29,8 +29,6 @@ def main() -> None:
     p.add_argument("--splits", default="1,2")
     p.add_argument("--evict", default="", help="L2 eviction policies of the codes' loads to try, e.g. ',evict_first'")
     args = p.parse_args()
-    import triton.testing
-
     from eval import bench_kernels
     from quantune import kernels
 
@@ -42,9 +40,7 @@ def main() -> None:
         if args.configs else [(*c, False) for c in CONFIGS]
     if dev != "cuda":
         configs = [(2, 1, 4, False), (1, 1, 8, True)]
-    # seconds (do_bench_cudagraph gives milliseconds)
-    bench = (lambda f: triton.testing.do_bench_cudagraph(f, rep=100, return_mode="median") / 1e3) if dev == "cuda" \
-        else (lambda f: (f(), 0.0)[1])
+    bench = bench_kernels.bench if dev == "cuda" else (lambda f: 0.0)  # seconds, CUDA-graph medians; none on the CPU
     out = []
     for k, n in shapes:
         torch.manual_seed(0)
@@ -103,19 +99,7 @@ def main() -> None:
             print("whole", json.dumps(row), flush=True)
             out.append(row)
             q = copies = None
-    folder = os.environ.get("OUT", "/tmp/out")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "sweep_gemv.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    best = {}
-    for r in out:
-        if "kernel_us" not in r or r["kernel_us"] is None:
-            continue
-        key = (r["k"], r["n"], r["method"])
-        if key not in best or r["kernel_us"] < best[key]["kernel_us"]:
-            best[key] = r
-    for r in best.values():
-        print("best", json.dumps(r), flush=True)
+    bench_kernels.save_sweep(out, "sweep_gemv", ("k", "n", "method"), "kernel_us")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,13 @@ def level_tables(form: BitplaneForm, bits: int) -> tuple[torch.Tensor, torch.Ten
     return lut_u, lut_v, False
 
 
+def affine_args(tables: tuple) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """rtn's :func:`level_tables` as the kernels take them: (scales, offsets, SYM). The symmetric grid
+    has no offset table (SYM: the kernels derive it); its scales then stand in for the unread pointer."""
+    offset, scale = tables[0], tables[1]
+    return scale, scale if offset is None else offset, offset is None
+
+
 def block_k_for(group: int) -> int | None:
     """The kernel's K tile: the largest power of two <= 256 dividing ``group`` (None below 16)."""
     block = group & (-group)
@@ -787,16 +794,18 @@ def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, blo
     w = packed.view(torch.int32)
     u = torch.empty(m, k, device=packed.device, dtype=torch.bfloat16)
     v = torch.empty_like(u) if form.ku < bits else None
+    sym = False
     if mode == 0:
         a, bx, bq = form.a, form.bx, form.bq
     elif mode == 1:
-        a, bx, bq = tables[1], *(2 * [tables[1] if tables[0] is None else tables[0]])
+        a, bx, sym = affine_args(tables)
+        bq = bx
     else:
         a, bx, bq = tables[0], tables[0], tables[1]
     _decode_kernel[(triton.cdiv(m, block_m), words // tile)](
         w, a, bx, bq, u, u if v is None else v, m, w.stride(0), form.bx.shape[1], K=k,
         GROUP=form.group, BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile,
-        SYM=mode == 1 and tables[0] is None, num_warps=num_warps)
+        SYM=sym, num_warps=num_warps)
     return u, v
 
 
@@ -857,10 +866,14 @@ def levels_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bit
     pass ``tables`` to reuse them across calls)."""
     block_k, x32, xq, y = _launch_setup(x, packed, form, bits, block_k, xq)
     (t, k), m = x.shape, packed.shape[0]
-    lu, lv, affine = tables if tables is not None else level_tables(form, bits)
+    tables = tables if tables is not None else level_tables(form, bits)
+    lu, lv, affine = tables
+    sym = False
+    if affine:  # u = offset + scale * code: the kernel's lu_ptr offsets, lv_ptr scales
+        lv, lu, sym = affine_args(tables)
     _levels_kernel[(triton.cdiv(m, block_m), t)](
-        packed, x32, xq, lv if lu is None else lu, lv, y, m, packed.stride(0), form.bx.shape[1], form.group, K=k,
-        BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_K=block_k, SYM=lu is None, num_warps=num_warps)
+        packed, x32, xq, lu, lv, y, m, packed.stride(0), form.bx.shape[1], form.group, K=k,
+        BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_K=block_k, SYM=sym, num_warps=num_warps)
     return y
 
 
@@ -970,9 +983,10 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         xg = xs  # unused by the kernel
     asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
     w = packed.view(torch.int32)
-    sym = mode in (0, 1, 6) and tables[0] is None  # symmetric grid: offsets derived from the scales
-    if mode in (0, 1, 6):
-        a, bx, bq = tables[1], *(2 * [tables[1] if sym else tables[0]])  # scale and offset per (row, group)
+    sym = False
+    if mode in (0, 1, 6):  # scale and offset per (row, group)
+        a, bx, sym = affine_args(tables)
+        bq = bx
     else:
         a, bx, bq = form.a, form.bx, form.bq
     _gemv_kernel[(triton.cdiv(m, block_m), split, t)](
