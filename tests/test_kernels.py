@@ -447,3 +447,105 @@ def test_one_launch_for_layers_stored_back_to_back(cfg, rows):
                                    rtol=0, atol=0)
     with pytest.raises(ValueError, match="outputs must be 2 or 3"):
         gemv_matmul(x, codes, form, cfg.bits, block_m=4, block_w=8, num_warps=1, outputs=(sum(rows),))
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64),
+                                 QuantConfig(method="rtn", bits=2, group_size=64, symmetric=False),
+                                 QuantConfig(method="rtn", bits=4, group_size=32)],
+                         ids=["rtn4-g64", "rtn2-g64-asym", "rtn4-g32"])
+@pytest.mark.parametrize("step", [(16, 1), (32, 2), (64, 1)], ids=["16w", "32w-split", "64w"])
+def test_mode7_is_exact_for_the_chunk_rounded_input(cfg, step, monkeypatch):
+    """Mode 7 (codes as bytes times the input's two signed bytes, int8 mma on the GPU) computes ``x_r W^T``
+    for ``x`` rounded to 16 bits per chunk with scale ``max|x| / 32639``: rows not a multiple of the
+    16-row tile, one to four tiles per loop step, K split in two, symmetric and asymmetric grids."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    monkeypatch.setattr(kernels, "PREP_COLUMNS", 256 if cfg.bits == 4 else 512)
+    kernels._PREPARED.clear()
+    k = 1024
+    q = _layer(cfg, out=21, inp=k)
+    form = _form(q)
+    block_w, split = step
+    if not kernels.mma_supported(form, cfg.bits, k, block_w, split):
+        with pytest.raises(ValueError, match="mode 7"):
+            kernels.gemv_matmul(torch.randn(1, k), q.codes, form, cfg.bits, block_w=block_w, split=split, mode=7)
+        return
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(11)) * torch.linspace(0.1, 4, k)
+    got = kernels.gemv_matmul(x, q.codes, form, cfg.bits, block_w=block_w, split=split, mode=7)
+    ch = kernels.prep_columns(k, 32 // cfg.bits)
+    chunks = x.view(3, k // ch, ch)
+    scale = chunks.abs().amax(-1, keepdim=True) / 32639
+    x_r = (torch.round(chunks / scale) * scale).view(3, k)
+    w = q.dequantize()
+    want = (x_r.double() @ w.double().T).float()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5  # float32 sums of the offset's cancellation
+    assert float((got - x @ w.T).norm() / (x @ w.T).norm()) < 2e-4
+    mode6 = kernels.gemv_matmul(x, q.codes, form, cfg.bits, block_m=4, block_w=16, num_warps=1, mode=6)
+    assert float((got - mode6).norm() / mode6.norm()) < 2e-4
+
+
+def test_mode7_input_bytes_are_the_rounded_input_in_the_extraction_order():
+    """``prepared_input(pairs="bytes")``: code ``j = k + CPB b`` of word ``w`` sits at byte ``b`` of
+    ``[t, k, 0, w]`` (high byte) and ``[t, k, 1, w]`` (low byte), ``q = 256 hi + lo``, |q| <= 32639."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    for bits in (2, 4):
+        kernels._PREPARED.clear()
+        q = _layer(QuantConfig(method="rtn", bits=bits, group_size=64), out=8, inp=1024)
+        form = _form(q)
+        x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(bits))
+        _, _, xs, _, xm, _, sc, _, xg = kernels.prepared_input(x, form, bits, pairs="bytes")
+        per, cpb = 32 // bits, 8 // bits
+        b8 = xm.contiguous().view(torch.int8).view(2, cpb, 2, 1024 // per, 4).to(torch.int64)
+        qv = b8[:, :, 0] * 256 + b8[:, :, 1]          # (T, CPB, words, 4): code k + CPB b of each word
+        codes = qv.permute(0, 2, 3, 1).reshape(2, 1024 // per, per)  # [t, w, b * CPB + k] = code j
+        got = codes.reshape(2, 1024)
+        want = torch.round(x / sc[:, :1]).to(torch.int64)
+        assert (got - want).abs().max() <= 1 and (got != want).sum() <= 4  # float rounding of x / scale + 0.5
+        assert int(got.abs().max()) == 32639 and int(b8.min()) >= -128
+        # the group sums the offsets meet are of the same rounded input
+        torch.testing.assert_close(xg, (got.float() * sc[:, :1]).view(2, -1, 64).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [(37, 13, 13), (24, 40)], ids=["three", "two"])
+def test_mode7_one_launch_for_layers_stored_back_to_back(rows):
+    pytest.importorskip("triton")
+    import dataclasses
+
+    from quantune.kernels import gemv_matmul, level_tables
+
+    cfg = QuantConfig(method="rtn", bits=4, group_size=64)
+    layers = [_layer(cfg, out=n, inp=256, seed=i) for i, n in enumerate(rows)]
+    forms = [_form(q) for q in layers]
+    form = dataclasses.replace(forms[0], **{f: torch.cat([getattr(fm, f) for fm in forms]) for f in ("a", "bx", "bq")})
+    codes = torch.cat([q.codes for q in layers])
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(11))
+    got = gemv_matmul(x, codes, form, cfg.bits, block_w=16, mode=7, outputs=rows, tables=level_tables(form, cfg.bits))
+    for y, q, fm in zip(got, layers, forms):
+        torch.testing.assert_close(y, gemv_matmul(x, q.codes, fm, cfg.bits, block_w=16, mode=7), rtol=0, atol=0)
+
+
+def test_mode7_as_the_default_serves_the_module_and_falls_back_where_it_cannot(monkeypatch):
+    """With GEMV_MODE_CODES = 7 the few-token path of a 4-bit rtn layer runs mode 7 (same result as
+    asking for it), and a layer mode 7 cannot serve (groups of 16 columns at 2 bits) runs mode 6."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    monkeypatch.setattr(kernels, "GEMV_MODE_CODES", 7)
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(5))
+    q = _layer(QuantConfig(method="rtn", bits=4, group_size=64), out=24, inp=1024)
+    form = _form(q)
+    kernels._PREPARED.clear()
+    got = kernels.fused_matmul(x, q.codes, form, 4, None)
+    kernels._PREPARED.clear()
+    # 2 row tiles: split in two along K to fill the GPU
+    torch.testing.assert_close(got, kernels.gemv_matmul(x, q.codes, form, 4, block_w=64, split=2, mode=7),
+                               rtol=0, atol=0)
+    q2 = _layer(QuantConfig(method="rtn", bits=2, group_size=16), out=24, inp=1024)
+    form2 = _form(q2)
+    assert not kernels.mma_supported(form2, 2, 1024, 64)
+    kernels._PREPARED.clear()
+    got2 = kernels.fused_matmul(x, q2.codes, form2, 2, None)
+    torch.testing.assert_close(got2, x @ q2.dequantize().T, rtol=2e-4, atol=2e-4)
