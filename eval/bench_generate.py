@@ -196,14 +196,8 @@ def main() -> None:
                                                                 "(each layer prepares its own input)")
     p.add_argument("--compile", action="store_true", help="also decode with the model under torch.compile "
                                                           "(CUDA graph of the compiled step)")
-    p.add_argument("--rtn-gemv-mode", type=int, choices=(6, 7), default=None,
-                   help="rtn's few-token kernel: 6 (int16 dp2a) or 7 (int8 tensor-core mma); default: the library's")
     args = p.parse_args()
-    from quantune import kernels
     from quantune.config import QuantConfig
-
-    if args.rtn_gemv_mode is not None:
-        kernels.GEMV_MODE_CODES = args.rtn_gemv_mode
     from quantune.quantize import quantize_model
 
     shape, device = dict(LLAMA3_8B), "cuda"
@@ -288,12 +282,8 @@ def write_report(rows: list, args, shape: dict, device: str) -> None:
           f"({'smoke: 2 layers, 256 wide' if args.smoke else '32 layers'}); prompt {args.prompt} tokens, "
           f"{args.new_tokens} new tokens, eager: transformers generate with a dynamic KV cache; CUDA graph: a static KV cache and one decode step captured and replayed per token, checked against the same static-cache steps run eagerly (tokens equal up to the stated count; transformers generate's dynamic cache runs other attention kernels, so its tokens can part from the static cache's on a random model's near-tied logits)"
           f"{'; compiled: the model under torch.compile (quantune.compiler.compile_model: inductor, each quantune layer one custom op, quantune::linear, and the layers that read one tensor merged into one quantune::linear_shared that prepares it once unless --no-share-pass), the decode step only (prompt uncompiled), then the same CUDA-graph decode, its first step' + chr(39) + 's logits compared with the eager model' + chr(39) + 's' if args.compile else ''}.\n\n{table}\n")
-    from quantune import kernels
-
-    md += (f"\nrtn's few-token kernel: GEMV mode {kernels.GEMV_MODE_CODES} "
-           f"({kernels.GEMV_MODES.get(kernels.GEMV_MODE_CODES, '?')}).\n")
-    write_results(out, {"device": dev, "shape": shape, "prompt": args.prompt, "new_tokens": args.new_tokens,
-                        "rtn_gemv_mode": kernels.GEMV_MODE_CODES, "rows": rows}, md)
+    write_results(out, {"device": dev, "shape": shape, "prompt": args.prompt,
+                                                    "new_tokens": args.new_tokens, "rows": rows}, md)
 
 
 if __name__ == "__main__":

@@ -146,8 +146,7 @@ CONFIGS = [("gemv1", 4, 4, 128),
            ("gemv5", 4, 4, 128), ("gemv5", 4, 1, 128), ("gemv5", 8, 1, 64), ("gemv5", 4, 1, 64), ("gemv5", 8, 2, 128),
            ("gemv5", 2, 1, 128),
            ("gemv6", 4, 1, 128), ("gemv6", 2, 1, 128), ("gemv6", 8, 1, 128), ("gemv6", 4, 4, 128), ("gemv6", 8, 8, 128),
-           ("gemv6", 16, 8, 128), ("gemv6", 32, 4, 64), ("gemv6", 8, 2, 128),
-           ("gemv7", 16, 1, 16), ("gemv7", 16, 1, 32), ("gemv7", 16, 1, 64)]
+           ("gemv6", 16, 8, 128), ("gemv6", 32, 4, 64), ("gemv6", 8, 2, 128)]
 # earlier sweeps (eval/results/kernel_sweeps/): "planes"/"levels" kernels, gemv modes 0, 2, 3, 4 (on the formats
 # that have modes 5 or 6) and prefetching never won
 
@@ -289,8 +288,6 @@ def main() -> None:
                 if kind.startswith("gemv"):
                     split = gemv_split(codes.shape[0], form, bits, bm, tw)
                     mode, prefetch = gemv_variant(kind)
-                    if mode == 7 and not kernels.mma_supported(form, bits, k, tw, split):
-                        split = 1
                     # xq given: the kernel alone (inputs prepared once, outside the timing)
                     pairs = kernels.gemv_pairs(kernels.gemv_default_mode(tables[2], bits) if mode is None else mode)
                     prepared = None if xq_arg is None else kernels.prepared_input(x1, form, bits, xq_arg, pairs=pairs)
@@ -313,15 +310,13 @@ def main() -> None:
                 if kind.startswith("gemv") and not gemv_supported(form, bits, q.codes.shape[1]):
                     continue
                 mode = gemv_mode(kind) if kind.startswith("gemv") else None
-                if mode in (0, 1, 6, 7) and not tables[2]:  # rtn's affine modes on kashin
+                if mode in (0, 1, 6) and not tables[2]:  # rtn's affine modes on kashin
                     continue
                 if mode in (2, 3, 4) and tables[2]:  # kashin's float plane modes: never faster on rtn
                     continue
                 if mode == 5 and tables[2]:  # kashin's planes on rtn: slower than mode 6 (kernel_sweeps/)
                     continue
                 if mode in (5, 6) and bits not in (2, 4, 8):
-                    continue
-                if mode == 7 and not kernels.mma_supported(form, bits, k, tw):
                     continue
                 try:
                     call = kernel_call(kind, bm, nw, tw, xq)

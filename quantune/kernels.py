@@ -113,47 +113,6 @@ def block_k_for(group: int) -> int | None:
     return block if block >= 16 else None
 
 
-def mma_ptx(bits: int) -> str:
-    """The PTX of GEMV mode 7's inner step for one lane, as :func:`triton.language.inline_asm_elementwise`
-    runs it with ``pack=8``: operands ``$0-$7`` out, ``$8-$15`` the lane's code words (rows g and g + 8 of
-    a 16-row tile, its four words each), then the lane's B fragments, eight per extraction pair (4-bit:
-    one tensor, extraction 0 in ``$16-$19`` and 1 in ``$20-$23``; 2-bit: two, extractions 0/1 and 2/3).
-    Per word, ``(word >> k bits) & mask`` puts codes ``k + CPB b`` into byte ``b`` (0..2^bits - 1,
-    unsigned) and ``mma.sync.m16n8k32.u8.s8`` multiplies them with the input's two signed bytes
-    (B column ``2t``: high byte, ``2t + 1``: low byte of the codes that lane quad position t holds, zero
-    elsewhere), so lane (g, t) ends with its own four words' dot products for rows g and g + 8, high
-    and low parts (D columns 2t, 2t + 1). Two accumulator chains (independent mma), joined at the end:
-    ``$0 = 256 hi + lo`` for row g, ``$4`` for row g + 8, the other outputs 0."""
-    if bits not in (2, 4):
-        raise ValueError(f"GEMV mode 7 serves 2 and 4-bit codes, not {bits}")
-    mask = "0x0F0F0F0F" if bits == 4 else "0x03030303"
-    lines = ["{", ".reg .b32 m7s, m7a<4>, m7p<4>, m7q<4>;"]
-    for r in range(4):
-        lines += [f"mov.b32 m7p{r}, 0;", f"mov.b32 m7q{r}, 0;"]
-
-    def ext(dst, src, k):
-        if k == 0:
-            return [f"and.b32 {dst}, {src}, {mask};"]
-        return [f"shr.u32 m7s, {src}, {k * bits};", f"and.b32 {dst}, m7s, {mask};"]
-
-    mma = "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32"
-    pairs = [(0, 1)] if bits == 4 else [(0, 1), (2, 3)]
-    for j in range(4):
-        for e, (k0, k1) in enumerate(pairs):
-            chain = "m7p" if (j if bits == 4 else e) % 2 == 0 else "m7q"
-            lines += ext("m7a0", f"${8 + j}", k0) + ext("m7a1", f"${12 + j}", k0)
-            lines += ext("m7a2", f"${8 + j}", k1) + ext("m7a3", f"${12 + j}", k1)
-            b0, b1 = 16 + 8 * e + j, 16 + 8 * e + 4 + j
-            acc = ", ".join(f"{chain}{r}" for r in range(4))
-            lines.append(f"{mma} {{{acc}}}, {{m7a0, m7a1, m7a2, m7a3}}, {{${b0}, ${b1}}}, {{{acc}}};")
-    for r in range(4):
-        lines.append(f"add.s32 m7p{r}, m7p{r}, m7q{r};")
-    lines += ["shl.b32 m7p0, m7p0, 8;", "add.s32 $0, m7p0, m7p1;", "shl.b32 m7p2, m7p2, 8;", "add.s32 $4, m7p2, m7p3;"]
-    lines += [f"mov.b32 ${i}, 0;" for i in (1, 2, 3, 5, 6, 7)]
-    lines.append("}")
-    return "\n".join(lines)
-
-
 try:  # Triton is optional: CUDA machines have it; on the CPU it only serves interpreter tests
     import triton
     import triton.language as tl
@@ -322,22 +281,6 @@ if triton is not None:
         lane = j // CPB  # the byte of the bit-gathering register: pair 2h + half
         dest = (((tok * CPB + j % CPB) * 2 + lane // 2) * NW + c // PER) * 2 + lane % 2
         tl.store(xp16_ptr + dest, qi, mask=m)
-
-    @triton.jit
-    def _store_bytes(xm8_ptr, tok, vals, scale, c, m, PER: tl.constexpr, NW: tl.constexpr, CPB: tl.constexpr):
-        """Columns ``c`` of a token's input ``vals`` rounded to 16 bits with ``scale`` (``max|x| / 32639``)
-        and split into two signed bytes ``q = 256 hi + lo`` (``lo`` in [-128, 127]), stored for GEMV mode 7
-        (:func:`quantized_bytes`' layout): code ``j = k + CPB b`` of word ``w`` at byte ``b`` of the int32
-        ``[tok, k, 0, w]`` (``hi``) and ``[tok, k, 1, w]`` (``lo``), the byte that ``(word >> k BITS) &
-        mask`` gives that code."""
-        qf = vals / scale
-        qi = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int32)
-        lo = ((qi + 128) & 255) - 128
-        hi = (qi - lo) >> 8
-        j = c % PER
-        dest = (((tok * CPB + j % CPB) * 2) * NW + c // PER) * 4 + j // CPB
-        tl.store(xm8_ptr + dest, hi.to(tl.int8), mask=m)
-        tl.store(xm8_ptr + dest + NW * 4, lo.to(tl.int8), mask=m)
 
     @triton.jit
     def _mantissa_field(word, pos: tl.constexpr, width: tl.constexpr):
@@ -682,124 +625,6 @@ if triton is not None:
         else:
             tl.atomic_add(y_ptr + tok * M + rows, out, mask=rmask)
 
-    _MMA_PTX2: tl.constexpr = tl.constexpr(mma_ptx(2))
-    _MMA_PTX4: tl.constexpr = tl.constexpr(mma_ptx(4))
-    _MMA_CONS2: tl.constexpr = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 24))
-    _MMA_CONS4: tl.constexpr = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 16))
-
-    @triton.jit
-    def _signed_byte(v, b: tl.constexpr):
-        """Byte ``b`` of the int32 ``v`` as a signed value."""
-        return (v << (24 - 8 * b)) >> 24
-
-    @triton.jit
-    def _mma_dots(word, xm_ptr, tok, w0, r, c, BITS: tl.constexpr, NW: tl.constexpr, ASM: tl.constexpr):
-        """GEMV mode 7's integer dot products of one (16 rows, 16 words) tile of codes ``word`` with the
-        token's two-byte input (:func:`_store_bytes`), as a (16, 4) tensor: ``[i, t]`` = row i's codes in
-        words ``w0 + 4t .. w0 + 4t + 3`` times the 16-bit input. On the GPU through ``mma.sync``
-        (:func:`mma_ptx`): the tile's layout puts rows g and g + 8 and words 4t..4t+3 in lane 4g + t,
-        which is the mma's fragment layout; each lane feeds its B fragment (the input bytes of its own
-        words into column 2t (high) or 2t + 1 (low) of lane g = 2t, 2t + 1, zero elsewhere). ASM=False (the
-        CPU interpreter) computes the same sums elementwise."""
-        CPB: tl.constexpr = 8 // BITS
-        MASK: tl.constexpr = ((1 << BITS) - 1) * 0x01010101
-        g = r % 8
-        h = r // 8
-        if ASM:
-            # the lane's B fragment: rows of the tile stand for extraction h (4-bit) or 2 h' + h (2-bit)
-            live = (g // 2)[:, None] == (c // 4)[None, :]
-            base = xm_ptr + ((tok * CPB + h[:, None]) * 2 + (g % 2)[:, None]) * NW + w0 + c[None, :]
-            xa = tl.load(base, mask=live, other=0)
-            if BITS == 4:
-                d = tl.inline_asm_elementwise(_MMA_PTX4, _MMA_CONS4,
-                                              [word, xa], dtype=tl.int32, is_pure=True, pack=8)
-            else:
-                xb = tl.load(base + 2 * 2 * NW, mask=live, other=0)
-                d = tl.inline_asm_elementwise(_MMA_PTX2, _MMA_CONS2,
-                                              [word, xa, xb], dtype=tl.int32, is_pure=True, pack=8)
-        else:
-            d = tl.zeros([16, 16], dtype=tl.int32)
-            for k in tl.static_range(CPB):
-                hi = tl.load(xm_ptr + ((tok * CPB + k) * 2) * NW + w0 + tl.broadcast_to(c[None, :], (16, 16)))
-                lo = tl.load(xm_ptr + ((tok * CPB + k) * 2 + 1) * NW + w0 + tl.broadcast_to(c[None, :], (16, 16)))
-                bytes_k = (word >> (k * BITS)) & MASK
-                for b in tl.static_range(4):
-                    code = (bytes_k >> (8 * b)) & 255
-                    d += code * (_signed_byte(hi, b) * 256 + _signed_byte(lo, b))
-        return tl.sum(tl.reshape(d, (16, 4, 4)), axis=2)
-
-    @triton.jit
-    def _mma_tile_out(d, rows, rmask, w0, a_ptr, bx_ptr, xg_ptr, xscale, tok, groups, K: tl.constexpr,
-                      GROUP: tl.constexpr, PER: tl.constexpr, SYM: tl.constexpr, BITS: tl.constexpr):
-        """A tile's float contribution ``(16, 4)``: each quarter's dot times its group's scale and the
-        input chunk's scale, plus the group's offset times the group's input sum on the quarter that
-        starts the group."""
-        WPG: tl.constexpr = GROUP // PER
-        quarter = w0 + 4 * tl.arange(0, 4)
-        grp = tl.broadcast_to((quarter // WPG)[None, :], (16, 4))
-        first = tl.broadcast_to((quarter % WPG == 0)[None, :], (16, 4))
-        gidx = rows[:, None] * groups + grp
-        scale, offset = _affine(a_ptr, bx_ptr, gidx, rmask[:, None], SYM, BITS)
-        xg = tl.load(xg_ptr + tok * (K // GROUP) + grp, mask=first, other=0.0)
-        return (scale * xscale) * d.to(tl.float32) + offset * xg
-
-    @triton.jit
-    def _gemv_mma_kernel(w_ptr, xm_ptr, sc_ptr, xg_ptr, a_ptr, bx_ptr, y_ptr, y1_ptr, y2_ptr, M, M1, M2, stride_w,
-                         groups, K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
-                         UNROLL: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr, PDL: tl.constexpr = False,
-                         NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = ""):
-        """GEMV mode 7 (rtn, 2 and 4 bits): codes as unsigned bytes times the input's two signed bytes
-        on the tensor cores (``mma.sync`` int8, :func:`_mma_dots`). One warp per 16 rows; per step
-        UNROLL tiles of 16 words, their codes all loaded before the first is used. Each quarter tile (4
-        words) lies in one group, whose scale multiplies its integer dot; the group's offset meets the
-        group's input sum once. Outputs, SPLIT, PDL, EVICT and SYM as in :func:`_gemv_kernel`."""
-        PER: tl.constexpr = 32 // BITS
-        NW: tl.constexpr = K // PER
-        CHUNK: tl.constexpr = NW // SPLIT
-        NCH: tl.constexpr = (K + XCH - 1) // XCH
-        pid_m = tl.program_id(0)
-        part = tl.program_id(1)
-        tok = tl.program_id(2)
-        r = tl.arange(0, 16)
-        c = tl.arange(0, 16)
-        rows = pid_m * 16 + r
-        rmask = rows < M
-        wptr = w_ptr + rows[:, None] * stride_w + part * CHUNK + tl.broadcast_to(c[None, :], (16, 16))
-        acc = tl.zeros([16, 4], dtype=tl.float32)
-        for i in range(0, CHUNK, 16 * UNROLL):
-            w0 = part * CHUNK + i
-            wa = tl.load(wptr + i, mask=rmask[:, None], other=0, eviction_policy=EVICT)
-            if UNROLL >= 2:
-                wb = tl.load(wptr + i + 16, mask=rmask[:, None], other=0, eviction_policy=EVICT)
-            if UNROLL >= 4:
-                wc = tl.load(wptr + i + 32, mask=rmask[:, None], other=0, eviction_policy=EVICT)
-                wd = tl.load(wptr + i + 48, mask=rmask[:, None], other=0, eviction_policy=EVICT)
-            if PDL:
-                if i == 0:  # the first codes are on their way: now wait for the prepared input
-                    _gdc_wait()
-            xscale = tl.load(sc_ptr + tok * NCH + (w0 * PER) // XCH)
-            acc += _mma_tile_out(_mma_dots(wa, xm_ptr, tok, w0, r, c, BITS, NW, ASM), rows, rmask, w0, a_ptr,
-                                 bx_ptr, xg_ptr, xscale, tok, groups, K, GROUP, PER, SYM, BITS)
-            if UNROLL >= 2:
-                acc += _mma_tile_out(_mma_dots(wb, xm_ptr, tok, w0 + 16, r, c, BITS, NW, ASM), rows, rmask, w0 + 16,
-                                     a_ptr, bx_ptr, xg_ptr, xscale, tok, groups, K, GROUP, PER, SYM, BITS)
-            if UNROLL >= 4:
-                acc += _mma_tile_out(_mma_dots(wc, xm_ptr, tok, w0 + 32, r, c, BITS, NW, ASM), rows, rmask, w0 + 32,
-                                     a_ptr, bx_ptr, xg_ptr, xscale, tok, groups, K, GROUP, PER, SYM, BITS)
-                acc += _mma_tile_out(_mma_dots(wd, xm_ptr, tok, w0 + 48, r, c, BITS, NW, ASM), rows, rmask, w0 + 48,
-                                     a_ptr, bx_ptr, xg_ptr, xscale, tok, groups, K, GROUP, PER, SYM, BITS)
-        out = tl.sum(acc, axis=1)
-        if NOUT == 2:
-            tl.store(tl.where(rows < M1, y_ptr + tok * M1 + rows, y1_ptr + tok * (M - M1) + (rows - M1)),
-                     out.to(y_ptr.dtype.element_ty), mask=rmask)
-        elif NOUT == 3:
-            dst = tl.where(rows < M2, y1_ptr + tok * (M2 - M1) + (rows - M1), y2_ptr + tok * (M - M2) + (rows - M2))
-            tl.store(tl.where(rows < M1, y_ptr + tok * M1 + rows, dst), out.to(y_ptr.dtype.element_ty), mask=rmask)
-        elif SPLIT == 1:
-            tl.store(y_ptr + tok * M + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
-        else:
-            tl.atomic_add(y_ptr + tok * M + rows, out, mask=rmask)
-
     @triton.jit
     def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, amax_ptr, xp16_ptr, sc_ptr, xg_ptr, K: tl.constexpr,
                      G: tl.constexpr, PER: tl.constexpr, HAS_V: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr,
@@ -810,7 +635,6 @@ if triton is not None:
         Makhoul's reordering); PAIRS 1: the chunk's ``max |x|`` (for mode 5's scale per token);
         PAIRS 2: the chunk's 16-bit pairs and scale ``max |x| / 32767`` (``sc[t, chunk]``, mode 6), and
         ``xd``/``xs`` of the rounded input, so mode 6 computes ``x_r W^T`` for that one rounded ``x_r``;
-        PAIRS 3: likewise, as two signed bytes per input with scale ``max |x| / 32639`` (mode 7);
         GS > 0: sums over GS-column groups (``xg``, mode 6; GS divides CH). TRIGGER: let a GEMV launched
         with programmatic dependent launch start at once (:func:`_gdc_launch_dependents`)."""
         if TRIGGER:
@@ -819,13 +643,10 @@ if triton is not None:
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
         xv = tl.load(x_ptr + tok * K + c, mask=m, other=0.0).to(tl.float32)
-        if PAIRS >= 2:  # the sums below then add the rounded inputs the dot products see
-            scale = tl.maximum(tl.max(tl.abs(xv), axis=0), 1e-30) / (32767.0 if PAIRS == 2 else 32639.0)
+        if PAIRS == 2:  # the sums below then add the rounded inputs the dot products see
+            scale = tl.maximum(tl.max(tl.abs(xv), axis=0), 1e-30) / 32767.0
             tl.store(sc_ptr + tok * tl.num_programs(1) + tl.program_id(1), scale)
-            if PAIRS == 2:
-                _store_pairs(xp16_ptr, tok, xv, scale, c, m, PER, K // PER, 8 // (32 // PER))
-            else:
-                _store_bytes(xp16_ptr, tok, xv, scale, c, m, PER, K // PER, 8 // (32 // PER))
+            _store_pairs(xp16_ptr, tok, xv, scale, c, m, PER, K // PER, 8 // (32 // PER))
             qf = xv / scale
             rounded = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int32).to(tl.float32) * scale
             xv = tl.where(xv == xv, rounded, xv)  # a NaN stays NaN (max ignores it; its integer is garbage)
@@ -1089,15 +910,14 @@ def deinterleave(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 GEMV_MODES = {0: "affine per weight", 1: "affine per word", 2: "signs per weight", 3: "plane sums",
-              4: "plane sums (mantissa)", 5: "plane sums (int16 dot products)", 6: "codes (int16 dot products)",
-              7: "codes (int8 tensor-core mma)"}
+              4: "plane sums (mantissa)", 5: "plane sums (int16 dot products)", 6: "codes (int16 dot products)"}
 # defaults: rtn at 2/4/8 bits (codes), other rtn (affine), kashin at 2/4/8 bits (dots), other kashin (planes)
 GEMV_MODE_CODES, GEMV_MODE_AFFINE, GEMV_MODE_DOTS, GEMV_MODE_PLANES = 6, 1, 5, 3
 
 
 def gemv_pairs(mode: int) -> bool | str:
     """The 16-bit inputs a GEMV mode reads (:func:`prepared_input`'s ``pairs``)."""
-    return {5: True, 6: "chunk", 7: "bytes"}.get(mode, False)
+    return {5: True, 6: "chunk"}.get(mode, False)
 
 
 def gemv_default_mode(affine: bool, bits: int) -> int:
@@ -1131,12 +951,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         affine = tables[2]
     if mode is None:
         mode = gemv_default_mode(affine, bits)
-        if mode == 7 and not mma_supported(form, bits, x.shape[1], block_w, split):
-            mode = 6
     if mode == 6 and 32 % bits == 0:  # a tile must lie inside one chunk of the input's 16-bit rounding
         block_w = min(block_w, prep_columns(x.shape[1], 32 // bits) // (32 // bits))
-    if mode == 7:
-        return _gemv_mma(x, packed, form, bits, tables, block_w, split, out_dtype, share, outputs, evict, prepared)
     tile = gemv_block_w(form, bits, block_w, split)
     if tile is None or packed.shape[1] % 4:
         raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
@@ -1180,54 +996,6 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys), SYM=sym,
         EVICT=GEMV_EVICT if evict is None else evict,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
-    return ys if outputs else y
-
-
-def mma_supported(form: BitplaneForm, bits: int, k: int, block_w: int = 16, split: int = 1) -> bool:
-    """Whether GEMV mode 7 serves a layer: rtn-style affine codes of 2 or 4 bits, groups of whole
-    quarter tiles (4 words) shorter than an input chunk (so the input's group sums exist), and rows
-    of whole ``block_w``-word steps per K part inside one chunk of the input's rounding."""
-    if bits not in (2, 4) or k % (32 // bits):
-        return False
-    per, ch = 32 // bits, prep_columns(k, 32 // bits)
-    words = k // per
-    return (form.group % (4 * per) == 0 and form.group < ch and ch % form.group == 0 and block_w % 16 == 0
-            and block_w in (16, 32, 64) and words % (block_w * split) == 0 and ch % (block_w * per) == 0)
-
-
-def _gemv_mma(x, packed, form, bits, tables, block_w, split, out_dtype, share, outputs, evict, prepared=None):
-    """GEMV mode 7 (:func:`_gemv_mma_kernel`): one warp per 16 rows, ``block_w`` words (16, 32 or 64)
-    per loop step; ``prepared``: :func:`prepared_input`'s ``"bytes"`` result when the caller has it."""
-    if tables is None:
-        tables = level_tables(form, bits)
-    if not tables[2]:
-        raise ValueError("GEMV mode 7 (codes as int8 mma) needs an affine grid (rtn)")
-    (t, k), m = x.shape, packed.shape[0]
-    if not mma_supported(form, bits, k, block_w, split) or packed.shape[1] * 8 != k * bits:
-        raise ValueError(f"GEMV mode 7 serves 2/4-bit codes in groups of multiples of {4 * 32 // bits} columns "
-                         f"below one input chunk, rows of whole {block_w}-word steps ({bits} bits, group "
-                         f"{form.group}, {k} columns, split {split})")
-    if outputs is not None and (len(outputs) not in (2, 3) or sum(outputs) != m or min(outputs) < 1 or split > 1):
-        raise ValueError(f"outputs must be 2 or 3 positive row counts adding up to {m} rows, with split 1 "
-                         f"(got {outputs}, split {split})")
-    ys = [torch.empty(t, n, device=x.device, dtype=out_dtype) for n in outputs] if outputs else \
-        [torch.empty(t, m, device=x.device, dtype=torch.float32 if split > 1 else out_dtype)]
-    y = ys[0]
-    bounds = [sum(outputs[:i]) for i in (1, 2)] if outputs else [m, m]
-    if split > 1:
-        y.zero_()
-    pdl = pdl_enabled(x)
-    if prepared is None:
-        prepared = prepared_input(x, form, bits, pairs="bytes", trigger=pdl, share=share)
-    _, _, _, _, xm, _, sc, _, xg = prepared
-    a, bx, sym = affine_args(tables)
-    w = packed.view(torch.int32)
-    asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    _gemv_mma_kernel[(triton.cdiv(m, 16), split, t)](
-        w, xm, sc, xg, a, bx, y, ys[1 % len(ys)], ys[-1], m, bounds[0], bounds[1], w.stride(0), form.bx.shape[1],
-        K=k, GROUP=form.group, BITS=bits, SPLIT=split, UNROLL=block_w // 16, ASM=asm,
-        XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys), SYM=sym,
-        EVICT=GEMV_EVICT if evict is None else evict, num_warps=1, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 
 
@@ -1285,10 +1053,9 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     reads, de-interleaved (``(T, PER, K / PER)``, see :func:`deinterleave`) and summed per 32-bit word
     of codes (``(T, K / PER)``); with ``pairs`` also both rounded to 16 bits (:func:`quantized_pairs`;
     ``True``: one scale per token for mode 5, ``"chunk"``: one per :func:`prep_columns` columns for
-    mode 6, ``sc`` then ``(T, chunks)``, and ``xd``/``xs`` then hold the rounded input; ``"bytes"``: the
-    same rounding (scale ``max|x| / 32639``) split into two signed bytes for mode 7, :func:`_store_bytes`),
-    else None there; ``xg``: with ``"chunk"`` or ``"bytes"``, the rounded input's sums over each group of
-    ``form.group`` columns when a group is shorter than a chunk, else None.
+    mode 6, ``sc`` then ``(T, chunks)``, and ``xd``/``xs`` then hold the rounded input), else None
+    there; ``xg``: with ``"chunk"``, the rounded input's sums over each group of ``form.group`` columns
+    when a group is shorter than a chunk, else None.
 
     Layers that take the same input tensor (q/k/v, gate/up) share one transform: the last input is
     kept (a reference, so its memory cannot be reused by another tensor while cached) with its
@@ -1301,12 +1068,12 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         raise RuntimeError("the fused kernel needs triton")
     if x.shape[0] > MAX_TOKENS:
         raise ValueError(f"the fused kernel serves at most {MAX_TOKENS} tokens, got {x.shape[0]}")
-    if pairs not in (False, True, "chunk", "bytes"):
-        raise ValueError(f"pairs must be False, True (one scale per token), 'chunk' or 'bytes', not {pairs!r}")
+    if pairs not in (False, True, "chunk"):
+        raise ValueError(f"pairs must be False, True (one scale per token) or 'chunk', not {pairs!r}")
     needs_xq, given = form.ku < bits, xq is not None
-    chunked = pairs in ("chunk", "bytes")
+    chunked = pairs == "chunk"
     if chunked and needs_xq:
-        raise ValueError("chunk-scaled inputs (GEMV modes 6 and 7) serve formats without a transformed factor (rtn)")
+        raise ValueError("chunk-scaled pairs (GEMV mode 6) serve formats without a transformed factor (rtn)")
     key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version, bits, pairs,
            form.transform if needs_xq else None, form.seed if needs_xq else None,
            form.group if needs_xq or chunked else None)
@@ -1331,15 +1098,14 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     xp = torch.empty(t, 8 // bits, 2, k // per, device=x.device, dtype=torch.int32) if chunked or fused_pairs else None
     xqp = sc = qsc = xg = None
     gs = 0
-    if chunked:  # modes 6 and 7: each program rounds its own columns with its own scale
+    if chunked:  # mode 6: each program rounds its own columns with its own scale
         sc = torch.empty(t, grid[1], device=x.device, dtype=torch.float32)
         if form.group < ch and ch % form.group == 0:  # sums per group, for tiles across groups
             gs = form.group
             xg = torch.empty(t, k // gs, device=x.device, dtype=torch.float32)
-    _prep_kernel[grid](x, xd, xs, signs, v, amax,
-                       xp.view(torch.int8 if pairs == "bytes" else torch.int16) if chunked else xd,
-                       sc if chunked else xd, xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,
-                       PAIRS=(3 if pairs == "bytes" else 2) if chunked else int(fused_pairs), CH=ch, GS=gs,
+    _prep_kernel[grid](x, xd, xs, signs, v, amax, xp.view(torch.int16) if chunked else xd, sc if chunked else xd,
+                       xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,
+                       PAIRS=2 if chunked else int(fused_pairs), CH=ch, GS=gs,
                        TRIGGER=trigger and not needs_xq and not (pairs is True and not fused_pairs))
     if fused_dct:  # cast, de-interleave and DCT pre-step in one kernel, then one rfft and one post kernel
         spectrum = torch.view_as_real(torch.fft.rfft(v.view(t * (k // g), g), dim=-1))
@@ -1380,7 +1146,6 @@ GEMV_TILES = ((8, 2, 128, False), (2, 1, 128, False))         # kashin: int16 do
 # 10.6 at 4 x 128, kernel_sweeps/sweep_gemv_cold.json)
 GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
 GEMV_MIN_WARPS = 2048
-GEMV_MMA_WORDS = 64  # mode 7: words per loop step (four 16-word tiles whose codes are loaded together)
 GEMV_MIN_PROGRAMS = 512
 
 
@@ -1417,12 +1182,6 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     serves them (the caller then runs the layers one by one); never split along K."""
     if gemv_supported(form, bits, packed.shape[1]):
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
-        k, m = x.shape[1], packed.shape[0]
-        if affine and gemv_default_mode(affine, bits) == 7 and mma_supported(form, bits, k, GEMV_MMA_WORDS):
-            split = 2 if (outputs is None and -(-m // 16) < GEMV_MIN_PROGRAMS
-                          and mma_supported(form, bits, k, GEMV_MMA_WORDS, 2)) else 1
-            return gemv_matmul(x, packed, form, bits, block_w=GEMV_MMA_WORDS, split=split, affine=True, mode=7,
-                               tables=tables, out_dtype=out_dtype, share=share, outputs=outputs)
         block_m, warps, block_w, prefetch = gemv_tile(packed.shape[0], affine)
         # layers launched together keep their rows whole (split 1): results are stored per layer
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w) if outputs is None else 1
