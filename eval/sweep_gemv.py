@@ -28,6 +28,9 @@ def main() -> None:
                                                    "e.g. 4x1x64,2x1x128p")
     p.add_argument("--splits", default="1,2")
     p.add_argument("--evict", default="", help="L2 eviction policies of the codes' loads to try, e.g. ',evict_first'")
+    p.add_argument("--prep-pdl", default="", help="for the whole call: quantune.kernels.PREP_PDL settings to try "
+                                                  "(0/1: the input preparation launched plainly or with PDL), "
+                                                  "default the library's")
     args = p.parse_args()
     from eval import bench_kernels
     from quantune import kernels
@@ -92,12 +95,19 @@ def main() -> None:
             def whole(layer):  # the module's call, the input's preparation included (no reuse across calls)
                 kernels._PREPARED.clear()
                 return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
-            t_whole = bench(rotating([lambda c=c: whole(c) for c in copies]))
-            row = dict(k=k, n=n, method=spec, whole_call_us=t_whole * 1e6 if t_whole else None,
-                       default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
-                       whole_x_bf16=t_bf16 / t_whole if t_whole else None, bytes_read=read)
-            print("whole", json.dumps(row), flush=True)
-            out.append(row)
+            for prep_pdl in [bool(int(v)) for v in args.prep_pdl.split(",")] if args.prep_pdl else [kernels.PREP_PDL]:
+                saved, kernels.PREP_PDL = kernels.PREP_PDL, prep_pdl
+                try:
+                    got = whole(copies[0])
+                    t_whole = bench(rotating([lambda c=c: whole(c) for c in copies]))
+                finally:
+                    kernels.PREP_PDL = saved
+                row = dict(k=k, n=n, method=spec, whole_call_us=t_whole * 1e6 if t_whole else None,
+                           prep_pdl=prep_pdl, default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
+                           whole_x_bf16=t_bf16 / t_whole if t_whole else None, bytes_read=read,
+                           whole_rel_diff=float((got.float() - want).norm() / want.norm()))
+                print("whole", json.dumps(row), flush=True)
+                out.append(row)
             q = copies = None
     bench_kernels.save_sweep(out, "sweep_gemv", ("k", "n", "method"), "kernel_us")
 

@@ -628,7 +628,7 @@ if triton is not None:
     @triton.jit
     def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, amax_ptr, xp16_ptr, sc_ptr, xg_ptr, K: tl.constexpr,
                      G: tl.constexpr, PER: tl.constexpr, HAS_V: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr,
-                     GS: tl.constexpr = 0, TRIGGER: tl.constexpr = False):
+                     GS: tl.constexpr = 0, TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False):
         """CH columns of one token: the input in float32, de-interleaved for the GEMV (``xd[t, j, w] =
         x[t, w * PER + j]``) and summed per word (``xs[t, w]``); with HAS_V the DCT's FFT input ``v`` of
         each G-long group (signs applied, even entries in order, odd entries reversed behind them:
@@ -636,9 +636,13 @@ if triton is not None:
         PAIRS 2: the chunk's 16-bit pairs and scale ``max |x| / 32767`` (``sc[t, chunk]``, mode 6), and
         ``xd``/``xs`` of the rounded input, so mode 6 computes ``x_r W^T`` for that one rounded ``x_r``;
         GS > 0: sums over GS-column groups (``xg``, mode 6; GS divides CH). TRIGGER: let a GEMV launched
-        with programmatic dependent launch start at once (:func:`_gdc_launch_dependents`)."""
+        with programmatic dependent launch start at once (:func:`_gdc_launch_dependents`). WAIT: this kernel
+        was itself launched with programmatic dependent launch (it starts while the kernel before it ends)
+        and waits for that kernel before it reads or writes memory."""
         if TRIGGER:
             _gdc_launch_dependents()
+        if WAIT:
+            _gdc_wait()
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
@@ -666,10 +670,16 @@ if triton is not None:
 
     @triton.jit
     def _dct_post_kernel(f_ptr, tw_ptr, xqd_ptr, xqs_ptr, amax_ptr, K: tl.constexpr, G: tl.constexpr,
-                         PER: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr):
+                         PER: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr, TRIGGER: tl.constexpr = False,
+                         WAIT: tl.constexpr = False):
         """``X_k = Re(t_k V_k)`` from each group's half spectrum ``rfft(v)`` (``V_k = conj(V_{G-k})``
         above G/2), for CH columns of one token, written de-interleaved and summed per word like
-        :func:`_prep_kernel`'s ``xd``/``xs``; with PAIRS the chunk's ``max |xq|``."""
+        :func:`_prep_kernel`'s ``xd``/``xs``; with PAIRS the chunk's ``max |xq|``. TRIGGER, WAIT: as in
+        :func:`_prep_kernel`."""
+        if TRIGGER:
+            _gdc_launch_dependents()
+        if WAIT:
+            _gdc_wait()
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
@@ -690,12 +700,14 @@ if triton is not None:
     @triton.jit
     def _pairs_kernel(xd_ptr, xqd_ptr, amax_ptr, xp16_ptr, xqp16_ptr, sc_ptr, qsc_ptr, K: tl.constexpr,
                       PER: tl.constexpr, HAS_Q: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr,
-                      TRIGGER: tl.constexpr = False):
+                      TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False):
         """GEMV mode 5's 16-bit inputs for CH columns of one token, from the de-interleaved inputs and
         the token's ``max |x|`` (``max |xq|``): the maximum of the kernels above's per-chunk maxima.
-        TRIGGER: as in :func:`_prep_kernel`."""
+        TRIGGER, WAIT: as in :func:`_prep_kernel`."""
         if TRIGGER:
             _gdc_launch_dependents()
+        if WAIT:
+            _gdc_wait()
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
@@ -1024,6 +1036,11 @@ def _capability(index: int) -> tuple[int, int]:
 _PREPARED: dict = {}  # the last few-token input's de-interleaved copies, see prepared_input
 SHARE_INPUTS = True  # reuse the last input's preparation for the same, unchanged tensor (see prepared_input)
 PREP_COLUMNS = 1024  # columns of one token per program of the input-preparation kernels
+# The input preparation's Triton kernels are launched with programmatic dependent launch too (when the GEMV is):
+# each starts while the kernel before it ends and waits (griddepcontrol.wait) before touching memory, so its
+# launch latency hides behind that kernel. H200, cold L2, the module's whole call (kernel_sweeps/
+# sweep_gemv_prep_pdl.json): rtn-4 4096x14336 10.73 us against 11.60, 4096x4096 5.2 against 5.8.
+PREP_PDL = True
 
 
 def prep_columns(k: int, per: int) -> int:
@@ -1063,7 +1080,8 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     the version counter (through ``.data`` or a DLPack alias) is not seen: set ``SHARE_INPUTS = False``
     where a program writes its inputs that way, and ``share=False`` for inputs whose memory is written
     without it (torch.compile's generated kernels: see ``quantune.qlinear``'s custom op). ``trigger``: the last kernel lets a GEMV launched with
-    programmatic dependent launch start early (:func:`pdl_enabled`)."""
+    programmatic dependent launch start early (:func:`pdl_enabled`), and with :data:`PREP_PDL` the
+    preparation's own kernels are launched that way too, each waiting for the kernel before it."""
     if triton is None:
         raise RuntimeError("the fused kernel needs triton")
     if x.shape[0] > MAX_TOKENS:
@@ -1103,15 +1121,18 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         if form.group < ch and ch % form.group == 0:  # sums per group, for tiles across groups
             gs = form.group
             xg = torch.empty(t, k // gs, device=x.device, dtype=torch.float32)
+    chain = trigger and PREP_PDL  # the preparation's own kernels launched with programmatic dependent launch
     _prep_kernel[grid](x, xd, xs, signs, v, amax, xp.view(torch.int16) if chunked else xd, sc if chunked else xd,
                        xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,
                        PAIRS=2 if chunked else int(fused_pairs), CH=ch, GS=gs,
-                       TRIGGER=trigger and not needs_xq and not (pairs is True and not fused_pairs))
+                       TRIGGER=trigger and not needs_xq and not (pairs is True and not fused_pairs),
+                       WAIT=chain, **({"launch_pdl": True} if chain else {}))
     if fused_dct:  # cast, de-interleave and DCT pre-step in one kernel, then one rfft and one post kernel
         spectrum = torch.view_as_real(torch.fft.rfft(v.view(t * (k // g), g), dim=-1))
         twiddle = torch.view_as_real(dct_twiddle(g, x.device, torch.float32))
         xqd, xqs = torch.empty_like(xd), torch.empty_like(xs)
-        _dct_post_kernel[grid](spectrum, twiddle, xqd, xqs, amax, K=k, G=g, PER=per, PAIRS=fused_pairs, CH=ch)
+        _dct_post_kernel[grid](spectrum, twiddle, xqd, xqs, amax, K=k, G=g, PER=per, PAIRS=fused_pairs, CH=ch,
+                               TRIGGER=chain, WAIT=chain, **({"launch_pdl": True} if chain else {}))
     elif needs_xq:
         xq = transformed_input(x.float(), form) if xq is None else xq
         xqd = deinterleave(xq.float(), bits)
@@ -1124,7 +1145,8 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         sc = torch.empty(t, device=x.device, dtype=torch.float32)
         xqp, qsc = (torch.empty_like(xp), torch.empty_like(sc)) if needs_xq else (xp, sc)
         _pairs_kernel[grid](xd, xqd, amax, xp.view(torch.int16), xqp.view(torch.int16), sc, qsc, K=k, PER=per,
-                            HAS_Q=needs_xq, CH=ch, NCH=triton.next_power_of_2(grid[1]), TRIGGER=trigger)
+                            HAS_Q=needs_xq, CH=ch, NCH=triton.next_power_of_2(grid[1]), TRIGGER=trigger,
+                            WAIT=chain, **({"launch_pdl": True} if chain else {}))
     if pairs is True and xp is None:  # not fused above: torch
         xp, sc = quantized_pairs(xd, bits)
     if pairs is True and xqp is None:
