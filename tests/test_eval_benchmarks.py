@@ -54,11 +54,15 @@ def test_gemv_sweep_smoke_checks_every_tile_against_the_default(tmp_path):
     policy computes what the layer's default tile computes, and the bytes it reports are the codes plus
     rtn's float16 scales (no offset table on the symmetric grid)."""
     pytest.importorskip("triton")
-    _run(["eval.sweep_gemv", "--methods", "rtn-4", "--evict", ",evict_first"], tmp_path, 600, OUT=str(tmp_path))
+    _run(["eval.sweep_gemv", "--methods", "rtn-4", "--evict", ",evict_first", "--prep-pdl", "0,1"], tmp_path, 600,
+         OUT=str(tmp_path))
     rows = json.loads((tmp_path / "sweep_gemv.json").read_text())
     tiles = [r for r in rows if "kernel_us" in r]
     assert {r["evict"] for r in tiles} == {"", "evict_first"} and {r["split"] for r in tiles} == {1, 2}
     assert all(r["rel_diff"] < 1e-5 for r in tiles)
-    (whole,) = [r for r in rows if "whole_call_us" in r]
+    wholes = [r for r in rows if "whole_call_us" in r]
+    assert [r["prep_pdl"] for r in wholes] == [False, True]  # one whole-call row per setting asked for
+    assert all(r["whole_rel_diff"] < 1e-2 for r in wholes)  # the module's bf16 result against the float32 tile
+    whole = wholes[0]
     k, n = whole["k"], whole["n"]
     assert whole["bytes_read"] == n * k // 2 + n * (k // 64) * 2  # 4-bit codes, one float16 scale per 64
