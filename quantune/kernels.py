@@ -1168,11 +1168,18 @@ GEMV_TILES = ((8, 2, 128, False), (2, 1, 128, False))         # kashin: int16 do
 # 10.6 at 4 x 128, kernel_sweeps/sweep_gemv_cold.json)
 GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
 GEMV_MIN_WARPS = 2048
+# rtn, long rows and few of them (Llama's down projection, 14336 -> 4096): one row per warp. Cold L2, rtn-4
+# 14336x4096: 10.9-11.0 us against 11.8 at 2 x 1 x 128 (kernel_sweeps/sweep_gemv_cold, _prefetch_cold); rtn-2 1%.
+GEMV_LONG_K = 8192
+GEMV_TILE_LONG_ROWS = (1, 1, 128, False)
 GEMV_MIN_PROGRAMS = 512
 
 
-def gemv_tile(m: int, affine: bool) -> tuple[int, int, int, bool]:
-    """(rows per program, warps, words per tile, prefetch) of the GEMV for a ``m``-row layer."""
+def gemv_tile(m: int, affine: bool, k: int | None = None) -> tuple[int, int, int, bool]:
+    """(rows per program, warps, words per tile, prefetch) of the GEMV for a ``m``-row layer of ``k``
+    columns (``k`` None: as for short rows)."""
+    if affine and k is not None and k >= GEMV_LONG_K and GEMV_MIN_WARPS <= m < GEMV_LONG_K:
+        return GEMV_TILE_LONG_ROWS
     tiles = GEMV_TILES_AFFINE if affine else GEMV_TILES
     for tile in tiles:
         if -(-m // tile[0]) * tile[1] >= GEMV_MIN_WARPS:
@@ -1204,7 +1211,7 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     serves them (the caller then runs the layers one by one); never split along K."""
     if gemv_supported(form, bits, packed.shape[1]):
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
-        block_m, warps, block_w, prefetch = gemv_tile(packed.shape[0], affine)
+        block_m, warps, block_w, prefetch = gemv_tile(packed.shape[0], affine, x.shape[1])
         # layers launched together keep their rows whole (split 1): results are stored per layer
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w) if outputs is None else 1
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,

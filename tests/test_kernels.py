@@ -360,6 +360,9 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
                 assert (block_m, warps) == (2, 1)
     assert gemv_tile(4096, True)[:3] == (2, 1, 128) and gemv_tile(14336, True)[:3] == (4, 1, 64)
     assert gemv_tile(4096, False)[:2] == (2, 1) and gemv_tile(14336, False)[:2] == (8, 2)
+    # rtn's long rows, few of them (down projection): one row per warp; short rows or many rows as before
+    assert gemv_tile(4096, True, 14336)[:3] == (1, 1, 128) and gemv_tile(4096, True, 4096)[:3] == (2, 1, 128)
+    assert gemv_tile(28672, True, 8192)[:3] == (4, 1, 64) and gemv_tile(4096, False, 14336)[:2] == (2, 1)
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=4)],
