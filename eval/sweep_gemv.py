@@ -63,7 +63,7 @@ def main() -> None:
             prepared = kernels.prepared_input(x, form, bits, pairs=kernels.gemv_pairs(mode), share=False)
             read = bench_kernels.kernel_bytes(q.codes, form, tables, affine)
             copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
-            bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, affine, k)
+            bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, affine, k, bits)
             split0 = kernels.gemv_split(n, form, bits, bm0, bw0)
             want = kernels.gemv_matmul(x, q.codes, form, bits, block_m=bm0, block_w=bw0, num_warps=nw0, split=split0,
                                        tables=tables, prepared=prepared, prefetch=pre0)

@@ -1167,6 +1167,10 @@ GEMV_TILES = ((8, 2, 128, False), (2, 1, 128, False))         # kashin: int16 do
 # rtn: codes as int16 dot products (mode 6); many rows: 4 x 64 words (cold L2, rtn-4 4096x14336 9.8 us against
 # 10.6 at 4 x 128, kernel_sweeps/sweep_gemv_cold.json)
 GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
+# rtn at 2 bits, many rows: the same 4 x 64 tile with the next tile's codes loaded before this one's arithmetic
+# (cold L2, kernel_sweeps/sweep_gemv_prefetch_cold.json: 4096x14336 7.38 us against 7.86, 8192x28672 21.85
+# against 23.16; at 4 bits it did not pay: 9.96 against 9.75, 32.35 against 32.12)
+GEMV_TILE_AFFINE_2BIT = (4, 1, 64, True)
 GEMV_MIN_WARPS = 2048
 # rtn, long rows and few of them (Llama's down projection, 14336 -> 4096): one row per warp. Cold L2, rtn-4
 # 14336x4096: 10.9-11.0 us against 11.8 at 2 x 1 x 128 (kernel_sweeps/sweep_gemv_cold, _prefetch_cold); rtn-2 1%.
@@ -1175,14 +1179,16 @@ GEMV_TILE_LONG_ROWS = (1, 1, 128, False)
 GEMV_MIN_PROGRAMS = 512
 
 
-def gemv_tile(m: int, affine: bool, k: int | None = None) -> tuple[int, int, int, bool]:
+def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = None) -> tuple[int, int, int, bool]:
     """(rows per program, warps, words per tile, prefetch) of the GEMV for a ``m``-row layer of ``k``
-    columns (``k`` None: as for short rows)."""
+    columns (``k`` None: as for short rows) and ``bits``-bit codes."""
     if affine and k is not None and k >= GEMV_LONG_K and GEMV_MIN_WARPS <= m < GEMV_LONG_K:
         return GEMV_TILE_LONG_ROWS
     tiles = GEMV_TILES_AFFINE if affine else GEMV_TILES
     for tile in tiles:
         if -(-m // tile[0]) * tile[1] >= GEMV_MIN_WARPS:
+            if affine and bits == 2 and tile[:3] == GEMV_TILE_AFFINE_2BIT[:3]:
+                return GEMV_TILE_AFFINE_2BIT
             return tile
     return tiles[-1]
 
@@ -1211,7 +1217,7 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     serves them (the caller then runs the layers one by one); never split along K."""
     if gemv_supported(form, bits, packed.shape[1]):
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
-        block_m, warps, block_w, prefetch = gemv_tile(packed.shape[0], affine, x.shape[1])
+        block_m, warps, block_w, prefetch = gemv_tile(packed.shape[0], affine, x.shape[1], bits)
         # layers launched together keep their rows whole (split 1): results are stored per layer
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w) if outputs is None else 1
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
