@@ -5,9 +5,11 @@
 set -euo pipefail
 out=${OUT:-/tmp/out}
 case "$1" in
-  kernels)   python -m eval.bench_kernels --configs gemv5:8x2x128,gemv5:2x1x128,gemv6:4x1x64,gemv6:2x1x128,gemv6:1x1x128,gemv6:8x1x64 \
+  kernels)   python -m eval.bench_kernels --configs gemv5:8x2x128,gemv5:2x1x128,gemv6:4x1x64,gemv6p:4x1x64,gemv6:2x1x128,gemv6:1x1x128,gemv6:8x1x64 \
                --out "$out/bench_kernels" ;;                                                       # issue 5
   sweep-gemv) python eval/sweep_gemv.py --splits 1,2 --evict ",evict_first" ;;  # issue 5: GEMV tiles, cold L2
+  generate-eager-repeat) # issue 5: the eager column of bench_generate read 9.2 tokens/s for rtn-4 once (13-19 before)
+             python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --out "$out/bench_generate_eager" ;;
   quantize)  python -m eval.bench_quantize --device cuda --workdir /tmp --out "$out/bench_quantize" ;;  # issue 5
   recovery3) [ -d /tmp/rec/k3 ] || python -m quantune quantize /tmp/smollm2.gguf --bits 3 --out /tmp/rec/k3 --no-eval
              mkdir -p "$out/logs"
@@ -49,5 +51,5 @@ case "$1" in
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, sweep-gemv, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, sweep-gemv, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
 esac
