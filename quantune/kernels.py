@@ -339,6 +339,16 @@ if triton is not None:
                                   is_pure=False, pack=1)
 
     @triton.jit
+    def _pdl_start(TRIGGER: tl.constexpr, WAIT: tl.constexpr):
+        """A kernel's start under programmatic dependent launch: TRIGGER lets the next kernel (launched
+        that way) start now; WAIT, for a kernel itself launched that way, blocks until the kernel before it
+        has finished (before this one reads or writes memory)."""
+        if TRIGGER:
+            _gdc_launch_dependents()
+        if WAIT:
+            _gdc_wait()
+
+    @triton.jit
     def _pairs(ptr, tok, k: tl.constexpr, h: tl.constexpr, CPB: tl.constexpr, NW: tl.constexpr, offs):
         """Packed int16 input pairs for byte group ``k``, half ``h`` (see :func:`quantized_pairs`)."""
         if k < CPB:
@@ -639,10 +649,7 @@ if triton is not None:
         with programmatic dependent launch start at once (:func:`_gdc_launch_dependents`). WAIT: this kernel
         was itself launched with programmatic dependent launch (it starts while the kernel before it ends)
         and waits for that kernel before it reads or writes memory."""
-        if TRIGGER:
-            _gdc_launch_dependents()
-        if WAIT:
-            _gdc_wait()
+        _pdl_start(TRIGGER, WAIT)
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
@@ -676,10 +683,7 @@ if triton is not None:
         above G/2), for CH columns of one token, written de-interleaved and summed per word like
         :func:`_prep_kernel`'s ``xd``/``xs``; with PAIRS the chunk's ``max |xq|``. TRIGGER, WAIT: as in
         :func:`_prep_kernel`."""
-        if TRIGGER:
-            _gdc_launch_dependents()
-        if WAIT:
-            _gdc_wait()
+        _pdl_start(TRIGGER, WAIT)
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
@@ -704,10 +708,7 @@ if triton is not None:
         """GEMV mode 5's 16-bit inputs for CH columns of one token, from the de-interleaved inputs and
         the token's ``max |x|`` (``max |xq|``): the maximum of the kernels above's per-chunk maxima.
         TRIGGER, WAIT: as in :func:`_prep_kernel`."""
-        if TRIGGER:
-            _gdc_launch_dependents()
-        if WAIT:
-            _gdc_wait()
+        _pdl_start(TRIGGER, WAIT)
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
@@ -1170,7 +1171,7 @@ GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
 # rtn at 2 bits, many rows: the same 4 x 64 tile with the next tile's codes loaded before this one's arithmetic
 # (cold L2, kernel_sweeps/sweep_gemv_prefetch_cold.json: 4096x14336 7.38 us against 7.86, 8192x28672 21.85
 # against 23.16; at 4 bits it did not pay: 9.96 against 9.75, 32.35 against 32.12)
-GEMV_TILE_AFFINE_2BIT = (4, 1, 64, True)
+GEMV_TILES_AFFINE_2BIT = ((4, 1, 64, True), (2, 1, 128, False))
 GEMV_MIN_WARPS = 2048
 # rtn, long rows and few of them (Llama's down projection, 14336 -> 4096): one row per warp. Cold L2, rtn-4
 # 14336x4096: 10.9-11.0 us against 11.8 at 2 x 1 x 128 (kernel_sweeps/sweep_gemv_cold, _prefetch_cold); rtn-2 1%.
@@ -1184,11 +1185,9 @@ def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = Non
     columns (``k`` None: as for short rows) and ``bits``-bit codes."""
     if affine and k is not None and k >= GEMV_LONG_K and GEMV_MIN_WARPS <= m < GEMV_LONG_K:
         return GEMV_TILE_LONG_ROWS
-    tiles = GEMV_TILES_AFFINE if affine else GEMV_TILES
+    tiles = (GEMV_TILES_AFFINE_2BIT if bits == 2 else GEMV_TILES_AFFINE) if affine else GEMV_TILES
     for tile in tiles:
         if -(-m // tile[0]) * tile[1] >= GEMV_MIN_WARPS:
-            if affine and bits == 2 and tile[:3] == GEMV_TILE_AFFINE_2BIT[:3]:
-                return GEMV_TILE_AFFINE_2BIT
             return tile
     return tiles[-1]
 
