@@ -275,7 +275,7 @@ if triton is not None:
     def _store_pairs(xp16_ptr, tok, vals, scale, c, m, PER: tl.constexpr, NW: tl.constexpr, CPB: tl.constexpr):
         """Columns ``c`` of a token's input ``vals`` rounded to 16 bits with ``scale`` (the token's
         ``max|x| / 32767``), stored as :func:`quantized_pairs` lays them out (int16 halves)."""
-        qf = vals / scale
+        qf = tl.minimum(tl.maximum(vals / scale, -32767.0), 32767.0)  # a bound-derived scale may round just past it
         qi = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int32).to(tl.int16)
         j = c % PER
         lane = j // CPB  # the byte of the bit-gathering register: pair 2h + half
@@ -728,6 +728,121 @@ if triton is not None:
                          8 // (32 // PER))
 
     @triton.jit
+    def _dct_stage1_kernel(x_ptr, xd_ptr, xs_ptr, xp16_ptr, sc_ptr, en_ptr, signs_ptr, f2_ptr, tw_ptr, a_ptr,
+                           K: tl.constexpr, G: tl.constexpr, N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr,
+                           PER: tl.constexpr, CH: tl.constexpr, RED: tl.constexpr, PRECISION: tl.constexpr,
+                           TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False):
+        """First of the two launches of kashin's input preparation (:func:`dft_split`): every program reads the
+        token's whole input for its ``max |x|`` (the scale of x's 16-bit pairs), so no launch is spent on a
+        global reduction. Programs below ``ceil(K / CH)``: x's GEMV inputs for CH columns (de-interleaved,
+        summed per word, rounded to 16 bits). Programs below ``groups * N1P / 16 * N2 / 32``: stage one of
+        each group's G-point FFT of Makhoul's reordering ``v`` of ``signs * x``, ``G = N1 N2``, ``n = n1 + N1
+        n2``: ``A[n1, k2] = w_G^(n1 k2) sum_n2 v[n1 + N1 n2] w_N2^(n2 k2)`` for 16 n1 by 32 k2 (``tl.dot``
+        with ``f2`` = the N2-point DFT matrix, twiddles ``tw``), stored as float32 real and imaginary planes,
+        and the program's part of each column's energy ``sum_n1 |A[n1, k2]|^2`` (``en[t, group, n1 block,
+        k2]``: the second launch's bound on its outputs). TRIGGER, WAIT: as in :func:`_prep_kernel`."""
+        _pdl_start(TRIGGER, WAIT)
+        tok = tl.program_id(0)
+        p = tl.program_id(1)
+        amax = tl.zeros([RED], dtype=tl.float32)
+        for r0 in tl.static_range(0, K, RED):  # unrolled: every load is issued before the first use
+            cc = r0 + tl.arange(0, RED)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + tok * K + cc, mask=cc < K, other=0.0).to(tl.float32)))
+        scale = tl.maximum(tl.max(amax, axis=0), 1e-30) / 32767.0
+        if p == 0:
+            tl.store(sc_ptr + tok, scale)
+        if p * CH < K:
+            c = p * CH + tl.arange(0, CH)
+            m = c < K
+            xv = tl.load(x_ptr + tok * K + c, mask=m, other=0.0).to(tl.float32)
+            tl.store(xd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xv, mask=m)
+            wl = p * (CH // PER) + tl.arange(0, CH // PER)
+            tl.store(xs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xv, (CH // PER, PER)), axis=1),
+                     mask=wl < K // PER)
+            _store_pairs(xp16_ptr, tok, xv, scale, c, m, PER, K // PER, 8 // (32 // PER))
+        NB1: tl.constexpr = N1P // 16
+        NK2: tl.constexpr = N2 // 32
+        if p < (K // G) * NB1 * NK2:
+            g = p // (NB1 * NK2)
+            n1 = ((p // NK2) % NB1) * 16 + tl.arange(0, 16)
+            k2 = (p % NK2) * 32 + tl.arange(0, 32)
+            rm = (n1 < N1)[:, None]
+            ar = tl.zeros([16, 32], dtype=tl.float32)
+            ai = tl.zeros([16, 32], dtype=tl.float32)
+            for c0 in tl.static_range(0, N2, 32):
+                n2 = c0 + tl.arange(0, 32)
+                pos = n1[:, None] + N1 * n2[None, :]                                    # index into v
+                src = tl.where(pos < G // 2, 2 * pos, 2 * (G - 1 - pos) + 1)             # Makhoul's reordering
+                v = tl.load(x_ptr + tok * K + g * G + src, mask=rm, other=0.0).to(tl.float32) * \
+                    tl.load(signs_ptr + src, mask=rm, other=0.0)
+                fidx = n2[:, None] * N2 + k2[None, :]
+                ar += tl.dot(v, tl.load(f2_ptr + fidx), input_precision=PRECISION)
+                ai += tl.dot(v, tl.load(f2_ptr + N2 * N2 + fidx), input_precision=PRECISION)
+            tidx = n1[:, None] * N2 + k2[None, :]
+            twr = tl.load(tw_ptr + tidx)
+            twi = tl.load(tw_ptr + N1P * N2 + tidx)
+            base = a_ptr + (tok * (K // G) + g) * 2 * N1P * N2
+            out_r = ar * twr - ai * twi
+            out_i = ar * twi + ai * twr
+            tl.store(base + tidx, out_r)
+            tl.store(base + N1P * N2 + tidx, out_i)
+            tl.store(en_ptr + ((tok * (K // G) + g) * NB1 + (p // NK2) % NB1) * N2 + k2,
+                     tl.sum(out_r * out_r + out_i * out_i, axis=0))
+
+    @triton.jit
+    def _dct_stage2_kernel(a_ptr, f1_ptr, tw_ptr, en_ptr, xqd_ptr, xqs_ptr, xqp16_ptr, qsc_ptr,
+                           K: tl.constexpr, G: tl.constexpr, N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr,
+                           PER: tl.constexpr, NGP: tl.constexpr, PRECISION: tl.constexpr,
+                           TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False):
+        """Second launch (:func:`_dct_stage1_kernel`): stage two, ``V[k2 + N2 k1] = sum_n1 w_N1^(n1 k1) A[n1,
+        k2]`` for 16 k1 by 16 k2 per program (``tl.dot`` with ``f1``, the N1-point DFT matrix), then the DCT
+        ``xq_k = Re(t_k V_k)`` (``tw``: :func:`quantune.transforms.dct_twiddle`), written as the GEMV reads it:
+        de-interleaved, summed per word (16 consecutive k2 hold whole words), and rounded to 16 bits with one
+        scale per token known before any output is: stage two is an N1-point DFT of each column ``A[:, k2]``,
+        so by Parseval ``|V[k2 + N2 k1]|^2 <= N1 sum_n1 |A[n1, k2]|^2``, and ``|t_k| <= sqrt(2 / G)``; every
+        program reads the column energies of the first launch (``en``; NGP: the groups rounded up to a power of
+        two) and takes ``max_k2 sqrt(2 N1 E_k2 / G) / 32767``. A bound for any input; on random ones it lies
+        3.6x (G = 4096) to 4.1x (14336) above the largest output, about 2 of the 16 bits (``||x||_2``, the plain
+        bound, lies 18-30x above)."""
+        _pdl_start(TRIGGER, WAIT)
+        tok = tl.program_id(0)
+        p = tl.program_id(1)
+        NB2: tl.constexpr = N2 // 16
+        NK1: tl.constexpr = N1P // 16
+        C1: tl.constexpr = 32 if N1P >= 32 else 16
+        g = p // (NB2 * NK1)
+        k2 = ((p // NK1) % NB2) * 16 + tl.arange(0, 16)
+        k1 = (p % NK1) * 16 + tl.arange(0, 16)
+        base = a_ptr + (tok * (K // G) + g) * 2 * N1P * N2
+        xr = tl.zeros([16, 16], dtype=tl.float32)
+        xi = tl.zeros([16, 16], dtype=tl.float32)
+        for c0 in tl.static_range(0, N1P, C1):
+            n1 = c0 + tl.arange(0, C1)
+            fidx = k1[:, None] * N1P + n1[None, :]
+            fr = tl.load(f1_ptr + fidx)
+            fi = tl.load(f1_ptr + N1P * N1P + fidx)
+            aidx = n1[:, None] * N2 + k2[None, :]
+            ar = tl.load(base + aidx)
+            ai = tl.load(base + N1P * N2 + aidx)
+            xr += tl.dot(fr, ar, input_precision=PRECISION) - tl.dot(fi, ai, input_precision=PRECISION)
+            xi += tl.dot(fr, ai, input_precision=PRECISION) + tl.dot(fi, ar, input_precision=PRECISION)
+        km = (k1 < N1)[:, None]
+        k = k2[None, :] + N2 * k1[:, None]
+        xq = tl.load(tw_ptr + k * 2, mask=km, other=0.0) * xr - tl.load(tw_ptr + k * 2 + 1, mask=km, other=0.0) * xi
+        c = g * G + k
+        tl.store(xqd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xq, mask=km)
+        wl = (g * G + N2 * k1[:, None] + ((p // NK1) % NB2) * 16) // PER + tl.arange(0, 16 // PER)[None, :]
+        tl.store(xqs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xq, (16, 16 // PER, PER)), axis=2), mask=km)
+        gi = tl.arange(0, NGP)[:, None, None]
+        ei = tl.load(en_ptr + ((tok * (K // G) + gi) * NK1 + tl.arange(0, NK1)[None, :, None]) * N2
+                     + tl.arange(0, N2)[None, None, :], mask=gi < K // G, other=0.0)
+        qmax = tl.sqrt(tl.max(tl.max(tl.sum(ei, axis=1), axis=1), axis=0) * (2.0 * N1 / G))
+        qscale = tl.maximum(qmax, 1e-30) / 32767.0
+        if p == 0:
+            tl.store(qsc_ptr + tok, qscale)
+        _store_pairs(xqp16_ptr, tok, xq, qscale, c, km, PER, K // PER, 8 // (32 // PER))
+
+    @triton.jit
     def _decode_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, u_ptr, v_ptr, M, stride_w, groups,
                        K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                        MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SYM: tl.constexpr = False):
@@ -1050,14 +1165,92 @@ def prep_columns(k: int, per: int) -> int:
     return min(PREP_COLUMNS, max(triton.next_power_of_2(k), per))
 
 
-def quantized_pairs(xd: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+# kashin's input preparation for the GEMV (mode 5) in two launches where the DCT length splits as N1 x N2
+# (dft_split): prep + FFT stage one, then stage two + DCT + 16-bit pairs, instead of prep, cuFFT's rfft, post and
+# pairs (four launches and cuFFT's own). False: the rfft path (kept for other lengths and for comparison).
+DCT_TWO_STAGE = True
+DCT_DOT_PRECISION = "tf32x3"  # tl.dot's precision for the DFT stages: float32 accuracy from the tensor cores
+
+
+def dft_split(g: int) -> tuple[int, int] | None:
+    """``(N1, N2)`` with ``g = N1 N2``, N2 in (64, 128) and N1 <= 128, for the two-launch DCT of a ``g``-long
+    group (4096 = 64 x 64, 14336 = 112 x 128, 11008 = 86 x 128, 576 = 9 x 64), or None (the rfft path)."""
+    for n2 in (64, 128):
+        if g % n2 == 0 and g // n2 <= 128:
+            return g // n2, n2
+    return None
+
+
+@functools.lru_cache(maxsize=32)
+def dft_tables(g: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]:
+    """The two-launch DCT's constants for a ``g``-long group, float32 (real plane, then imaginary plane):
+    ``f2`` (2, N2, N2) the N2-point DFT matrix ``w_N2^(n2 k2)``; ``tw`` (2, N1P, N2) the twiddles
+    ``w_G^(n1 k2)``; ``f1`` (2, N1P, N1P) the N1-point DFT matrix ``w_N1^(k1 n1)``; rows and columns past N1
+    zero (N1P: N1 rounded up to a power of two >= 16, ``tl.dot``'s shapes). Returns (f2, tw, f1, N1, N1P, N2).
+    Angles from exact integer products modulo the length, in float64."""
+    n1, n2 = dft_split(g)
+    n1p = max(16, triton.next_power_of_2(n1))
+
+    def plane(num: torch.Tensor, length: int) -> torch.Tensor:
+        angle = -2 * torch.pi * (num % length).double() / length
+        return torch.stack((torch.cos(angle), torch.sin(angle))).float()
+
+    i2 = torch.arange(n2)
+    f2 = plane(i2[:, None] * i2[None, :], n2)
+    tw = plane(torch.arange(n1p)[:, None] * i2[None, :], g)
+    tw[:, n1:] = 0
+    i1 = torch.arange(n1p)
+    f1 = plane(i1[:, None] * i1[None, :], n1)
+    f1[:, n1:] = 0
+    f1[:, :, n1:] = 0
+    return (*(t.contiguous().to(device) for t in (f2, tw, f1)), n1, n1p, n2)
+
+
+def dct_two_stage(form: BitplaneForm, bits: int, pairs: bool | str) -> bool:
+    """Whether :func:`prepared_input` prepares this kashin input in the two launches (:data:`DCT_TWO_STAGE`):
+    DCT groups that :func:`dft_split` splits, and mode 5's 16-bit pairs asked for."""
+    return (DCT_TWO_STAGE and pairs is True and form.ku < bits and form.transform == "dct"
+            and dft_split(form.group) is not None)
+
+
+def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bool, chain: bool):
+    """:func:`prepared_input`'s tuple for a kashin input through :func:`_dct_stage1_kernel` and
+    :func:`_dct_stage2_kernel` (the transformed input's scale: a bound, see there)."""
+    t, k = x.shape
+    per, g = 32 // bits, form.group
+    f2, tw, f1, n1, n1p, n2 = dft_tables(g, x.device)
+    dev = x.device
+    xd, xqd = (torch.empty(t, per, k // per, device=dev, dtype=torch.float32) for _ in range(2))
+    xs, xqs = (torch.empty(t, k // per, device=dev, dtype=torch.float32) for _ in range(2))
+    xp, xqp = (torch.empty(t, 8 // bits, 2, k // per, device=dev, dtype=torch.int32) for _ in range(2))
+    sc, qsc = (torch.empty(t, device=dev, dtype=torch.float32) for _ in range(2))
+    spectrum = torch.empty(t, k // g, 2, n1p, n2, device=dev, dtype=torch.float32)
+    energy = torch.empty(t, k // g, n1p // 16, n2, device=dev, dtype=torch.float32)
+    signs = random_signs(g, form.seed, device=dev, dtype=torch.float32)
+    ch = prep_columns(k, per)
+    stage1 = (k // g) * (n1p // 16) * (n2 // 32)
+    pdl = {"launch_pdl": True} if chain else {}
+    _dct_stage1_kernel[(t, max(stage1, triton.cdiv(k, ch)))](
+        x, xd, xs, xp.view(torch.int16), sc, energy, signs, f2, tw, spectrum, K=k, G=g, N1=n1, N1P=n1p, N2=n2,
+        PER=per, CH=ch, RED=min(4096, triton.next_power_of_2(k)), PRECISION=DCT_DOT_PRECISION,
+        TRIGGER=chain, WAIT=chain, num_warps=4, **pdl)
+    twiddle = torch.view_as_real(dct_twiddle(g, dev, torch.float32))
+    _dct_stage2_kernel[(t, (k // g) * (n2 // 16) * (n1p // 16))](
+        spectrum, f1, twiddle, energy, xqd, xqs, xqp.view(torch.int16), qsc, K=k, G=g, N1=n1, N1P=n1p, N2=n2,
+        PER=per, NGP=triton.next_power_of_2(k // g), PRECISION=DCT_DOT_PRECISION, TRIGGER=trigger, WAIT=chain, num_warps=4, **pdl)
+    return xd, xqd, xs, xqs, xp, xqp, sc, qsc, None
+
+
+def quantized_pairs(xd: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The de-interleaved input ``xd`` ``(T, PER, NW)`` rounded to 16 bits per token for GEMV mode 5:
-    ``(pairs, scale)``, ``scale = max|x| / 32767`` per token and ``pairs`` int32 ``(T, CPB, 2, NW)``
+    ``(pairs, scale)``, ``scale = max|x| / 32767`` per token unless given (values beyond ``32767 scale``
+    saturate) and ``pairs`` int32 ``(T, CPB, 2, NW)``
     (CPB = 8 / bits codes per byte) holding two int16 values: ``[t, k, h, w]`` has the codes at
     positions ``k + 2h CPB`` (low half) and ``k + (2h + 1) CPB`` (high half) of word ``w``, the codes
     whose bits one shift and mask put into bytes 2h and 2h + 1 of a register."""
     cpb = 8 // bits
-    scale = xd.abs().amax(dim=(1, 2)).clamp(min=1e-30) / 32767
+    if scale is None:
+        scale = xd.abs().amax(dim=(1, 2)).clamp(min=1e-30) / 32767
     q = torch.round(xd / scale[:, None, None]).clamp(-32767, 32767).to(torch.int32)
     k = torch.arange(cpb, device=xd.device)
     lo = torch.stack([k, k + 2 * cpb], dim=1)  # (CPB, 2): positions for h = 0, 1
@@ -1095,12 +1288,18 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         raise ValueError("chunk-scaled pairs (GEMV mode 6) serve formats without a transformed factor (rtn)")
     key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version, bits, pairs,
            form.transform if needs_xq else None, form.seed if needs_xq else None,
-           form.group if needs_xq or chunked else None)
+           form.group if needs_xq or chunked else None, dct_two_stage(form, bits, pairs))
     share = share and not given and SHARE_INPUTS
     if share:
         hit = _PREPARED.get("entry")
         if hit is not None and hit[0] == key:
             return hit[2]
+    chain = trigger and PREP_PDL  # the preparation's own kernels launched with programmatic dependent launch
+    if not given and dct_two_stage(form, bits, pairs):
+        prepared = _two_stage_input(x.contiguous(), form, bits, trigger, chain)
+        if share:
+            _PREPARED["entry"] = (key, x, prepared)
+        return prepared
     t, k = x.shape
     per = 32 // bits
     xd = torch.empty(t, per, k // per, device=x.device, dtype=torch.float32)
@@ -1122,7 +1321,6 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         if form.group < ch and ch % form.group == 0:  # sums per group, for tiles across groups
             gs = form.group
             xg = torch.empty(t, k // gs, device=x.device, dtype=torch.float32)
-    chain = trigger and PREP_PDL  # the preparation's own kernels launched with programmatic dependent launch
     _prep_kernel[grid](x, xd, xs, signs, v, amax, xp.view(torch.int16) if chunked else xd, sc if chunked else xd,
                        xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,
                        PAIRS=2 if chunked else int(fused_pairs), CH=ch, GS=gs,

@@ -266,8 +266,10 @@ def test_programmatic_dependent_launch_only_on_hopper_cuda():
                                  QuantConfig(bits=4, transform="hadamard"), QuantConfig(method="rtn", bits=4)],
                          ids=["dct-row", "dct-group96", "hadamard", "rtn"])
 def test_prepared_input_is_the_transformed_input_deinterleaved(cfg):
-    """The fused DCT (one cast/reorder kernel, an rfft, one post kernel) equals the torch transform."""
+    """The fused DCT (two launches where the length splits, else a cast/reorder kernel, an rfft and a post
+    kernel) equals the torch transform."""
     pytest.importorskip("triton")
+    from quantune import kernels
     from quantune.kernels import deinterleave, prepared_input, quantized_pairs, transformed_input
 
     q = _layer(cfg, out=8, inp=192)
@@ -280,11 +282,31 @@ def test_prepared_input_is_the_transformed_input_deinterleaved(cfg):
     torch.testing.assert_close(xqd, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xs, xd.sum(1), rtol=1e-5, atol=1e-5)  # per 32-bit word of codes
     torch.testing.assert_close(xqs, want.sum(1), rtol=1e-5, atol=1e-5)
+    two_stage = kernels.dct_two_stage(form, cfg.bits, True)
+    # 192 columns = 3 x 64 split into the two launches; 96-column groups do not (the rfft path)
+    assert two_stage == (cfg.method == "kashin" and cfg.transform == "dct" and cfg.group_size is None)
     for got_pairs, got_scale, src in ((xp, sc, xd), (xqp, qsc, want)):  # mode 5's 16-bit inputs
-        pairs, scale = quantized_pairs(src, cfg.bits)
-        torch.testing.assert_close(got_scale, scale, rtol=1e-6, atol=0)
+        # the two-launch path rounds the transformed input with a bound known before its outputs are
+        scale = _parseval_scale(x.float(), form) if two_stage and src is want else None
+        pairs, scale = quantized_pairs(src, cfg.bits, scale)
+        torch.testing.assert_close(got_scale, scale, rtol=1e-5, atol=0)
         assert ((got_pairs << 16 >> 16) - (pairs << 16 >> 16)).abs().max() <= 1  # rounding of exact halves
         assert ((got_pairs >> 16) - (pairs >> 16)).abs().max() <= 1
+
+
+def _parseval_scale(x, form):
+    """The two-launch DCT's scale per token, computed with torch.fft: ``max_k2 sqrt(2 N1 E_k2 / G) / 32767``,
+    ``E_k2`` the energy of column k2 of the FFT's first stage (see quantune.kernels._dct_stage2_kernel)."""
+    from quantune import kernels
+    from quantune.transforms import random_signs
+
+    g = form.group
+    n1, n2 = kernels.dft_split(g)
+    y = x.double().reshape(x.shape[0], -1, g) * random_signs(g, form.seed).double()
+    v = torch.cat((y[..., 0::2], y[..., 1::2].flip(-1)), dim=-1)
+    a = torch.fft.fft(v.reshape(*v.shape[:2], n2, n1).transpose(-1, -2), dim=-1)  # [.., n1, k2]
+    energy = (a.abs() ** 2).sum(-2)  # the twiddles have modulus one
+    return (torch.sqrt(energy.amax(dim=(1, 2)) * 2 * n1 / g) / 32767).float()
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(method="rtn", bits=4),
@@ -453,3 +475,57 @@ def test_one_launch_for_layers_stored_back_to_back(cfg, rows):
                                    rtol=0, atol=0)
     with pytest.raises(ValueError, match="outputs must be 2 or 3"):
         gemv_matmul(x, codes, form, cfg.bits, block_m=4, block_w=8, num_warps=1, outputs=(sum(rows),))
+
+
+@pytest.mark.parametrize("inp,group,bits,tokens", [(576, None, 4, 16), (1792, None, 2, 1), (512, 128, 8, 2),
+                                                    (256, 64, 4, 3)],
+                         ids=["9x64-16tokens", "28x64-2bit", "groups128-8bit", "groups64"])
+def test_two_launch_dct_equals_the_rfft_path(inp, group, bits, tokens):
+    """The two-launch preparation (stage one, then stage two, of a G = N1 x N2 FFT; N1 padded to a power of two)
+    gives the rfft path's inputs: x's parts exactly, the transformed input to float32 rounding; its pairs are
+    the transformed input rounded with the Parseval scale; and the GEMV on them stays within 2e-4."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    q = _layer(QuantConfig(bits=bits, group_size=group), out=24, inp=inp)
+    form = _form(q)
+    assert kernels.dct_two_stage(form, bits, True)
+    x = torch.randn(tokens, inp, generator=torch.Generator().manual_seed(13)).bfloat16()
+    new = kernels.prepared_input(x, form, bits, pairs=True, share=False)
+    kernels.DCT_TWO_STAGE = False
+    try:
+        old = kernels.prepared_input(x, form, bits, pairs=True, share=False)
+    finally:
+        kernels.DCT_TWO_STAGE = True
+    for i in (0, 2, 4, 6):  # xd, xs, xp, sc: the same kernels' arithmetic
+        torch.testing.assert_close(new[i], old[i], rtol=0, atol=0)
+    for i in (1, 3):  # xqd, xqs
+        torch.testing.assert_close(new[i], old[i], rtol=1e-5, atol=2e-5)
+    scale = _parseval_scale(x.float(), form)
+    torch.testing.assert_close(new[7], scale, rtol=1e-5, atol=0)
+    assert bool((new[7] >= old[7] * (1 - 1e-6)).all())  # a bound on the largest output
+    pairs = kernels.quantized_pairs(new[1], bits, new[7])[0]
+    assert ((new[5] << 16 >> 16) - (pairs << 16 >> 16)).abs().max() <= 1
+    assert ((new[5] >> 16) - (pairs >> 16)).abs().max() <= 1
+    want = x.float() @ q.dequantize().T
+    got = kernels.gemv_matmul(x, q.codes, form, bits, share=False)
+    assert float((got - want).norm() / want.norm()) < 2e-4
+
+
+def test_two_launch_dct_scale_holds_for_an_input_on_one_frequency():
+    """The worst input for the bound: all of x's energy in one DCT output. The scale must still cover it
+    (no 16-bit overflow) and the GEMV stay right."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+    from quantune.transforms import inverse_transform
+
+    q = _layer(QuantConfig(bits=4), out=16, inp=512)
+    form = _form(q)
+    spike = torch.zeros(2, 512)
+    spike[0, 5], spike[1, 0] = 3.0, -2.0  # the second token on frequency 0 (its twiddle is the smaller one)
+    x = inverse_transform(spike, form.transform, form.seed)
+    xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg = kernels.prepared_input(x, form, 4, pairs=True, share=False)
+    assert bool((xqd.abs().amax(dim=(1, 2)) <= 32767 * qsc * (1 + 1e-5)).all())
+    want = x @ q.dequantize().T
+    got = kernels.gemv_matmul(x, q.codes, form, 4, share=False)
+    assert float((got - want).norm() / want.norm()) < 2e-4
