@@ -155,14 +155,17 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
     """The Markdown report of a run's rows (also: ``--render RESULTS.json`` re-renders a saved run)."""
     us = 1e6
     table = markdown_table(
-        ["in x out", "method", "kernel", "rel. err", "decode us", "decode us, no PDL", "kernel us", "kernel GB/s",
+        ["in x out", "method", "kernel", "rel. err", "decode us", "decode us, no PDL", "decode us, rfft prep",
+         "kernel us", "kernel GB/s",
          "torch transform us", "floor us",
          "bf16 us", "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16",
          "prefill rel. err", "bf16 rel. err", "decode to bf16 us", "old prefill ms"],
         [[f"{r['in']}x{r['out']}", r["method"], "{kernel}:{block_m}x{num_warps}x{block_w}".format(**r["best_config"]),
           r["rel_err_vs_reference"], r["decode_s"] * us,
           (f"{r['decode_no_pdl_s'] * us:.3f}" + ("" if r.get("pdl_equals_serial", True) else " (differs!)"))
-          if "decode_no_pdl_s" in r else "-", r["kernel_s"] * us,
+          if "decode_no_pdl_s" in r else "-",
+          f"{r['decode_rfft_s'] * us:.3f} (rel. err {r['rfft_rel_err_vs_reference']:.1e})" if "decode_rfft_s" in r else "-",
+          r["kernel_s"] * us,
           f"{r['kernel_read_Bps'] / 1e9:.0f}" if r.get("kernel_read_Bps") else "-",
           r["transform_s"] * us, r["floor_s"] * us, r["bf16_decode_s"] * us, r["nf4_decode_s"] * us,
           r["speedup_vs_bf16"], r["speedup_vs_nf4"], r["prefill_s"] * 1e3, r["bf16_prefill_s"] * 1e3,
@@ -173,9 +176,12 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
             f"through copies of the case's weights, {COLD_BYTES >> 20} MB or more together, so no call finds its "
             f"weights in L2 from the call before (as in a model, whose other layers evict them). 'kernel GB/s': "
             f"the bytes the GEMV reads from the weights (codes and the coefficient tables it loads) per second. Decode: 1 token; 'decode us' is everything a call does "
-            f"(input preparation: cast, de-interleave, kashin's DCT through one rfft and two Triton kernels, the "
-            f"16-bit inputs of modes 5 and 6; then the GEMV kernel, launched with programmatic dependent launch so it "
-            f"loads codes while the preparation runs; 'no PDL': launched plainly, same run, outputs checked equal), "
+            f"(input preparation: cast, de-interleave, the "
+            f"16-bit inputs of modes 5 and 6, kashin's DCT in two Triton launches (a two-stage FFT, "
+            f"quantune.kernels.dft_split); then the GEMV kernel, launched with programmatic dependent launch so it "
+            f"loads codes while the preparation runs; 'no PDL': launched plainly, same run, outputs checked equal; "
+            f"'rfft prep': kashin's earlier preparation, same run (prep kernel, cuFFT rfft, post and pairs kernels), "
+            f"its error against the reference), "
             f"'kernel us' the GEMV kernel alone on inputs prepared "
             f"beforehand, for the best of {n_configs} kernel/tile configs (gemvMODE:rows x warps x words, "
             f"quantune.kernels.GEMV_MODES), 'torch transform us' the plain torch DCT for reference. Prefill: "
@@ -336,6 +342,17 @@ def main() -> None:
             finally:
                 kernels.GEMV_PDL = True
             pdl_same = bool(torch.equal(got_serial, got))
+            rfft = {}
+            if kernels.dct_two_stage(form, bits, kernels.gemv_pairs(gemv_mode(kind) or
+                                                                    kernels.gemv_default_mode(tables[2], bits))):
+                kernels.DCT_TWO_STAGE = False  # kashin's input through the rfft path (prep, rfft, post, pairs), same run
+                try:
+                    got_rfft = kernel_call(kind, bm, nw, tw, None)()
+                    rfft = {"decode_rfft_s": timed(kind, bm, nw, tw, None),
+                            "rfft_rel_err_vs_reference": float((got_rfft - ref).norm() / ref.norm()),
+                            "two_stage_vs_rfft_rel_diff": float((got - got_rfft).norm() / got_rfft.norm())}
+                finally:
+                    kernels.DCT_TWO_STAGE = True
             t_transform = bench(lambda: transformed_input(x32, form)) if form.transform else 0.0
             with torch.no_grad():
                 t_module = t_module_eager = bench_eager(lambda: (kernels._PREPARED.clear(), q(x1))[1])  # from Python
@@ -359,7 +376,7 @@ def main() -> None:
                    "decode_bf16_s": t_decode, "decode_bf16_planes_s": t_decode_planes,
                    "old_prefill_s": t_old_prefill,
                    "kernel_s": t_kernel, "decode_s": t_full, "decode_no_pdl_s": t_serial,
-                   "pdl_equals_serial": pdl_same, "transform_s": t_transform, "module_s": t_module,
+                   "pdl_equals_serial": pdl_same, **rfft, "transform_s": t_transform, "module_s": t_module,
                    "module_eager_s": t_module_eager, "prefill_s": t_q_prefill,
                    "floor_s": (index_bytes + meta_bytes) / bw,
                    "speedup_vs_bf16": t_bf16 / t_full, "speedup_vs_nf4": t_nf4 / t_full,
