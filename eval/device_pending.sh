@@ -9,7 +9,7 @@ case "$1" in
                --out "$out/bench_kernels" ;;                                                       # issue 5
   sweep-gemv) python eval/sweep_gemv.py --splits 1,2 --evict ",evict_first" ;;  # issue 5: GEMV tiles, cold L2
   sweep-span) # issue 5: rtn tiles that hold several input chunks (two or four warps a row) on the 14336-wide shapes
-             python eval/sweep_gemv.py --methods rtn-4,rtn-2 --shapes 4096x14336,14336x4096 --splits 1 --evict evict_first \
+             python -m eval.sweep_gemv --methods rtn-4,rtn-2 --shapes 4096x14336,14336x4096 --splits 1 --evict evict_first \
                --configs 4x1x64,4x1x64p,2x1x128,1x1x128,1x1x256,2x1x256,1x2x128,1x2x256,2x2x128,2x2x256,4x2x128,1x4x256,1x4x512,2x4x512 ;;
   generate-eager-repeat) # issue 5: the eager column of bench_generate read 9.2 tokens/s for rtn-4 once (13-19 before)
              python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --out "$out/bench_generate_eager" ;;

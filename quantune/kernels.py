@@ -1183,6 +1183,7 @@ def prep_columns(k: int, per: int) -> int:
 # pairs (four launches and cuFFT's own). False: the rfft path (kept for other lengths and for comparison).
 DCT_TWO_STAGE = True
 DCT_DOT_PRECISION = "tf32x3"  # tl.dot's precision for the DFT stages: float32 accuracy from the tensor cores
+DCT_WARPS = (4, 4)  # warps per program of the two launches
 
 
 def dft_split(g: int) -> tuple[int, int] | None:
@@ -1226,9 +1227,11 @@ def dct_two_stage(form: BitplaneForm, bits: int, pairs: bool | str) -> bool:
             and dft_split(form.group) is not None)
 
 
-def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bool, chain: bool):
+def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bool, chain: bool,
+                     launches: tuple[bool, bool] = (True, True)):
     """:func:`prepared_input`'s tuple for a kashin input through :func:`_dct_stage1_kernel` and
-    :func:`_dct_stage2_kernel` (the transformed input's scale: a bound, see there)."""
+    :func:`_dct_stage2_kernel` (the transformed input's scale: a bound, see there). ``launches``: which of
+    the two run (eval/sweep_prep_dct.py times each alone; the outputs of one left out are not written)."""
     t, k = x.shape
     per, g = 32 // bits, form.group
     f2, tw, f1, n1, n1p, n2 = dft_tables(g, x.device)
@@ -1243,14 +1246,17 @@ def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bo
     ch = prep_columns(k, per)
     stage1 = (k // g) * (n1p // 16) * (n2 // 32)
     pdl = {"launch_pdl": True} if chain else {}
-    _dct_stage1_kernel[(t, max(stage1, triton.cdiv(k, ch)))](
-        x, xd, xs, xp.view(torch.int16), sc, energy, signs, f2, tw, spectrum, K=k, G=g, N1=n1, N1P=n1p, N2=n2,
-        PER=per, CH=ch, RED=min(4096, triton.next_power_of_2(k)), PRECISION=DCT_DOT_PRECISION,
-        TRIGGER=chain, WAIT=chain, num_warps=4, **pdl)
-    twiddle = torch.view_as_real(dct_twiddle(g, dev, torch.float32))
-    _dct_stage2_kernel[(t, (k // g) * (n2 // 16) * (n1p // 16))](
-        spectrum, f1, twiddle, energy, xqd, xqs, xqp.view(torch.int16), qsc, K=k, G=g, N1=n1, N1P=n1p, N2=n2,
-        PER=per, NGP=triton.next_power_of_2(k // g), PRECISION=DCT_DOT_PRECISION, TRIGGER=trigger, WAIT=chain, num_warps=4, **pdl)
+    if launches[0]:
+        _dct_stage1_kernel[(t, max(stage1, triton.cdiv(k, ch)))](
+            x, xd, xs, xp.view(torch.int16), sc, energy, signs, f2, tw, spectrum, K=k, G=g, N1=n1, N1P=n1p,
+            N2=n2, PER=per, CH=ch, RED=min(4096, triton.next_power_of_2(k)), PRECISION=DCT_DOT_PRECISION,
+            TRIGGER=chain, WAIT=chain, num_warps=DCT_WARPS[0], **pdl)
+    if launches[1]:
+        twiddle = torch.view_as_real(dct_twiddle(g, dev, torch.float32))
+        _dct_stage2_kernel[(t, (k // g) * (n2 // 16) * (n1p // 16))](
+            spectrum, f1, twiddle, energy, xqd, xqs, xqp.view(torch.int16), qsc, K=k, G=g, N1=n1, N1P=n1p, N2=n2,
+            PER=per, NGP=triton.next_power_of_2(k // g), PRECISION=DCT_DOT_PRECISION, TRIGGER=trigger, WAIT=chain,
+            num_warps=DCT_WARPS[1], **pdl)
     return xd, xqd, xs, xqs, xp, xqp, sc, qsc, None
 
 

@@ -1,0 +1,80 @@
+"""Probe: kashin's input preparation for the few-token GEMV alone (no GEMV after it), one token, CUDA-graph
+medians of back-to-back preparations (each waits for the one before it, so a chain's time is its latency):
+the rfft path (prep kernel, cuFFT rfft, post, pairs) against the two-launch path (quantune.kernels.dft_split)
+with each launch alone, over warps per program and tl.dot precisions, with and without programmatic dependent
+launch between the preparation's own kernels; rtn's one preparation kernel as the floor of one launch. The
+error of each variant's transformed input against the rfft path's. Writes $OUT/sweep_prep_dct.json. Run on
+the GPU: ``python -m eval.sweep_prep_dct``; on the CPU it runs one small case under TRITON_INTERPRET=1 and
+times nothing."""
+import argparse
+import json
+
+import torch
+
+from quantune.config import QuantConfig
+from quantune.qlinear import QuantLinear
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--widths", default="4096,14336")
+    p.add_argument("--warps", default="1x1,2x2,4x4,8x8,4x1,1x4")
+    p.add_argument("--precisions", default="tf32x3,tf32,ieee")
+    args = p.parse_args()
+    from eval import bench_kernels
+    from quantune import kernels
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    bench_kernels.DEV = dev
+    bench = bench_kernels.bench if dev == "cuda" else (lambda f: 0.0)
+    widths = [int(w) for w in args.widths.split(",")] if dev == "cuda" else [256]
+    warps = [tuple(map(int, w.split("x"))) for w in args.warps.split(",")] if dev == "cuda" else [(4, 4)]
+    precisions = args.precisions.split(",") if dev == "cuda" else ["tf32x3"]
+    rows = []
+    saved = (kernels.DCT_TWO_STAGE, kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.PREP_PDL)
+
+    def record(**row):
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    try:
+        for k in widths:
+            torch.manual_seed(0)
+            lin = torch.nn.Linear(k, 256, bias=False, device=dev)
+            x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+            for method in ("kashin", "rtn"):
+                q, _ = QuantLinear.from_linear(lin, QuantConfig(method=method, bits=4,
+                                                                group_size=64 if method == "rtn" else None))
+                form = q.bitplane_form()
+                pairs = kernels.gemv_pairs(kernels.gemv_default_mode(method == "rtn", 4))
+                for pdl in (False, True) if dev == "cuda" else (False,):  # PTX: no PDL under the interpreter
+                    kernels.PREP_PDL = pdl
+                    trig = dev == "cuda"
+                    prep = lambda: kernels.prepared_input(x, form, 4, pairs=pairs, trigger=trig, share=False)  # noqa: E731
+                    if method == "rtn":
+                        record(k=k, path="rtn prep (one launch)", prep_pdl=pdl, us=bench(prep) * 1e6)
+                        continue
+                    kernels.DCT_TWO_STAGE = False
+                    ref = prep()
+                    record(k=k, path="rfft", prep_pdl=pdl, us=bench(prep) * 1e6)
+                    kernels.DCT_TWO_STAGE = True
+                    for w in warps:
+                        for prec in precisions:
+                            kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION = w, prec
+                            got = prep()
+                            err = float((got[1] - ref[1]).norm() / ref[1].norm())
+                            times = {}
+                            for name, launches in (("both", (True, True)), ("stage1", (True, False)),
+                                                   ("stage2", (False, True))):
+                                times[name] = bench(lambda launches=launches: kernels._two_stage_input(
+                                    x, form, 4, trig, pdl, launches)) * 1e6
+                            record(k=k, path="two-stage", prep_pdl=pdl, warps=list(w), precision=prec,
+                                   us=times["both"], stage1_us=times["stage1"], stage2_us=times["stage2"],
+                                   xq_rel_diff_vs_rfft=err)
+    finally:
+        kernels.DCT_TWO_STAGE, kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.PREP_PDL = saved
+    bench_kernels.save_sweep(rows, "sweep_prep_dct", ("k", "path", "prep_pdl"), "us")
+
+
+if __name__ == "__main__":
+    main()
