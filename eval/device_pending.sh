@@ -8,9 +8,6 @@ case "$1" in
   kernels)   python -m eval.bench_kernels --configs gemv5:8x2x128,gemv5:2x1x128,gemv6:4x1x64,gemv6p:4x1x64,gemv6:2x1x128,gemv6:1x1x128,gemv6:8x1x64 \
                --out "$out/bench_kernels" ;;                                                       # issue 5
   sweep-gemv) python eval/sweep_gemv.py --splits 1,2 --evict ",evict_first" ;;  # issue 5: GEMV tiles, cold L2
-  sweep-span) # issue 5: rtn tiles that hold several input chunks (two or four warps a row) on the 14336-wide shapes
-             python -m eval.sweep_gemv --methods rtn-4,rtn-2 --shapes 4096x14336,14336x4096 --splits 1 --evict evict_first \
-               --configs 4x1x64,4x1x64p,2x1x128,1x1x128,1x1x256,2x1x256,1x2x128,1x2x256,2x2x128,2x2x256,4x2x128,1x4x256,1x4x512,2x4x512 ;;
   generate-eager-repeat) # issue 5: the eager column of bench_generate read 9.2 tokens/s for rtn-4 once (13-19 before)
              python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --out "$out/bench_generate_eager" ;;
   quantize)  python -m eval.bench_quantize --device cuda --workdir /tmp --out "$out/bench_quantize" ;;  # issue 5
@@ -54,5 +51,5 @@ case "$1" in
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, sweep-gemv, sweep-span, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, sweep-gemv, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
 esac

@@ -401,8 +401,7 @@ if triton is not None:
           whole codes in a register's bytes and two ``dp2a`` multiply-add them with four inputs: per word
           of 8 codes 2 LOP3, 1 shift and 4 ``dp2a``, then ``scale * xscale * dot + offset * xs`` per word
           when the tile lies in one group, else per group from the dots summed over the group's words
-          and the group sums of x (``xg``), so the coefficients are never gathered per word. A tile lies
-          inside one chunk (one input scale) or holds whole chunks (the scale loaded per word or group).
+          and the group sums of x (``xg``), so the coefficients are never gathered per word.
         Coefficients: one per row when a tile lies inside one group, else gathered per word.
         PREFETCH: the next tile's words are loaded before this tile's arithmetic (two tiles in flight).
         EVICT: the codes' loads' L2 eviction policy ("" or "evict_first": each code is read once).
@@ -543,24 +542,13 @@ if triton is not None:
                         b = (word >> (k * BITS)) & (((1 << BITS) - 1) * 0x01010101)
                     dot = _dp2a(_pairs(xp_ptr, tok, k, 0, CPB, NW, offs), b, dot, False, ASM)
                     dot = _dp2a(_pairs(xp_ptr, tok, k, 1, CPB, NW, offs), b, dot, True, ASM)
-                NCH: tl.constexpr = (K + XCH - 1) // XCH
-                SPAN: tl.constexpr = BLOCK_W * PER > XCH  # the tile holds several whole chunks of the input
-                tl.static_assert(XCH % (BLOCK_W * PER) == 0 or (BLOCK_W * PER) % XCH == 0,
-                                 "mode 6 tiles lie inside one input chunk or hold whole chunks")
-                tl.static_assert(WPG >= BLOCK_W or XCH % GROUP == 0, "a group's integer sum has one input scale")
+                tl.static_assert(XCH % (BLOCK_W * PER) == 0, "mode 6 tiles lie inside one input chunk")
+                xscale = tl.load(sc_ptr + tok * ((K + XCH - 1) // XCH) + (w0 * PER) // XCH)
                 if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
-                    if SPAN:  # the chunk scale per word
-                        xscale = tl.load(sc_ptr + tok * NCH + (offs * PER) // XCH)
-                    else:
-                        xscale = tl.load(sc_ptr + tok * NCH + (w0 * PER) // XCH)
                     scale, offset = _affine(a_ptr, bx_ptr, cidx, cmask, SYM, BITS)
                     acc += (scale * xscale) * dot.to(tl.float32) + offset * tl.load(xs_ptr + tok * NW + offs)
                 else:  # integer sums per group first, then one coefficient each (no per-word gather)
                     gcols = tl.broadcast_to((w0 // WPG + tl.arange(0, GPT))[None, :], (BLOCK_M, GPT))
-                    if SPAN:  # the chunk scale per group
-                        xscale = tl.load(sc_ptr + tok * NCH + (gcols * GROUP) // XCH)
-                    else:
-                        xscale = tl.load(sc_ptr + tok * NCH + (w0 * PER) // XCH)
                     gidx = rows[:, None] * groups + gcols
                     dg = tl.sum(tl.reshape(dot, (BLOCK_M, GPT, WPG)), axis=2).to(tl.float32)
                     scale, offset = _affine(a_ptr, bx_ptr, gidx, cmask, SYM, BITS)
@@ -1091,10 +1079,9 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         affine = tables[2]
     if mode is None:
         mode = gemv_default_mode(affine, bits)
+    if mode == 6 and 32 % bits == 0:  # a tile must lie inside one chunk of the input's 16-bit rounding
+        block_w = min(block_w, prep_columns(x.shape[1], 32 // bits) // (32 // bits))
     tile = gemv_block_w(form, bits, block_w, split)
-    xch = prep_columns(x.shape[1], 32 // bits)
-    if mode == 6 and tile is not None and form.group > xch and tile * (32 // bits) > form.group:
-        tile = form.group // (32 // bits)  # a group's integer sum must see one input scale
     if tile is None or packed.shape[1] % 4:
         raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
                          f"({bits} bits, group {form.group}, {packed.shape[1]} bytes per row, split {split})")
