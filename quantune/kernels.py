@@ -732,110 +732,129 @@ if triton is not None:
                            K: tl.constexpr, G: tl.constexpr, N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr,
                            PER: tl.constexpr, CH: tl.constexpr, RED: tl.constexpr, PRECISION: tl.constexpr,
                            TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False):
-        """First of the two launches of kashin's input preparation (:func:`dft_split`): every program reads the
-        token's whole input for its ``max |x|`` (the scale of x's 16-bit pairs), so no launch is spent on a
-        global reduction. Programs below ``ceil(K / CH)``: x's GEMV inputs for CH columns (de-interleaved,
-        summed per word, rounded to 16 bits). Programs below ``groups * N1P / 16 * N2 / 32``: stage one of
-        each group's G-point FFT of Makhoul's reordering ``v`` of ``signs * x``, ``G = N1 N2``, ``n = n1 + N1
-        n2``: ``A[n1, k2] = w_G^(n1 k2) sum_n2 v[n1 + N1 n2] w_N2^(n2 k2)`` for 16 n1 by 32 k2 (``tl.dot``
-        with ``f2`` = the N2-point DFT matrix, twiddles ``tw``), stored as float32 real and imaginary planes,
-        and the program's part of each column's energy ``sum_n1 |A[n1, k2]|^2`` (``en[t, group, n1 block,
-        k2]``: the second launch's bound on its outputs). TRIGGER, WAIT: as in :func:`_prep_kernel`."""
-        _pdl_start(TRIGGER, WAIT)
+        """First of the two launches of kashin's input preparation (:func:`dft_split`); each program has one
+        job and one round of dependent loads. The first ``groups * N1P / 16 * N2 / 32`` programs: stage one
+        of each group's G-point FFT of Makhoul's reordering ``v`` of ``signs * x``, ``G = N1 N2``, ``n = n1 +
+        N1 n2``: ``A[n1, k2] = w_G^(n1 k2) sum_n2 v[n1 + N1 n2] w_N2^(n2 k2)`` for 16 n1 by 32 k2, one
+        ``tl.dot`` with ``f2`` (the N2-point DFT matrix, real and imaginary parts interleaved by column), the
+        twiddles ``tw``; stored as float32 real and imaginary planes, and the program's part of each column's
+        energy ``sum_n1 |A[n1, k2]|^2`` (``en[t, group, n1 block, k2]``: the second launch's bound on its
+        outputs). The next ``ceil(K / CH)`` programs: x's GEMV inputs for CH columns (de-interleaved, summed
+        per word, rounded to 16 bits with the token's ``max |x| / 32767``, read whole by each). The constant
+        tables are loaded before the wait for the kernel before (WAIT: launched with programmatic dependent
+        launch), since no kernel writes them. TRIGGER: let the next kernel start at once."""
+        if TRIGGER:
+            _gdc_launch_dependents()
         tok = tl.program_id(0)
         p = tl.program_id(1)
-        amax = tl.zeros([RED], dtype=tl.float32)
-        for r0 in tl.static_range(0, K, RED):  # unrolled: every load is issued before the first use
-            cc = r0 + tl.arange(0, RED)
-            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + tok * K + cc, mask=cc < K, other=0.0).to(tl.float32)))
-        scale = tl.maximum(tl.max(amax, axis=0), 1e-30) / 32767.0
-        if p == 0:
-            tl.store(sc_ptr + tok, scale)
-        if p * CH < K:
-            c = p * CH + tl.arange(0, CH)
-            m = c < K
-            xv = tl.load(x_ptr + tok * K + c, mask=m, other=0.0).to(tl.float32)
-            tl.store(xd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xv, mask=m)
-            wl = p * (CH // PER) + tl.arange(0, CH // PER)
-            tl.store(xs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xv, (CH // PER, PER)), axis=1),
-                     mask=wl < K // PER)
-            _store_pairs(xp16_ptr, tok, xv, scale, c, m, PER, K // PER, 8 // (32 // PER))
         NB1: tl.constexpr = N1P // 16
         NK2: tl.constexpr = N2 // 32
-        if p < (K // G) * NB1 * NK2:
+        NS1: tl.constexpr = (K // G) * NB1 * NK2
+        if p < NS1:
             g = p // (NB1 * NK2)
             n1 = ((p // NK2) % NB1) * 16 + tl.arange(0, 16)
             k2 = (p % NK2) * 32 + tl.arange(0, 32)
-            rm = (n1 < N1)[:, None]
-            ar = tl.zeros([16, 32], dtype=tl.float32)
-            ai = tl.zeros([16, 32], dtype=tl.float32)
-            for c0 in tl.static_range(0, N2, 32):
-                n2 = c0 + tl.arange(0, 32)
-                pos = n1[:, None] + N1 * n2[None, :]                                    # index into v
-                src = tl.where(pos < G // 2, 2 * pos, 2 * (G - 1 - pos) + 1)             # Makhoul's reordering
-                v = tl.load(x_ptr + tok * K + g * G + src, mask=rm, other=0.0).to(tl.float32) * \
-                    tl.load(signs_ptr + src, mask=rm, other=0.0)
-                fidx = n2[:, None] * N2 + k2[None, :]
-                ar += tl.dot(v, tl.load(f2_ptr + fidx), input_precision=PRECISION)
-                ai += tl.dot(v, tl.load(f2_ptr + N2 * N2 + fidx), input_precision=PRECISION)
+            n2 = tl.arange(0, N2)
+            f2 = tl.load(f2_ptr + n2[:, None] * (2 * N2) + (p % NK2) * 64 + tl.arange(0, 64)[None, :])
             tidx = n1[:, None] * N2 + k2[None, :]
             twr = tl.load(tw_ptr + tidx)
             twi = tl.load(tw_ptr + N1P * N2 + tidx)
-            base = a_ptr + (tok * (K // G) + g) * 2 * N1P * N2
+            rm = (n1 < N1)[:, None]
+            pos = n1[:, None] + N1 * n2[None, :]                             # index into v
+            src = tl.where(pos < G // 2, 2 * pos, 2 * (G - 1 - pos) + 1)      # Makhoul's reordering
+            sg = tl.load(signs_ptr + src, mask=rm, other=0.0)
+            if WAIT:
+                _gdc_wait()
+            v = tl.load(x_ptr + tok * K + g * G + src, mask=rm, other=0.0).to(tl.float32) * sg
+            ar, ai = tl.split(tl.reshape(tl.dot(v, f2, input_precision=PRECISION), (16, 32, 2)))
             out_r = ar * twr - ai * twi
             out_i = ar * twi + ai * twr
+            base = a_ptr + (tok * (K // G) + g) * 2 * N1P * N2
             tl.store(base + tidx, out_r)
             tl.store(base + N1P * N2 + tidx, out_i)
             tl.store(en_ptr + ((tok * (K // G) + g) * NB1 + (p // NK2) % NB1) * N2 + k2,
                      tl.sum(out_r * out_r + out_i * out_i, axis=0))
+        else:
+            if WAIT:
+                _gdc_wait()
+            amax = tl.zeros([RED], dtype=tl.float32)
+            for r0 in tl.static_range(0, K, RED):  # unrolled: every load is issued before the first use
+                cc = r0 + tl.arange(0, RED)
+                amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + tok * K + cc, mask=cc < K, other=0.0).to(tl.float32)))
+            scale = tl.maximum(tl.max(amax, axis=0), 1e-30) / 32767.0
+            q = p - NS1
+            if q == 0:
+                tl.store(sc_ptr + tok, scale)
+            c = q * CH + tl.arange(0, CH)
+            m = c < K
+            xv = tl.load(x_ptr + tok * K + c, mask=m, other=0.0).to(tl.float32)
+            tl.store(xd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xv, mask=m)
+            wl = q * (CH // PER) + tl.arange(0, CH // PER)
+            tl.store(xs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xv, (CH // PER, PER)), axis=1),
+                     mask=wl < K // PER)
+            _store_pairs(xp16_ptr, tok, xv, scale, c, m, PER, K // PER, 8 // (32 // PER))
 
     @triton.jit
     def _dct_stage2_kernel(a_ptr, f1_ptr, tw_ptr, en_ptr, xqd_ptr, xqs_ptr, xqp16_ptr, qsc_ptr,
                            K: tl.constexpr, G: tl.constexpr, N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr,
-                           PER: tl.constexpr, NGP: tl.constexpr, PRECISION: tl.constexpr,
-                           TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False):
+                           PER: tl.constexpr, NGP: tl.constexpr, PRECISION: tl.constexpr, K1B: tl.constexpr = 16,
+                           KC: tl.constexpr = 0, TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False):
         """Second launch (:func:`_dct_stage1_kernel`): stage two, ``V[k2 + N2 k1] = sum_n1 w_N1^(n1 k1) A[n1,
-        k2]`` for 16 k1 by 16 k2 per program (``tl.dot`` with ``f1``, the N1-point DFT matrix), then the DCT
-        ``xq_k = Re(t_k V_k)`` (``tw``: :func:`quantune.transforms.dct_twiddle`), written as the GEMV reads it:
+        k2]`` for K1B k1 by 16 k2 per program, the complex product as two real ``tl.dot`` over both planes of
+        A (``f1``: the N1-point DFT matrix as ``[Re, -Im]`` and ``[Im, Re]`` rows), in one product (KC 0:
+        the tables load before the wait) or KC-long chunks of the reduction; then the DCT ``xq_k =
+        Re(t_k V_k)`` (``tw``: :func:`quantune.transforms.dct_twiddle`), written as the GEMV reads it:
         de-interleaved, summed per word (16 consecutive k2 hold whole words), and rounded to 16 bits with one
         scale per token known before any output is: stage two is an N1-point DFT of each column ``A[:, k2]``,
         so by Parseval ``|V[k2 + N2 k1]|^2 <= N1 sum_n1 |A[n1, k2]|^2``, and ``|t_k| <= sqrt(2 / G)``; every
         program reads the column energies of the first launch (``en``; NGP: the groups rounded up to a power of
         two) and takes ``max_k2 sqrt(2 N1 E_k2 / G) / 32767``. A bound for any input; on random ones it lies
         3.6x (G = 4096) to 4.1x (14336) above the largest output, about 2 of the 16 bits (``||x||_2``, the plain
-        bound, lies 18-30x above)."""
-        _pdl_start(TRIGGER, WAIT)
+        bound, lies 18-30x above). The tables load before the wait, as in the first launch."""
+        if TRIGGER:
+            _gdc_launch_dependents()
         tok = tl.program_id(0)
         p = tl.program_id(1)
         NB2: tl.constexpr = N2 // 16
-        NK1: tl.constexpr = N1P // 16
-        C1: tl.constexpr = 32 if N1P >= 32 else 16
+        NK1: tl.constexpr = N1P // K1B
+        NB1: tl.constexpr = N1P // 16  # the first launch's row blocks (its energies' layout)
         g = p // (NB2 * NK1)
         k2 = ((p // NK1) % NB2) * 16 + tl.arange(0, 16)
-        k1 = (p % NK1) * 16 + tl.arange(0, 16)
-        base = a_ptr + (tok * (K // G) + g) * 2 * N1P * N2
-        xr = tl.zeros([16, 16], dtype=tl.float32)
-        xi = tl.zeros([16, 16], dtype=tl.float32)
-        for c0 in tl.static_range(0, N1P, C1):
-            n1 = c0 + tl.arange(0, C1)
-            fidx = k1[:, None] * N1P + n1[None, :]
-            fr = tl.load(f1_ptr + fidx)
-            fi = tl.load(f1_ptr + N1P * N1P + fidx)
-            aidx = n1[:, None] * N2 + k2[None, :]
-            ar = tl.load(base + aidx)
-            ai = tl.load(base + N1P * N2 + aidx)
-            xr += tl.dot(fr, ar, input_precision=PRECISION) - tl.dot(fi, ai, input_precision=PRECISION)
-            xi += tl.dot(fr, ai, input_precision=PRECISION) + tl.dot(fi, ar, input_precision=PRECISION)
+        k1 = (p % NK1) * K1B + tl.arange(0, K1B)
         km = (k1 < N1)[:, None]
         k = k2[None, :] + N2 * k1[:, None]
-        xq = tl.load(tw_ptr + k * 2, mask=km, other=0.0) * xr - tl.load(tw_ptr + k * 2 + 1, mask=km, other=0.0) * xi
+        t_re = tl.load(tw_ptr + k * 2, mask=km, other=0.0)
+        t_im = tl.load(tw_ptr + k * 2 + 1, mask=km, other=0.0)
+        spec_ptr = a_ptr + (tok * (K // G) + g) * 2 * N1P * N2  # both planes: (2 N1P, N2)
+        if KC == 0:
+            j = tl.arange(0, 2 * N1P)
+            fidx = k1[:, None] * (2 * N1P) + j[None, :]
+            f_re = tl.load(f1_ptr + fidx)
+            f_im = tl.load(f1_ptr + 2 * N1P * N1P + fidx)
+            if WAIT:
+                _gdc_wait()
+            spec = tl.load(spec_ptr + j[:, None] * N2 + k2[None, :])
+            v_re = tl.dot(f_re, spec, input_precision=PRECISION)
+            v_im = tl.dot(f_im, spec, input_precision=PRECISION)
+        else:
+            if WAIT:
+                _gdc_wait()
+            v_re = tl.zeros([K1B, 16], dtype=tl.float32)
+            v_im = tl.zeros([K1B, 16], dtype=tl.float32)
+            for c0 in tl.static_range(0, 2 * N1P, KC):
+                j = c0 + tl.arange(0, KC)
+                fidx = k1[:, None] * (2 * N1P) + j[None, :]
+                spec = tl.load(spec_ptr + j[:, None] * N2 + k2[None, :])
+                v_re += tl.dot(tl.load(f1_ptr + fidx), spec, input_precision=PRECISION)
+                v_im += tl.dot(tl.load(f1_ptr + 2 * N1P * N1P + fidx), spec, input_precision=PRECISION)
+        gi = tl.arange(0, NGP)[:, None, None]
+        ei = tl.load(en_ptr + ((tok * (K // G) + gi) * NB1 + tl.arange(0, NB1)[None, :, None]) * N2
+                     + tl.arange(0, N2)[None, None, :], mask=gi < K // G, other=0.0)
+        xq = t_re * v_re - t_im * v_im
         c = g * G + k
         tl.store(xqd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xq, mask=km)
         wl = (g * G + N2 * k1[:, None] + ((p // NK1) % NB2) * 16) // PER + tl.arange(0, 16 // PER)[None, :]
-        tl.store(xqs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xq, (16, 16 // PER, PER)), axis=2), mask=km)
-        gi = tl.arange(0, NGP)[:, None, None]
-        ei = tl.load(en_ptr + ((tok * (K // G) + gi) * NK1 + tl.arange(0, NK1)[None, :, None]) * N2
-                     + tl.arange(0, N2)[None, None, :], mask=gi < K // G, other=0.0)
+        tl.store(xqs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xq, (K1B, 16 // PER, PER)), axis=2), mask=km)
         qmax = tl.sqrt(tl.max(tl.max(tl.sum(ei, axis=1), axis=1), axis=0) * (2.0 * N1 / G))
         qscale = tl.maximum(qmax, 1e-30) / 32767.0
         if p == 0:
@@ -1171,6 +1190,7 @@ def prep_columns(k: int, per: int) -> int:
 DCT_TWO_STAGE = True
 DCT_DOT_PRECISION = "tf32x3"  # tl.dot's precision for the DFT stages: float32 accuracy from the tensor cores
 DCT_WARPS = (4, 4)  # warps per program of the two launches
+DCT_STAGE2 = (16, 0)  # second launch: k1 rows per program (0: all), reduction chunk (0: one product)
 
 
 def dft_split(g: int) -> tuple[int, int] | None:
@@ -1184,11 +1204,13 @@ def dft_split(g: int) -> tuple[int, int] | None:
 
 @functools.lru_cache(maxsize=32)
 def dft_tables(g: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]:
-    """The two-launch DCT's constants for a ``g``-long group, float32 (real plane, then imaginary plane):
-    ``f2`` (2, N2, N2) the N2-point DFT matrix ``w_N2^(n2 k2)``; ``tw`` (2, N1P, N2) the twiddles
-    ``w_G^(n1 k2)``; ``f1`` (2, N1P, N1P) the N1-point DFT matrix ``w_N1^(k1 n1)``; rows and columns past N1
-    zero (N1P: N1 rounded up to a power of two >= 16, ``tl.dot``'s shapes). Returns (f2, tw, f1, N1, N1P, N2).
-    Angles from exact integer products modulo the length, in float64."""
+    """The two-launch DCT's constants for a ``g``-long group, float32: ``f2`` (N2, 2 N2) the N2-point DFT
+    matrix ``w_N2^(n2 k2)``, column ``2 k2`` its real and ``2 k2 + 1`` its imaginary part; ``tw`` (2, N1P,
+    N2) the twiddles ``w_G^(n1 k2)`` (real plane, then imaginary); ``f1`` (2, N1P, 2 N1P) the N1-point DFT
+    matrix ``F = w_N1^(k1 n1)`` as ``[Re F, -Im F]`` and ``[Im F, Re F]``, so that one real product with A's
+    two planes stacked gives each part of ``F A``. Rows and columns past N1 are zero (N1P: N1 rounded up to
+    a power of two >= 16, ``tl.dot``'s shapes). Returns (f2, tw, f1, N1, N1P, N2). Angles from exact integer
+    products modulo the length, in float64."""
     n1, n2 = dft_split(g)
     n1p = max(16, triton.next_power_of_2(n1))
 
@@ -1197,13 +1219,13 @@ def dft_tables(g: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
         return torch.stack((torch.cos(angle), torch.sin(angle))).float()
 
     i2 = torch.arange(n2)
-    f2 = plane(i2[:, None] * i2[None, :], n2)
+    f2 = plane(i2[:, None] * i2[None, :], n2).permute(1, 2, 0).reshape(n2, 2 * n2)
     tw = plane(torch.arange(n1p)[:, None] * i2[None, :], g)
     tw[:, n1:] = 0
     i1 = torch.arange(n1p)
-    f1 = plane(i1[:, None] * i1[None, :], n1)
-    f1[:, n1:] = 0
-    f1[:, :, n1:] = 0
+    f_re, f_im = plane(i1[:, None] * i1[None, :], n1)
+    f_re[n1:], f_im[n1:], f_re[:, n1:], f_im[:, n1:] = 0, 0, 0, 0
+    f1 = torch.stack((torch.cat((f_re, -f_im), dim=1), torch.cat((f_im, f_re), dim=1)))
     return (*(t.contiguous().to(device) for t in (f2, tw, f1)), n1, n1p, n2)
 
 
@@ -1234,16 +1256,17 @@ def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bo
     stage1 = (k // g) * (n1p // 16) * (n2 // 32)
     pdl = {"launch_pdl": True} if chain else {}
     if launches[0]:
-        _dct_stage1_kernel[(t, max(stage1, triton.cdiv(k, ch)))](
+        _dct_stage1_kernel[(t, stage1 + triton.cdiv(k, ch))](
             x, xd, xs, xp.view(torch.int16), sc, energy, signs, f2, tw, spectrum, K=k, G=g, N1=n1, N1P=n1p,
             N2=n2, PER=per, CH=ch, RED=min(4096, triton.next_power_of_2(k)), PRECISION=DCT_DOT_PRECISION,
             TRIGGER=chain, WAIT=chain, num_warps=DCT_WARPS[0], **pdl)
     if launches[1]:
         twiddle = torch.view_as_real(dct_twiddle(g, dev, torch.float32))
-        _dct_stage2_kernel[(t, (k // g) * (n2 // 16) * (n1p // 16))](
+        k1b = min(DCT_STAGE2[0] or n1p, n1p)
+        _dct_stage2_kernel[(t, (k // g) * (n2 // 16) * (n1p // k1b))](
             spectrum, f1, twiddle, energy, xqd, xqs, xqp.view(torch.int16), qsc, K=k, G=g, N1=n1, N1P=n1p, N2=n2,
-            PER=per, NGP=triton.next_power_of_2(k // g), PRECISION=DCT_DOT_PRECISION, TRIGGER=trigger, WAIT=chain,
-            num_warps=DCT_WARPS[1], **pdl)
+            PER=per, NGP=triton.next_power_of_2(k // g), PRECISION=DCT_DOT_PRECISION, K1B=k1b,
+            KC=min(DCT_STAGE2[1], 2 * n1p), TRIGGER=trigger, WAIT=chain, num_warps=DCT_WARPS[1], **pdl)
     return xd, xqd, xs, xqs, xp, xqp, sc, qsc, None
 
 
