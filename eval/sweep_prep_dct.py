@@ -17,11 +17,10 @@ from quantune.qlinear import QuantLinear
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--widths", default="4096,14336")
+    p.add_argument("--widths", default="4096,1536", help="input widths (DCT groups of one row) the two-launch "
+                                                           "path serves (quantune.kernels.dft_split)")
     p.add_argument("--warps", default="4x4,2x4")
     p.add_argument("--precisions", default="tf32x3,tf32")
-    p.add_argument("--stage2", default="16x0,16x32,0x32,0x64", help="second launch: k1 rows per program (0: all) x "
-                                                                   "reduction chunk (0: one product)")
     p.add_argument("--prep-pdl", default="0,1")
     args = p.parse_args()
     from eval import bench_kernels
@@ -33,9 +32,8 @@ def main() -> None:
     widths = [int(w) for w in args.widths.split(",")] if dev == "cuda" else [256]
     warps = [tuple(map(int, w.split("x"))) for w in args.warps.split(",")] if dev == "cuda" else [(4, 4)]
     precisions = args.precisions.split(",") if dev == "cuda" else ["tf32x3"]
-    stage2 = [tuple(map(int, c.split("x"))) for c in args.stage2.split(",")] if dev == "cuda" else [(16, 0), (0, 32)]
     rows = []
-    saved = (kernels.DCT_TWO_STAGE, kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.PREP_PDL, kernels.DCT_STAGE2)
+    saved = (kernels.DCT_TWO_STAGE, kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.PREP_PDL)
 
     def record(**row):
         print(json.dumps(row), flush=True)
@@ -63,8 +61,8 @@ def main() -> None:
                     ref = prep()
                     record(k=k, path="rfft", prep_pdl=pdl, us=bench(prep) * 1e6)
                     kernels.DCT_TWO_STAGE = True
-                    for w, prec, st2 in ((w, p_, s2) for w in warps for p_ in precisions for s2 in stage2):
-                        kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.DCT_STAGE2 = w, prec, st2
+                    for w, prec in ((w, p_) for w in warps for p_ in precisions):
+                        kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION = w, prec
                         got = prep()
                         err = float((got[1] - ref[1]).norm() / ref[1].norm())
                         times = {}
@@ -72,12 +70,11 @@ def main() -> None:
                                                ("stage2", (False, True))):
                             times[name] = bench(lambda launches=launches: kernels._two_stage_input(
                                 x, form, 4, trig, pdl, launches)) * 1e6
-                        record(k=k, path="two-stage", prep_pdl=pdl, warps=list(w), precision=prec, stage2=list(st2),
+                        record(k=k, path="two-stage", prep_pdl=pdl, warps=list(w), precision=prec,
                                us=times["both"], stage1_us=times["stage1"], stage2_us=times["stage2"],
                                xq_rel_diff_vs_rfft=err)
     finally:
-        (kernels.DCT_TWO_STAGE, kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.PREP_PDL,
-         kernels.DCT_STAGE2) = saved
+        kernels.DCT_TWO_STAGE, kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.PREP_PDL = saved
     bench_kernels.save_sweep(rows, "sweep_prep_dct", ("k", "path", "prep_pdl"), "us")
 
 

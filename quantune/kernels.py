@@ -728,6 +728,27 @@ if triton is not None:
                          8 // (32 // PER))
 
     @triton.jit
+    def _dot3(t_hi, t_lo, d, LEFT: tl.constexpr, PRECISION: tl.constexpr):
+        """A constant table times data, ``t @ d`` (LEFT) or ``d @ t``, the table given as its tf32 high part and
+        float32 remainder (:func:`tf32_split`). PRECISION "tf32x3": three tf32 products (``t_hi d_lo + t_lo
+        d_hi + t_hi d_hi``, d split here), float32 accuracy from the tensor cores without splitting the table
+        in every program (Triton's own tf32x3 splits both operands each time); else one product of PRECISION."""
+        if PRECISION == "tf32x3":
+            d_hi = (d.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # 10 mantissa bits kept
+            d_lo = d - d_hi
+            if LEFT:
+                out = tl.dot(t_hi, d_lo, input_precision="tf32") + tl.dot(t_lo, d_hi, input_precision="tf32")
+                out = tl.dot(t_hi, d_hi, out, input_precision="tf32")
+            else:
+                out = tl.dot(d_lo, t_hi, input_precision="tf32") + tl.dot(d_hi, t_lo, input_precision="tf32")
+                out = tl.dot(d_hi, t_hi, out, input_precision="tf32")
+        elif LEFT:
+            out = tl.dot(t_hi + t_lo, d, input_precision=PRECISION)
+        else:
+            out = tl.dot(d, t_hi + t_lo, input_precision=PRECISION)
+        return out
+
+    @triton.jit
     def _dct_stage1_kernel(x_ptr, xd_ptr, xs_ptr, xp16_ptr, sc_ptr, en_ptr, signs_ptr, f2_ptr, tw_ptr, a_ptr,
                            K: tl.constexpr, G: tl.constexpr, N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr,
                            PER: tl.constexpr, CH: tl.constexpr, RED: tl.constexpr, PRECISION: tl.constexpr,
@@ -755,7 +776,9 @@ if triton is not None:
             n1 = ((p // NK2) % NB1) * 16 + tl.arange(0, 16)
             k2 = (p % NK2) * 32 + tl.arange(0, 32)
             n2 = tl.arange(0, N2)
-            f2 = tl.load(f2_ptr + n2[:, None] * (2 * N2) + (p % NK2) * 64 + tl.arange(0, 64)[None, :])
+            fidx = n2[:, None] * (2 * N2) + (p % NK2) * 64 + tl.arange(0, 64)[None, :]
+            f2_hi = tl.load(f2_ptr + fidx)
+            f2_lo = tl.load(f2_ptr + 2 * N2 * N2 + fidx)
             tidx = n1[:, None] * N2 + k2[None, :]
             twr = tl.load(tw_ptr + tidx)
             twi = tl.load(tw_ptr + N1P * N2 + tidx)
@@ -766,7 +789,7 @@ if triton is not None:
             if WAIT:
                 _gdc_wait()
             v = tl.load(x_ptr + tok * K + g * G + src, mask=rm, other=0.0).to(tl.float32) * sg
-            ar, ai = tl.split(tl.reshape(tl.dot(v, f2, input_precision=PRECISION), (16, 32, 2)))
+            ar, ai = tl.split(tl.reshape(_dot3(f2_hi, f2_lo, v, False, PRECISION), (16, 32, 2)))
             out_r = ar * twr - ai * twi
             out_i = ar * twi + ai * twr
             base = a_ptr + (tok * (K // G) + g) * 2 * N1P * N2
@@ -797,12 +820,11 @@ if triton is not None:
     @triton.jit
     def _dct_stage2_kernel(a_ptr, f1_ptr, tw_ptr, en_ptr, xqd_ptr, xqs_ptr, xqp16_ptr, qsc_ptr,
                            K: tl.constexpr, G: tl.constexpr, N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr,
-                           PER: tl.constexpr, NGP: tl.constexpr, PRECISION: tl.constexpr, K1B: tl.constexpr = 16,
-                           KC: tl.constexpr = 0, TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False):
+                           PER: tl.constexpr, NGP: tl.constexpr, PRECISION: tl.constexpr,
+                           TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False):
         """Second launch (:func:`_dct_stage1_kernel`): stage two, ``V[k2 + N2 k1] = sum_n1 w_N1^(n1 k1) A[n1,
-        k2]`` for K1B k1 by 16 k2 per program, the complex product as two real ``tl.dot`` over both planes of
-        A (``f1``: the N1-point DFT matrix as ``[Re, -Im]`` and ``[Im, Re]`` rows), in one product (KC 0:
-        the tables load before the wait) or KC-long chunks of the reduction; then the DCT ``xq_k =
+        k2]`` for 16 k1 by 16 k2 per program, the complex product as two real products over both planes of
+        A (``f1``: the N1-point DFT matrix as ``[Re, -Im]`` and ``[Im, Re]`` rows, :func:`_dot3`); then the DCT ``xq_k =
         Re(t_k V_k)`` (``tw``: :func:`quantune.transforms.dct_twiddle`), written as the GEMV reads it:
         de-interleaved, summed per word (16 consecutive k2 hold whole words), and rounded to 16 bits with one
         scale per token known before any output is: stage two is an N1-point DFT of each column ``A[:, k2]``,
@@ -816,45 +838,35 @@ if triton is not None:
         tok = tl.program_id(0)
         p = tl.program_id(1)
         NB2: tl.constexpr = N2 // 16
-        NK1: tl.constexpr = N1P // K1B
-        NB1: tl.constexpr = N1P // 16  # the first launch's row blocks (its energies' layout)
+        NK1: tl.constexpr = N1P // 16
         g = p // (NB2 * NK1)
         k2 = ((p // NK1) % NB2) * 16 + tl.arange(0, 16)
-        k1 = (p % NK1) * K1B + tl.arange(0, K1B)
+        k1 = (p % NK1) * 16 + tl.arange(0, 16)
         km = (k1 < N1)[:, None]
         k = k2[None, :] + N2 * k1[:, None]
         t_re = tl.load(tw_ptr + k * 2, mask=km, other=0.0)
         t_im = tl.load(tw_ptr + k * 2 + 1, mask=km, other=0.0)
         spec_ptr = a_ptr + (tok * (K // G) + g) * 2 * N1P * N2  # both planes: (2 N1P, N2)
-        if KC == 0:
-            j = tl.arange(0, 2 * N1P)
-            fidx = k1[:, None] * (2 * N1P) + j[None, :]
-            f_re = tl.load(f1_ptr + fidx)
-            f_im = tl.load(f1_ptr + 2 * N1P * N1P + fidx)
-            if WAIT:
-                _gdc_wait()
-            spec = tl.load(spec_ptr + j[:, None] * N2 + k2[None, :])
-            v_re = tl.dot(f_re, spec, input_precision=PRECISION)
-            v_im = tl.dot(f_im, spec, input_precision=PRECISION)
-        else:
-            if WAIT:
-                _gdc_wait()
-            v_re = tl.zeros([K1B, 16], dtype=tl.float32)
-            v_im = tl.zeros([K1B, 16], dtype=tl.float32)
-            for c0 in tl.static_range(0, 2 * N1P, KC):
-                j = c0 + tl.arange(0, KC)
-                fidx = k1[:, None] * (2 * N1P) + j[None, :]
-                spec = tl.load(spec_ptr + j[:, None] * N2 + k2[None, :])
-                v_re += tl.dot(tl.load(f1_ptr + fidx), spec, input_precision=PRECISION)
-                v_im += tl.dot(tl.load(f1_ptr + 2 * N1P * N1P + fidx), spec, input_precision=PRECISION)
+        PART: tl.constexpr = 2 * N1P * N1P  # one of the table's four parts: (hi, lo) x (Re row, Im row)
+        j = tl.arange(0, 2 * N1P)
+        fidx = k1[:, None] * (2 * N1P) + j[None, :]
+        re_hi = tl.load(f1_ptr + fidx)
+        im_hi = tl.load(f1_ptr + PART + fidx)
+        re_lo = tl.load(f1_ptr + 2 * PART + fidx)
+        im_lo = tl.load(f1_ptr + 3 * PART + fidx)
+        if WAIT:
+            _gdc_wait()
+        spec = tl.load(spec_ptr + j[:, None] * N2 + k2[None, :])
+        v_re = _dot3(re_hi, re_lo, spec, True, PRECISION)
+        v_im = _dot3(im_hi, im_lo, spec, True, PRECISION)
         gi = tl.arange(0, NGP)[:, None, None]
-        ei = tl.load(en_ptr + ((tok * (K // G) + gi) * NB1 + tl.arange(0, NB1)[None, :, None]) * N2
+        ei = tl.load(en_ptr + ((tok * (K // G) + gi) * NK1 + tl.arange(0, NK1)[None, :, None]) * N2
                      + tl.arange(0, N2)[None, None, :], mask=gi < K // G, other=0.0)
         xq = t_re * v_re - t_im * v_im
         c = g * G + k
         tl.store(xqd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xq, mask=km)
         wl = (g * G + N2 * k1[:, None] + ((p // NK1) % NB2) * 16) // PER + tl.arange(0, 16 // PER)[None, :]
-        tl.store(xqs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xq, (K1B, 16 // PER, PER)), axis=2), mask=km)
+        tl.store(xqs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xq, (16, 16 // PER, PER)), axis=2), mask=km)
         qmax = tl.sqrt(tl.max(tl.max(tl.sum(ei, axis=1), axis=1), axis=0) * (2.0 * N1 / G))
         qscale = tl.maximum(qmax, 1e-30) / 32767.0
         if p == 0:
@@ -1190,23 +1202,25 @@ def prep_columns(k: int, per: int) -> int:
 DCT_TWO_STAGE = True
 DCT_DOT_PRECISION = "tf32x3"  # tl.dot's precision for the DFT stages: float32 accuracy from the tensor cores
 DCT_WARPS = (4, 4)  # warps per program of the two launches
-DCT_STAGE2 = (16, 0)  # second launch: k1 rows per program (0: all), reduction chunk (0: one product)
 
 
 def dft_split(g: int) -> tuple[int, int] | None:
-    """``(N1, N2)`` with ``g = N1 N2``, N2 in (64, 128) and N1 <= 128, for the two-launch DCT of a ``g``-long
-    group (4096 = 64 x 64, 14336 = 112 x 128, 11008 = 86 x 128, 576 = 9 x 64), or None (the rfft path)."""
-    for n2 in (64, 128):
-        if g % n2 == 0 and g // n2 <= 128:
-            return g // n2, n2
+    """``(N1, 64)`` with ``g = 64 N1`` and N1 <= 64, for the two-launch DCT of a ``g``-long group (4096 = 64 x
+    64, 576 = 9 x 64, 1536 = 24 x 64), or None (the rfft path). Measured on the H200 (eval/results/
+    kernel_sweeps/sweep_prep_dct*.json, bench_kernels_kashin.md): at 4096 the two launches take 4.9-5.0 us
+    against the rfft path's 7.2 in the same run; with N1 = 112 or 128 (14336 = 112 x 128, 8192 = 128 x 64)
+    stage two's longer products made them slower than it (14.1 against 12.7 us at 14336)."""
+    if g % 64 == 0 and g // 64 <= 64:
+        return g // 64, 64
     return None
 
 
 @functools.lru_cache(maxsize=32)
 def dft_tables(g: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]:
-    """The two-launch DCT's constants for a ``g``-long group, float32: ``f2`` (N2, 2 N2) the N2-point DFT
-    matrix ``w_N2^(n2 k2)``, column ``2 k2`` its real and ``2 k2 + 1`` its imaginary part; ``tw`` (2, N1P,
-    N2) the twiddles ``w_G^(n1 k2)`` (real plane, then imaginary); ``f1`` (2, N1P, 2 N1P) the N1-point DFT
+    """The two-launch DCT's constants for a ``g``-long group, float32, the DFT matrices split into tf32 part and
+    remainder (:func:`tf32_split`, the leading axis): ``f2`` (2, N2, 2 N2) the N2-point DFT matrix ``w_N2^(n2
+    k2)``, column ``2 k2`` its real and ``2 k2 + 1`` its imaginary part; ``tw`` (2, N1P,
+    N2) the twiddles ``w_G^(n1 k2)`` (real plane, then imaginary); ``f1`` (2, 2, N1P, 2 N1P) the N1-point DFT
     matrix ``F = w_N1^(k1 n1)`` as ``[Re F, -Im F]`` and ``[Im F, Re F]``, so that one real product with A's
     two planes stacked gives each part of ``F A``. Rows and columns past N1 are zero (N1P: N1 rounded up to
     a power of two >= 16, ``tl.dot``'s shapes). Returns (f2, tw, f1, N1, N1P, N2). Angles from exact integer
@@ -1226,7 +1240,15 @@ def dft_tables(g: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     f_re, f_im = plane(i1[:, None] * i1[None, :], n1)
     f_re[n1:], f_im[n1:], f_re[:, n1:], f_im[:, n1:] = 0, 0, 0, 0
     f1 = torch.stack((torch.cat((f_re, -f_im), dim=1), torch.cat((f_im, f_re), dim=1)))
+    f2, f1 = tf32_split(f2), tf32_split(f1)
     return (*(t.contiguous().to(device) for t in (f2, tw, f1)), n1, n1p, n2)
+
+
+def tf32_split(t: torch.Tensor) -> torch.Tensor:
+    """``stack((hi, lo))``: float32 ``t`` as its tf32 part (10 mantissa bits, the low 13 zeroed) and the exact
+    float32 remainder, so that tf32 tensor-core products of both recover float32 accuracy (:func:`_dot3`)."""
+    hi = (t.view(torch.int32) & -8192).view(torch.float32)
+    return torch.stack((hi, t - hi))
 
 
 def dct_two_stage(form: BitplaneForm, bits: int, pairs: bool | str) -> bool:
@@ -1262,11 +1284,9 @@ def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bo
             TRIGGER=chain, WAIT=chain, num_warps=DCT_WARPS[0], **pdl)
     if launches[1]:
         twiddle = torch.view_as_real(dct_twiddle(g, dev, torch.float32))
-        k1b = min(DCT_STAGE2[0] or n1p, n1p)
-        _dct_stage2_kernel[(t, (k // g) * (n2 // 16) * (n1p // k1b))](
+        _dct_stage2_kernel[(t, (k // g) * (n2 // 16) * (n1p // 16))](
             spectrum, f1, twiddle, energy, xqd, xqs, xqp.view(torch.int16), qsc, K=k, G=g, N1=n1, N1P=n1p, N2=n2,
-            PER=per, NGP=triton.next_power_of_2(k // g), PRECISION=DCT_DOT_PRECISION, K1B=k1b,
-            KC=min(DCT_STAGE2[1], 2 * n1p), TRIGGER=trigger, WAIT=chain, num_warps=DCT_WARPS[1], **pdl)
+            PER=per, NGP=triton.next_power_of_2(k // g), PRECISION=DCT_DOT_PRECISION, TRIGGER=trigger, WAIT=chain, num_warps=DCT_WARPS[1], **pdl)
     return xd, xqd, xs, xqs, xp, xqp, sc, qsc, None
 
 
