@@ -7,7 +7,8 @@ out=${OUT:-/tmp/out}
 case "$1" in
   kernels)   python -m eval.bench_kernels --configs gemv5:8x2x128,gemv5:2x1x128,gemv6:4x1x64,gemv6p:4x1x64,gemv6:2x1x128,gemv6:1x1x128,gemv6:8x1x64 \
                --out "$out/bench_kernels" ;;                                                       # issue 5
-  sweep-gemv) python eval/sweep_gemv.py --splits 1,2 --evict ",evict_first" ;;  # issue 5: GEMV tiles, cold L2
+  sweep-gemv) python -m eval.sweep_gemv --splits 1,2 --evict ",evict_first" ;;  # issue 5: GEMV tiles, cold L2
+  prep-dct)  python -m eval.sweep_prep_dct --prep-pdl 1 --precisions tf32x3 ;;  # issue 5: kashin's input preparation alone
   generate-eager-repeat) # issue 5: the eager column of bench_generate read 9.2 tokens/s for rtn-4 once (13-19 before)
              python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --out "$out/bench_generate_eager" ;;
   quantize)  python -m eval.bench_quantize --device cuda --workdir /tmp --out "$out/bench_quantize" ;;  # issue 5
@@ -34,9 +35,9 @@ case "$1" in
                --out "$out/bench_generate_noshare" ;;   # issue 5: the same compile without quantune's ShareInputs pass
   generate-kashin) python -m eval.bench_generate --contenders bf16,kashin-4,kashin-2 --new-tokens 64 --compile \
                --out "$out/bench_generate_kashin" ;;                                               # issue 5
-  chunks)    python eval/sweep_prep_columns.py ;;                                                  # issue 5
+  chunks)    python -m eval.sweep_prep_columns ;;                                                  # issue 5
   joined)    python -m eval.bench_joined ;;   # issue 5: q/k/v and gate/up as one GEMV launch against a launch each
-  decode-sweep) python eval/sweep_decode.py ;;  # issue 5: tiles of the bf16 decode for prefill
+  decode-sweep) python -m eval.sweep_decode ;;  # issue 5: tiles of the bf16 decode for prefill
   ddp)       # issue 4 on nvidia-h200-x2: the same global batch on 1 and on 2 GPUs, the seed noise, and 2 GPUs at
              # the one-GPU per-GPU batch (throughput scaling); then the comparison table and plot
              [ -d /tmp/rec/k2 ] || python -m quantune quantize /tmp/smollm2.gguf --bits 2 --out /tmp/rec/k2 --no-eval
@@ -51,5 +52,5 @@ case "$1" in
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, sweep-gemv, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
 esac

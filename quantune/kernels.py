@@ -831,8 +831,8 @@ if triton is not None:
         so by Parseval ``|V[k2 + N2 k1]|^2 <= N1 sum_n1 |A[n1, k2]|^2``, and ``|t_k| <= sqrt(2 / G)``; every
         program reads the column energies of the first launch (``en``; NGP: the groups rounded up to a power of
         two) and takes ``max_k2 sqrt(2 N1 E_k2 / G) / 32767``. A bound for any input; on random ones it lies
-        3.6x (G = 4096) to 4.1x (14336) above the largest output, about 2 of the 16 bits (``||x||_2``, the plain
-        bound, lies 18-30x above). The tables load before the wait, as in the first launch."""
+        about 3.6x above the largest output at G = 4096, about 2 of the 16 bits (``||x||_2``, the plain bound,
+        lies 18x above). The tables load before the wait, as in the first launch."""
         if TRIGGER:
             _gdc_launch_dependents()
         tok = tl.program_id(0)

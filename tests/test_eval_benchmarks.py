@@ -66,3 +66,15 @@ def test_gemv_sweep_smoke_checks_every_tile_against_the_default(tmp_path):
     whole = wholes[0]
     k, n = whole["k"], whole["n"]
     assert whole["bytes_read"] == n * k // 2 + n * (k // 64) * 2  # 4-bit codes, one float16 scale per 64
+
+
+def test_prep_probe_smoke_compares_the_two_preparations(tmp_path):
+    """eval/sweep_prep_dct.py on the CPU (one small width under the interpreter): a row for the rfft path, the
+    two-launch path and rtn's one-launch floor, and the two-launch path's transformed input equal to the rfft
+    path's."""
+    pytest.importorskip("triton")
+    _run(["eval.sweep_prep_dct"], tmp_path, 600, OUT=str(tmp_path))
+    rows = json.loads((tmp_path / "sweep_prep_dct.json").read_text())
+    assert {r["path"] for r in rows} == {"rfft", "two-stage", "rtn prep (one launch)"}
+    two = [r for r in rows if r["path"] == "two-stage"]
+    assert two and all(r["xq_rel_diff_vs_rfft"] < 1e-5 for r in two)
