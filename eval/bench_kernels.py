@@ -343,8 +343,9 @@ def main() -> None:
                 kernels.GEMV_PDL = True
             pdl_same = bool(torch.equal(got_serial, got))
             rfft = {}
-            if kernels.dct_two_stage(form, bits, kernels.gemv_pairs(gemv_mode(kind) or
-                                                                    kernels.gemv_default_mode(tables[2], bits))):
+            best_mode = gemv_mode(kind)
+            if kernels.dct_two_stage(form, bits, kernels.gemv_pairs(
+                    kernels.gemv_default_mode(tables[2], bits) if best_mode is None else best_mode)):
                 kernels.DCT_TWO_STAGE = False  # kashin's input through the rfft path (prep, rfft, post, pairs), same run
                 try:
                     got_rfft = kernel_call(kind, bm, nw, tw, None)()
