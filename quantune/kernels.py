@@ -1335,16 +1335,17 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     chunked = pairs == "chunk"
     if chunked and needs_xq:
         raise ValueError("chunk-scaled pairs (GEMV mode 6) serve formats without a transformed factor (rtn)")
+    two_stage = not given and dct_two_stage(form, bits, pairs)
     key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version, bits, pairs,
            form.transform if needs_xq else None, form.seed if needs_xq else None,
-           form.group if needs_xq or chunked else None, dct_two_stage(form, bits, pairs))
+           form.group if needs_xq or chunked else None, two_stage)
     share = share and not given and SHARE_INPUTS
     if share:
         hit = _PREPARED.get("entry")
         if hit is not None and hit[0] == key:
             return hit[2]
     chain = trigger and PREP_PDL  # the preparation's own kernels launched with programmatic dependent launch
-    if not given and dct_two_stage(form, bits, pairs):
+    if two_stage:
         prepared = _two_stage_input(x.contiguous(), form, bits, trigger, chain)
         if share:
             _PREPARED["entry"] = (key, x, prepared)
