@@ -7,8 +7,9 @@ For every (in, out) shape: random weights (std 0.02), quantized by quantune (kas
 kernel (quantune.kernels), torch bf16 ``x @ W^T``, ``bnb.matmul_4bit``. Prefill (2048 tokens):
 quantune decodes the weight to bf16 and runs one GEMM (timed together) against bf16 GEMM.
 Correctness: every kernel output is compared with the float32 reference (``x @ W_hat^T`` from
-the module's own dequantization) in the same run. The table states the measured device copy
-bandwidth and each case's byte floor (bytes read / bandwidth). Decode timings cycle through copies
+the module's own dequantization) in the same run. The table states the measured device read
+bandwidth (a streaming Triton read; copy bandwidths next to it) and each case's byte floor (bytes read /
+read bandwidth). Decode timings cycle through copies
 of each case's weights (``cold_copies``) so that no call is served from L2, as in a model.
 """
 from __future__ import annotations
@@ -114,11 +115,22 @@ def bench_eager(fn, reps: int = 50) -> float:
     return do_bench(fn, rep=reps, return_mode="median") / 1e3
 
 
-def copy_bandwidth() -> float:
+def bandwidths() -> dict:
+    """The device's memory bandwidth in bytes/s, three ways over 1 GiB: ``read``, a streaming read by a Triton
+    kernel (16 KB a program, CUDA graph; eval/probe_read_pattern.py), the floor of what a GEMV's code reads can
+    reach and the one the tables' floors use; ``copy_eager`` and ``copy_graph``, ``Tensor.copy_`` (read + write
+    counted) launched eagerly and captured in a CUDA graph (a graph's memcpy node ran at 2.7 TB/s on the H200
+    against 4.2 eagerly, so it is no floor). On the CPU: a 1 MiB copy for all three."""
     a = torch.empty(1 << (30 if DEV == "cuda" else 20), dtype=torch.uint8, device=DEV)
     b = torch.empty_like(a)
-    seconds = bench(lambda: b.copy_(a))
-    return 2 * a.numel() / seconds  # read + write
+    copy = 2 * a.numel() / bench(lambda: b.copy_(a))
+    if DEV != "cuda":
+        return {"read": copy, "copy_eager": copy, "copy_graph": copy}
+    from eval.probe_read_pattern import eager_seconds, read_blocks
+
+    words = a.view(torch.int32)
+    return {"read": a.numel() / bench(lambda: read_blocks(words)),
+            "copy_eager": 2 * a.numel() / eager_seconds(lambda: b.copy_(a)), "copy_graph": copy}
 
 
 def quantune_layer(w: torch.Tensor, method: str, bits: int):
@@ -187,22 +199,23 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
             f"quantune.kernels.GEMV_MODES), 'torch transform us' the plain torch DCT for reference. Prefill: "
             f"{prefill_tokens} tokens, quantune decodes the factors to bf16 with a Triton kernel, then cuBLAS (rtn: "
             f"one GEMM; kashin: x U^T + (x Q) V^T, two GEMMs); 'old prefill' is the first path (float32 torch "
-            f"decode, eager). Floor: index + coefficient bytes / copy bandwidth. rel. err: the decode path vs the "
+            f"decode, eager). Floor: index + coefficient bytes / read bandwidth. rel. err: the decode path vs the "
             f"float32 reference x W_hat^T (modes 5 and 6 round the input to 16 bits per token or per 1024 columns: about 3e-5 to 1e-4); "
             f"prefill rel. err the same for the bf16 prefill path, next to bf16 cuBLAS's own error against "
             f"float32 (x W^T).\n\n{table}\n")
 
 
-def gemv_variant(kind: str) -> tuple[int | None, bool]:
-    """``gemvMODE[p]`` -> (mode, prefetch): "gemv3" -> (3, False), "gemv6p" (prefetching) -> (6, True),
-    "gemv" -> (None, False) (the format's default mode)."""
+def gemv_variant(kind: str) -> tuple[int | None, int, int]:
+    """``gemvMODE[p|p2][uN]`` -> (mode, prefetch, unroll): "gemv3" -> (3, 0, 1), "gemv6p" (prefetching the next
+    tile's words) -> (6, 1, 1), "gemv6p2u2" (prefetching all the next tile reads, the K loop unrolled twice) ->
+    (6, 2, 2), "gemv" -> (None, 0, 1) (the format's default mode)."""
     import re
 
-    found = re.fullmatch(r"gemv(\d*)(p?)", kind)
+    found = re.fullmatch(r"gemv(\d*)(p2|p)?(?:u(\d+))?", kind)
     if found is None:
-        raise ValueError(f"unknown kernel {kind!r}: gemvMODE[p], e.g. gemv6, gemv6p")
-    mode, prefetch = found.groups()
-    return (int(mode) if mode else None), prefetch == "p"
+        raise ValueError(f"unknown kernel {kind!r}: gemvMODE[p|p2][uN], e.g. gemv6, gemv6p, gemv6p2u2")
+    mode, prefetch, unroll = found.groups()
+    return (int(mode) if mode else None), {"p": 1, "p2": 2}.get(prefetch, 0), int(unroll or 1)
 
 
 def gemv_mode(kind: str) -> int | None:
@@ -250,7 +263,8 @@ def main() -> None:
                                   levels_matmul, prefill_matmul, transformed_input)
 
     configs = parse_configs(args.configs) if args.configs else CONFIGS
-    bw = copy_bandwidth()
+    bws = bandwidths()
+    bw = bws["read"]
     rows = []
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
@@ -293,7 +307,7 @@ def main() -> None:
                                                    block_k=args.block_k)
                 if kind.startswith("gemv"):
                     split = gemv_split(codes.shape[0], form, bits, bm, tw)
-                    mode, prefetch = gemv_variant(kind)
+                    mode, prefetch, unroll = gemv_variant(kind)
                     # xq given: the kernel alone (inputs prepared once, outside the timing)
                     pairs = kernels.gemv_pairs(kernels.gemv_default_mode(tables[2], bits) if mode is None else mode)
                     prepared = None if xq_arg is None else kernels.prepared_input(x1, form, bits, xq_arg, pairs=pairs)
@@ -303,7 +317,7 @@ def main() -> None:
                             kernels._PREPARED.clear()
                         return gemv_matmul(x1, codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
                                            split=split, xq=xq_arg, affine=tables[2], mode=mode, tables=tables,
-                                           prefetch=prefetch, prepared=prepared)
+                                           prefetch=prefetch, prepared=prepared, unroll=unroll)
                     return call
                 return lambda: levels_matmul(x1, codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
                                              xq=xq_arg, block_k=args.block_k)
@@ -386,10 +400,13 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
             q = tables = copies = None  # free the layer before the next case
-    device = f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU (smoke)'}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s"
+    device = (f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU (smoke)'}, torch {torch.__version__}, read "
+              f"bandwidth {bw / 1e9:.0f} GB/s (a Triton kernel streaming 1 GiB; Tensor.copy_ {bws['copy_eager'] / 1e9:.0f} "
+              f"GB/s eager, {bws['copy_graph'] / 1e9:.0f} GB/s in a CUDA graph, read + write counted)")
     out = Path(args.out)
     md = render(rows, device, len(configs), args.prefill_tokens)
-    write_results(out, {"device": device, "copy_bandwidth_Bps": bw, "rows": rows}, md)
+    write_results(out, {"device": device, "read_bandwidth_Bps": bw, "copy_eager_Bps": bws["copy_eager"],
+                        "copy_graph_Bps": bws["copy_graph"], "rows": rows}, md)
 
 
 if __name__ == "__main__":

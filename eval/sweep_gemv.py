@@ -9,7 +9,9 @@ cuBLAS in the same run. Every timed call cycles through copies of the weights (b
 ``python eval/sweep_gemv.py``; without one it checks itself under TRITON_INTERPRET=1 on a small shape and
 times nothing."""
 import argparse
+import functools
 import json
+import re
 
 import torch
 
@@ -20,12 +22,26 @@ CONFIGS = [(1, 1, 128), (1, 1, 256), (2, 1, 128), (2, 1, 256), (4, 1, 128), (4, 
            (4, 2, 128), (8, 2, 128), (4, 4, 128), (8, 4, 128), (8, 8, 128), (16, 4, 128)]
 
 
+def parse_config(c: str) -> tuple:
+    """"4x1x64" -> (4, 1, 64, 0); a "p" suffix prefetches the next tile's words (1), "p2" everything it reads
+    (2, rtn's mode 6); then "uN" unrolls the K loop N times: "1x1x128p2u2" -> (1, 1, 128, 2, 2)."""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)(p2|p)?(?:u(\d+))?", c)
+    if m is None:
+        raise SystemExit(f"bad config {c!r}: rows x warps x words, then p or p2, then uN (e.g. 1x1x128p2u2)")
+    pre = {"p": 1, "p2": 2}.get(m.group(4), 0)
+    tile = (int(m.group(1)), int(m.group(2)), int(m.group(3)), pre)
+    return tile + (int(m.group(5)),) if m.group(5) else tile
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="rtn-4,rtn-2")
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x28672")
     p.add_argument("--configs", default=None, help="rows x warps x words per tile, 'p' to prefetch the next tile, "
                                                    "e.g. 4x1x64,2x1x128p")
+    p.add_argument("--whole-configs", default=None, help="tiles (as --configs) to time the module's whole call "
+                                                         "with, in place of the library's choice (gemv_tile); 'default': "
+                                                         "the library's")
     p.add_argument("--splits", default="1,2")
     p.add_argument("--evict", default="", help="L2 eviction policies of the codes' loads to try, e.g. ',evict_first'")
     p.add_argument("--prep-pdl", default="", help="for the whole call: quantune.kernels.PREP_PDL settings to try "
@@ -39,10 +55,12 @@ def main() -> None:
     bench_kernels.DEV = dev
     rotating = bench_kernels.rotating
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if dev == "cuda" else [(256, 64)]
-    configs = [(*map(int, c.rstrip("p").split("x")), c.endswith("p")) for c in args.configs.split(",")] \
-        if args.configs else [(*c, False) for c in CONFIGS]
+    configs = [parse_config(c) for c in args.configs.split(",")] if args.configs else [(*c, False) for c in CONFIGS]
+    wholes = [None if c == "default" else parse_config(c) for c in args.whole_configs.split(",")] \
+        if args.whole_configs else [None]
     if dev != "cuda":
-        configs = [(2, 1, 4, False), (1, 1, 8, True)]
+        configs = [(2, 1, 4, 0), (1, 1, 8, 1), (2, 1, 8, 2), (1, 1, 4, 0, 2)]
+        wholes = [None, (1, 1, 8, 2, 2)]
     bench = bench_kernels.bench if dev == "cuda" else (lambda f: 0.0)  # seconds, CUDA-graph medians; none on the CPU
     out = []
     for k, n in shapes:
@@ -68,7 +86,8 @@ def main() -> None:
             want = kernels.gemv_matmul(x, q.codes, form, bits, block_m=bm0, block_w=bw0, num_warps=nw0, split=split0,
                                        tables=tables, prepared=prepared, prefetch=pre0)
             variants = [(c, s, e) for c in configs for s in map(int, args.splits.split(",")) for e in args.evict.split(",")]
-            for (bm, nw, bw, pre), split, evict in variants:
+            for config, split, evict in variants:
+                bm, nw, bw, pre, unroll = (*config, 1)[:5]
                 if kernels.gemv_block_w(form, bits, bw, split) is None:
                     continue
 
@@ -76,7 +95,7 @@ def main() -> None:
                     codes, form_, tables_ = layer
                     return kernels.gemv_matmul(x, codes, form_, bits, block_m=bm, block_w=bw, num_warps=nw,
                                                split=split, tables=tables_, prepared=prepared, evict=evict,
-                                               prefetch=pre)
+                                               prefetch=pre, unroll=unroll)
                 try:
                     got = call()
                     t = bench(rotating([lambda c=c: call(c) for c in copies]))
@@ -84,7 +103,8 @@ def main() -> None:
                     print(f"{spec} {k}x{n} {bm}x{nw}x{bw} split {split}: {type(exc).__name__}: {exc}"[:200])
                     continue
                 err = float((got - want).norm() / want.norm())
-                row = dict(k=k, n=n, method=spec, block_m=bm, warps=nw, block_w=bw, prefetch=pre, split=split, evict=evict,
+                row = dict(k=k, n=n, method=spec, block_m=bm, warps=nw, block_w=bw, prefetch=pre, unroll=unroll,
+                           split=split, evict=evict,
                            kernel_us=t * 1e6 if t else None, read_GBps=read / t / 1e9 if t else None,
                            bf16_us=t_bf16 * 1e6, kernel_x_bf16=t_bf16 / t if t else None,
                            equal=bool(torch.equal(got, want)), rel_diff=err,
@@ -95,15 +115,22 @@ def main() -> None:
             def whole(layer):  # the module's call, the input's preparation included (no reuse across calls)
                 kernels._PREPARED.clear()
                 return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
-            for prep_pdl in [bool(int(v)) for v in args.prep_pdl.split(",")] if args.prep_pdl else [kernels.PREP_PDL]:
-                saved, kernels.PREP_PDL = kernels.PREP_PDL, prep_pdl
+            pdls = [bool(int(v)) for v in args.prep_pdl.split(",")] if args.prep_pdl else [kernels.PREP_PDL]
+            for prep_pdl, tile in [(v, w) for v in pdls for w in wholes]:
+                saved = kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_matmul
+                kernels.PREP_PDL = prep_pdl
+                if tile is not None:
+                    kernels.gemv_tile = lambda *a, tile=tile, **kw: tile[:4]
+                    if len(tile) > 4:
+                        kernels.gemv_matmul = functools.partial(saved[2], unroll=tile[4])
                 try:
                     got = whole(copies[0])
                     t_whole = bench(rotating([lambda c=c: whole(c) for c in copies]))
                 finally:
-                    kernels.PREP_PDL = saved
+                    kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_matmul = saved
+                used = list(tile) if tile is not None else [bm0, nw0, bw0, pre0]
                 row = dict(k=k, n=n, method=spec, whole_call_us=t_whole * 1e6 if t_whole else None,
-                           prep_pdl=prep_pdl, default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
+                           prep_pdl=prep_pdl, tile=used, default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
                            whole_x_bf16=t_bf16 / t_whole if t_whole else None, bytes_read=read,
                            whole_rel_diff=float((got.float() - want).norm() / want.norm()))
                 print("whole", json.dumps(row), flush=True)

@@ -367,12 +367,33 @@ if triton is not None:
         return p
 
     @triton.jit
+    def _mode6_tile(xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, w0, wtile, groups,
+                    K: tl.constexpr, NW: tl.constexpr, CPB: tl.constexpr, PER: tl.constexpr, XCH: tl.constexpr,
+                    WPG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, GPT: tl.constexpr,
+                    GROUP: tl.constexpr, SYM: tl.constexpr, BITS: tl.constexpr):
+        """What GEMV mode 6 reads for the word tile at ``w0`` besides its codes: the input's 16-bit pairs
+        (:func:`_pairs8`), ``scale * xscale`` and ``offset * xsum`` per (row, word) where the tile lies in one
+        group, else per (row, group) (``xsum``: the input's word or group sums)."""
+        offs = w0 + wtile
+        p0, p1, p2, p3, p4, p5, p6, p7 = _pairs8(xp_ptr, tok, CPB, NW, offs)
+        xscale = tl.load(sc_ptr + tok * ((K + XCH - 1) // XCH) + (w0 * PER) // XCH)
+        if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
+            scale, offset = _affine(a_ptr, bx_ptr, (rows * groups + w0 // WPG)[:, None], rmask[:, None], SYM, BITS)
+            off = offset * tl.load(xs_ptr + tok * NW + offs)
+        else:
+            gcols = tl.broadcast_to((w0 // WPG + tl.arange(0, GPT))[None, :], (BLOCK_M, GPT))
+            scale, offset = _affine(a_ptr, bx_ptr, rows[:, None] * groups + gcols, rmask[:, None], SYM, BITS)
+            off = offset * tl.load(xg_ptr + tok * (K // GROUP) + gcols)
+        return p0, p1, p2, p3, p4, p5, p6, p7, scale * xscale, off
+
+    @triton.jit
     def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, xs_ptr, xqs_ptr, xp_ptr, xqp_ptr, sc_ptr, qsc_ptr, xg_ptr,
                      a_ptr, bx_ptr, bq_ptr, y_ptr, y1_ptr, y2_ptr, M, M1, M2, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
-                     NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = ""):
+                     NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = "",
+                     UNROLL: tl.constexpr = 1):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -403,7 +424,10 @@ if triton is not None:
           when the tile lies in one group, else per group from the dots summed over the group's words
           and the group sums of x (``xg``), so the coefficients are never gathered per word.
         Coefficients: one per row when a tile lies inside one group, else gathered per word.
-        PREFETCH: the next tile's words are loaded before this tile's arithmetic (two tiles in flight).
+        UNROLL: the K loop's unroll factor (Triton's loop_unroll_factor).
+        PREFETCH: 1, the next tile's words are loaded before this tile's arithmetic (two tiles in flight);
+        2 (mode 6), everything the next tile reads (words, input pairs, coefficients) is, so no load of a
+        tile waits behind the arithmetic of the one before.
         EVICT: the codes' loads' L2 eviction policy ("" or "evict_first": each code is read once).
         PDL: launched with programmatic dependent launch (Hopper): the program loads its first words of
         codes, which no earlier kernel writes, while the input-preparation kernel before it still runs,
@@ -439,7 +463,12 @@ if triton is not None:
                             eviction_policy=EVICT)
             if PDL:
                 _gdc_wait()
-        for i in range(0, CHUNK, BLOCK_W):
+        if PREFETCH == 2:
+            tl.static_assert(MODE == 6, "PREFETCH 2 serves mode 6")
+            n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff = _mode6_tile(
+                xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, part * CHUNK, wtile, groups,
+                K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
+        for i in tl.range(0, CHUNK, BLOCK_W, loop_unroll_factor=UNROLL):
             w0 = part * CHUNK + i
             widx = w0 + wcols
             xin = xd_ptr + tok * K + w0 + wtile    # code position j: + j * NW
@@ -533,26 +562,29 @@ if triton is not None:
                 if KU < BITS:
                     acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * tl.load(xqs_ptr + tok * NW + offs)
             elif MODE == 6:
-                offs = w0 + wtile
+                tl.static_assert(XCH % (BLOCK_W * PER) == 0, "mode 6 tiles lie inside one input chunk")
+                if PREFETCH == 2:  # this tile's inputs came with the last one; the next tile's leave now
+                    i0, i1, i2, i3, i4, i5, i6, i7, sx, off = n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff
+                    n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff = _mode6_tile(
+                        xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask,
+                        w0 + BLOCK_W * (i + BLOCK_W < CHUNK), wtile, groups,  # the last tile reloads itself
+                        K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
+                else:
+                    i0, i1, i2, i3, i4, i5, i6, i7, sx, off = _mode6_tile(
+                        xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, w0, wtile, groups,
+                        K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
                 dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
                 for k in tl.static_range(CPB):
                     if BITS == 8:
                         b = word
                     else:
                         b = (word >> (k * BITS)) & (((1 << BITS) - 1) * 0x01010101)
-                    dot = _dp2a(_pairs(xp_ptr, tok, k, 0, CPB, NW, offs), b, dot, False, ASM)
-                    dot = _dp2a(_pairs(xp_ptr, tok, k, 1, CPB, NW, offs), b, dot, True, ASM)
-                tl.static_assert(XCH % (BLOCK_W * PER) == 0, "mode 6 tiles lie inside one input chunk")
-                xscale = tl.load(sc_ptr + tok * ((K + XCH - 1) // XCH) + (w0 * PER) // XCH)
+                    dot = _dp2a(_pick(2 * k, i0, i1, i2, i3, i4, i5, i6, i7), b, dot, False, ASM)
+                    dot = _dp2a(_pick(2 * k + 1, i0, i1, i2, i3, i4, i5, i6, i7), b, dot, True, ASM)
                 if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
-                    scale, offset = _affine(a_ptr, bx_ptr, cidx, cmask, SYM, BITS)
-                    acc += (scale * xscale) * dot.to(tl.float32) + offset * tl.load(xs_ptr + tok * NW + offs)
+                    acc += sx * dot.to(tl.float32) + off
                 else:  # integer sums per group first, then one coefficient each (no per-word gather)
-                    gcols = tl.broadcast_to((w0 // WPG + tl.arange(0, GPT))[None, :], (BLOCK_M, GPT))
-                    gidx = rows[:, None] * groups + gcols
-                    dg = tl.sum(tl.reshape(dot, (BLOCK_M, GPT, WPG)), axis=2).to(tl.float32)
-                    scale, offset = _affine(a_ptr, bx_ptr, gidx, cmask, SYM, BITS)
-                    accg += (scale * xscale) * dg + offset * tl.load(xg_ptr + tok * (K // GROUP) + gcols)
+                    accg += sx * tl.sum(tl.reshape(dot, (BLOCK_M, GPT, WPG)), axis=2).to(tl.float32) + off
             else:
                 p0, p1, p2, p3, p4, p5, p6, p7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32))
                 for j in tl.static_range(PER):
@@ -1089,21 +1121,24 @@ def gemv_default_mode(affine: bool, bits: int) -> int:
 def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_m: int = 8,
                 block_w: int = 64, num_warps: int = 4, split: int = 1, xq: torch.Tensor | None = None,
                 affine: bool | None = None, mode: int | None = None, tables: tuple | None = None,
-                prefetch: bool = False, prepared: tuple | None = None,
+                prefetch: bool | int = False, prepared: tuple | None = None,
                 out_dtype: torch.dtype = torch.float32, share: bool = True,
-                outputs: tuple[int, ...] | None = None, evict: str | None = None) -> torch.Tensor | list[torch.Tensor]:
+                outputs: tuple[int, ...] | None = None, evict: str | None = None,
+                unroll: int = 1) -> torch.Tensor | list[torch.Tensor]:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
     are decoded (:data:`GEMV_MODES`; 0 and 1 need an affine grid), default per format. ``tables``:
-    :func:`level_tables` of the form when the caller has them. ``prefetch``: keep two word tiles in flight.
+    :func:`level_tables` of the form when the caller has them. ``prefetch``: keep two word tiles in flight
+    (True or 1), or (2, mode 6 only) everything two tiles read: words, input pairs and coefficients.
     ``prepared``: :func:`prepared_input`'s result for ``x`` when the caller has it (benchmarks time the
     kernel alone). ``out_dtype``: of the result, rounded once from the float32 sums (float32 where
     ``split`` > 1: the programs add their parts atomically). ``share``: see :func:`prepared_input`.
     ``outputs``: the row counts of two or three layers whose codes and coefficients lie back to back in
     ``packed``/``form``/``tables`` (:func:`quantune.qlinear.colocate`): one launch, one result each
     (a list), for ``split`` 1 only. ``evict``: the L2 eviction policy of the codes' loads ("" or "evict_first",
-    default :data:`GEMV_EVICT`)."""
+    default :data:`GEMV_EVICT`). ``unroll``: the K loop unrolled this many times by the compiler (fewer address
+    and loop instructions per tile)."""
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
@@ -1120,6 +1155,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         raise ValueError(f"unknown GEMV mode {mode}; choose one of {sorted(GEMV_MODES)}")
     if mode in (0, 1, 6) and not affine:
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) needs an affine grid (rtn)")
+    if int(prefetch) not in (0, 1, 2) or (int(prefetch) == 2 and mode != 6):
+        raise ValueError(f"prefetch must be 0, 1 or 2 (2: mode 6 only), got {prefetch} with mode {mode}")
     if mode in (5, 6) and bits not in (2, 4, 8):
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) serves 2, 4 and 8-bit codes, not {bits}")
     (t, k), m = x.shape, packed.shape[0]
@@ -1152,8 +1189,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, ys[1 % len(ys)], ys[-1], m, bounds[0], bounds[1],
         w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
-        PREFETCH=prefetch, ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys), SYM=sym,
-        EVICT=GEMV_EVICT if evict is None else evict,
+        PREFETCH=int(prefetch), ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys), SYM=sym,
+        EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 

@@ -61,7 +61,9 @@ def test_gemv_sweep_smoke_checks_every_tile_against_the_default(tmp_path):
     assert {r["evict"] for r in tiles} == {"", "evict_first"} and {r["split"] for r in tiles} == {1, 2}
     assert all(r["rel_diff"] < 1e-5 for r in tiles)
     wholes = [r for r in rows if "whole_call_us" in r]
-    assert [r["prep_pdl"] for r in wholes] == [False, True]  # one whole-call row per setting asked for
+    # one whole-call row per setting and tile asked for (the library's tile, then the smoke run's prefetching one)
+    assert [(r["prep_pdl"], r["tile"][3]) for r in wholes] == [(False, 0), (False, 2), (True, 0), (True, 2)]
+    assert {r["prefetch"] for r in tiles} == {0, 1, 2} and {r["unroll"] for r in tiles} == {1, 2}
     assert all(r["whole_rel_diff"] < 1e-2 for r in wholes)  # the module's bf16 result against the float32 tile
     whole = wholes[0]
     k, n = whole["k"], whole["n"]

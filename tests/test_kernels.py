@@ -183,6 +183,33 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(method="rtn", bits=2),
+                                 QuantConfig(method="rtn", bits=8, group_size=32, symmetric=False)],
+                         ids=["rtn4-g64", "rtn2-row", "rtn8-g32-asym"])
+@pytest.mark.parametrize("block", [(1, 8, 1), (4, 4, 1), (2, 8, 2), (16, 2, 1)], ids=["row", "rows", "split", "tall"])
+def test_prefetching_everything_gives_the_same_sums(cfg, block, monkeypatch):
+    """Mode 6 with everything a tile reads prefetched (prefetch=2) against the plain loop, bitwise: tiles inside
+    and across groups, several input chunks (so the chunk scale changes between tiles), K split, a partial
+    row block, two tokens."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+    from quantune.kernels import gemv_matmul
+
+    monkeypatch.setattr(kernels, "PREP_COLUMNS", 64)
+    q = _layer(cfg, out=37, inp=256)
+    x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(6))
+    block_m, block_w, split = block
+    args = dict(block_m=block_m, block_w=block_w, num_warps=1, split=split, mode=6, share=False)
+    plain = gemv_matmul(x, q.codes, _form(q), cfg.bits, prefetch=0, **args)
+    ahead = gemv_matmul(x, q.codes, _form(q), cfg.bits, prefetch=2, **args)
+    unrolled = gemv_matmul(x, q.codes, _form(q), cfg.bits, prefetch=2, unroll=2, **args)
+    assert torch.equal(plain, ahead) and torch.equal(plain, unrolled)
+    want = x @ q.dequantize().T
+    assert float((ahead - want).norm() / want.norm()) < 2e-4
+    with pytest.raises(ValueError, match="prefetch"):
+        gemv_matmul(x, q.codes, _form(q), cfg.bits, prefetch=2, mode=1)
+
+
 def test_word_gemv_kernel_refuses_a_mode_the_format_lacks():
     pytest.importorskip("triton")
     from quantune.kernels import gemv_matmul, prepared_input
