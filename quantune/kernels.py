@@ -1451,8 +1451,10 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
 # few rows need smaller row blocks to fill the GPU: 14336x4096 kashin-4 16.1 us at 2x1x128 vs 23.4 at 8x2x128).
 GEMV_TILES = ((8, 2, 128, False), (2, 1, 128, False))         # kashin: int16 dot products (mode 5), plane sums
 # rtn: codes as int16 dot products (mode 6); many rows: 4 x 64 words (cold L2, rtn-4 4096x14336 9.8 us against
-# 10.6 at 4 x 128, kernel_sweeps/sweep_gemv_cold.json)
-GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
+# 10.6 at 4 x 128, kernel_sweeps/sweep_gemv_cold.json), the next tile's codes loaded before this one's arithmetic
+# and the K loop unrolled twice (GEMV_UNROLL; kernel_sweeps/sweep_gemv_unroll.json, cold L2, kernel alone:
+# 4096x14336 9.47 us against 9.78 plain, 8192x28672 31.09 against 32.41; prefetching alone did not pay)
+GEMV_TILES_AFFINE = ((4, 1, 64, True), (2, 1, 128, False))
 # rtn at 2 bits, many rows: the same 4 x 64 tile with the next tile's codes loaded before this one's arithmetic
 # (cold L2, kernel_sweeps/sweep_gemv_prefetch_cold.json: 4096x14336 7.38 us against 7.86, 8192x28672 21.85
 # against 23.16; at 4 bits it did not pay: 9.96 against 9.75, 32.35 against 32.12)
@@ -1463,6 +1465,13 @@ GEMV_MIN_WARPS = 2048
 GEMV_LONG_K = 8192
 GEMV_TILE_LONG_ROWS = (1, 1, 128, False)
 GEMV_MIN_PROGRAMS = 512
+# The K loop's unroll factor (fewer address and loop instructions per tile: 74 -> 64 per 32 weights and thread in
+# the one-row loop at 4 bits, read in the sm_90 code) for rtn's prefetching many-row tiles and its long-row tile,
+# by bits. kernel_sweeps/sweep_gemv_unroll.json (cold L2, kernel alone): 14336x4096 rtn-2 8.55 us against 10.26,
+# rtn-4 10.30 (four times) against 10.99; rtn-2 4x1x64p 4096x14336 7.33 against 7.46, 8192x28672 21.36 against
+# 22.19. Everything else stays rolled (two-row tiles and kashin's were slower unrolled).
+GEMV_UNROLL_MANY_ROWS = 2
+GEMV_UNROLL_LONG_ROWS = {2: 2, 4: 4}
 
 
 def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = None) -> tuple[int, int, int, bool]:
@@ -1475,6 +1484,16 @@ def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = Non
         if -(-m // tile[0]) * tile[1] >= GEMV_MIN_WARPS:
             return tile
     return tiles[-1]
+
+
+def gemv_unroll(m: int, affine: bool, k: int | None = None, bits: int | None = None) -> int:
+    """The K loop's unroll factor for :func:`gemv_tile`'s tile of the same layer (1: rolled)."""
+    tile = gemv_tile(m, affine, k, bits)
+    if not affine:
+        return 1
+    if tile == GEMV_TILE_LONG_ROWS:
+        return GEMV_UNROLL_LONG_ROWS.get(bits, 1)
+    return GEMV_UNROLL_MANY_ROWS if tile[3] else 1
 
 
 def gemv_split(m: int, form: BitplaneForm, bits: int, block_m: int, block_w: int) -> int:
@@ -1502,11 +1521,12 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     if gemv_supported(form, bits, packed.shape[1]):
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
         block_m, warps, block_w, prefetch = gemv_tile(packed.shape[0], affine, x.shape[1], bits)
+        unroll = gemv_unroll(packed.shape[0], affine, x.shape[1], bits)
         # layers launched together keep their rows whole (split 1): results are stored per layer
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w) if outputs is None else 1
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
                            affine=affine, tables=tables, prefetch=prefetch, out_dtype=out_dtype, share=share,
-                           outputs=outputs)
+                           outputs=outputs, unroll=unroll)
     if outputs is not None:
         return None
     if form.transform is not None and bits <= 2:

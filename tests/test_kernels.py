@@ -412,9 +412,15 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
     # rtn's long rows, few of them (down projection): one row per warp; short rows or many rows as before
     assert gemv_tile(4096, True, 14336)[:3] == (1, 1, 128) and gemv_tile(4096, True, 4096)[:3] == (2, 1, 128)
     assert gemv_tile(28672, True, 8192)[:3] == (4, 1, 64) and gemv_tile(4096, False, 14336)[:2] == (2, 1)
-    # rtn at 2 bits keeps two tiles of codes in flight on the many-row tile, not at 4 bits nor on other tiles
-    assert gemv_tile(28672, True, 8192, 2) == (4, 1, 64, True) and gemv_tile(28672, True, 8192, 4)[3] is False
+    # rtn keeps two tiles of codes in flight on the many-row tile, not on other tiles nor for kashin
+    assert gemv_tile(28672, True, 8192, 2) == (4, 1, 64, True) and gemv_tile(28672, True, 8192, 4)[3] is True
     assert gemv_tile(4096, True, 4096, 2)[3] is False and gemv_tile(28672, False, 8192, 2)[3] is False
+    # the K loop unrolled: rtn's prefetching many-row tile twice, its long-row tile by bits; nothing else
+    from quantune.kernels import gemv_unroll
+
+    assert gemv_unroll(28672, True, 8192, 4) == 2 and gemv_unroll(28672, True, 8192, 2) == 2
+    assert gemv_unroll(4096, True, 14336, 4) == 4 and gemv_unroll(4096, True, 14336, 2) == 2
+    assert gemv_unroll(4096, True, 4096, 4) == 1 and gemv_unroll(28672, False, 8192, 4) == 1
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=4)],
