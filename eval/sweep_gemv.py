@@ -9,7 +9,6 @@ cuBLAS in the same run. Every timed call cycles through copies of the weights (b
 ``python eval/sweep_gemv.py``; without one it checks itself under TRITON_INTERPRET=1 on a small shape and
 times nothing."""
 import argparse
-import functools
 import json
 import re
 
@@ -117,18 +116,18 @@ def main() -> None:
                 return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
             pdls = [bool(int(v)) for v in args.prep_pdl.split(",")] if args.prep_pdl else [kernels.PREP_PDL]
             for prep_pdl, tile in [(v, w) for v in pdls for w in wholes]:
-                saved = kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_matmul
+                saved = kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll
                 kernels.PREP_PDL = prep_pdl
-                if tile is not None:
+                if tile is not None:  # the tile as named: unrolled only where it says so
                     kernels.gemv_tile = lambda *a, tile=tile, **kw: tile[:4]
-                    if len(tile) > 4:
-                        kernels.gemv_matmul = functools.partial(saved[2], unroll=tile[4])
+                    kernels.gemv_unroll = lambda *a, tile=tile, **kw: (*tile, 1)[4]
                 try:
                     got = whole(copies[0])
                     t_whole = bench(rotating([lambda c=c: whole(c) for c in copies]))
                 finally:
-                    kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_matmul = saved
-                used = list(tile) if tile is not None else [bm0, nw0, bw0, pre0]
+                    kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll = saved
+                used = list((*tile, 1)[:5]) if tile is not None else \
+                    [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits)]
                 row = dict(k=k, n=n, method=spec, whole_call_us=t_whole * 1e6 if t_whole else None,
                            prep_pdl=prep_pdl, tile=used, default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
                            whole_x_bf16=t_bf16 / t_whole if t_whole else None, bytes_read=read,

@@ -1452,7 +1452,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
 GEMV_TILES = ((8, 2, 128, False), (2, 1, 128, False))         # kashin: int16 dot products (mode 5), plane sums
 # rtn: codes as int16 dot products (mode 6); many rows: 4 x 64 words (cold L2, rtn-4 4096x14336 9.8 us against
 # 10.6 at 4 x 128, kernel_sweeps/sweep_gemv_cold.json), the next tile's codes loaded before this one's arithmetic
-# and the K loop unrolled twice (GEMV_UNROLL; kernel_sweeps/sweep_gemv_unroll.json, cold L2, kernel alone:
+# and the K loop unrolled twice (GEMV_UNROLL_MANY_ROWS; kernel_sweeps/sweep_gemv_unroll.json, cold L2, kernel alone:
 # 4096x14336 9.47 us against 9.78 plain, 8192x28672 31.09 against 32.41; prefetching alone did not pay)
 GEMV_TILES_AFFINE = ((4, 1, 64, True), (2, 1, 128, False))
 # rtn at 2 bits, many rows: the same 4 x 64 tile with the next tile's codes loaded before this one's arithmetic
@@ -1486,9 +1486,8 @@ def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = Non
     return tiles[-1]
 
 
-def gemv_unroll(m: int, affine: bool, k: int | None = None, bits: int | None = None) -> int:
-    """The K loop's unroll factor for :func:`gemv_tile`'s tile of the same layer (1: rolled)."""
-    tile = gemv_tile(m, affine, k, bits)
+def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int) -> int:
+    """The K loop's unroll factor for a layer's :func:`gemv_tile` (1: rolled)."""
     if not affine:
         return 1
     if tile == GEMV_TILE_LONG_ROWS:
@@ -1520,8 +1519,9 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     serves them (the caller then runs the layers one by one); never split along K."""
     if gemv_supported(form, bits, packed.shape[1]):
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
-        block_m, warps, block_w, prefetch = gemv_tile(packed.shape[0], affine, x.shape[1], bits)
-        unroll = gemv_unroll(packed.shape[0], affine, x.shape[1], bits)
+        tile = gemv_tile(packed.shape[0], affine, x.shape[1], bits)
+        block_m, warps, block_w, prefetch = tile
+        unroll = gemv_unroll(tile, affine, bits)
         # layers launched together keep their rows whole (split 1): results are stored per layer
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w) if outputs is None else 1
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,

@@ -418,9 +418,12 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
     # the K loop unrolled: rtn's prefetching many-row tile twice, its long-row tile by bits; nothing else
     from quantune.kernels import gemv_unroll
 
-    assert gemv_unroll(28672, True, 8192, 4) == 2 and gemv_unroll(28672, True, 8192, 2) == 2
-    assert gemv_unroll(4096, True, 14336, 4) == 4 and gemv_unroll(4096, True, 14336, 2) == 2
-    assert gemv_unroll(4096, True, 4096, 4) == 1 and gemv_unroll(28672, False, 8192, 4) == 1
+    def unroll(m, affine, k, bits):
+        return gemv_unroll(gemv_tile(m, affine, k, bits), affine, bits)
+
+    assert unroll(28672, True, 8192, 4) == 2 and unroll(28672, True, 8192, 2) == 2
+    assert unroll(4096, True, 14336, 4) == 4 and unroll(4096, True, 14336, 2) == 2
+    assert unroll(4096, True, 4096, 4) == 1 and unroll(28672, False, 8192, 4) == 1
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=4)],
