@@ -205,18 +205,17 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
             f"float32 (x W^T).\n\n{table}\n")
 
 
-def gemv_variant(kind: str) -> tuple[int | None, int, int, int]:
-    """``gemvMODE[p|p2][uN][lN]`` -> (mode, prefetch, unroll, l2_ahead): "gemv3" -> (3, 0, 1, 0), "gemv6p"
-    (prefetching the next tile's words) -> (6, 1, 1, 0), "gemv6p2u2" (prefetching all the next tile reads, the K
-    loop unrolled twice) -> (6, 2, 2, 0), "gemv6u4l8" (unrolled four times, codes requested into L2 eight tiles
-    ahead) -> (6, 0, 4, 8), "gemv" -> (None, 0, 1, 0) (the format's default mode)."""
+def gemv_variant(kind: str) -> tuple[int | None, int, int]:
+    """``gemvMODE[p|p2][uN]`` -> (mode, prefetch, unroll): "gemv3" -> (3, 0, 1), "gemv6p" (prefetching the next
+    tile's words) -> (6, 1, 1), "gemv6p2u2" (prefetching all the next tile reads, the K loop unrolled twice) ->
+    (6, 2, 2), "gemv" -> (None, 0, 1) (the format's default mode)."""
     import re
 
-    found = re.fullmatch(r"gemv(\d*)(p2|p)?(?:u(\d+))?(?:l(\d+))?", kind)
+    found = re.fullmatch(r"gemv(\d*)(p2|p)?(?:u(\d+))?", kind)
     if found is None:
-        raise ValueError(f"unknown kernel {kind!r}: gemvMODE[p|p2][uN][lN], e.g. gemv6, gemv6p, gemv6p2u2, gemv6u4l8")
-    mode, prefetch, unroll, l2 = found.groups()
-    return (int(mode) if mode else None), {"p": 1, "p2": 2}.get(prefetch, 0), int(unroll or 1), int(l2 or 0)
+        raise ValueError(f"unknown kernel {kind!r}: gemvMODE[p|p2][uN], e.g. gemv6, gemv6p, gemv6p2u2")
+    mode, prefetch, unroll = found.groups()
+    return (int(mode) if mode else None), {"p": 1, "p2": 2}.get(prefetch, 0), int(unroll or 1)
 
 
 def gemv_mode(kind: str) -> int | None:
@@ -308,7 +307,7 @@ def main() -> None:
                                                    block_k=args.block_k)
                 if kind.startswith("gemv"):
                     split = gemv_split(codes.shape[0], form, bits, bm, tw)
-                    mode, prefetch, unroll, l2 = gemv_variant(kind)
+                    mode, prefetch, unroll = gemv_variant(kind)
                     # xq given: the kernel alone (inputs prepared once, outside the timing)
                     pairs = kernels.gemv_pairs(kernels.gemv_default_mode(tables[2], bits) if mode is None else mode)
                     prepared = None if xq_arg is None else kernels.prepared_input(x1, form, bits, xq_arg, pairs=pairs)
@@ -318,7 +317,7 @@ def main() -> None:
                             kernels._PREPARED.clear()
                         return gemv_matmul(x1, codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
                                            split=split, xq=xq_arg, affine=tables[2], mode=mode, tables=tables,
-                                           prefetch=prefetch, prepared=prepared, unroll=unroll, l2_ahead=l2)
+                                           prefetch=prefetch, prepared=prepared, unroll=unroll)
                     return call
                 return lambda: levels_matmul(x1, codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
                                              xq=xq_arg, block_k=args.block_k)

@@ -8,16 +8,6 @@ case "$1" in
   kernels)   python -m eval.bench_kernels --configs gemv5:8x2x128,gemv5:2x1x128,gemv6:4x1x64,gemv6p:4x1x64,gemv6:2x1x128,gemv6:1x1x128,gemv6:8x1x64 \
                --out "$out/bench_kernels" ;;                                                       # issue 5
   sweep-gemv) python -m eval.sweep_gemv --splits 1,2 --evict ",evict_first" ;;  # issue 5: GEMV tiles, cold L2
-  l2-sweep)  # issue 5: the GEMV's codes requested into L2 ahead of its loop (l2_ahead), long rows then many rows
-             mkdir -p "$out/l2_long" "$out/l2_rows"
-             OUT="$out/l2_long" timeout 270 python -m eval.sweep_gemv --methods rtn-4,rtn-2 --shapes 14336x4096 \
-               --splits 1 --evict evict_first \
-               --configs 1x1x128u4,1x1x128u4l2,1x1x128u4l4,1x1x128u4l8,1x1x128u4l64,1x1x128u2,1x1x128u2l4,1x1x128u2l64,1x1x128l64 \
-               --whole-configs default,1x1x128u4l64,1x1x128u2l64,1x1x128u4l4 2>&1 | tee "$out/l2_long/log.txt" || true
-             OUT="$out/l2_rows" timeout 300 python -m eval.sweep_gemv --methods rtn-4,rtn-2 \
-               --shapes 4096x14336,8192x28672,4096x4096 --splits 1 --evict evict_first \
-               --configs 4x1x64pu2,4x1x64pu2l4,4x1x64pu2l16,4x1x64pu2l64,4x1x64u2l64,2x1x128,2x1x128l4,2x1x128l64 \
-               --whole-configs default,4x1x64pu2l64,4x1x64pu2l16,2x1x128l64 2>&1 | tee "$out/l2_rows/log.txt" || true ;;
   prep-dct)  python -m eval.sweep_prep_dct --prep-pdl 1 --precisions tf32x3 ;;  # issue 5: kashin's input preparation alone
   generate-eager-repeat) # issue 5: the eager column of bench_generate read 9.2 tokens/s for rtn-4 once (13-19 before)
              python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --out "$out/bench_generate_eager" ;;

@@ -23,13 +23,13 @@ CONFIGS = [(1, 1, 128), (1, 1, 256), (2, 1, 128), (2, 1, 256), (4, 1, 128), (4, 
 
 def parse_config(c: str) -> tuple:
     """"4x1x64" -> (4, 1, 64, 0); a "p" suffix prefetches the next tile's words (1), "p2" everything it reads
-    (2, rtn's mode 6); then "uN" unrolls the K loop N times; then "lN" requests the codes N word tiles ahead into
-    L2 (gemv_matmul's l2_ahead): "1x1x128p2u2" -> (1, 1, 128, 2, 2, 0), "1x1x128u4l8" -> (1, 1, 128, 0, 4, 8)."""
-    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)(p2|p)?(?:u(\d+))?(?:l(\d+))?", c)
+    (2, rtn's mode 6); then "uN" unrolls the K loop N times: "1x1x128p2u2" -> (1, 1, 128, 2, 2)."""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)(p2|p)?(?:u(\d+))?", c)
     if m is None:
-        raise SystemExit(f"bad config {c!r}: rows x warps x words, then p or p2, then uN, then lN (e.g. 1x1x128p2u2l4)")
+        raise SystemExit(f"bad config {c!r}: rows x warps x words, then p or p2, then uN (e.g. 1x1x128p2u2)")
     pre = {"p": 1, "p2": 2}.get(m.group(4), 0)
-    return (int(m.group(1)), int(m.group(2)), int(m.group(3)), pre, int(m.group(5) or 1), int(m.group(6) or 0))
+    tile = (int(m.group(1)), int(m.group(2)), int(m.group(3)), pre)
+    return tile + (int(m.group(5)),) if m.group(5) else tile
 
 
 def main() -> None:
@@ -54,12 +54,12 @@ def main() -> None:
     bench_kernels.DEV = dev
     rotating = bench_kernels.rotating
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if dev == "cuda" else [(256, 64)]
-    configs = [parse_config(c) for c in args.configs.split(",")] if args.configs else [(*c, 0, 1, 0) for c in CONFIGS]
+    configs = [parse_config(c) for c in args.configs.split(",")] if args.configs else [(*c, False) for c in CONFIGS]
     wholes = [None if c == "default" else parse_config(c) for c in args.whole_configs.split(",")] \
         if args.whole_configs else [None]
     if dev != "cuda":
-        configs = [(2, 1, 4, 0, 1, 0), (1, 1, 8, 1, 1, 0), (2, 1, 8, 2, 1, 0), (1, 1, 4, 0, 2, 0), (1, 1, 4, 0, 1, 2)]
-        wholes = [None, (1, 1, 8, 2, 2, 0)]
+        configs = [(2, 1, 4, 0), (1, 1, 8, 1), (2, 1, 8, 2), (1, 1, 4, 0, 2)]
+        wholes = [None, (1, 1, 8, 2, 2)]
     bench = bench_kernels.bench if dev == "cuda" else (lambda f: 0.0)  # seconds, CUDA-graph medians; none on the CPU
     out = []
     for k, n in shapes:
@@ -86,7 +86,7 @@ def main() -> None:
                                        tables=tables, prepared=prepared, prefetch=pre0)
             variants = [(c, s, e) for c in configs for s in map(int, args.splits.split(",")) for e in args.evict.split(",")]
             for config, split, evict in variants:
-                bm, nw, bw, pre, unroll, l2 = config
+                bm, nw, bw, pre, unroll = (*config, 1)[:5]
                 if kernels.gemv_block_w(form, bits, bw, split) is None:
                     continue
 
@@ -94,7 +94,7 @@ def main() -> None:
                     codes, form_, tables_ = layer
                     return kernels.gemv_matmul(x, codes, form_, bits, block_m=bm, block_w=bw, num_warps=nw,
                                                split=split, tables=tables_, prepared=prepared, evict=evict,
-                                               prefetch=pre, unroll=unroll, l2_ahead=l2)
+                                               prefetch=pre, unroll=unroll)
                 try:
                     got = call()
                     t = bench(rotating([lambda c=c: call(c) for c in copies]))
@@ -103,7 +103,7 @@ def main() -> None:
                     continue
                 err = float((got - want).norm() / want.norm())
                 row = dict(k=k, n=n, method=spec, block_m=bm, warps=nw, block_w=bw, prefetch=pre, unroll=unroll,
-                           l2_ahead=l2, split=split, evict=evict,
+                           split=split, evict=evict,
                            kernel_us=t * 1e6 if t else None, read_GBps=read / t / 1e9 if t else None,
                            bf16_us=t_bf16 * 1e6, kernel_x_bf16=t_bf16 / t if t else None,
                            equal=bool(torch.equal(got, want)), rel_diff=err,
@@ -116,20 +116,18 @@ def main() -> None:
                 return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
             pdls = [bool(int(v)) for v in args.prep_pdl.split(",")] if args.prep_pdl else [kernels.PREP_PDL]
             for prep_pdl, tile in [(v, w) for v in pdls for w in wholes]:
-                saved = kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.gemv_l2_ahead
+                saved = kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll
                 kernels.PREP_PDL = prep_pdl
-                if tile is not None:  # the tile as named: unrolled and prefetched into L2 only where it says so
+                if tile is not None:  # the tile as named: unrolled only where it says so
                     kernels.gemv_tile = lambda *a, tile=tile, **kw: tile[:4]
-                    kernels.gemv_unroll = lambda *a, tile=tile, **kw: tile[4]
-                    kernels.gemv_l2_ahead = lambda *a, tile=tile, **kw: tile[5]
+                    kernels.gemv_unroll = lambda *a, tile=tile, **kw: (*tile, 1)[4]
                 try:
                     got = whole(copies[0])
                     t_whole = bench(rotating([lambda c=c: whole(c) for c in copies]))
                 finally:
-                    kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.gemv_l2_ahead = saved
-                used = list(tile) if tile is not None else \
-                    [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits),
-                     kernels.gemv_l2_ahead((bm0, nw0, bw0, pre0), affine, bits)]
+                    kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll = saved
+                used = list((*tile, 1)[:5]) if tile is not None else \
+                    [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits)]
                 row = dict(k=k, n=n, method=spec, whole_call_us=t_whole * 1e6 if t_whole else None,
                            prep_pdl=prep_pdl, tile=used, default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
                            whole_x_bf16=t_bf16 / t_whole if t_whole else None, bytes_read=read,

@@ -339,15 +339,6 @@ if triton is not None:
                                   is_pure=False, pack=1)
 
     @triton.jit
-    def _l2_prefetch(ptr, nbytes, on):
-        """``cp.async.bulk.prefetch.L2``: ask the memory system to bring ``nbytes`` (a multiple of 16, ``ptr``
-        16-byte aligned) from ``ptr`` into L2 where ``on`` is nonzero, elementwise; no register waits for it
-        (sm_90 and later). The returned zeros exist only to keep the instruction."""
-        return tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-            "=r,l,r,r", [ptr, on, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _pdl_start(TRIGGER: tl.constexpr, WAIT: tl.constexpr):
         """A kernel's start under programmatic dependent launch: TRIGGER lets the next kernel (launched
         that way) start now; WAIT, for a kernel itself launched that way, blocks until the kernel before it
@@ -402,7 +393,7 @@ if triton is not None:
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
                      NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = "",
-                     UNROLL: tl.constexpr = 1, L2AHEAD: tl.constexpr = 0, L2SEG: tl.constexpr = 1):
+                     UNROLL: tl.constexpr = 1):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -434,12 +425,6 @@ if triton is not None:
           and the group sums of x (``xg``), so the coefficients are never gathered per word.
         Coefficients: one per row when a tile lies inside one group, else gathered per word.
         UNROLL: the K loop's unroll factor (Triton's loop_unroll_factor).
-        L2AHEAD > 0 (with ASM, sm_90): the program's first L2AHEAD word tiles are requested into L2 at its start
-        (bulk prefetches, L2SEG lanes a row, before it waits for the prepared input), and every L2AHEAD tiles
-        the loop requests the next L2AHEAD beyond those (one lane a row): the codes stream from DRAM without
-        registers holding the bytes in flight, and the loop's loads find them in L2. L2AHEAD >= the program's
-        tiles: all its codes at the start. (The bulk prefetch takes a uniform address: the compiler issues
-        one per distinct lane address in a loop, so lanes are kept few.)
         PREFETCH: 1, the next tile's words are loaded before this tile's arithmetic (two tiles in flight);
         2 (mode 6), everything the next tile reads (words, input pairs, coefficients) is, so no load of a
         tile waits behind the arithmetic of the one before.
@@ -473,16 +458,6 @@ if triton is not None:
         SCALED: tl.constexpr = (not ONE_GROUP) or (CHUNK // BLOCK_W) * CPB * 4 * 32767 * (1 << (BITS - 1)) < 2147483648
         # mode 5, ONE_GROUP: integer plane sums over K
         d0, d1, d2, d3, d4, d5, d6, d7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32))
-        NT: tl.constexpr = CHUNK // BLOCK_W  # word tiles per program
-        WIN: tl.constexpr = (L2AHEAD if L2AHEAD < NT else NT) if ASM else 0
-        if WIN > 0:  # the first WIN tiles of every row, L2SEG equal segments a row
-            tl.static_assert(BLOCK_M * L2SEG <= 32, "L2 prefetch: at most 32 requests at the start")
-            SEG: tl.constexpr = WIN * BLOCK_W * 4 // L2SEG  # bytes per lane
-            tl.static_assert(SEG % 16 == 0 and SEG * L2SEG == WIN * BLOCK_W * 4, "L2 prefetch: 16-byte segments")
-            lane = tl.arange(0, 32)
-            prow = pid_m * BLOCK_M + lane % BLOCK_M
-            _l2_prefetch(w_ptr + prow * stride_w + part * CHUNK + (lane // BLOCK_M) * (SEG // 4),
-                         tl.full([32], SEG, tl.int32), ((prow < M) & (lane < BLOCK_M * L2SEG)).to(tl.int32))
         if PREFETCH:
             ahead = tl.load(w_ptr + rows[:, None] * stride_w + part * CHUNK + wtile, mask=rmask[:, None], other=0,
                             eviction_policy=EVICT)
@@ -495,13 +470,6 @@ if triton is not None:
                 K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
         for i in tl.range(0, CHUNK, BLOCK_W, loop_unroll_factor=UNROLL):
             w0 = part * CHUNK + i
-            if WIN > 0 and WIN < NT:  # every WIN tiles: the WIN tiles after the window, one lane a row
-                if (i % (WIN * BLOCK_W) == 0) & (i + WIN * BLOCK_W < CHUNK):
-                    lane = tl.arange(0, 32)
-                    prow = pid_m * BLOCK_M + lane
-                    nbytes = tl.minimum(WIN * BLOCK_W, CHUNK - i - WIN * BLOCK_W) * 4
-                    _l2_prefetch(w_ptr + prow * stride_w + w0 + WIN * BLOCK_W, tl.full([32], nbytes, tl.int32),
-                                 ((lane < BLOCK_M) & (prow < M)).to(tl.int32))
             widx = w0 + wcols
             xin = xd_ptr + tok * K + w0 + wtile    # code position j: + j * NW
             xqin = xqd_ptr + tok * K + w0 + wtile
@@ -1156,7 +1124,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                 prefetch: bool | int = False, prepared: tuple | None = None,
                 out_dtype: torch.dtype = torch.float32, share: bool = True,
                 outputs: tuple[int, ...] | None = None, evict: str | None = None,
-                unroll: int = 1, l2_ahead: int = 0) -> torch.Tensor | list[torch.Tensor]:
+                unroll: int = 1) -> torch.Tensor | list[torch.Tensor]:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
@@ -1170,8 +1138,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     ``packed``/``form``/``tables`` (:func:`quantune.qlinear.colocate`): one launch, one result each
     (a list), for ``split`` 1 only. ``evict``: the L2 eviction policy of the codes' loads ("" or "evict_first",
     default :data:`GEMV_EVICT`). ``unroll``: the K loop unrolled this many times by the compiler (fewer address
-    and loop instructions per tile). ``l2_ahead``: word tiles of codes requested into L2 ahead of the loop
-    (bulk L2 prefetches, CUDA devices of compute capability 9.0 and later; 0: none; ignored elsewhere)."""
+    and loop instructions per tile)."""
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
@@ -1190,8 +1157,6 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) needs an affine grid (rtn)")
     if int(prefetch) not in (0, 1, 2) or (int(prefetch) == 2 and mode != 6):
         raise ValueError(f"prefetch must be 0, 1 or 2 (2: mode 6 only), got {prefetch} with mode {mode}")
-    if l2_ahead < 0:
-        raise ValueError(f"l2_ahead counts word tiles and cannot be negative, got {l2_ahead}")
     if mode in (5, 6) and bits not in (2, 4, 8):
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) serves 2, 4 and 8-bit codes, not {bits}")
     (t, k), m = x.shape, packed.shape[0]
@@ -1213,9 +1178,6 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if xg is None:
         xg = xs  # unused by the kernel
     asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    if l2_ahead and (not asm or _capability(x.device.index if x.device.index is not None
-                                            else torch.cuda.current_device())[0] < 9):
-        l2_ahead = 0  # the bulk L2 prefetch is Hopper's (and a hint only)
     w = packed.view(torch.int32)
     sym = False
     if mode in (0, 1, 6):  # scale and offset per (row, group)
@@ -1228,8 +1190,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         PREFETCH=int(prefetch), ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys), SYM=sym,
-        EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, L2AHEAD=l2_ahead,
-        L2SEG=l2_segments(l2_ahead, k // (32 // bits) // split, tile, block_m),
+        EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 
@@ -1534,25 +1495,6 @@ def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int) -> in
     return GEMV_UNROLL_MANY_ROWS if tile[3] else 1
 
 
-def l2_segments(ahead: int, chunk: int, tile: int, block_m: int) -> int:
-    """Requests per row for the GEMV's first L2 prefetch of ``ahead`` tiles of ``tile`` words (of a ``chunk``-word
-    row part): a power of two, at most 32 requests a program, each of a multiple of 16 bytes and 1 KiB or more."""
-    window = min(ahead, chunk // tile) * tile * 4
-    seg = 1
-    while block_m * seg * 2 <= 32 and window % (seg * 2 * 16) == 0 and window // (seg * 2) >= 1024:
-        seg *= 2
-    return seg
-
-
-# Word tiles of codes requested into L2 ahead of the GEMV's loop (gemv_matmul's l2_ahead; 0: none).
-GEMV_L2_AHEAD = 0
-
-
-def gemv_l2_ahead(tile: tuple[int, int, int, bool], affine: bool, bits: int) -> int:
-    """How many word tiles of a layer's codes its :func:`gemv_tile` requests into L2 ahead of the loop."""
-    return GEMV_L2_AHEAD
-
-
 def gemv_split(m: int, form: BitplaneForm, bits: int, block_m: int, block_w: int) -> int:
     """The K split (1 or 2) of a ``m``-row layer: 2 when one program per row block leaves fewer than
     GEMV_MIN_PROGRAMS programs and the row length allows it. Never more than two: two partial sums
@@ -1580,12 +1522,11 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
         tile = gemv_tile(packed.shape[0], affine, x.shape[1], bits)
         block_m, warps, block_w, prefetch = tile
         unroll = gemv_unroll(tile, affine, bits)
-        l2_ahead = gemv_l2_ahead(tile, affine, bits)
         # layers launched together keep their rows whole (split 1): results are stored per layer
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w) if outputs is None else 1
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
                            affine=affine, tables=tables, prefetch=prefetch, out_dtype=out_dtype, share=share,
-                           outputs=outputs, unroll=unroll, l2_ahead=l2_ahead)
+                           outputs=outputs, unroll=unroll)
     if outputs is not None:
         return None
     if form.transform is not None and bits <= 2:

@@ -65,7 +65,6 @@ def test_gemv_sweep_smoke_checks_every_tile_against_the_default(tmp_path):
     assert [(r["prep_pdl"], r["tile"][3]) for r in wholes] == [(False, 0), (False, 2), (True, 0), (True, 2)]
     assert [r["tile"][4] for r in wholes][1::2] == [2, 2]  # the named tile ran unrolled as named
     assert {r["prefetch"] for r in tiles} == {0, 1, 2} and {r["unroll"] for r in tiles} == {1, 2}
-    assert {r["l2_ahead"] for r in tiles} == {0, 2}
     assert all(r["whole_rel_diff"] < 1e-2 for r in wholes)  # the module's bf16 result against the float32 tile
     whole = wholes[0]
     k, n = whole["k"], whole["n"]

@@ -3,7 +3,6 @@
 Without a GPU the kernel runs under Triton's CPU interpreter (TRITON_INTERPRET=1, set in
 conftest before triton is imported); timing belongs to eval/bench_kernels.py on the GPU.
 """
-import json
 import os
 
 import pytest
@@ -209,79 +208,6 @@ def test_prefetching_everything_gives_the_same_sums(cfg, block, monkeypatch):
     assert float((ahead - want).norm() / want.norm()) < 2e-4
     with pytest.raises(ValueError, match="prefetch"):
         gemv_matmul(x, q.codes, _form(q), cfg.bits, prefetch=2, mode=1)
-    with pytest.raises(ValueError, match="l2_ahead"):
-        gemv_matmul(x, q.codes, _form(q), cfg.bits, l2_ahead=-1, **args)
-
-
-_SM90_COMPILE = """
-import inspect, json, subprocess, sys, tempfile
-from pathlib import Path
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from quantune import kernels
-const = json.loads(sys.argv[1])
-fn = kernels._gemv_kernel
-names = list(inspect.signature(fn.fn).parameters)
-ptrs = [n for n in names if n.endswith("_ptr")]
-sig = {n: ("*i32" if n in ("w_ptr", "xp_ptr", "xqp_ptr") else "*fp32") if n in ptrs
-       else "constexpr" if n in const else "i32" for n in names}
-attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptrs + ["stride_w"]}
-compiled = triton.compile(ASTSource(fn, sig, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 1})
-cubin = Path(tempfile.mkdtemp()) / "gemv.cubin"
-cubin.write_bytes(compiled.asm["cubin"])
-nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-sass = subprocess.run([str(nvdisasm), str(cubin)], capture_output=True, text=True, check=True).stdout
-print(json.dumps(dict(ptx=compiled.asm["ptx"].count("cp.async.bulk.prefetch.L2.global"),
-                      sass=sass.count("UBLKPF"))))
-"""
-
-
-@pytest.mark.parametrize("block,unroll,ahead", [((1, 128), 4, 4), ((1, 128), 4, 64), ((4, 64), 2, 4), ((2, 128), 1, 2)],
-                         ids=["row-window", "row-all", "rows-window", "two-rows"])
-def test_l2_prefetch_compiles_for_hopper(block, unroll, ahead):
-    """The GEMV with its codes requested into L2 ahead (inline PTX, which the interpreter never runs) compiles
-    to sm_90 code (compiled, not interpreted, in a child process): one bulk prefetch at the start, and more in
-    the loop only while tiles remain beyond the window (none where the window holds the program's whole row)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    triton = pytest.importorskip("triton")
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
-        pytest.skip("this Triton ships no NVIDIA tools (ptxas, nvdisasm)")
-    from quantune import kernels
-
-    k = 14336
-    const = dict(K=k, GROUP=64, BITS=4, KU=4, MODE=6, BLOCK_M=block[0], BLOCK_W=block[1], SPLIT=1, PREFETCH=0,
-                 ASM=True, XCH=1024, PDL=True, NOUT=1, SYM=False, EVICT="evict_first", UNROLL=unroll, L2AHEAD=ahead,
-                 L2SEG=kernels.l2_segments(ahead, k // 8, block[1], block[0]))
-    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE, json.dumps(const)], capture_output=True, text=True,
-                         env=env, timeout=300)
-    if run.returncode and ("ImportError" in run.stderr or "ptxas" in run.stderr.lower()):
-        pytest.skip(f"no sm_90 compile here: {run.stderr.strip().splitlines()[-1]}"[:200])
-    assert run.returncode == 0, run.stderr[-2000:]
-    counts = json.loads(run.stdout.strip().splitlines()[-1])
-    tiles = k // 8 // block[1]
-    assert counts["sass"] == counts["ptx"]
-    assert counts["sass"] == 1 if ahead >= tiles else counts["sass"] >= 2
-
-
-def test_l2_segments_split_the_first_window_into_few_aligned_requests():
-    from quantune.kernels import l2_segments
-
-    assert l2_segments(64, 1792, 128, 1) == 4        # a 7168-byte row: four 1792-byte requests
-    assert l2_segments(4, 512, 64, 4) == 1           # 1 KiB a row: one request each
-    assert l2_segments(16, 1024, 64, 4) == 4         # 4 KiB a row, four rows: 16 requests of 1 KiB
-    assert l2_segments(16, 512, 64, 4) == 2          # the window stops at the row's 8 tiles: 2 KiB
-    assert l2_segments(64, 4096, 128, 1) == 16       # 16 KiB: 16 requests (the 1 KiB floor), 32 lanes allowed
-    for ahead, chunk, tile, rows in [(3, 96, 32, 2), (64, 1792, 128, 1), (8, 1024, 64, 8)]:
-        seg = l2_segments(ahead, chunk, tile, rows)
-        window = min(ahead, chunk // tile) * tile * 4
-        assert rows * seg <= 32 and window % (seg * 16) == 0
 
 
 def test_word_gemv_kernel_refuses_a_mode_the_format_lacks():
