@@ -31,6 +31,19 @@ case "$1" in
   generate)  # rtn and kashin in two runs: five contenders with --compile did not fit one 10-minute call
              python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --compile \
                --out "$out/bench_generate" ;;                                                      # issue 5
+  generate-tiles-ab) # issue 5: rtn-4 generation with the GEMV defaults before the unroll change (4x1x64 plain, long
+             # rows rolled: "old") and with today's (4x1x64 prefetching, unrolled; long rows unrolled 4x: "new"), old twice
+             for v in old new old2; do
+               python - "$v" "$out/bench_generate_$v" <<'PY'
+import runpy, sys
+from quantune import kernels
+if sys.argv[1].startswith("old"):
+    kernels.GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
+    kernels.GEMV_UNROLL_LONG_ROWS = {}
+sys.argv = ["bench_generate", "--contenders", "rtn-4", "--new-tokens", "64", "--compile", "--out", sys.argv[2]]
+runpy.run_module("eval.bench_generate", run_name="__main__")
+PY
+             done ;;
   generate-noshare) python -m eval.bench_generate --contenders bf16,rtn-4 --new-tokens 64 --compile --no-share-pass \
                --out "$out/bench_generate_noshare" ;;   # issue 5: the same compile without quantune's ShareInputs pass
   generate-kashin) python -m eval.bench_generate --contenders bf16,kashin-4,kashin-2 --new-tokens 64 --compile \
