@@ -33,12 +33,14 @@ case "$1" in
                --out "$out/bench_generate" ;;                                                      # issue 5
   generate-tiles-ab) # issue 5: rtn-4 generation with the GEMV defaults before the unroll change (4x1x64 plain, long
              # rows rolled: "old") and with today's (4x1x64 prefetching, unrolled; long rows unrolled 4x: "new"), old twice
-             for v in old new old2; do
+             # (then "rows-old": only the many-row tile as before; "long-old": only the long rows rolled)
+             for v in ${AB_VARIANTS:-old new old2}; do
                python - "$v" "$out/bench_generate_$v" <<'PY'
 import runpy, sys
 from quantune import kernels
-if sys.argv[1].startswith("old"):
+if sys.argv[1].startswith("old") or sys.argv[1] == "rows-old":
     kernels.GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
+if sys.argv[1].startswith("old") or sys.argv[1] == "long-old":
     kernels.GEMV_UNROLL_LONG_ROWS = {}
 sys.argv = ["bench_generate", "--contenders", "rtn-4", "--new-tokens", "64", "--compile", "--out", sys.argv[2]]
 runpy.run_module("eval.bench_generate", run_name="__main__")
