@@ -1451,10 +1451,12 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
 # few rows need smaller row blocks to fill the GPU: 14336x4096 kashin-4 16.1 us at 2x1x128 vs 23.4 at 8x2x128).
 GEMV_TILES = ((8, 2, 128, False), (2, 1, 128, False))         # kashin: int16 dot products (mode 5), plane sums
 # rtn: codes as int16 dot products (mode 6); many rows: 4 x 64 words (cold L2, rtn-4 4096x14336 9.8 us against
-# 10.6 at 4 x 128, kernel_sweeps/sweep_gemv_cold.json), the next tile's codes loaded before this one's arithmetic
-# and the K loop unrolled twice (GEMV_UNROLL_MANY_ROWS; kernel_sweeps/sweep_gemv_unroll.json, cold L2, kernel alone:
-# 4096x14336 9.47 us against 9.78 plain, 8192x28672 31.09 against 32.41; prefetching alone did not pay)
-GEMV_TILES_AFFINE = ((4, 1, 64, True), (2, 1, 128, False))
+# 10.6 at 4 x 128, kernel_sweeps/sweep_gemv_cold.json), plain at 4 bits: the prefetching, unrolled tile measured
+# faster alone (kernel_sweeps/sweep_gemv_unroll.json, 4096x14336 9.47 us against 9.78, 8192x28672 31.09 against
+# 32.41) but slower in the 8B model's generation, where the layers run back to back (bench_generate_ab_*.json,
+# compiled + CUDA graph: 380.4 and 380.7 tokens/s with it, 392.0 with only this tile plain, 399.3 and 399.7 plain
+# with the long rows rolled too)
+GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
 # rtn at 2 bits, many rows: the same 4 x 64 tile with the next tile's codes loaded before this one's arithmetic
 # (cold L2, kernel_sweeps/sweep_gemv_prefetch_cold.json: 4096x14336 7.38 us against 7.86, 8192x28672 21.85
 # against 23.16; at 4 bits it did not pay: 9.96 against 9.75, 32.35 against 32.12)
@@ -1467,11 +1469,13 @@ GEMV_TILE_LONG_ROWS = (1, 1, 128, False)
 GEMV_MIN_PROGRAMS = 512
 # The K loop's unroll factor (fewer address and loop instructions per tile: 74 -> 64 per 32 weights and thread in
 # the one-row loop at 4 bits, read in the sm_90 code) for rtn's prefetching many-row tiles and its long-row tile,
-# by bits. kernel_sweeps/sweep_gemv_unroll.json (cold L2, kernel alone): 14336x4096 rtn-2 8.55 us against 10.26,
-# rtn-4 10.30 (four times) against 10.99; rtn-2 4x1x64p 4096x14336 7.33 against 7.46, 8192x28672 21.36 against
-# 22.19. Everything else stays rolled (two-row tiles and kashin's were slower unrolled).
+# by bits. kernel_sweeps/sweep_gemv_unroll.json (cold L2, kernel alone): 14336x4096 rtn-2 8.55 us against 10.26;
+# rtn-2 4x1x64p 4096x14336 7.33 against 7.46, 8192x28672 21.36 against 22.19. At 4 bits the long-row tile stays
+# rolled: unrolled 4x it measured 10.30 against 10.99 us alone, but the 8B model generated slower with it
+# (bench_generate_ab_long-old.json: 387.7 tokens/s rolled against 380.4-380.7 unrolled, with the many-row tile
+# prefetching in both). Everything else stays rolled (two-row tiles and kashin's were slower unrolled).
 GEMV_UNROLL_MANY_ROWS = 2
-GEMV_UNROLL_LONG_ROWS = {2: 2, 4: 4}
+GEMV_UNROLL_LONG_ROWS = {2: 2}
 
 
 def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = None) -> tuple[int, int, int, bool]:
