@@ -31,6 +31,9 @@ case "$1" in
   generate)  # rtn and kashin in two runs: five contenders with --compile did not fit one 10-minute call
              python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --compile \
                --out "$out/bench_generate" ;;                                                      # issue 5
+  prep-sweep) # issue 5: the input preparation's warps and mode 6's float32 copy, the whole call, cold L2
+             python -m eval.sweep_gemv --methods rtn-4,rtn-2 --splits 1 --evict evict_first --configs 4x1x64,1x1x128 \
+               --whole-configs default --prep-warps 1,2,4,8 --prep-xd 1,0 ;;
   generate-tiles-ab) # issue 5: rtn-4 generation with the GEMV defaults before the unroll change (4x1x64 plain, long
              # rows rolled: "old") and with today's (4x1x64 prefetching, unrolled; long rows unrolled 4x: "new"), old twice
              # (then "rows-old": only the many-row tile as before; "long-old": only the long rows rolled)

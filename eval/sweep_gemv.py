@@ -46,6 +46,10 @@ def main() -> None:
     p.add_argument("--prep-pdl", default="", help="for the whole call: quantune.kernels.PREP_PDL settings to try "
                                                   "(0/1: the input preparation launched plainly or with PDL), "
                                                   "default the library's")
+    p.add_argument("--prep-warps", default="", help="for the whole call: quantune.kernels.PREP_WARPS settings to try "
+                                                    "(warps per program of the input preparation), default the library's")
+    p.add_argument("--prep-xd", default="", help="for the whole call: quantune.kernels.PREP_XD settings to try (0/1: "
+                                                 "mode 6's preparation skips or writes the float32 input)")
     args = p.parse_args()
     from eval import bench_kernels
     from quantune import kernels
@@ -115,9 +119,12 @@ def main() -> None:
                 kernels._PREPARED.clear()
                 return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
             pdls = [bool(int(v)) for v in args.prep_pdl.split(",")] if args.prep_pdl else [kernels.PREP_PDL]
-            for prep_pdl, tile in [(v, w) for v in pdls for w in wholes]:
-                saved = kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll
-                kernels.PREP_PDL = prep_pdl
+            warps_list = [int(v) for v in args.prep_warps.split(",")] if args.prep_warps else [kernels.PREP_WARPS]
+            xds = [bool(int(v)) for v in args.prep_xd.split(",")] if args.prep_xd else [kernels.PREP_XD]
+            settings = [(v, w, pw, xd) for v in pdls for w in wholes for pw in warps_list for xd in xds]
+            for prep_pdl, tile, prep_warps, prep_xd in settings:
+                saved = kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD
+                kernels.PREP_PDL, kernels.PREP_WARPS, kernels.PREP_XD = prep_pdl, prep_warps, prep_xd
                 if tile is not None:  # the tile as named: unrolled only where it says so
                     kernels.gemv_tile = lambda *a, tile=tile, **kw: tile[:4]
                     kernels.gemv_unroll = lambda *a, tile=tile, **kw: (*tile, 1)[4]
@@ -125,11 +132,11 @@ def main() -> None:
                     got = whole(copies[0])
                     t_whole = bench(rotating([lambda c=c: whole(c) for c in copies]))
                 finally:
-                    kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll = saved
+                    kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD = saved
                 used = list((*tile, 1)[:5]) if tile is not None else \
                     [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits)]
                 row = dict(k=k, n=n, method=spec, whole_call_us=t_whole * 1e6 if t_whole else None,
-                           prep_pdl=prep_pdl, tile=used, default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
+                           prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd, tile=used, default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
                            whole_x_bf16=t_bf16 / t_whole if t_whole else None, bytes_read=read,
                            whole_rel_diff=float((got.float() - want).norm() / want.norm()))
                 print("whole", json.dumps(row), flush=True)

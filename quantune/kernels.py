@@ -670,7 +670,8 @@ if triton is not None:
     @triton.jit
     def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, amax_ptr, xp16_ptr, sc_ptr, xg_ptr, K: tl.constexpr,
                      G: tl.constexpr, PER: tl.constexpr, HAS_V: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr,
-                     GS: tl.constexpr = 0, TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False):
+                     GS: tl.constexpr = 0, TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False,
+                     XD: tl.constexpr = True):
         """CH columns of one token: the input in float32, de-interleaved for the GEMV (``xd[t, j, w] =
         x[t, w * PER + j]``) and summed per word (``xs[t, w]``); with HAS_V the DCT's FFT input ``v`` of
         each G-long group (signs applied, even entries in order, odd entries reversed behind them:
@@ -680,7 +681,8 @@ if triton is not None:
         GS > 0: sums over GS-column groups (``xg``, mode 6; GS divides CH). TRIGGER: let a GEMV launched
         with programmatic dependent launch start at once (:func:`_gdc_launch_dependents`). WAIT: this kernel
         was itself launched with programmatic dependent launch (it starts while the kernel before it ends)
-        and waits for that kernel before it reads or writes memory."""
+        and waits for that kernel before it reads or writes memory. XD False: ``xd`` is not written (mode 6
+        reads the pairs and sums only)."""
         _pdl_start(TRIGGER, WAIT)
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
@@ -693,7 +695,8 @@ if triton is not None:
             qf = xv / scale
             rounded = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int32).to(tl.float32) * scale
             xv = tl.where(xv == xv, rounded, xv)  # a NaN stays NaN (max ignores it; its integer is garbage)
-        tl.store(xd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xv, mask=m)
+        if XD:
+            tl.store(xd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xv, mask=m)
         wl = tl.program_id(1) * (CH // PER) + tl.arange(0, CH // PER)
         tl.store(xs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xv, (CH // PER, PER)), axis=1), mask=wl < K // PER)
         if PAIRS == 1:
@@ -1225,6 +1228,8 @@ PREP_COLUMNS = 1024  # columns of one token per program of the input-preparation
 # launch latency hides behind that kernel. H200, cold L2, the module's whole call (kernel_sweeps/
 # sweep_gemv_prep_pdl.json): rtn-4 4096x14336 10.73 us against 11.60, 4096x4096 5.2 against 5.8.
 PREP_PDL = True
+PREP_WARPS = 4  # warps per program of the input-preparation kernel (_prep_kernel)
+PREP_XD = True  # whether the preparation for mode 6 also writes the float32 de-interleaved input (mode 6 never reads it)
 
 
 def prep_columns(k: int, per: int) -> int:
@@ -1412,7 +1417,8 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
                        xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,
                        PAIRS=2 if chunked else int(fused_pairs), CH=ch, GS=gs,
                        TRIGGER=trigger and not needs_xq and not (pairs is True and not fused_pairs),
-                       WAIT=chain, **({"launch_pdl": True} if chain else {}))
+                       WAIT=chain, XD=PREP_XD or not chunked, num_warps=PREP_WARPS,
+                       **({"launch_pdl": True} if chain else {}))
     if fused_dct:  # cast, de-interleave and DCT pre-step in one kernel, then one rfft and one post kernel
         spectrum = torch.view_as_real(torch.fft.rfft(v.view(t * (k // g), g), dim=-1))
         twiddle = torch.view_as_real(dct_twiddle(g, x.device, torch.float32))
