@@ -31,9 +31,24 @@ case "$1" in
   generate)  # rtn and kashin in two runs: five contenders with --compile did not fit one 10-minute call
              python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --compile \
                --out "$out/bench_generate" ;;                                                      # issue 5
-  prep-sweep) # issue 5: the input preparation's warps and mode 6's float32 copy, the whole call, cold L2
-             python -m eval.sweep_gemv --methods rtn-4,rtn-2 --splits 1 --evict evict_first --configs 4x1x64,1x1x128 \
-               --whole-configs default --prep-warps 1,2,4,8 --prep-xd 1,0 ;;
+  prep-sweep) # issue 5: the input preparation's warps and mode 6's float32 copy (rtn), the two DCT launches' warps
+             # (kashin), the whole call, cold L2
+             mkdir -p "$out/rtn_prep" "$out/kashin_prep"
+             OUT="$out/rtn_prep" timeout 200 python -m eval.sweep_gemv --methods rtn-4,rtn-2 --splits 1 --evict evict_first \
+               --shapes 4096x14336,14336x4096,8192x28672 --configs 4x1x64,1x1x128 --whole-configs default \
+               --prep-warps 1,2,4 --prep-xd 1,0 > "$out/rtn_prep/log.txt" 2>&1 || true
+             OUT="$out/kashin_prep" timeout 120 python -m eval.sweep_prep_dct --widths 4096 --warps 4x4,4x2,4x1,2x1,1x1 \
+               --precisions tf32x3 --prep-pdl 1 > "$out/kashin_prep/log.txt" 2>&1 || true
+             for w in 4x4 4x2 4x1 2x1; do
+               OUT="$out/kashin_prep/$w" timeout 60 python - "$w" <<'PY' >> "$out/kashin_prep/log_whole.txt" 2>&1 || true
+import runpy, sys
+from quantune import kernels
+kernels.DCT_WARPS = tuple(int(v) for v in sys.argv[1].split("x"))
+sys.argv = ["sweep_gemv", "--methods", "kashin-4,kashin-2", "--shapes", "4096x4096,4096x14336", "--splits", "1",
+            "--evict", "evict_first", "--configs", "8x2x128", "--whole-configs", "default"]
+runpy.run_module("eval.sweep_gemv", run_name="__main__")
+PY
+             done ;;
   generate-tiles-ab) # issue 5: rtn-4 generation with the GEMV defaults before the unroll change (4x1x64 plain, long
              # rows rolled: "old") and with today's (4x1x64 prefetching, unrolled; long rows unrolled 4x: "new"), old twice
              # (then "rows-old": only the many-row tile as before; "long-old": only the long rows rolled)
