@@ -37,13 +37,14 @@ case "$1" in
              OUT="$out/rtn_prep" timeout 200 python -m eval.sweep_gemv --methods rtn-4,rtn-2 --splits 1 --evict evict_first \
                --shapes 4096x14336,14336x4096,8192x28672 --configs 4x1x64,1x1x128 --whole-configs default \
                --prep-warps 1,2,4 --prep-xd 1,0 > "$out/rtn_prep/log.txt" 2>&1 || true
-             OUT="$out/kashin_prep" timeout 120 python -m eval.sweep_prep_dct --widths 4096 --warps 4x4,4x2,4x1,2x1,1x1 \
-               --precisions tf32x3 --prep-pdl 1 > "$out/kashin_prep/log.txt" 2>&1 || true
-             for w in 4x4 4x2 4x1 2x1; do
+             OUT="$out/kashin_prep" timeout 150 python -m eval.sweep_prep_dct --widths 4096 --warps 4x4,4x2,4x1,2x1 \
+               --precisions tf32x3 --prep-pdl 1 --stage2-k2 16,32,64 > "$out/kashin_prep/log.txt" 2>&1 || true
+             for w in 4x4-16 4x2-16 4x1-16 4x4-64 4x2-64; do
                OUT="$out/kashin_prep/$w" timeout 60 python - "$w" <<'PY' >> "$out/kashin_prep/log_whole.txt" 2>&1 || true
 import runpy, sys
 from quantune import kernels
-kernels.DCT_WARPS = tuple(int(v) for v in sys.argv[1].split("x"))
+warps, k2 = sys.argv[1].split("-")
+kernels.DCT_WARPS, kernels.DCT_STAGE2_K2 = tuple(int(v) for v in warps.split("x")), int(k2)
 sys.argv = ["sweep_gemv", "--methods", "kashin-4,kashin-2", "--shapes", "4096x4096,4096x14336", "--splits", "1",
             "--evict", "evict_first", "--configs", "8x2x128", "--whole-configs", "default"]
 runpy.run_module("eval.sweep_gemv", run_name="__main__")

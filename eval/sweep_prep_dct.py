@@ -22,6 +22,8 @@ def main() -> None:
     p.add_argument("--warps", default="4x4,2x4")
     p.add_argument("--precisions", default="tf32x3,tf32")
     p.add_argument("--prep-pdl", default="0,1")
+    p.add_argument("--stage2-k2", default="16", help="stage two's k2 outputs per program to try "
+                                                     "(quantune.kernels.DCT_STAGE2_K2: 16, 32, 64)")
     args = p.parse_args()
     from eval import bench_kernels
     from quantune import kernels
@@ -33,7 +35,9 @@ def main() -> None:
     warps = [tuple(map(int, w.split("x"))) for w in args.warps.split(",")] if dev == "cuda" else [(4, 4)]
     precisions = args.precisions.split(",") if dev == "cuda" else ["tf32x3"]
     rows = []
-    saved = (kernels.DCT_TWO_STAGE, kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.PREP_PDL)
+    k2s = [int(v) for v in args.stage2_k2.split(",")] if dev == "cuda" else [16, 64]
+    saved = (kernels.DCT_TWO_STAGE, kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.PREP_PDL,
+             kernels.DCT_STAGE2_K2)
 
     def record(**row):
         print(json.dumps(row), flush=True)
@@ -61,8 +65,8 @@ def main() -> None:
                     ref = prep()
                     record(k=k, path="rfft", prep_pdl=pdl, us=bench(prep) * 1e6)
                     kernels.DCT_TWO_STAGE = True
-                    for w, prec in ((w, p_) for w in warps for p_ in precisions):
-                        kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION = w, prec
+                    for w, prec, k2 in ((w, p_, k2) for w in warps for p_ in precisions for k2 in k2s):
+                        kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.DCT_STAGE2_K2 = w, prec, k2
                         got = prep()
                         err = float((got[1] - ref[1]).norm() / ref[1].norm())
                         times = {}
@@ -70,11 +74,12 @@ def main() -> None:
                                                ("stage2", (False, True))):
                             times[name] = bench(lambda launches=launches: kernels._two_stage_input(
                                 x, form, 4, trig, pdl, launches)) * 1e6
-                        record(k=k, path="two-stage", prep_pdl=pdl, warps=list(w), precision=prec,
+                        record(k=k, path="two-stage", prep_pdl=pdl, warps=list(w), precision=prec, stage2_k2=k2,
                                us=times["both"], stage1_us=times["stage1"], stage2_us=times["stage2"],
                                xq_rel_diff_vs_rfft=err)
     finally:
-        kernels.DCT_TWO_STAGE, kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.PREP_PDL = saved
+        (kernels.DCT_TWO_STAGE, kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.PREP_PDL,
+         kernels.DCT_STAGE2_K2) = saved
     bench_kernels.save_sweep(rows, "sweep_prep_dct", ("k", "path", "prep_pdl"), "us")
 
 

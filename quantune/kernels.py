@@ -856,9 +856,9 @@ if triton is not None:
     def _dct_stage2_kernel(a_ptr, f1_ptr, tw_ptr, en_ptr, xqd_ptr, xqs_ptr, xqp16_ptr, qsc_ptr,
                            K: tl.constexpr, G: tl.constexpr, N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr,
                            PER: tl.constexpr, NGP: tl.constexpr, PRECISION: tl.constexpr,
-                           TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False):
+                           TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False, BK2: tl.constexpr = 16):
         """Second launch (:func:`_dct_stage1_kernel`): stage two, ``V[k2 + N2 k1] = sum_n1 w_N1^(n1 k1) A[n1,
-        k2]`` for 16 k1 by 16 k2 per program, the complex product as two real products over both planes of
+        k2]`` for 16 k1 by BK2 k2 per program, the complex product as two real products over both planes of
         A (``f1``: the N1-point DFT matrix as ``[Re, -Im]`` and ``[Im, Re]`` rows, :func:`_dot3`); then the DCT ``xq_k =
         Re(t_k V_k)`` (``tw``: :func:`quantune.transforms.dct_twiddle`), written as the GEMV reads it:
         de-interleaved, summed per word (16 consecutive k2 hold whole words), and rounded to 16 bits with one
@@ -872,10 +872,11 @@ if triton is not None:
             _gdc_launch_dependents()
         tok = tl.program_id(0)
         p = tl.program_id(1)
-        NB2: tl.constexpr = N2 // 16
+        tl.static_assert(N2 % BK2 == 0 and BK2 % PER == 0, "stage two: BK2 divides N2 and holds whole words")
+        NB2: tl.constexpr = N2 // BK2
         NK1: tl.constexpr = N1P // 16
         g = p // (NB2 * NK1)
-        k2 = ((p // NK1) % NB2) * 16 + tl.arange(0, 16)
+        k2 = ((p // NK1) % NB2) * BK2 + tl.arange(0, BK2)
         k1 = (p % NK1) * 16 + tl.arange(0, 16)
         km = (k1 < N1)[:, None]
         k = k2[None, :] + N2 * k1[:, None]
@@ -900,8 +901,8 @@ if triton is not None:
         xq = t_re * v_re - t_im * v_im
         c = g * G + k
         tl.store(xqd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xq, mask=km)
-        wl = (g * G + N2 * k1[:, None] + ((p // NK1) % NB2) * 16) // PER + tl.arange(0, 16 // PER)[None, :]
-        tl.store(xqs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xq, (16, 16 // PER, PER)), axis=2), mask=km)
+        wl = (g * G + N2 * k1[:, None] + ((p // NK1) % NB2) * BK2) // PER + tl.arange(0, BK2 // PER)[None, :]
+        tl.store(xqs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xq, (16, BK2 // PER, PER)), axis=2), mask=km)
         qmax = tl.sqrt(tl.max(tl.max(tl.sum(ei, axis=1), axis=1), axis=0) * (2.0 * N1 / G))
         qscale = tl.maximum(qmax, 1e-30) / 32767.0
         if p == 0:
@@ -1244,6 +1245,7 @@ def prep_columns(k: int, per: int) -> int:
 DCT_TWO_STAGE = True
 DCT_DOT_PRECISION = "tf32x3"  # tl.dot's precision for the DFT stages: float32 accuracy from the tensor cores
 DCT_WARPS = (4, 4)  # warps per program of the two launches
+DCT_STAGE2_K2 = 16  # stage two's outputs per program: 16 k1 by this many k2 (16, 32 or 64)
 
 
 def dft_split(g: int) -> tuple[int, int] | None:
@@ -1326,9 +1328,11 @@ def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bo
             TRIGGER=chain, WAIT=chain, num_warps=DCT_WARPS[0], **pdl)
     if launches[1]:
         twiddle = torch.view_as_real(dct_twiddle(g, dev, torch.float32))
-        _dct_stage2_kernel[(t, (k // g) * (n2 // 16) * (n1p // 16))](
+        bk2 = max(min(DCT_STAGE2_K2, n2), per)
+        _dct_stage2_kernel[(t, (k // g) * (n2 // bk2) * (n1p // 16))](
             spectrum, f1, twiddle, energy, xqd, xqs, xqp.view(torch.int16), qsc, K=k, G=g, N1=n1, N1P=n1p, N2=n2,
-            PER=per, NGP=triton.next_power_of_2(k // g), PRECISION=DCT_DOT_PRECISION, TRIGGER=trigger, WAIT=chain, num_warps=DCT_WARPS[1], **pdl)
+            PER=per, NGP=triton.next_power_of_2(k // g), PRECISION=DCT_DOT_PRECISION, TRIGGER=trigger, WAIT=chain,
+            BK2=bk2, num_warps=DCT_WARPS[1], **pdl)
     return xd, xqd, xs, xqs, xp, xqp, sc, qsc, None
 
 

@@ -77,11 +77,12 @@ def test_gemv_sweep_smoke_checks_every_tile_against_the_default(tmp_path):
 
 def test_prep_probe_smoke_compares_the_two_preparations(tmp_path):
     """eval/sweep_prep_dct.py on the CPU (one small width under the interpreter): a row for the rfft path, the
-    two-launch path and rtn's one-launch floor, and the two-launch path's transformed input equal to the rfft
-    path's."""
+    two-launch path (stage two 16 and 64 outputs wide) and rtn's one-launch floor, and the two-launch path's
+    transformed input equal to the rfft path's."""
     pytest.importorskip("triton")
     _run(["eval.sweep_prep_dct"], tmp_path, 600, OUT=str(tmp_path))
     rows = json.loads((tmp_path / "sweep_prep_dct.json").read_text())
     assert {r["path"] for r in rows} == {"rfft", "two-stage", "rtn prep (one launch)"}
     two = [r for r in rows if r["path"] == "two-stage"]
     assert two and all(r["xq_rel_diff_vs_rfft"] < 1e-5 for r in two)
+    assert {r["stage2_k2"] for r in two} == {16, 64}  # stage two's two tile widths, both checked

@@ -517,12 +517,16 @@ def test_one_launch_for_layers_stored_back_to_back(cfg, rows):
 @pytest.mark.parametrize("inp,group,bits,tokens", [(576, None, 4, 16), (1792, None, 2, 1), (512, 128, 8, 2),
                                                     (256, 64, 4, 3)],
                          ids=["9x64-16tokens", "28x64-2bit", "groups128-8bit", "groups64"])
-def test_two_launch_dct_equals_the_rfft_path(inp, group, bits, tokens):
+@pytest.mark.parametrize("k2", [16, 64], ids=["k2-16", "k2-64"])
+def test_two_launch_dct_equals_the_rfft_path(inp, group, bits, tokens, k2, monkeypatch):
     """The two-launch preparation (stage one, then stage two, of a G = N1 x N2 FFT; N1 padded to a power of two)
     gives the rfft path's inputs: x's parts exactly, the transformed input to float32 rounding; its pairs are
-    the transformed input rounded with the Parseval scale; and the GEMV on them stays within 2e-4."""
+    the transformed input rounded with the Parseval scale; and the GEMV on them stays within 2e-4. Stage two
+    with 16 or 64 outputs along k2 per program alike."""
     pytest.importorskip("triton")
     from quantune import kernels
+
+    monkeypatch.setattr(kernels, "DCT_STAGE2_K2", k2)
 
     q = _layer(QuantConfig(bits=bits, group_size=group), out=24, inp=inp)
     form = _form(q)
