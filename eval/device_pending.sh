@@ -50,6 +50,13 @@ sys.argv = ["sweep_gemv", "--methods", "kashin-4,kashin-2", "--shapes", "4096x40
 runpy.run_module("eval.sweep_gemv", run_name="__main__")
 PY
              done ;;
+  prep-sweep-short) # issue 5: the same, cut to fit a few device minutes
+             mkdir -p "$out/rtn_prep" "$out/kashin_prep"
+             OUT="$out/kashin_prep" timeout 100 python -m eval.sweep_prep_dct --widths 4096 --warps 4x4,4x2,4x1 \
+               --precisions tf32x3 --prep-pdl 1 --stage2-k2 16,64 > "$out/kashin_prep/log.txt" 2>&1 || true
+             OUT="$out/rtn_prep" timeout 100 python -m eval.sweep_gemv --methods rtn-4 --splits 1 --evict evict_first \
+               --shapes 4096x14336,14336x4096 --configs 4x1x64 --whole-configs default \
+               --prep-warps 1,4 --prep-xd 1,0 > "$out/rtn_prep/log.txt" 2>&1 || true ;;
   generate-tiles-ab) # issue 5: rtn-4 generation with the GEMV defaults before the unroll change (4x1x64 plain, long
              # rows rolled: "old") and with today's (4x1x64 prefetching, unrolled; long rows unrolled 4x: "new"), old twice
              # (then "rows-old": only the many-row tile as before; "long-old": only the long rows rolled)
