@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m pytest -q "$@"
+# one worker per core (pytest-xdist): the Triton interpreter's kernel tests are CPU-bound; PYTEST_WORKERS=0 runs serially
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-auto}" "$@"
