@@ -861,7 +861,7 @@ if triton is not None:
         k2]`` for 16 k1 by BK2 k2 per program, the complex product as two real products over both planes of
         A (``f1``: the N1-point DFT matrix as ``[Re, -Im]`` and ``[Im, Re]`` rows, :func:`_dot3`); then the DCT ``xq_k =
         Re(t_k V_k)`` (``tw``: :func:`quantune.transforms.dct_twiddle`), written as the GEMV reads it:
-        de-interleaved, summed per word (16 consecutive k2 hold whole words), and rounded to 16 bits with one
+        de-interleaved, summed per word (BK2 consecutive k2 hold whole words), and rounded to 16 bits with one
         scale per token known before any output is: stage two is an N1-point DFT of each column ``A[:, k2]``,
         so by Parseval ``|V[k2 + N2 k1]|^2 <= N1 sum_n1 |A[n1, k2]|^2``, and ``|t_k| <= sqrt(2 / G)``; every
         program reads the column energies of the first launch (``en``; NGP: the groups rounded up to a power of
@@ -1230,7 +1230,8 @@ PREP_COLUMNS = 1024  # columns of one token per program of the input-preparation
 # sweep_gemv_prep_pdl.json): rtn-4 4096x14336 10.73 us against 11.60, 4096x4096 5.2 against 5.8.
 PREP_PDL = True
 PREP_WARPS = 4  # warps per program of the input-preparation kernel (_prep_kernel)
-PREP_XD = True  # whether the preparation for mode 6 also writes the float32 de-interleaved input (mode 6 never reads it)
+PREP_XD = True  # whether mode 6's preparation also writes the float32 de-interleaved input (mode 6 never reads it;
+# False leaves prepared_input's xd unwritten for mode 6)
 
 
 def prep_columns(k: int, per: int) -> int:
