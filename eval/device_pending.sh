@@ -50,24 +50,17 @@ sys.argv = ["sweep_gemv", "--methods", "kashin-4,kashin-2", "--shapes", "4096x40
 runpy.run_module("eval.sweep_gemv", run_name="__main__")
 PY
              done ;;
-  prep-sweep-short) # issue 5: the same, cut to fit a few device minutes
-             mkdir -p "$out/rtn_prep" "$out/kashin_prep"
-             OUT="$out/kashin_prep" timeout 100 python -m eval.sweep_prep_dct --widths 4096 --warps 4x4,4x2,4x1 \
-               --precisions tf32x3 --prep-pdl 1 --stage2-k2 16,64 > "$out/kashin_prep/log.txt" 2>&1 || true
-             OUT="$out/rtn_prep" timeout 100 python -m eval.sweep_gemv --methods rtn-4 --splits 1 --evict evict_first \
-               --shapes 4096x14336,14336x4096 --configs 4x1x64 --whole-configs default \
-               --prep-warps 1,4 --prep-xd 1,0 > "$out/rtn_prep/log.txt" 2>&1 || true ;;
-  generate-tiles-ab) # issue 5: rtn-4 generation with the GEMV defaults before the unroll change (4x1x64 plain, long
-             # rows rolled: "old") and with today's (4x1x64 prefetching, unrolled; long rows unrolled 4x: "new"), old twice
-             # (then "rows-old": only the many-row tile as before; "long-old": only the long rows rolled)
-             for v in ${AB_VARIANTS:-old new old2}; do
+  generate-tiles-ab) # issue 5: rtn-4 generation with the library's 4-bit GEMV defaults ("plain": the 4x1x64 tile,
+             # rolled long rows) against the ninth session's ("prefetch-unroll": 4x1x64 prefetching and unrolled twice,
+             # long rows unrolled 4x), and each change alone ("rows-prefetch", "long-unroll"); one process each
+             for v in ${AB_VARIANTS:-plain prefetch-unroll plain rows-prefetch long-unroll}; do
                python - "$v" "$out/bench_generate_$v" <<'PY'
 import runpy, sys
 from quantune import kernels
-if sys.argv[1].startswith("old") or sys.argv[1] == "rows-old":
-    kernels.GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
-if sys.argv[1].startswith("old") or sys.argv[1] == "long-old":
-    kernels.GEMV_UNROLL_LONG_ROWS = {}
+if sys.argv[1] in ("prefetch-unroll", "rows-prefetch"):
+    kernels.GEMV_TILES_AFFINE = ((4, 1, 64, True), (2, 1, 128, False))
+if sys.argv[1] in ("prefetch-unroll", "long-unroll"):
+    kernels.GEMV_UNROLL_LONG_ROWS = {2: 2, 4: 4}
 sys.argv = ["bench_generate", "--contenders", "rtn-4", "--new-tokens", "64", "--compile", "--out", sys.argv[2]]
 runpy.run_module("eval.bench_generate", run_name="__main__")
 PY

@@ -136,7 +136,8 @@ def main() -> None:
                 used = list((*tile, 1)[:5]) if tile is not None else \
                     [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits)]
                 row = dict(k=k, n=n, method=spec, whole_call_us=t_whole * 1e6 if t_whole else None,
-                           prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd, tile=used, default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
+                           prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd, tile=used,
+                           default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
                            whole_x_bf16=t_bf16 / t_whole if t_whole else None, bytes_read=read,
                            whole_rel_diff=float((got.float() - want).norm() / want.norm()))
                 print("whole", json.dumps(row), flush=True)
