@@ -50,6 +50,10 @@ def main() -> None:
                                                     "(warps per program of the input preparation), default the library's")
     p.add_argument("--prep-xd", default="", help="for the whole call: quantune.kernels.PREP_XD settings to try (0/1: "
                                                  "mode 6's preparation skips or writes the float32 input)")
+    p.add_argument("--modes", default="", help="GEMV modes to time (quantune.kernels.GEMV_MODES), e.g. 6,7 for rtn: "
+                                               "each config alone and each whole call (as kernels.GEMV_MODE_CODES); "
+                                               "default the library's. Mode 7 prepares nothing, so its kernel alone "
+                                               "is its whole call, and the preparation settings above do not apply")
     args = p.parse_args()
     from eval import bench_kernels
     from quantune import kernels
@@ -80,25 +84,30 @@ def main() -> None:
             q, _ = QuantLinear.from_linear(lin, cfg)
             form, tables = q.bitplane_form(), q.level_tables()
             affine = tables[2]
-            mode = kernels.gemv_default_mode(affine, bits)
-            prepared = kernels.prepared_input(x, form, bits, pairs=kernels.gemv_pairs(mode), share=False)
+            mode0 = kernels.gemv_default_mode(affine, bits)
+            prepared = kernels.prepared_input(x, form, bits, pairs=kernels.gemv_pairs(mode0), share=False)
+            modes = [int(v) for v in args.modes.split(",")] if args.modes else [mode0]
             read = bench_kernels.kernel_bytes(q.codes, form, tables, affine)
             copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
             bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, affine, k, bits)
             split0 = kernels.gemv_split(n, form, bits, bm0, bw0)
             want = kernels.gemv_matmul(x, q.codes, form, bits, block_m=bm0, block_w=bw0, num_warps=nw0, split=split0,
                                        tables=tables, prepared=prepared, prefetch=pre0)
-            variants = [(c, s, e) for c in configs for s in map(int, args.splits.split(",")) for e in args.evict.split(",")]
-            for config, split, evict in variants:
+            variants = [(c, s, e, md) for md in modes for c in configs for s in map(int, args.splits.split(","))
+                        for e in args.evict.split(",")]
+            for config, split, evict, mode in variants:
                 bm, nw, bw, pre, unroll = (*config, 1)[:5]
                 if kernels.gemv_block_w(form, bits, bw, split) is None:
+                    continue
+
+                if pre == 2 and mode != 6:
                     continue
 
                 def call(layer=copies[0]):
                     codes, form_, tables_ = layer
                     return kernels.gemv_matmul(x, codes, form_, bits, block_m=bm, block_w=bw, num_warps=nw,
                                                split=split, tables=tables_, prepared=prepared, evict=evict,
-                                               prefetch=pre, unroll=unroll)
+                                               prefetch=pre, unroll=unroll, mode=mode)
                 try:
                     got = call()
                     t = bench(rotating([lambda c=c: call(c) for c in copies]))
@@ -106,12 +115,12 @@ def main() -> None:
                     print(f"{spec} {k}x{n} {bm}x{nw}x{bw} split {split}: {type(exc).__name__}: {exc}"[:200])
                     continue
                 err = float((got - want).norm() / want.norm())
-                row = dict(k=k, n=n, method=spec, block_m=bm, warps=nw, block_w=bw, prefetch=pre, unroll=unroll,
-                           split=split, evict=evict,
+                row = dict(k=k, n=n, method=spec, mode=mode, block_m=bm, warps=nw, block_w=bw, prefetch=pre,
+                           unroll=unroll, split=split, evict=evict,
                            kernel_us=t * 1e6 if t else None, read_GBps=read / t / 1e9 if t else None,
                            bf16_us=t_bf16 * 1e6, kernel_x_bf16=t_bf16 / t if t else None,
                            equal=bool(torch.equal(got, want)), rel_diff=err,
-                           default=(bm, nw, bw, pre, split) == (bm0, nw0, bw0, pre0, split0))
+                           default=(mode, bm, nw, bw, pre, split) == (mode0, bm0, nw0, bw0, pre0, split0))
                 print(json.dumps(row), flush=True)
                 out.append(row)
 
@@ -121,10 +130,18 @@ def main() -> None:
             pdls = [bool(int(v)) for v in args.prep_pdl.split(",")] if args.prep_pdl else [kernels.PREP_PDL]
             warps_list = [int(v) for v in args.prep_warps.split(",")] if args.prep_warps else [kernels.PREP_WARPS]
             xds = [bool(int(v)) for v in args.prep_xd.split(",")] if args.prep_xd else [kernels.PREP_XD]
-            settings = [(v, w, pw, xd) for v in pdls for w in wholes for pw in warps_list for xd in xds]
-            for prep_pdl, tile, prep_warps, prep_xd in settings:
-                saved = kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD
+            settings = [(v, w, pw, xd, md) for md in modes for v in pdls for w in wholes for pw in warps_list for xd in xds]
+            settings = [s_ for i, s_ in enumerate(settings)  # mode 7 prepares nothing: one run per tile
+                        if (s_[4] != 7 or all(o[1] != s_[1] or o[4] != 7 for o in settings[:i]))
+                        and not (s_[4] != 6 and s_[1] is not None and s_[1][3] == 2)]  # prefetch 2: mode 6's
+            for prep_pdl, tile, prep_warps, prep_xd, mode in settings:
+                saved = (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
+                         kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS)
                 kernels.PREP_PDL, kernels.PREP_WARPS, kernels.PREP_XD = prep_pdl, prep_warps, prep_xd
+                if affine:
+                    kernels.GEMV_MODE_CODES = mode
+                else:
+                    kernels.GEMV_MODE_DOTS = mode
                 if tile is not None:  # the tile as named: unrolled only where it says so
                     kernels.gemv_tile = lambda *a, tile=tile, **kw: tile[:4]
                     kernels.gemv_unroll = lambda *a, tile=tile, **kw: (*tile, 1)[4]
@@ -132,10 +149,11 @@ def main() -> None:
                     got = whole(copies[0])
                     t_whole = bench(rotating([lambda c=c: whole(c) for c in copies]))
                 finally:
-                    kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD = saved
+                    (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
+                     kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS) = saved
                 used = list((*tile, 1)[:5]) if tile is not None else \
                     [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits)]
-                row = dict(k=k, n=n, method=spec, whole_call_us=t_whole * 1e6 if t_whole else None,
+                row = dict(k=k, n=n, method=spec, mode=mode, whole_call_us=t_whole * 1e6 if t_whole else None,
                            prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd, tile=used,
                            default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
                            whole_x_bf16=t_bf16 / t_whole if t_whole else None, bytes_read=read,
