@@ -33,9 +33,10 @@ case "$1" in
                --out "$out/bench_generate" ;;                                                      # issue 5
   mode7)     # issue 5: rtn's GEMV rounding its own input per word (mode 7: one launch, no preparation kernel) against
              # mode 6 (preparation + GEMV under PDL), kernel alone and whole call, cold L2; mode 6's preparation settings too
+             mkdir -p "$out/mode7"
              OUT="$out/mode7" timeout 420 python -m eval.sweep_gemv --methods rtn-4,rtn-2 --splits 1 --evict evict_first \
                --modes 6,7 --configs 4x1x64,4x1x64pu2,8x1x64,2x1x128,1x1x128,4x1x128 --whole-configs default \
-               --prep-warps 2,4 --prep-xd 1,0 ;;
+               --prep-warps 2,4 --prep-xd 1,0 2>&1 | tee "$out/mode7/log.txt" || true ;;
   prep-sweep) # issue 5: the input preparation's warps and mode 6's float32 copy (rtn), the two DCT launches' warps
              # (kashin), the whole call, cold L2
              mkdir -p "$out/rtn_prep" "$out/kashin_prep"
