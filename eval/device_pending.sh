@@ -31,12 +31,6 @@ case "$1" in
   generate)  # rtn and kashin in two runs: five contenders with --compile did not fit one 10-minute call
              python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --compile \
                --out "$out/bench_generate" ;;                                                      # issue 5
-  mode7)     # issue 5: rtn's GEMV rounding its own input per word (mode 7: one launch, no preparation kernel) against
-             # mode 6 (preparation + GEMV under PDL), kernel alone and whole call, cold L2; mode 6's preparation settings too
-             mkdir -p "$out/mode7"
-             OUT="$out/mode7" timeout 420 python -m eval.sweep_gemv --methods rtn-4,rtn-2 --splits 1 --evict evict_first \
-               --modes 6,7 --configs 4x1x64,4x1x64pu2,8x1x64,2x1x128,1x1x128,4x1x128 --whole-configs default \
-               --prep-warps 2,4 --prep-xd 1,0 2>&1 | tee "$out/mode7/log.txt" || true ;;
   prep-sweep) # issue 5: the input preparation's warps and mode 6's float32 copy (rtn), the two DCT launches' warps
              # (kashin), the whole call, cold L2
              mkdir -p "$out/rtn_prep" "$out/kashin_prep"
@@ -92,5 +86,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, mode7, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
 esac

@@ -50,10 +50,9 @@ def main() -> None:
                                                     "(warps per program of the input preparation), default the library's")
     p.add_argument("--prep-xd", default="", help="for the whole call: quantune.kernels.PREP_XD settings to try (0/1: "
                                                  "mode 6's preparation skips or writes the float32 input)")
-    p.add_argument("--modes", default="", help="GEMV modes to time (quantune.kernels.GEMV_MODES), e.g. 6,7 for rtn: "
-                                               "each config alone and each whole call (as kernels.GEMV_MODE_CODES); "
-                                               "default the library's. Mode 7 prepares nothing, so its kernel alone "
-                                               "is its whole call, and the preparation settings above do not apply")
+    p.add_argument("--modes", default="", help="GEMV modes to time (quantune.kernels.GEMV_MODES), e.g. 6,1 for rtn: "
+                                               "each config alone and each whole call (as kernels.GEMV_MODE_CODES, "
+                                               "or GEMV_MODE_DOTS for kashin); default the library's")
     args = p.parse_args()
     from eval import bench_kernels
     from quantune import kernels
@@ -87,6 +86,7 @@ def main() -> None:
             mode0 = kernels.gemv_default_mode(affine, bits)
             prepared = kernels.prepared_input(x, form, bits, pairs=kernels.gemv_pairs(mode0), share=False)
             modes = [int(v) for v in args.modes.split(",")] if args.modes else [mode0]
+            preps = {md: kernels.prepared_input(x, form, bits, pairs=kernels.gemv_pairs(md), share=False) for md in modes}
             read = bench_kernels.kernel_bytes(q.codes, form, tables, affine)
             copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
             bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, affine, k, bits)
@@ -106,7 +106,7 @@ def main() -> None:
                 def call(layer=copies[0]):
                     codes, form_, tables_ = layer
                     return kernels.gemv_matmul(x, codes, form_, bits, block_m=bm, block_w=bw, num_warps=nw,
-                                               split=split, tables=tables_, prepared=prepared, evict=evict,
+                                               split=split, tables=tables_, prepared=preps[mode], evict=evict,
                                                prefetch=pre, unroll=unroll, mode=mode)
                 try:
                     got = call()
@@ -131,9 +131,7 @@ def main() -> None:
             warps_list = [int(v) for v in args.prep_warps.split(",")] if args.prep_warps else [kernels.PREP_WARPS]
             xds = [bool(int(v)) for v in args.prep_xd.split(",")] if args.prep_xd else [kernels.PREP_XD]
             settings = [(v, w, pw, xd, md) for md in modes for v in pdls for w in wholes for pw in warps_list for xd in xds]
-            settings = [s_ for i, s_ in enumerate(settings)  # mode 7 prepares nothing: one run per tile
-                        if (s_[4] != 7 or all(o[1] != s_[1] or o[4] != 7 for o in settings[:i]))
-                        and not (s_[4] != 6 and s_[1] is not None and s_[1][3] == 2)]  # prefetch 2: mode 6's
+            settings = [s_ for s_ in settings if not (s_[4] != 6 and s_[1] is not None and s_[1][3] == 2)]  # prefetch 2: mode 6's
             for prep_pdl, tile, prep_warps, prep_xd, mode in settings:
                 saved = (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
                          kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS)

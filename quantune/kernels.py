@@ -387,74 +387,13 @@ if triton is not None:
         return p0, p1, p2, p3, p4, p5, p6, p7, scale * xscale, off
 
     @triton.jit
-    def _word_input(x_ptr, base, e: tl.constexpr, XB16: tl.constexpr):
-        """Input ``e`` of a word's codes (mode 7) as float32: from the bf16 input read as int32 pairs
-        (XB16; ``base`` counts int32), else from a float32 input (``base`` counts floats)."""
-        if XB16:
-            v = tl.load(x_ptr + base + e // 2)
-            if e % 2 == 1:
-                v = v & -65536  # the high bf16 of the pair: 0xFFFF0000 as a signed 32-bit constant
-            else:
-                v = v << 16
-            r = v.to(tl.float32, bitcast=True)
-        else:
-            r = tl.load(x_ptr + base + e)
-        return r
-
-    @triton.jit
-    def _round_pair(x_ptr, base, lo: tl.constexpr, hi: tl.constexpr, inv, XB16: tl.constexpr, USED: tl.constexpr):
-        """Inputs ``lo`` and ``hi`` of a word rounded to integers with ``inv`` (``32767 / max |x|``) as the
-        two int16 halves dp2a reads: ``x * inv + 1.5 * 2^23`` rounds to the nearest integer in the float's
-        low mantissa bits (one FMA), whose low 16 bits are the integer's two's complement."""
-        if USED:
-            a = (_word_input(x_ptr, base, lo, XB16) * inv + 12582912.0).to(tl.int32, bitcast=True)
-            b = (_word_input(x_ptr, base, hi, XB16) * inv + 12582912.0).to(tl.int32, bitcast=True)
-            r = (a & 0xFFFF) | (b << 16)
-        else:
-            r = tl.zeros_like(inv.to(tl.int32, bitcast=True))
-        return r
-
-    @triton.jit
-    def _word_pairs(x_ptr, tok, offs, K: tl.constexpr, PER: tl.constexpr, CPB: tl.constexpr, XB16: tl.constexpr,
-                    ASM: tl.constexpr):
-        """Mode 7: the raw input of each word of codes at ``offs`` rounded to 16 bits in the kernel with the
-        word's own scale ``sw = max |x| / 32767`` (a NaN input makes ``sw`` NaN): the pairs :func:`_pairs8`
-        would load (byte group k, half h: inputs ``k + 2h CPB`` and ``k + (2h + 1) CPB``), ``sw`` and the
-        integer sum of the word's rounded inputs."""
-        if XB16:
-            base = tok * (K // 2) + offs * (PER // 2)
-        else:
-            base = tok * K + offs * PER
-        m = tl.abs(_word_input(x_ptr, base, 0, XB16))
-        for e in tl.static_range(1, PER):
-            m = tl.maximum(m, tl.abs(_word_input(x_ptr, base, e, XB16)), propagate_nan=tl.PropagateNan.ALL)
-        m = tl.maximum(m, 1e-30, propagate_nan=tl.PropagateNan.ALL)
-        inv = tl.fdiv(tl.full(m.shape, 32767.0, tl.float32), m, ieee_rounding=False)  # approximate: a scale
-        p0 = _round_pair(x_ptr, base, 0, CPB, inv, XB16, True)
-        p1 = _round_pair(x_ptr, base, 2 * CPB, 3 * CPB, inv, XB16, True)
-        p2 = _round_pair(x_ptr, base, 1, 1 + CPB, inv, XB16, CPB > 1)
-        p3 = _round_pair(x_ptr, base, 1 + 2 * CPB, 1 + 3 * CPB, inv, XB16, CPB > 1)
-        p4 = _round_pair(x_ptr, base, 2, 2 + CPB, inv, XB16, CPB > 2)
-        p5 = _round_pair(x_ptr, base, 2 + 2 * CPB, 2 + 3 * CPB, inv, XB16, CPB > 2)
-        p6 = _round_pair(x_ptr, base, 3, 3 + CPB, inv, XB16, CPB > 2)
-        p7 = _round_pair(x_ptr, base, 3 + 2 * CPB, 3 + 3 * CPB, inv, XB16, CPB > 2)
-        ones = tl.full(p0.shape, 0x01010101, tl.int32)
-        isum = _dp2a(p1, ones, _dp2a(p0, ones, tl.zeros_like(p0), False, ASM), False, ASM)
-        if CPB > 1:
-            isum = _dp2a(p3, ones, _dp2a(p2, ones, isum, False, ASM), False, ASM)
-        if CPB > 2:
-            isum = _dp2a(p5, ones, _dp2a(p4, ones, isum, False, ASM), False, ASM)
-            isum = _dp2a(p7, ones, _dp2a(p6, ones, isum, False, ASM), False, ASM)
-        return p0, p1, p2, p3, p4, p5, p6, p7, m * (1.0 / 32767.0), isum
-
-    @triton.jit
     def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, xs_ptr, xqs_ptr, xp_ptr, xqp_ptr, sc_ptr, qsc_ptr, xg_ptr,
                      a_ptr, bx_ptr, bq_ptr, y_ptr, y1_ptr, y2_ptr, M, M1, M2, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
                      NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = "",
-                     UNROLL: tl.constexpr = 1, XB16: tl.constexpr = False):
+                     UNROLL: tl.constexpr = 1):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -484,10 +423,6 @@ if triton is not None:
           of 8 codes 2 LOP3, 1 shift and 4 ``dp2a``, then ``scale * xscale * dot + offset * xs`` per word
           when the tile lies in one group, else per group from the dots summed over the group's words
           and the group sums of x (``xg``), so the coefficients are never gathered per word.
-        - 7, mode 6 without a preparation kernel (rtn, 2/4/8 bits): ``xd_ptr`` is the raw input ``(T, K)``
-          (bf16 read as int32 pairs with XB16, else float32), and each word's inputs are rounded to 16
-          bits in the kernel with the word's own scale (:func:`_word_pairs`): one launch per call, about
-          five more instructions per input, shared by the rows a thread holds.
         Coefficients: one per row when a tile lies inside one group, else gathered per word.
         UNROLL: the K loop's unroll factor (Triton's loop_unroll_factor).
         PREFETCH: 1, the next tile's words are loaded before this tile's arithmetic (two tiles in flight);
@@ -650,35 +585,6 @@ if triton is not None:
                     acc += sx * dot.to(tl.float32) + off
                 else:  # integer sums per group first, then one coefficient each (no per-word gather)
                     accg += sx * tl.sum(tl.reshape(dot, (BLOCK_M, GPT, WPG)), axis=2).to(tl.float32) + off
-            elif MODE == 7:
-                i0, i1, i2, i3, i4, i5, i6, i7, sw, isum = _word_pairs(xd_ptr, tok, w0 + wtile, K, PER, CPB,
-                                                                       XB16, ASM)
-                dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
-                for k in tl.static_range(CPB):
-                    if BITS == 8:
-                        b = word
-                    else:
-                        b = (word >> (k * BITS)) & (((1 << BITS) - 1) * 0x01010101)
-                    dot = _dp2a(_pick(2 * k, i0, i1, i2, i3, i4, i5, i6, i7), b, dot, False, ASM)
-                    dot = _dp2a(_pick(2 * k + 1, i0, i1, i2, i3, i4, i5, i6, i7), b, dot, True, ASM)
-                if SYM:  # w = scale (n - 2^(BITS-1)): the offset's part stays in integers
-                    dot = dot - (1 << (BITS - 1)) * isum
-                if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
-                    scale, offset = _affine(a_ptr, bx_ptr, (rows * groups + w0 // WPG)[:, None], rmask[:, None],
-                                            SYM, BITS)
-                    if SYM:
-                        acc += (scale * sw) * dot.to(tl.float32)
-                    else:
-                        acc += sw * (scale * dot.to(tl.float32) + offset * isum.to(tl.float32))
-                else:  # per word scaled sums, added per group, then one coefficient each
-                    gcols = tl.broadcast_to((w0 // WPG + tl.arange(0, GPT))[None, :], (BLOCK_M, GPT))
-                    scale, offset = _affine(a_ptr, bx_ptr, rows[:, None] * groups + gcols, rmask[:, None], SYM, BITS)
-                    part_d = tl.sum(tl.reshape(sw * dot.to(tl.float32), (BLOCK_M, GPT, WPG)), axis=2)
-                    if SYM:
-                        accg += scale * part_d
-                    else:
-                        part_s = tl.sum(tl.reshape(sw * isum.to(tl.float32), (BLOCK_M, GPT, WPG)), axis=2)
-                        accg += scale * part_d + offset * part_s
             else:
                 p0, p1, p2, p3, p4, p5, p6, p7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32))
                 for j in tl.static_range(PER):
@@ -747,7 +653,7 @@ if triton is not None:
                 acc += _coef(a_ptr, gidx, gmask, BITS, 6, BITS) * (d6.to(tl.float32) * (xscale if 6 < KU else qscale))
                 acc += _coef(a_ptr, gidx, gmask, BITS, 7, BITS) * (d7.to(tl.float32) * (xscale if 7 < KU else qscale))
         out = tl.sum(acc, axis=1)
-        if MODE == 6 or MODE == 7:
+        if MODE == 6:
             if WPG < BLOCK_W:
                 out = tl.sum(accg, axis=1)
         if NOUT == 2:
@@ -1199,8 +1105,7 @@ def deinterleave(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 GEMV_MODES = {0: "affine per weight", 1: "affine per word", 2: "signs per weight", 3: "plane sums",
-              4: "plane sums (mantissa)", 5: "plane sums (int16 dot products)", 6: "codes (int16 dot products)",
-              7: "codes (int16 dot products, input rounded per word in the kernel)"}
+              4: "plane sums (mantissa)", 5: "plane sums (int16 dot products)", 6: "codes (int16 dot products)"}
 # defaults: rtn at 2/4/8 bits (codes), other rtn (affine), kashin at 2/4/8 bits (dots), other kashin (planes)
 GEMV_MODE_CODES, GEMV_MODE_AFFINE, GEMV_MODE_DOTS, GEMV_MODE_PLANES = 6, 1, 5, 3
 
@@ -1252,11 +1157,11 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                          f"({bits} bits, group {form.group}, {packed.shape[1]} bytes per row, split {split})")
     if mode not in GEMV_MODES:
         raise ValueError(f"unknown GEMV mode {mode}; choose one of {sorted(GEMV_MODES)}")
-    if mode in (0, 1, 6, 7) and not affine:
+    if mode in (0, 1, 6) and not affine:
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) needs an affine grid (rtn)")
     if int(prefetch) not in (0, 1, 2) or (int(prefetch) == 2 and mode != 6):
         raise ValueError(f"prefetch must be 0, 1 or 2 (2: mode 6 only), got {prefetch} with mode {mode}")
-    if mode in (5, 6, 7) and bits not in (2, 4, 8):
+    if mode in (5, 6) and bits not in (2, 4, 8):
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) serves 2, 4 and 8-bit codes, not {bits}")
     (t, k), m = x.shape, packed.shape[0]
     if outputs is not None and (len(outputs) not in (2, 3) or sum(outputs) != m or min(outputs) < 1 or split > 1):
@@ -1269,12 +1174,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if split > 1:  # the programs of a row block add their parts into y (zeroed first: the input's
         y.zero_()  # preparation stays the kernel right before the GEMV, see pdl_enabled)
     pdl = pdl_enabled(x)
-    xb16 = False
-    if mode == 7:  # no preparation: the kernel reads the input as it is (bf16 as int32 pairs)
-        xb16 = x.dtype == torch.bfloat16
-        xr = x.contiguous().view(torch.int32) if xb16 else x.float().contiguous()
-        prepared = (xr, xr, xr, xr, None, None, None, None, None)
-    elif prepared is None:
+    if prepared is None:
         prepared = prepared_input(x, form, bits, xq, pairs=gemv_pairs(mode), trigger=pdl, share=share)
     xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg = prepared
     if xp is None:
@@ -1284,7 +1184,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
     w = packed.view(torch.int32)
     sym = False
-    if mode in (0, 1, 6, 7):  # scale and offset per (row, group)
+    if mode in (0, 1, 6):  # scale and offset per (row, group)
         a, bx, sym = affine_args(tables)
         bq = bx
     else:
@@ -1294,7 +1194,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         PREFETCH=int(prefetch), ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys), SYM=sym,
-        EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, XB16=xb16,
+        EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 
@@ -1330,8 +1230,11 @@ PREP_COLUMNS = 1024  # columns of one token per program of the input-preparation
 # sweep_gemv_prep_pdl.json): rtn-4 4096x14336 10.73 us against 11.60, 4096x4096 5.2 against 5.8.
 PREP_PDL = True
 PREP_WARPS = 4  # warps per program of the input-preparation kernel (_prep_kernel)
-PREP_XD = True  # whether mode 6's preparation also writes the float32 de-interleaved input (mode 6 never reads it;
-# False leaves prepared_input's xd unwritten for mode 6)
+# Whether mode 6's preparation also writes the float32 de-interleaved input: mode 6 never reads it, so False
+# (prepared_input's xd left unwritten for mode 6). H200, whole call, cold L2 (kernel_sweeps/sweep_gemv_mode7.json):
+# 0.1-0.6 us less on 7 of the 8 rtn cases (rtn-4 4096x14336 10.49 against 10.76 us, rtn-2 14336x4096 9.88 against
+# 10.50), 14336x4096 rtn-4 within noise (12.24 against 12.09)
+PREP_XD = False
 
 
 def prep_columns(k: int, per: int) -> int:
@@ -1346,7 +1249,10 @@ def prep_columns(k: int, per: int) -> int:
 DCT_TWO_STAGE = True
 DCT_DOT_PRECISION = "tf32x3"  # tl.dot's precision for the DFT stages: float32 accuracy from the tensor cores
 DCT_WARPS = (4, 4)  # warps per program of the two launches
-DCT_STAGE2_K2 = 16  # stage two's outputs per program: 16 k1 by this many k2 (16, 32 or 64)
+# Stage two's outputs per program: 16 k1 by this many k2 (16, 32 or 64). H200, K = 4096, the two launches alone
+# (kernel_sweeps/sweep_prep_dct_k2.json): 4.53 us at 32 against 4.93 at 16 and 5.73 at 64 with DCT_WARPS (4, 4)
+# (stage two 2.62 against 3.12 and 4.03 us); with 2 warps in stage two 64 spilled (70 us)
+DCT_STAGE2_K2 = 32
 
 
 def dft_split(g: int) -> tuple[int, int] | None:

@@ -368,69 +368,14 @@ def test_mode6_is_exact_for_the_chunk_rounded_input(cfg, block, monkeypatch):
         assert xg is None
 
 
-@pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(method="rtn", bits=4),
-                                 QuantConfig(method="rtn", bits=2, group_size=32, symmetric=False),
-                                 QuantConfig(method="rtn", bits=8, group_size=32)],
-                         ids=["rtn4-g64", "rtn4-row", "rtn2-g32-asym", "rtn8-g32"])
-@pytest.mark.parametrize("block", [(4, 64, 1, 1), (16, 8, 2, 2), (8, 4, 1, 1)], ids=["wide", "split", "in-group"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_mode7_is_exact_for_the_word_rounded_input(cfg, block, dtype):
-    """Mode 7 rounds each word's inputs to 16 bits in the kernel with the word's own scale: it computes
-    ``x_r W^T`` (up to float32 sums) for ``x`` rounded that way (half to even), from a float32 input and
-    from bf16 read as int32 pairs; tiles inside a group, across groups and split in K; no preparation."""
-    pytest.importorskip("triton")
-    from quantune import kernels
-
-    kernels._PREPARED.clear()
-    q = _layer(cfg, out=21, inp=512)
-    form = _form(q)
-    x = (torch.randn(3, 512, generator=torch.Generator().manual_seed(11)) * torch.linspace(0.1, 4, 512)).to(dtype)
-    block_m, block_w, warps, split = block
-    got = kernels.gemv_matmul(x, q.codes, form, cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
-                              split=split, mode=7)
-    assert not kernels._PREPARED  # nothing prepared, nothing cached
-    words = x.float().view(3, -1, 32 // cfg.bits)
-    scale = words.abs().amax(-1, keepdim=True) / 32767
-    x_r = (torch.round(words / scale) * scale).view(3, 512)
-    w = q.dequantize()
-    # atol: the kernel's scale comes from an approximate division, so an input lying near a rounding tie may
-    # round to the other integer (one step of its word's scale, ~1e-4 here, times a weight)
-    torch.testing.assert_close(got, x_r @ w.T, rtol=1e-5, atol=5e-5)
-    # a finer scale than mode 6's one per 1024 columns: closer to x W^T
-    assert float((got - x.float() @ w.T).norm() / (x.float() @ w.T).norm()) < 5e-5
-    mode6 = kernels.gemv_matmul(x, q.codes, form, cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
-                                split=split, mode=6, share=False)
-    assert not torch.equal(got, mode6)  # the two modes round differently: the test sees mode 7's own path
-
-
-def test_mode7_refuses_what_it_does_not_serve():
-    pytest.importorskip("triton")
-    from quantune.kernels import gemv_matmul
-
-    x = torch.randn(1, 192)
-    with pytest.raises(ValueError, match="word kernel needs 1, 2, 4 or 8-bit"):
-        gemv_matmul(x, _layer(QuantConfig(method="rtn", bits=3)).codes, _form(_layer(QuantConfig(method="rtn", bits=3))),
-                    3, mode=7)
-    with pytest.raises(ValueError, match="needs an affine grid"):
-        gemv_matmul(x, _layer(QuantConfig(bits=4)).codes, _form(_layer(QuantConfig(bits=4))), 4, mode=7)
-    with pytest.raises(ValueError, match="prefetch"):
-        q = _layer(QuantConfig(method="rtn", bits=4))
-        gemv_matmul(x, q.codes, _form(q), 4, mode=7, prefetch=2)
-
-
 @pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=4)],
                          ids=["rtn4", "kashin4"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("mode", [None, 7], ids=["default", "mode7"])
-def test_a_non_finite_input_gives_a_non_finite_output(cfg, bad, mode, monkeypatch):
+def test_a_non_finite_input_gives_a_non_finite_output(cfg, bad):
     """The 16-bit rounding must not turn a NaN or inf activation into finite numbers."""
     pytest.importorskip("triton")
     from quantune import kernels
 
-    if mode == 7 and cfg.method != "rtn":
-        pytest.skip("mode 7 serves rtn")
-    if mode is not None:
-        monkeypatch.setattr(kernels, "GEMV_MODE_CODES", mode)
     q = _layer(cfg, out=8, inp=256)
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(2))
     x[0, 5] = bad
