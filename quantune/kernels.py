@@ -1493,6 +1493,12 @@ GEMV_MIN_PROGRAMS = 512
 # prefetching in both). Everything else stays rolled (two-row tiles and kashin's were slower unrolled).
 GEMV_UNROLL_MANY_ROWS = 2
 GEMV_UNROLL_LONG_ROWS = {2: 2}
+# kashin's two-row tile (mode 5) unrolled twice on long rows and at 2 bits. H200, whole call, cold L2, three A/B
+# pairs in one run (kernel_sweeps/sweep_gemv_kashin_unroll.json): 14336x4096 kashin-4 27.7-29.0 us against
+# 29.0-30.1, kashin-2 25.1 against 27.7-27.9; 4096x4096 kashin-2 9.8 against 10.1; at 4 bits on short rows it lost
+# (4096x4096 kashin-4 12.3 against 11.0-11.2), so it stays rolled there
+GEMV_UNROLL_KASHIN = 2
+GEMV_TILE_KASHIN_UNROLLED = (2, 1, 128, False)
 
 
 def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = None) -> tuple[int, int, int, bool]:
@@ -1507,10 +1513,12 @@ def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = Non
     return tiles[-1]
 
 
-def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int) -> int:
-    """The K loop's unroll factor for a layer's :func:`gemv_tile` (1: rolled)."""
+def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: int | None = None) -> int:
+    """The K loop's unroll factor for a layer's :func:`gemv_tile` (1: rolled); ``k``: the row length (None: as
+    for short rows)."""
     if not affine:
-        return 1
+        long_rows = k is not None and k >= GEMV_LONG_K
+        return GEMV_UNROLL_KASHIN if tile == GEMV_TILE_KASHIN_UNROLLED and (long_rows or bits == 2) else 1
     if tile == GEMV_TILE_LONG_ROWS:
         return GEMV_UNROLL_LONG_ROWS.get(bits, 1)
     return GEMV_UNROLL_MANY_ROWS if tile[3] else 1
@@ -1542,7 +1550,7 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
         tile = gemv_tile(packed.shape[0], affine, x.shape[1], bits)
         block_m, warps, block_w, prefetch = tile
-        unroll = gemv_unroll(tile, affine, bits)
+        unroll = gemv_unroll(tile, affine, bits, x.shape[1])
         # layers launched together keep their rows whole (split 1): results are stored per layer
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w) if outputs is None else 1
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,

@@ -416,15 +416,19 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
     # nor for kashin
     assert gemv_tile(28672, True, 8192, 2) == (4, 1, 64, True) and gemv_tile(28672, True, 8192, 4)[3] is False
     assert gemv_tile(4096, True, 4096, 2)[3] is False and gemv_tile(28672, False, 8192, 2)[3] is False
-    # the K loop unrolled: rtn's prefetching many-row tile twice, its long-row tile at 2 bits; nothing else
+    # the K loop unrolled: rtn's prefetching many-row tile twice, its long-row tile at 2 bits; kashin's two-row
+    # tile on long rows and at 2 bits; nothing else
     from quantune.kernels import gemv_unroll
 
     def unroll(m, affine, k, bits):
-        return gemv_unroll(gemv_tile(m, affine, k, bits), affine, bits)
+        return gemv_unroll(gemv_tile(m, affine, k, bits), affine, bits, k)
 
     assert unroll(28672, True, 8192, 4) == 1 and unroll(28672, True, 8192, 2) == 2
     assert unroll(4096, True, 14336, 4) == 1 and unroll(4096, True, 14336, 2) == 2
     assert unroll(4096, True, 4096, 4) == 1 and unroll(28672, False, 8192, 4) == 1
+    assert unroll(4096, False, 14336, 4) == 2 and unroll(4096, False, 14336, 2) == 2
+    assert unroll(4096, False, 4096, 4) == 1 and unroll(4096, False, 4096, 2) == 2
+    assert unroll(14336, False, 4096, 2) == 1  # the eight-row tile stays rolled
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=4)],
