@@ -84,23 +84,20 @@ def main() -> None:
             form, tables = q.bitplane_form(), q.level_tables()
             affine = tables[2]
             mode0 = kernels.gemv_default_mode(affine, bits)
-            prepared = kernels.prepared_input(x, form, bits, pairs=kernels.gemv_pairs(mode0), share=False)
             modes = [int(v) for v in args.modes.split(",")] if args.modes else [mode0]
-            preps = {md: kernels.prepared_input(x, form, bits, pairs=kernels.gemv_pairs(md), share=False) for md in modes}
+            preps = {md: kernels.prepared_input(x, form, bits, pairs=kernels.gemv_pairs(md), share=False)
+                     for md in {mode0, *modes}}
             read = bench_kernels.kernel_bytes(q.codes, form, tables, affine)
             copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
             bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, affine, k, bits)
             split0 = kernels.gemv_split(n, form, bits, bm0, bw0)
             want = kernels.gemv_matmul(x, q.codes, form, bits, block_m=bm0, block_w=bw0, num_warps=nw0, split=split0,
-                                       tables=tables, prepared=prepared, prefetch=pre0)
+                                       tables=tables, prepared=preps[mode0], prefetch=pre0)
             variants = [(c, s, e, md) for md in modes for c in configs for s in map(int, args.splits.split(","))
                         for e in args.evict.split(",")]
             for config, split, evict, mode in variants:
                 bm, nw, bw, pre, unroll = (*config, 1)[:5]
-                if kernels.gemv_block_w(form, bits, bw, split) is None:
-                    continue
-
-                if pre == 2 and mode != 6:
+                if kernels.gemv_block_w(form, bits, bw, split) is None or (pre == 2 and mode != 6):  # p2: mode 6's
                     continue
 
                 def call(layer=copies[0]):
@@ -131,7 +128,8 @@ def main() -> None:
             warps_list = [int(v) for v in args.prep_warps.split(",")] if args.prep_warps else [kernels.PREP_WARPS]
             xds = [bool(int(v)) for v in args.prep_xd.split(",")] if args.prep_xd else [kernels.PREP_XD]
             settings = [(v, w, pw, xd, md) for md in modes for v in pdls for w in wholes for pw in warps_list for xd in xds]
-            settings = [s_ for s_ in settings if not (s_[4] != 6 and s_[1] is not None and s_[1][3] == 2)]  # prefetch 2: mode 6's
+            settings = [(v, w, pw, xd, md) for v, w, pw, xd, md in settings  # prefetch 2 serves mode 6 only
+                        if md == 6 or w is None or w[3] != 2]
             for prep_pdl, tile, prep_warps, prep_xd, mode in settings:
                 saved = (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
                          kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS)

@@ -1490,7 +1490,7 @@ GEMV_MIN_PROGRAMS = 512
 # rtn-2 4x1x64p 4096x14336 7.33 against 7.46, 8192x28672 21.36 against 22.19. At 4 bits the long-row tile stays
 # rolled: unrolled 4x it measured 10.30 against 10.99 us alone, but the 8B model generated slower with it
 # (bench_generate_ab_long-old.json: 387.7 tokens/s rolled against 380.4-380.7 unrolled, with the many-row tile
-# prefetching in both). Everything else stays rolled (two-row tiles and kashin's were slower unrolled).
+# prefetching in both). rtn's other tiles stay rolled (its two-row tiles were slower unrolled).
 GEMV_UNROLL_MANY_ROWS = 2
 GEMV_UNROLL_LONG_ROWS = {2: 2}
 # kashin's two-row tile (mode 5) unrolled twice on long rows and at 2 bits. H200, whole call, cold L2, three A/B
@@ -1498,7 +1498,6 @@ GEMV_UNROLL_LONG_ROWS = {2: 2}
 # 29.0-30.1, kashin-2 25.1 against 27.7-27.9; 4096x4096 kashin-2 9.8 against 10.1; at 4 bits on short rows it lost
 # (4096x4096 kashin-4 12.3 against 11.0-11.2), so it stays rolled there
 GEMV_UNROLL_KASHIN = 2
-GEMV_TILE_KASHIN_UNROLLED = (2, 1, 128, False)
 
 
 def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = None) -> tuple[int, int, int, bool]:
@@ -1518,7 +1517,7 @@ def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: in
     for short rows)."""
     if not affine:
         long_rows = k is not None and k >= GEMV_LONG_K
-        return GEMV_UNROLL_KASHIN if tile == GEMV_TILE_KASHIN_UNROLLED and (long_rows or bits == 2) else 1
+        return GEMV_UNROLL_KASHIN if tile == GEMV_TILES[-1] and (long_rows or bits == 2) else 1
     if tile == GEMV_TILE_LONG_ROWS:
         return GEMV_UNROLL_LONG_ROWS.get(bits, 1)
     return GEMV_UNROLL_MANY_ROWS if tile[3] else 1
