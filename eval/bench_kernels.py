@@ -171,7 +171,8 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
          "kernel us", "kernel GB/s",
          "torch transform us", "floor us",
          "bf16 us", "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16",
-         "prefill rel. err", "bf16 rel. err", "decode to bf16 us", "old prefill ms"],
+         "prefill rel. err", "bf16 rel. err", "decode to bf16 us", "prefill DCT us (torch DCT us)",
+         "prefill ms, torch DCT", "old prefill ms"],
         [[f"{r['in']}x{r['out']}", r["method"], "{kernel}:{block_m}x{num_warps}x{block_w}".format(**r["best_config"]),
           r["rel_err_vs_reference"], r["decode_s"] * us,
           (f"{r['decode_no_pdl_s'] * us:.3f}" + ("" if r.get("pdl_equals_serial", True) else " (differs!)"))
@@ -182,6 +183,9 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
           r["transform_s"] * us, r["floor_s"] * us, r["bf16_decode_s"] * us, r["nf4_decode_s"] * us,
           r["speedup_vs_bf16"], r["speedup_vs_nf4"], r["prefill_s"] * 1e3, r["bf16_prefill_s"] * 1e3,
           r["prefill_vs_bf16"], r["prefill_rel_err"], r["bf16_prefill_rel_err"], r["decode_bf16_s"] * us,
+          f"{r['prefill_dct_s'] * us:.1f} ({r['prefill_torch_dct_s'] * us:.1f}), rel. err "
+          f"{r['prefill_dct_rel_err']:.1e}" if "prefill_dct_s" in r else "-",
+          f"{r['prefill_with_torch_dct_s'] * 1e3:.3f}" if "prefill_with_torch_dct_s" in r else "-",
           r["old_prefill_s"] * 1e3] for r in rows])
     return (f"# Low-bit matmul kernels\n\nDevice: {device}. Times are medians with the calls captured in a CUDA "
             f"graph (triton.testing.do_bench_cudagraph); the decode calls (bf16, NF4 and quantune alike) cycle "
@@ -198,8 +202,12 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
             f"beforehand, for the best of {n_configs} kernel/tile configs (gemvMODE:rows x warps x words, "
             f"quantune.kernels.GEMV_MODES), 'torch transform us' the plain torch DCT for reference. Prefill: "
             f"{prefill_tokens} tokens, quantune decodes the factors to bf16 with a Triton kernel, then cuBLAS (rtn: "
-            f"one GEMM; kashin: x U^T + (x Q) V^T, two GEMMs); 'old prefill' is the first path (float32 torch "
-            f"decode, eager). Floor: index + coefficient bytes / read bandwidth. rel. err: the decode path vs the "
+            f"one GEMM; kashin: x U^T + (x Q) V^T, two GEMMs, xq = Q^T x by quantune.kernels."
+            f"prefill_transformed_input: two Triton passes around one batched rfft); 'prefill DCT us': that "
+            f"transform alone into bf16, next to the torch DCT (quantune.transforms, float32 in, cast to bf16), "
+            f"its error against the float32 torch DCT; 'prefill ms, torch DCT': the whole prefill with the torch "
+            f"DCT, same run; 'old prefill' is the first path (float32 torch decode, eager). "
+            f"Floor: index + coefficient bytes / read bandwidth. rel. err: the decode path vs the "
             f"float32 reference x W_hat^T (modes 5 and 6 round the input to 16 bits per token or per 1024 columns: about 3e-5 to 1e-4); "
             f"prefill rel. err the same for the bf16 prefill path, next to bf16 cuBLAS's own error against "
             f"float32 (x W^T).\n\n{table}\n")
@@ -376,6 +384,23 @@ def main() -> None:
                 t_decode_planes = bench(lambda: decode_bf16(q.codes, form, bits, k, mode=0))
                 t_q_prefill = bench(lambda: prefill_matmul(xp, q.codes, form, bits, tables=tables))
                 got_p = prefill_matmul(xp[:64], q.codes, form, bits, tables=tables).float()
+                prefill_dct = {}
+                if form.ku < bits and form.transform == "dct":  # prefill's DCT passes against the torch DCT, same run
+                    want_xq = transformed_input(xp.float(), form)
+                    prefill_dct = {
+                        "prefill_dct_s": bench(lambda: kernels.prefill_transformed_input(xp, form, torch.bfloat16)),
+                        "prefill_dct_rel_err": float(
+                            (kernels.prefill_transformed_input(xp, form, torch.float32) - want_xq).norm()
+                            / want_xq.norm())}
+                    want_xq = None
+                    kernels.PREFILL_DCT = False
+                    try:
+                        prefill_dct["prefill_torch_dct_s"] = bench(lambda: transformed_input(
+                            xp.float(), form).to(torch.bfloat16))
+                        prefill_dct["prefill_with_torch_dct_s"] = bench(
+                            lambda: prefill_matmul(xp, q.codes, form, bits, tables=tables))
+                    finally:
+                        kernels.PREFILL_DCT = True
                 got_m = q(xp[:64]).float()  # the module's own dispatch for 64 tokens
             ref_p = xp[:64].float() @ q.dequantize().T
             index_bytes = q.codes.numel()
@@ -392,7 +417,7 @@ def main() -> None:
                    "old_prefill_s": t_old_prefill,
                    "kernel_s": t_kernel, "decode_s": t_full, "decode_no_pdl_s": t_serial,
                    "pdl_equals_serial": pdl_same, **rfft, "transform_s": t_transform, "module_s": t_module,
-                   "module_eager_s": t_module_eager, "prefill_s": t_q_prefill,
+                   "module_eager_s": t_module_eager, "prefill_s": t_q_prefill, **prefill_dct,
                    "floor_s": (index_bytes + meta_bytes) / bw,
                    "speedup_vs_bf16": t_bf16 / t_full, "speedup_vs_nf4": t_nf4 / t_full,
                    "kernel_speedup_vs_bf16": t_bf16 / t_kernel, "kernel_read_bytes": read_bytes,

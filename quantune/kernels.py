@@ -705,31 +705,71 @@ if triton is not None:
             gl = tl.program_id(1) * (CH // GS) + tl.arange(0, CH // GS)
             tl.store(xg_ptr + tok * (K // GS) + gl, tl.sum(tl.reshape(xv, (CH // GS, GS)), axis=1), mask=gl < K // GS)
         if HAS_V:
-            local = c % G
-            sv = xv * tl.load(signs_ptr + local, mask=m, other=0.0)
-            dest = tl.where(local % 2 == 0, local // 2, G - 1 - local // 2)
-            tl.store(v_ptr + tok * K + (c // G) * G + dest, sv, mask=m)
+            _makhoul_store(v_ptr + tok * K, signs_ptr, xv, c, m, G)
+
+    @triton.jit
+    def _makhoul_store(v_row, signs_ptr, xv, c, m, G: tl.constexpr):
+        """The DCT's FFT input for the columns ``c`` of one row (``v_row`` its start): each G-long group
+        times the signs, even entries in order, odd entries reversed behind them (Makhoul's reordering)."""
+        local = c % G
+        sv = xv * tl.load(signs_ptr + local, mask=m, other=0.0)
+        dest = tl.where(local % 2 == 0, local // 2, G - 1 - local // 2)
+        tl.store(v_row + (c // G) * G + dest, sv, mask=m)
+
+    @triton.jit
+    def _dct_values(f_ptr, tw_ptr, row, c, m, K: tl.constexpr, G: tl.constexpr):
+        """``X_k = Re(t_k V_k)`` for the columns ``c`` of row ``row`` from each G-long group's half
+        spectrum ``rfft(v)`` (interleaved re/im; ``V_k = conj(V_{G-k})`` above G/2), float32."""
+        k = c % G
+        low = k <= G // 2
+        idx = tl.where(low, k, G - k)
+        base = f_ptr + (row * (K // G) + c // G) * ((G // 2 + 1) * 2)
+        re = tl.load(base + idx * 2, mask=m, other=0.0)
+        im = tl.load(base + idx * 2 + 1, mask=m, other=0.0)
+        im = tl.where(low, im, -im)
+        return tl.load(tw_ptr + k * 2, mask=m, other=0.0) * re - tl.load(tw_ptr + k * 2 + 1, mask=m, other=0.0) * im
+
+    @triton.jit
+    def _dct_pre_kernel(x_ptr, signs_ptr, v_ptr, K: tl.constexpr, G: tl.constexpr, CH: tl.constexpr,
+                        GATHER: tl.constexpr = False):
+        """Prefill's DCT pre-step: one token's input (any float dtype) to the float32 FFT input
+        (:func:`_makhoul_store`), CH columns a program. GATHER: the program owns CH columns of the output
+        instead and loads their inputs (strided loads, contiguous stores; the other way round without).
+        Rows indexed in 64 bits: prefill has many tokens."""
+        tok = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * CH + tl.arange(0, CH)
+        m = c < K
+        if GATHER:
+            d = c % G  # v[d] = x[2d] (d < ceil(G/2)), x[2 (G - 1 - d) + 1] above
+            src = tl.where(d < G - G // 2, 2 * d, 2 * (G - 1 - d) + 1)
+            xv = tl.load(x_ptr + tok * K + (c // G) * G + src, mask=m, other=0.0).to(tl.float32)
+            tl.store(v_ptr + tok * K + c, xv * tl.load(signs_ptr + src, mask=m, other=0.0), mask=m)
+        else:
+            xv = tl.load(x_ptr + tok * K + c, mask=m, other=0.0).to(tl.float32)
+            _makhoul_store(v_ptr + tok * K, signs_ptr, xv, c, m, G)
+
+    @triton.jit
+    def _dct_out_kernel(f_ptr, tw_ptr, xq_ptr, K: tl.constexpr, G: tl.constexpr, CH: tl.constexpr):
+        """Prefill's DCT post-step: CH columns of one token's ``xq`` (:func:`_dct_values`), stored in
+        the output's dtype in the input's own column order."""
+        tok = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * CH + tl.arange(0, CH)
+        m = c < K
+        out = _dct_values(f_ptr, tw_ptr, tok, c, m, K, G)
+        tl.store(xq_ptr + tok * K + c, out.to(xq_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _dct_post_kernel(f_ptr, tw_ptr, xqd_ptr, xqs_ptr, amax_ptr, K: tl.constexpr, G: tl.constexpr,
                          PER: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr, TRIGGER: tl.constexpr = False,
                          WAIT: tl.constexpr = False):
-        """``X_k = Re(t_k V_k)`` from each group's half spectrum ``rfft(v)`` (``V_k = conj(V_{G-k})``
-        above G/2), for CH columns of one token, written de-interleaved and summed per word like
-        :func:`_prep_kernel`'s ``xd``/``xs``; with PAIRS the chunk's ``max |xq|``. TRIGGER, WAIT: as in
-        :func:`_prep_kernel`."""
+        """``xq`` (:func:`_dct_values`) for CH columns of one token, written de-interleaved and summed per
+        word like :func:`_prep_kernel`'s ``xd``/``xs``; with PAIRS the chunk's ``max |xq|``. TRIGGER, WAIT:
+        as in :func:`_prep_kernel`."""
         _pdl_start(TRIGGER, WAIT)
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
-        k = c % G
-        low = k <= G // 2
-        idx = tl.where(low, k, G - k)
-        base = f_ptr + (tok * (K // G) + c // G) * ((G // 2 + 1) * 2)
-        re = tl.load(base + idx * 2, mask=m, other=0.0)
-        im = tl.load(base + idx * 2 + 1, mask=m, other=0.0)
-        im = tl.where(low, im, -im)
-        out = tl.load(tw_ptr + k * 2, mask=m, other=0.0) * re - tl.load(tw_ptr + k * 2 + 1, mask=m, other=0.0) * im
+        out = _dct_values(f_ptr, tw_ptr, tok, c, m, K, G)
         tl.store(xqd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, out, mask=m)
         wl = tl.program_id(1) * (CH // PER) + tl.arange(0, CH // PER)
         tl.store(xqs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(out, (CH // PER, PER)), axis=1), mask=wl < K // PER)
@@ -1013,9 +1053,36 @@ def prefill_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bi
     dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     y = x.to(dtype) @ u.to(dtype).T
     if v is not None:
-        xq = transformed_input(x.float(), form).to(dtype)
-        y.addmm_(xq, v.to(dtype).T)
+        y.addmm_(prefill_transformed_input(x, form, dtype), v.to(dtype).T)
     return y
+
+
+PREFILL_DCT = True  # prefill's DCT as two Triton passes around one batched rfft (False: the torch transform)
+# (columns, warps, gather) of the pre pass and (columns, warps) of the post pass, measured on the H200 at 2048 tokens
+# (eval/results/kernel_sweeps/sweep_prefill_dct.json): the post pass wants two columns a thread (K = 4096: 22 us
+# against 37 at four and 69 at eight or more); the pre pass 12.9 us at 2048 x 4, gathering 17 us
+PREFILL_DCT_TILES = ((2048, 4, False), (512, 8))
+
+
+def prefill_transformed_input(x: torch.Tensor, form: BitplaneForm, dtype: torch.dtype) -> torch.Tensor:
+    """``xq`` ``(T, K)`` in ``dtype`` for many tokens. The DCT (with triton, PREFILL_DCT): one pass
+    casting and reordering into the FFT's float32 input (signs applied), one batched cuFFT ``rfft``,
+    one pass taking the real part against the twiddles into ``dtype``: three passes over the data where
+    the torch transform (:func:`transformed_input`: a complex FFT of the upcast input between
+    cat/flip/multiply passes) makes about eight. Other transforms: the torch one."""
+    if form.transform != "dct" or triton is None or not PREFILL_DCT:
+        return transformed_input(x.float(), form).to(dtype)
+    x = x.contiguous()
+    (t, k), g = x.shape, form.group
+    (ch, warps, gather), (ch2, warps2) = PREFILL_DCT_TILES
+    v = torch.empty(t, k, device=x.device, dtype=torch.float32)
+    _dct_pre_kernel[(t, triton.cdiv(k, ch))](x, random_signs(g, form.seed, device=x.device, dtype=torch.float32), v,
+                                             K=k, G=g, CH=ch, GATHER=gather, num_warps=warps)
+    spectrum = torch.view_as_real(torch.fft.rfft(v.view(t * (k // g), g), dim=-1))
+    xq = torch.empty(t, k, device=x.device, dtype=dtype)
+    _dct_out_kernel[(t, triton.cdiv(k, ch2))](spectrum, torch.view_as_real(dct_twiddle(g, x.device, torch.float32)),
+                                              xq, K=k, G=g, CH=ch2, num_warps=warps2)
+    return xq
 
 
 def available() -> bool:

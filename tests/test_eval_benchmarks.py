@@ -54,11 +54,12 @@ def test_gemv_sweep_smoke_checks_every_tile_against_the_default(tmp_path):
     policy computes what the layer's default tile computes, and the bytes it reports are the codes plus
     rtn's float16 scales (no offset table on the symmetric grid)."""
     pytest.importorskip("triton")
-    _run(["eval.sweep_gemv", "--methods", "rtn-4", "--evict", ",evict_first", "--prep-pdl", "0,1", "--prep-xd", "1,0"],
+    # one eviction policy (the interpreter ignores it; a second doubles the tiles' ~100 s): passed through as asked
+    _run(["eval.sweep_gemv", "--methods", "rtn-4", "--evict", "evict_first", "--prep-pdl", "0,1", "--prep-xd", "1,0"],
          tmp_path, 600, OUT=str(tmp_path))
     rows = json.loads((tmp_path / "sweep_gemv.json").read_text())
     tiles = [r for r in rows if "kernel_us" in r]
-    assert {r["evict"] for r in tiles} == {"", "evict_first"} and {r["split"] for r in tiles} == {1, 2}
+    assert {r["evict"] for r in tiles} == {"evict_first"} and {r["split"] for r in tiles} == {1, 2}
     assert all(r["rel_diff"] < 1e-5 for r in tiles)
     wholes = [r for r in rows if "whole_call_us" in r]
     # one whole-call row per setting and tile asked for (the library's tile, then the smoke run's prefetching one),
@@ -73,6 +74,20 @@ def test_gemv_sweep_smoke_checks_every_tile_against_the_default(tmp_path):
     whole = wholes[0]
     k, n = whole["k"], whole["n"]
     assert whole["bytes_read"] == n * k // 2 + n * (k // 64) * 2  # 4-bit codes, one float16 scale per 64
+
+
+def test_prefill_dct_sweep_smoke_checks_each_pass(tmp_path):
+    """eval/sweep_prefill_dct.py on the CPU (one small width under the interpreter): both pre passes give the
+    rfft the same input, the post pass and the library's whole transform match the torch DCT (up to the post
+    pass's bf16 output)."""
+    pytest.importorskip("triton")
+    _run(["eval.sweep_prefill_dct"], tmp_path, 600, OUT=str(tmp_path))
+    rows = json.loads((tmp_path / "sweep_prefill_dct.json").read_text())
+    assert {r["pass"] for r in rows} == {"pre", "rfft", "post", "whole (library tiles)"}
+    pre = [r for r in rows if r["pass"] == "pre"]
+    assert {r["gather"] for r in pre} == {False, True} and all(r["equal"] for r in pre)
+    assert all(r["rel_err_vs_torch"] < 1e-2 for r in rows if r["pass"] == "post")
+    assert [r["rel_err_vs_torch"] for r in rows if r["pass"].startswith("whole")][0] < 1e-5
 
 
 def test_prep_probe_smoke_compares_the_two_preparations(tmp_path):

@@ -163,6 +163,9 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     affine = cfg.method == "rtn"
     if mode in (0, 1, 2, 4, "prefetch") and block[3] != 4:
         pytest.skip("the slower alternative modes run on one tiling (the split one) to keep the suite short")
+    if mode is None and block[3] != 1:
+        pytest.skip("the default resolves to mode 5 or 6 (every format here has 2, 4 or 8 bits), which run on every "
+                    "tiling; the default's dispatch is checked on one (the wide one)")
     prefetch = mode == "prefetch"
     mode = None if prefetch else mode
     if mode is not None and mode != 5 and (mode in (0, 1, 6)) != affine:
@@ -183,10 +186,16 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(method="rtn", bits=2),
-                                 QuantConfig(method="rtn", bits=8, group_size=32, symmetric=False)],
-                         ids=["rtn4-g64", "rtn2-row", "rtn8-g32-asym"])
-@pytest.mark.parametrize("block", [(1, 8, 1), (4, 4, 1), (2, 8, 2), (16, 2, 1)], ids=["row", "rows", "split", "tall"])
+PREFETCH_CASES = {"rtn4-g64": QuantConfig(method="rtn", bits=4, group_size=64), "rtn2-row": QuantConfig(method="rtn", bits=2),
+                  "rtn8-g32-asym": QuantConfig(method="rtn", bits=8, group_size=32, symmetric=False)}
+PREFETCH_BLOCKS = {"row": (1, 8, 1), "rows": (4, 4, 1), "split": (2, 8, 2), "tall": (16, 2, 1)}
+
+
+@pytest.mark.parametrize("cfg,block", [
+    pytest.param(PREFETCH_CASES[c], PREFETCH_BLOCKS[b], id=f"{b}-{c}",
+                 # one-row tiles are the interpreter's slowest (30-40 s each): one format in the default suite
+                 marks=[pytest.mark.slow] if b == "row" and c != "rtn4-g64" else [])
+    for b in PREFETCH_BLOCKS for c in PREFETCH_CASES])
 def test_prefetching_everything_gives_the_same_sums(cfg, block, monkeypatch):
     """Mode 6 with everything a tile reads prefetched (prefetch=2) against the plain loop, bitwise: tiles inside
     and across groups, several input chunks (so the chunk scale changes between tiles), K split, a partial
@@ -483,6 +492,36 @@ def test_decode_kernel_rebuilds_the_factors(cfg, mode):
     assert float((got - want).norm() / want.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("inp,group,dtype", [(576, None, torch.bfloat16), (1024, 64, torch.float32),
+                                             (2048, 512, torch.float16), (270, 27, torch.float32)],
+                         ids=["576-row-bf16", "1024-g64-f32", "2048-g512-f16", "270-g27-odd"])
+def test_prefill_dct_passes_equal_the_torch_transform(inp, group, dtype, monkeypatch):
+    """Prefill's DCT (two Triton passes around one rfft, the first storing or loading out of order): the
+    torch transform's ``xq`` for rows of any length (576: an odd half), groups inside a row, a chunk of
+    columns spanning several groups or a group spanning several chunks; and a transform it does not serve
+    (hadamard) through the torch one."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    q = _layer(QuantConfig(bits=4, group_size=group), out=8, inp=inp)
+    form = _form(q)
+    x = torch.randn(5, inp, generator=torch.Generator().manual_seed(11)).to(dtype)
+    want = kernels.transformed_input(x.float(), form)
+    for gather in (False, True):  # the pre pass storing scattered or loading strided
+        monkeypatch.setattr(kernels, "PREFILL_DCT_TILES", ((256, 4, gather), (128, 2)))
+        got = kernels.prefill_transformed_input(x, form, torch.float32)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert kernels.prefill_transformed_input(x, form, torch.bfloat16).dtype == torch.bfloat16
+    monkeypatch.setattr(kernels, "PREFILL_DCT", False)
+    torch.testing.assert_close(kernels.prefill_transformed_input(x, form, torch.float32), want)
+    monkeypatch.setattr(kernels, "PREFILL_DCT", True)
+    if inp % 64:  # hadamard needs blocks of 8 or more
+        return
+    h = _form(_layer(QuantConfig(bits=4, transform="hadamard"), out=8, inp=inp))
+    torch.testing.assert_close(kernels.prefill_transformed_input(x, h, torch.float32),
+                               kernels.transformed_input(x.float(), h))
+
+
 def test_gemv_splits_k_at_most_in_two_so_results_are_reproducible():
     from quantune.kernels import GEMV_MIN_PROGRAMS, gemv_split
 
@@ -518,10 +557,15 @@ def test_one_launch_for_layers_stored_back_to_back(cfg, rows):
         gemv_matmul(x, codes, form, cfg.bits, block_m=4, block_w=8, num_warps=1, outputs=(sum(rows),))
 
 
-@pytest.mark.parametrize("inp,group,bits,tokens", [(576, None, 4, 16), (1792, None, 2, 1), (512, 128, 8, 2),
-                                                    (256, 64, 4, 3)],
-                         ids=["9x64-16tokens", "28x64-2bit", "groups128-8bit", "groups64"])
-@pytest.mark.parametrize("k2", [16, 64], ids=["k2-16", "k2-64"])
+DCT_CASES = {"9x64-16tokens": (576, None, 4, 16), "28x64-2bit": (1792, None, 2, 1), "groups128-8bit": (512, 128, 8, 2),
+             "groups64": (256, 64, 4, 3)}
+
+
+@pytest.mark.parametrize("inp,group,bits,tokens,k2", [
+    pytest.param(*case, k2, id=f"k2-{k2}-{name}",
+                 # 16 tokens take the interpreter ~35 s: both stage-two widths run on the other cases
+                 marks=[pytest.mark.slow] if name == "9x64-16tokens" and k2 == 64 else [])
+    for k2 in (16, 64) for name, case in DCT_CASES.items()])
 def test_two_launch_dct_equals_the_rfft_path(inp, group, bits, tokens, k2, monkeypatch):
     """The two-launch preparation (stage one, then stage two, of a G = N1 x N2 FFT; N1 padded to a power of two)
     gives the rfft path's inputs: x's parts exactly, the transformed input to float32 rounding; its pairs are
