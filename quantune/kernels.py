@@ -11,7 +11,8 @@ so ``y = x W^T`` is, per output row, ``bits`` dot products of 0/1 bit planes wit
   inputs prepared once per input tensor by :func:`prepared_input` (cast, de-interleave, rounding,
   kashin's DCT via one rfft).
 - :func:`decode_bf16` + :func:`prefill_matmul` (more tokens): the factors decoded to bf16 at
-  memory speed, then cuBLAS (one GEMM for rtn, two for kashin: ``x U^T + (x Q) V^T``).
+  memory speed, then cuBLAS (one GEMM for rtn, two for kashin: ``x U^T + (x Q) V^T``, ``x Q`` by
+  :func:`prefill_transformed_input`: two Triton passes around one batched rfft).
 - :func:`bitplane_matmul` / :func:`levels_matmul`: earlier byte-reading kernels for code widths
   that straddle words (3, 5, 6, 7 bits).
 
