@@ -60,7 +60,7 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     bench_kernels.DEV = dev
     rotating = bench_kernels.rotating
-    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if dev == "cuda" else [(256, 64)]
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if dev == "cuda" else [(128, 32)]
     configs = [parse_config(c) for c in args.configs.split(",")] if args.configs else [(*c, False) for c in CONFIGS]
     wholes = [None if c == "default" else parse_config(c) for c in args.whole_configs.split(",")] \
         if args.whole_configs else [None]
