@@ -167,7 +167,8 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
     """The Markdown report of a run's rows (also: ``--render RESULTS.json`` re-renders a saved run)."""
     us = 1e6
     table = markdown_table(
-        ["in x out", "method", "kernel", "rel. err", "decode us", "decode us, no PDL", "decode us, rfft prep",
+        ["in x out", "method", "kernel", "rel. err", "decode us", "library us (tile, unroll)", "x bf16, library",
+         "x NF4, library", "decode us, no PDL", "decode us, one pass", "decode us, rfft prep",
          "kernel us", "kernel GB/s",
          "torch transform us", "floor us",
          "bf16 us", "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16",
@@ -175,8 +176,14 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
          "prefill ms, torch DCT", "old prefill ms"],
         [[f"{r['in']}x{r['out']}", r["method"], "{kernel}:{block_m}x{num_warps}x{block_w}".format(**r["best_config"]),
           r["rel_err_vs_reference"], r["decode_s"] * us,
+          "{:.3f} ({}, u{}{})".format(r["decode_library_s"] * us, "x".join(map(str, r["library_config"]["tile"][:3])),
+                                     r["library_config"]["unroll"], ", late" if r["library_config"]["late"] else "")
+          if "decode_library_s" in r else "-",
+          f"{r['speedup_vs_bf16_library']:.3f}" if "decode_library_s" in r else "-",
+          f"{r['speedup_vs_nf4_library']:.3f}" if "decode_library_s" in r else "-",
           (f"{r['decode_no_pdl_s'] * us:.3f}" + ("" if r.get("pdl_equals_serial", True) else " (differs!)"))
           if "decode_no_pdl_s" in r else "-",
+          f"{r['decode_one_pass_s'] * us:.3f}" if "decode_one_pass_s" in r else "-",
           f"{r['decode_rfft_s'] * us:.3f} (rel. err {r['rfft_rel_err_vs_reference']:.1e})" if "decode_rfft_s" in r else "-",
           r["kernel_s"] * us,
           f"{r['kernel_read_Bps'] / 1e9:.0f}" if r.get("kernel_read_Bps") else "-",
@@ -195,7 +202,12 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
             f"(input preparation: cast, de-interleave, the "
             f"16-bit inputs of modes 5 and 6, kashin's DCT in two Triton launches (a two-stage FFT, "
             f"quantune.kernels.dft_split); then the GEMV kernel, launched with programmatic dependent launch so it "
-            f"loads codes while the preparation runs; 'no PDL': launched plainly, same run, outputs checked equal; "
+            f"loads codes while the preparation runs (kashin on 4096-wide inputs: in two passes over the codes, "
+            f"x's planes while the transform's last launch runs, then xq's, quantune.kernels.gemv_late; 'one pass': "
+            f"the GEMV after the whole preparation, same run); 'library us': the same call through the module's own "
+            f"dispatch (quantune.kernels.fused_matmul: the library's tile, K-loop unroll and split; the 'x bf16, "
+            f"library' and 'x NF4, library' columns are this call's); 'no PDL': launched plainly, same run, outputs "
+            f"checked equal; "
             f"'rfft prep': kashin's earlier preparation, same run (prep kernel, cuFFT rfft, post and pairs kernels), "
             f"its error against the reference), "
             f"'kernel us' the GEMV kernel alone on inputs prepared "
@@ -364,6 +376,29 @@ def main() -> None:
             finally:
                 kernels.GEMV_PDL = True
             pdl_same = bool(torch.equal(got_serial, got))
+            one_pass = {}
+            if kernels.gemv_late(form, bits, kernels.gemv_default_mode(tables[2], bits) if gemv_mode(kind) is None
+                                 else gemv_mode(kind), q.codes, kernels.pdl_enabled(x1)):
+                kernels.GEMV_LATE = False  # kashin's GEMV in one pass after the whole preparation, same run
+                try:
+                    got_one = kernel_call(kind, bm, nw, tw, None)()
+                    one_pass = {"decode_one_pass_s": timed(kind, bm, nw, tw, None),
+                                "late_vs_one_pass_rel_diff": float((got - got_one).norm() / got_one.norm())}
+                finally:
+                    kernels.GEMV_LATE = True
+
+            def library(layer):  # the module's own dispatch (tile, unroll, split, late), preparation included
+                kernels._PREPARED.clear()
+                return kernels.fused_matmul(x1, layer[0], layer[1], bits, layer[2], out_dtype=x1.dtype)
+            got_lib = library(copies[0])
+            t_lib = bench(rotating([lambda c=c: library(c) for c in copies]))
+            lib_tile = kernels.gemv_tile(n, tables[2], k, bits)
+            lib = {"decode_library_s": t_lib,
+                   "library_rel_err_vs_reference": float((got_lib.float() - ref).norm() / ref.norm()),
+                   "library_config": {"tile": list(lib_tile), "unroll": kernels.gemv_unroll(lib_tile, tables[2], bits, k),
+                                      "late": kernels.gemv_late(form, bits, kernels.gemv_default_mode(tables[2], bits),
+                                                                q.codes, kernels.pdl_enabled(x1))},
+                   "speedup_vs_bf16_library": t_bf16 / t_lib, "speedup_vs_nf4_library": t_nf4 / t_lib}
             rfft = {}
             best_mode = gemv_mode(kind)
             if kernels.dct_two_stage(form, bits, kernels.gemv_pairs(
@@ -416,7 +451,7 @@ def main() -> None:
                    "decode_bf16_s": t_decode, "decode_bf16_planes_s": t_decode_planes,
                    "old_prefill_s": t_old_prefill,
                    "kernel_s": t_kernel, "decode_s": t_full, "decode_no_pdl_s": t_serial,
-                   "pdl_equals_serial": pdl_same, **rfft, "transform_s": t_transform, "module_s": t_module,
+                   "pdl_equals_serial": pdl_same, **one_pass, **lib, **rfft, "transform_s": t_transform, "module_s": t_module,
                    "module_eager_s": t_module_eager, "prefill_s": t_q_prefill, **prefill_dct,
                    "floor_s": (index_bytes + meta_bytes) / bw,
                    "speedup_vs_bf16": t_bf16 / t_full, "speedup_vs_nf4": t_nf4 / t_full,

@@ -19,11 +19,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--widths", default="4096,8192,14336")
     args = p.parse_args()
-    import triton
     import triton.testing
 
     from quantune import kernels
-    from quantune.transforms import dct_twiddle, random_signs
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     widths = [int(w) for w in args.widths.split(",")] if dev == "cuda" else [576]
@@ -41,35 +39,22 @@ def main() -> None:
         g = form.group
         x = torch.randn(tokens, k, device=dev, dtype=torch.bfloat16)
         want = kernels.transformed_input(x.float(), form)
-        signs = random_signs(g, form.seed, device=x.device, dtype=torch.float32)
-        twiddle = torch.view_as_real(dct_twiddle(g, x.device, torch.float32))
-        v = torch.empty(tokens, k, device=dev, dtype=torch.float32)
-        xq = torch.empty(tokens, k, device=dev, dtype=torch.bfloat16)
         t_torch = bench(lambda: kernels.transformed_input(x.float(), form).to(torch.bfloat16))
         base = dict(k=k, group=g, tokens=tokens, torch_dct_us=t_torch, bytes_x=x.numel() * 2)
-
-        def rfft():
-            return torch.view_as_real(torch.fft.rfft(v.view(tokens * (k // g), g), dim=-1))
-        kernels._dct_pre_kernel[(tokens, triton.cdiv(k, 1024))](x, signs, v, K=k, G=g, CH=1024, num_warps=4)
-        spectrum = rfft()
-        t_rfft = bench(rfft)
+        v = kernels.prefill_dct_pre(x, form, 1024, 4, False)
+        spectrum = kernels.prefill_dct_spectrum(v, form)
+        t_rfft = bench(lambda: kernels.prefill_dct_spectrum(v, form))
         for ch, nw, ga in pres:
-            def pre(ch=ch, nw=nw, ga=ga):
-                kernels._dct_pre_kernel[(tokens, triton.cdiv(k, ch))](x, signs, v, K=k, G=g, CH=ch, GATHER=ga,
-                                                                     num_warps=nw)
-            t = bench(pre)
-            pre()
-            same = bool(torch.equal(torch.view_as_real(torch.fft.rfft(v.view(-1, g), dim=-1)), spectrum))
+            t = bench(lambda ch=ch, nw=nw, ga=ga: kernels.prefill_dct_pre(x, form, ch, nw, ga))
+            same = bool(torch.equal(kernels.prefill_dct_spectrum(kernels.prefill_dct_pre(x, form, ch, nw, ga), form),
+                                    spectrum))
             row = {**base, "pass": "pre", "columns": ch, "warps": nw, "gather": ga, "us": t, "equal": same}
             print(json.dumps(row), flush=True)
             out.append(row)
         out.append({**base, "pass": "rfft", "us": t_rfft})
         for ch, nw in posts:
-            def post(ch=ch, nw=nw):
-                kernels._dct_out_kernel[(tokens, triton.cdiv(k, ch))](spectrum, twiddle, xq, K=k, G=g, CH=ch,
-                                                                     num_warps=nw)
-            t = bench(post)
-            post()
+            t = bench(lambda ch=ch, nw=nw: kernels.prefill_dct_post(spectrum, form, torch.bfloat16, ch, nw))
+            xq = kernels.prefill_dct_post(spectrum, form, torch.bfloat16, ch, nw)
             err = float((xq.float() - want).norm() / want.norm())
             row = {**base, "pass": "post", "columns": ch, "warps": nw, "us": t, "rel_err_vs_torch": err}
             print(json.dumps(row), flush=True)

@@ -394,7 +394,7 @@ if triton is not None:
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
                      NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = "",
-                     UNROLL: tl.constexpr = 1):
+                     UNROLL: tl.constexpr = 1, LATE: tl.constexpr = False):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -426,6 +426,12 @@ if triton is not None:
           and the group sums of x (``xg``), so the coefficients are never gathered per word.
         Coefficients: one per row when a tile lies inside one group, else gathered per word.
         UNROLL: the K loop's unroll factor (Triton's loop_unroll_factor).
+        LATE (mode 5, kashin): two passes over the codes, the planes below KU (``x``'s) first, then those from KU
+        (``xq``'s), so the transformed input may arrive while the first pass runs. With PDL the first pass
+        reads ``x``'s inputs without waiting: the caller guarantees that their kernel has finished when this
+        one starts (:func:`_dct_stage2_kernel` with TRIGGER_LATE lets it start only after its own wait for the
+        kernel that prepares ``x``); the wait comes before the second pass. The first pass's code loads keep
+        the default L2 policy, so the second finds them there on layers that fit.
         PREFETCH: 1, the next tile's words are loaded before this tile's arithmetic (two tiles in flight);
         2 (mode 6), everything the next tile reads (words, input pairs, coefficients) is, so no load of a
         tile waits behind the arithmetic of the one before.
@@ -450,6 +456,8 @@ if triton is not None:
         wtile = tl.broadcast_to(wcols[None, :], (BLOCK_M, BLOCK_W))  # word offsets in the tile's shape
         acc = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
         GPT: tl.constexpr = BLOCK_W // WPG if WPG < BLOCK_W else 1  # groups per tile (mode 6)
+        tl.static_assert(not LATE or (MODE == 5 and KU < BITS and not PREFETCH), "LATE: mode 5 with xq, no prefetch")
+        NPHASE: tl.constexpr = 2 if LATE else 1
         accg = tl.zeros([BLOCK_M, GPT], dtype=tl.float32)           # mode 6 across groups: per (row, group)
         ONE_GROUP: tl.constexpr = WPG % CHUNK == 0  # this program's codes share one group's coefficients
         CPB: tl.constexpr = 8 // BITS  # codes per byte (modes 5 and 6)
@@ -469,168 +477,183 @@ if triton is not None:
             n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff = _mode6_tile(
                 xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, part * CHUNK, wtile, groups,
                 K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
-        for i in tl.range(0, CHUNK, BLOCK_W, loop_unroll_factor=UNROLL):
-            w0 = part * CHUNK + i
-            widx = w0 + wcols
-            xin = xd_ptr + tok * K + w0 + wtile    # code position j: + j * NW
-            xqin = xqd_ptr + tok * K + w0 + wtile
-            if PREFETCH:
-                word = ahead
-                ahead = tl.load(w_ptr + rows[:, None] * stride_w + w0 + BLOCK_W + wtile,
-                                mask=rmask[:, None] & (i + BLOCK_W < CHUNK), other=0, eviction_policy=EVICT)
-            else:
-                word = tl.load(w_ptr + rows[:, None] * stride_w + w0 + wtile, mask=rmask[:, None], other=0,
-                               eviction_policy=EVICT)
+        # LATE (mode 5): x's planes (pass 0), then the wait, then xq's (pass 1); else one pass over all planes.
+        # Whether a pass reads x (the planes below KU): (not LATE) or phase == 0; xq (the planes from KU):
+        # KU < BITS and ((not LATE) or phase == 1), written out where used (constexprs cannot be reassigned)
+        for phase in tl.static_range(NPHASE):
+            if LATE and phase == 1:
                 if PDL:
-                    if i == 0:  # the first words are on their way: now wait for the prepared input
-                        _gdc_wait()
-            if WPG >= BLOCK_W:  # the tile lies in one group: one coefficient per row
-                cidx = (rows * groups + w0 // WPG)[:, None]
-            else:
-                cidx = rows[:, None] * groups + (widx // WPG)[None, :]
-            cmask = rmask[:, None]
-            if MODE == 0:
-                scale, offset = _affine(a_ptr, bx_ptr, cidx, cmask, SYM, BITS)
-                for j in tl.static_range(PER):
-                    xj = tl.load(xin + j * NW)
-                    field = ((word >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
-                    n = field.to(tl.float32, bitcast=True) - 8388608.0
-                    acc += (n * scale + offset) * xj
-            elif MODE == 1:
-                fx = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
-                for j in tl.static_range(PER):
-                    fx += _mantissa_field(word, j * BITS, BITS) * tl.load(xin + j * NW)
-                xs = tl.load(xs_ptr + tok * NW + w0 + wtile)
-                scale, offset = _affine(a_ptr, bx_ptr, cidx, cmask, SYM, BITS)
-                acc += (scale * (1 << BITS)) * (fx - xs) + offset * xs
-            elif MODE == 2:
-                c0 = _coef(a_ptr, cidx, cmask, BITS, 0, BITS) * 0.5
-                c1 = _coef(a_ptr, cidx, cmask, BITS, 1, BITS) * 0.5
-                c2 = _coef(a_ptr, cidx, cmask, BITS, 2, BITS) * 0.5
-                c3 = _coef(a_ptr, cidx, cmask, BITS, 3, BITS) * 0.5
-                c4 = _coef(a_ptr, cidx, cmask, BITS, 4, BITS) * 0.5
-                c5 = _coef(a_ptr, cidx, cmask, BITS, 5, BITS) * 0.5
-                c6 = _coef(a_ptr, cidx, cmask, BITS, 6, BITS) * 0.5
-                c7 = _coef(a_ptr, cidx, cmask, BITS, 7, BITS) * 0.5
-                for j in tl.static_range(PER):
-                    xj = tl.load(xin + j * NW)
-                    if KU < BITS:
-                        xqj = tl.load(xqin + j * NW)
-                    for t in tl.static_range(BITS):
-                        if j * BITS + t == 31:
-                            bit = word < 0
-                        else:
-                            bit = (word & (1 << (j * BITS + t))) != 0
-                        if t < KU:
-                            src = xj
-                        else:
-                            src = xqj
-                        acc += tl.where(bit, src, -src) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
-            elif MODE == 5:
-                offs = w0 + wtile
-                xl0, xh0, xl1, xh1, xl2, xh2, xl3, xh3 = _pairs8(xp_ptr, tok, CPB, NW, offs)
-                ql0, qh0, ql1, qh1, ql2, qh2, ql3, qh3 = _pairs8(xqp_ptr, tok, CPB, NW, offs)  # dropped when KU == BITS
-                xscale = tl.load(sc_ptr + tok)
-                qscale = tl.load(qsc_ptr + tok)
-                for t in tl.static_range(BITS):
-                    if ONE_GROUP:  # dp2a adds straight into the plane's running integer sum
-                        dot = _pick(t, d0, d1, d2, d3, d4, d5, d6, d7)
-                    else:
-                        dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
-                    for k in tl.static_range(CPB):
-                        if SCALED:
-                            if t == 7:  # 0x80808080 as a signed 32-bit constant
-                                b = (word >> (k * BITS)) & -2139062144
-                            else:
-                                b = (word >> (k * BITS)) & (0x01010101 << t)
-                        else:
-                            b = (word >> (t + k * BITS)) & 0x01010101
-                        if t < KU:
-                            lo = _pick(k, xl0, xl1, xl2, xl3, xl0, xl0, xl0, xl0)
-                            hi = _pick(k, xh0, xh1, xh2, xh3, xh0, xh0, xh0, xh0)
-                        else:
-                            lo = _pick(k, ql0, ql1, ql2, ql3, ql0, ql0, ql0, ql0)
-                            hi = _pick(k, qh0, qh1, qh2, qh3, qh0, qh0, qh0, qh0)
-                        dot = _dp2a(lo, b, dot, False, ASM)
-                        dot = _dp2a(hi, b, dot, True, ASM)
-                    if ONE_GROUP:  # stay in integers until the end (|sum| < K * 32767 < 2^31)
-                        d0, d1, d2, d3, d4, d5, d6, d7 = _set_plane(t, dot, d0, d1, d2, d3, d4, d5, d6, d7)
-                    elif t < KU:
-                        acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32) * (xscale / (1 << t)))
-                    else:
-                        acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32) * (qscale / (1 << t)))
-                acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * tl.load(xs_ptr + tok * NW + offs)
-                if KU < BITS:
-                    acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * tl.load(xqs_ptr + tok * NW + offs)
-            elif MODE == 6:
-                tl.static_assert(XCH % (BLOCK_W * PER) == 0, "mode 6 tiles lie inside one input chunk")
-                if PREFETCH == 2:  # this tile's inputs came with the last one; the next tile's leave now
-                    i0, i1, i2, i3, i4, i5, i6, i7, sx, off = n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff
-                    n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff = _mode6_tile(
-                        xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask,
-                        w0 + BLOCK_W * (i + BLOCK_W < CHUNK), wtile, groups,  # the last tile reloads itself
-                        K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
+                    _gdc_wait()  # the transformed input's kernel (the last one before) has finished
+            for i in tl.range(0, CHUNK, BLOCK_W, loop_unroll_factor=UNROLL):
+                w0 = part * CHUNK + i
+                widx = w0 + wcols
+                xin = xd_ptr + tok * K + w0 + wtile    # code position j: + j * NW
+                xqin = xqd_ptr + tok * K + w0 + wtile
+                if PREFETCH:
+                    word = ahead
+                    ahead = tl.load(w_ptr + rows[:, None] * stride_w + w0 + BLOCK_W + wtile,
+                                    mask=rmask[:, None] & (i + BLOCK_W < CHUNK), other=0, eviction_policy=EVICT)
+                elif LATE and phase == 0:  # read again by the second pass: left in L2
+                    word = tl.load(w_ptr + rows[:, None] * stride_w + w0 + wtile, mask=rmask[:, None], other=0)
                 else:
-                    i0, i1, i2, i3, i4, i5, i6, i7, sx, off = _mode6_tile(
-                        xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, w0, wtile, groups,
-                        K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
-                dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
-                for k in tl.static_range(CPB):
-                    if BITS == 8:
-                        b = word
-                    else:
-                        b = (word >> (k * BITS)) & (((1 << BITS) - 1) * 0x01010101)
-                    dot = _dp2a(_pick(2 * k, i0, i1, i2, i3, i4, i5, i6, i7), b, dot, False, ASM)
-                    dot = _dp2a(_pick(2 * k + 1, i0, i1, i2, i3, i4, i5, i6, i7), b, dot, True, ASM)
-                if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
-                    acc += sx * dot.to(tl.float32) + off
-                else:  # integer sums per group first, then one coefficient each (no per-word gather)
-                    accg += sx * tl.sum(tl.reshape(dot, (BLOCK_M, GPT, WPG)), axis=2).to(tl.float32) + off
-            else:
-                p0, p1, p2, p3, p4, p5, p6, p7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32))
-                for j in tl.static_range(PER):
-                    xj = tl.load(xin + j * NW)
-                    if KU < BITS:
-                        xqj = tl.load(xqin + j * NW)
-                    for t in tl.static_range(BITS):
-                        if t < KU:
-                            src = xj
-                        else:
-                            src = xqj
-                        if MODE == 3:
+                    word = tl.load(w_ptr + rows[:, None] * stride_w + w0 + wtile, mask=rmask[:, None], other=0,
+                                   eviction_policy=EVICT)
+                    if PDL and not LATE:
+                        if i == 0:  # the first words are on their way: now wait for the prepared input
+                            _gdc_wait()
+                if WPG >= BLOCK_W:  # the tile lies in one group: one coefficient per row
+                    cidx = (rows * groups + w0 // WPG)[:, None]
+                else:
+                    cidx = rows[:, None] * groups + (widx // WPG)[None, :]
+                cmask = rmask[:, None]
+                if MODE == 0:
+                    scale, offset = _affine(a_ptr, bx_ptr, cidx, cmask, SYM, BITS)
+                    for j in tl.static_range(PER):
+                        xj = tl.load(xin + j * NW)
+                        field = ((word >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
+                        n = field.to(tl.float32, bitcast=True) - 8388608.0
+                        acc += (n * scale + offset) * xj
+                elif MODE == 1:
+                    fx = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+                    for j in tl.static_range(PER):
+                        fx += _mantissa_field(word, j * BITS, BITS) * tl.load(xin + j * NW)
+                    xs = tl.load(xs_ptr + tok * NW + w0 + wtile)
+                    scale, offset = _affine(a_ptr, bx_ptr, cidx, cmask, SYM, BITS)
+                    acc += (scale * (1 << BITS)) * (fx - xs) + offset * xs
+                elif MODE == 2:
+                    c0 = _coef(a_ptr, cidx, cmask, BITS, 0, BITS) * 0.5
+                    c1 = _coef(a_ptr, cidx, cmask, BITS, 1, BITS) * 0.5
+                    c2 = _coef(a_ptr, cidx, cmask, BITS, 2, BITS) * 0.5
+                    c3 = _coef(a_ptr, cidx, cmask, BITS, 3, BITS) * 0.5
+                    c4 = _coef(a_ptr, cidx, cmask, BITS, 4, BITS) * 0.5
+                    c5 = _coef(a_ptr, cidx, cmask, BITS, 5, BITS) * 0.5
+                    c6 = _coef(a_ptr, cidx, cmask, BITS, 6, BITS) * 0.5
+                    c7 = _coef(a_ptr, cidx, cmask, BITS, 7, BITS) * 0.5
+                    for j in tl.static_range(PER):
+                        xj = tl.load(xin + j * NW)
+                        if KU < BITS:
+                            xqj = tl.load(xqin + j * NW)
+                        for t in tl.static_range(BITS):
                             if j * BITS + t == 31:
                                 bit = word < 0
                             else:
                                 bit = (word & (1 << (j * BITS + t))) != 0
-                            v = tl.where(bit, src, 0.0)
+                            if t < KU:
+                                src = xj
+                            else:
+                                src = xqj
+                            acc += tl.where(bit, src, -src) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
+                elif MODE == 5:
+                    offs = w0 + wtile
+                    if (not LATE) or phase == 0:
+                        xl0, xh0, xl1, xh1, xl2, xh2, xl3, xh3 = _pairs8(xp_ptr, tok, CPB, NW, offs)
+                        xscale = tl.load(sc_ptr + tok)
+                    if KU < BITS and ((not LATE) or phase == 1):
+                        ql0, qh0, ql1, qh1, ql2, qh2, ql3, qh3 = _pairs8(xqp_ptr, tok, CPB, NW, offs)
+                        qscale = tl.load(qsc_ptr + tok)
+                    for t in tl.static_range(BITS):
+                        if (not LATE) or (phase == 0 and t < KU) or (phase == 1 and t >= KU):
+                            if ONE_GROUP:  # dp2a adds straight into the plane's running integer sum
+                                dot = _pick(t, d0, d1, d2, d3, d4, d5, d6, d7)
+                            else:
+                                dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
+                            for k in tl.static_range(CPB):
+                                if SCALED:
+                                    if t == 7:  # 0x80808080 as a signed 32-bit constant
+                                        b = (word >> (k * BITS)) & -2139062144
+                                    else:
+                                        b = (word >> (k * BITS)) & (0x01010101 << t)
+                                else:
+                                    b = (word >> (t + k * BITS)) & 0x01010101
+                                if t < KU:
+                                    lo = _pick(k, xl0, xl1, xl2, xl3, xl0, xl0, xl0, xl0)
+                                    hi = _pick(k, xh0, xh1, xh2, xh3, xh0, xh0, xh0, xh0)
+                                else:
+                                    lo = _pick(k, ql0, ql1, ql2, ql3, ql0, ql0, ql0, ql0)
+                                    hi = _pick(k, qh0, qh1, qh2, qh3, qh0, qh0, qh0, qh0)
+                                dot = _dp2a(lo, b, dot, False, ASM)
+                                dot = _dp2a(hi, b, dot, True, ASM)
+                            if ONE_GROUP:  # stay in integers until the end (|sum| < K * 32767 < 2^31)
+                                d0, d1, d2, d3, d4, d5, d6, d7 = _set_plane(t, dot, d0, d1, d2, d3, d4, d5, d6, d7)
+                            elif t < KU:
+                                acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32)
+                                                                                   * (xscale / (1 << t)))
+                            else:
+                                acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32)
+                                                                                   * (qscale / (1 << t)))
+                    if (not LATE) or phase == 0:
+                        acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * tl.load(xs_ptr + tok * NW + offs)
+                    if KU < BITS and ((not LATE) or phase == 1):
+                        acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * tl.load(xqs_ptr + tok * NW + offs)
+                elif MODE == 6:
+                    tl.static_assert(XCH % (BLOCK_W * PER) == 0, "mode 6 tiles lie inside one input chunk")
+                    if PREFETCH == 2:  # this tile's inputs came with the last one; the next tile's leave now
+                        i0, i1, i2, i3, i4, i5, i6, i7, sx, off = n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff
+                        n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff = _mode6_tile(
+                            xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask,
+                            w0 + BLOCK_W * (i + BLOCK_W < CHUNK), wtile, groups,  # the last tile reloads itself
+                            K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
+                    else:
+                        i0, i1, i2, i3, i4, i5, i6, i7, sx, off = _mode6_tile(
+                            xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, w0, wtile, groups,
+                            K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
+                    dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
+                    for k in tl.static_range(CPB):
+                        if BITS == 8:
+                            b = word
                         else:
-                            v = _mantissa_field(word, j * BITS + t, 1) * src
-                        p0, p1, p2, p3, p4, p5, p6, p7 = _set_plane(t, _pick(t, p0, p1, p2, p3, p4, p5, p6, p7) + v,
-                                                                    p0, p1, p2, p3, p4, p5, p6, p7)
-                xs = tl.load(xs_ptr + tok * NW + w0 + wtile)
-                xqs = xs
-                if KU < BITS:
-                    xqs = tl.load(xqs_ptr + tok * NW + w0 + wtile)
-                if MODE == 4:  # sum (1 + b/2) src = sum src + (sum b src) / 2
-                    p0 = _plane_sum(p0, xs, xqs, 0, KU, BITS)
-                    p1 = _plane_sum(p1, xs, xqs, 1, KU, BITS)
-                    p2 = _plane_sum(p2, xs, xqs, 2, KU, BITS)
-                    p3 = _plane_sum(p3, xs, xqs, 3, KU, BITS)
-                    p4 = _plane_sum(p4, xs, xqs, 4, KU, BITS)
-                    p5 = _plane_sum(p5, xs, xqs, 5, KU, BITS)
-                    p6 = _plane_sum(p6, xs, xqs, 6, KU, BITS)
-                    p7 = _plane_sum(p7, xs, xqs, 7, KU, BITS)
-                acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * xs
-                if KU < BITS:
-                    acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * xqs
-                acc += _coef(a_ptr, cidx, cmask, BITS, 0, BITS) * p0
-                acc += _coef(a_ptr, cidx, cmask, BITS, 1, BITS) * p1
-                acc += _coef(a_ptr, cidx, cmask, BITS, 2, BITS) * p2
-                acc += _coef(a_ptr, cidx, cmask, BITS, 3, BITS) * p3
-                acc += _coef(a_ptr, cidx, cmask, BITS, 4, BITS) * p4
-                acc += _coef(a_ptr, cidx, cmask, BITS, 5, BITS) * p5
-                acc += _coef(a_ptr, cidx, cmask, BITS, 6, BITS) * p6
-                acc += _coef(a_ptr, cidx, cmask, BITS, 7, BITS) * p7
+                            b = (word >> (k * BITS)) & (((1 << BITS) - 1) * 0x01010101)
+                        dot = _dp2a(_pick(2 * k, i0, i1, i2, i3, i4, i5, i6, i7), b, dot, False, ASM)
+                        dot = _dp2a(_pick(2 * k + 1, i0, i1, i2, i3, i4, i5, i6, i7), b, dot, True, ASM)
+                    if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
+                        acc += sx * dot.to(tl.float32) + off
+                    else:  # integer sums per group first, then one coefficient each (no per-word gather)
+                        accg += sx * tl.sum(tl.reshape(dot, (BLOCK_M, GPT, WPG)), axis=2).to(tl.float32) + off
+                else:
+                    p0, p1, p2, p3, p4, p5, p6, p7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32))
+                    for j in tl.static_range(PER):
+                        xj = tl.load(xin + j * NW)
+                        if KU < BITS:
+                            xqj = tl.load(xqin + j * NW)
+                        for t in tl.static_range(BITS):
+                            if t < KU:
+                                src = xj
+                            else:
+                                src = xqj
+                            if MODE == 3:
+                                if j * BITS + t == 31:
+                                    bit = word < 0
+                                else:
+                                    bit = (word & (1 << (j * BITS + t))) != 0
+                                v = tl.where(bit, src, 0.0)
+                            else:
+                                v = _mantissa_field(word, j * BITS + t, 1) * src
+                            p0, p1, p2, p3, p4, p5, p6, p7 = _set_plane(t, _pick(t, p0, p1, p2, p3, p4, p5, p6, p7) + v,
+                                                                        p0, p1, p2, p3, p4, p5, p6, p7)
+                    xs = tl.load(xs_ptr + tok * NW + w0 + wtile)
+                    xqs = xs
+                    if KU < BITS:
+                        xqs = tl.load(xqs_ptr + tok * NW + w0 + wtile)
+                    if MODE == 4:  # sum (1 + b/2) src = sum src + (sum b src) / 2
+                        p0 = _plane_sum(p0, xs, xqs, 0, KU, BITS)
+                        p1 = _plane_sum(p1, xs, xqs, 1, KU, BITS)
+                        p2 = _plane_sum(p2, xs, xqs, 2, KU, BITS)
+                        p3 = _plane_sum(p3, xs, xqs, 3, KU, BITS)
+                        p4 = _plane_sum(p4, xs, xqs, 4, KU, BITS)
+                        p5 = _plane_sum(p5, xs, xqs, 5, KU, BITS)
+                        p6 = _plane_sum(p6, xs, xqs, 6, KU, BITS)
+                        p7 = _plane_sum(p7, xs, xqs, 7, KU, BITS)
+                    acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * xs
+                    if KU < BITS:
+                        acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * xqs
+                    acc += _coef(a_ptr, cidx, cmask, BITS, 0, BITS) * p0
+                    acc += _coef(a_ptr, cidx, cmask, BITS, 1, BITS) * p1
+                    acc += _coef(a_ptr, cidx, cmask, BITS, 2, BITS) * p2
+                    acc += _coef(a_ptr, cidx, cmask, BITS, 3, BITS) * p3
+                    acc += _coef(a_ptr, cidx, cmask, BITS, 4, BITS) * p4
+                    acc += _coef(a_ptr, cidx, cmask, BITS, 5, BITS) * p5
+                    acc += _coef(a_ptr, cidx, cmask, BITS, 6, BITS) * p6
+                    acc += _coef(a_ptr, cidx, cmask, BITS, 7, BITS) * p7
         if MODE == 5:
             if ONE_GROUP:
                 gidx = (rows * groups + (part * CHUNK) // WPG)[:, None]
@@ -897,7 +920,8 @@ if triton is not None:
     def _dct_stage2_kernel(a_ptr, f1_ptr, tw_ptr, en_ptr, xqd_ptr, xqs_ptr, xqp16_ptr, qsc_ptr,
                            K: tl.constexpr, G: tl.constexpr, N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr,
                            PER: tl.constexpr, NGP: tl.constexpr, PRECISION: tl.constexpr,
-                           TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False, BK2: tl.constexpr = 16):
+                           TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False, BK2: tl.constexpr = 16,
+                           TRIGGER_LATE: tl.constexpr = False):
         """Second launch (:func:`_dct_stage1_kernel`): stage two, ``V[k2 + N2 k1] = sum_n1 w_N1^(n1 k1) A[n1,
         k2]`` for 16 k1 by BK2 k2 per program, the complex product as two real products over both planes of
         A (``f1``: the N1-point DFT matrix as ``[Re, -Im]`` and ``[Im, Re]`` rows, :func:`_dot3`); then the DCT ``xq_k =
@@ -908,8 +932,10 @@ if triton is not None:
         program reads the column energies of the first launch (``en``; NGP: the groups rounded up to a power of
         two) and takes ``max_k2 sqrt(2 N1 E_k2 / G) / 32767``. A bound for any input; on random ones it lies
         about 3.6x above the largest output at G = 4096, about 2 of the 16 bits (``||x||_2``, the plain bound,
-        lies 18x above). The tables load before the wait, as in the first launch."""
-        if TRIGGER:
+        lies 18x above). The tables load before the wait, as in the first launch. TRIGGER_LATE: the next kernel
+        may start only once this one has waited for the first launch (a GEMV with LATE reads x's inputs at its
+        start)."""
+        if TRIGGER and not TRIGGER_LATE:
             _gdc_launch_dependents()
         tok = tl.program_id(0)
         p = tl.program_id(1)
@@ -933,6 +959,8 @@ if triton is not None:
         im_lo = tl.load(f1_ptr + 3 * PART + fidx)
         if WAIT:
             _gdc_wait()
+        if TRIGGER and TRIGGER_LATE:
+            _gdc_launch_dependents()
         spec = tl.load(spec_ptr + j[:, None] * N2 + k2[None, :])
         v_re = _dot3(re_hi, re_lo, spec, True, PRECISION)
         v_im = _dot3(im_hi, im_lo, spec, True, PRECISION)
@@ -1073,16 +1101,35 @@ def prefill_transformed_input(x: torch.Tensor, form: BitplaneForm, dtype: torch.
     cat/flip/multiply passes) makes about eight. Other transforms: the torch one."""
     if form.transform != "dct" or triton is None or not PREFILL_DCT:
         return transformed_input(x.float(), form).to(dtype)
-    x = x.contiguous()
+    pre, post = PREFILL_DCT_TILES
+    v = prefill_dct_pre(x.contiguous(), form, *pre)
+    return prefill_dct_post(prefill_dct_spectrum(v, form), form, dtype, *post)
+
+
+def prefill_dct_pre(x: torch.Tensor, form: BitplaneForm, columns: int, warps: int, gather: bool) -> torch.Tensor:
+    """Prefill DCT's first pass: the float32 FFT input ``(T, K)`` of contiguous ``x`` (:func:`_dct_pre_kernel`)."""
     (t, k), g = x.shape, form.group
-    (ch, warps, gather), (ch2, warps2) = PREFILL_DCT_TILES
     v = torch.empty(t, k, device=x.device, dtype=torch.float32)
-    _dct_pre_kernel[(t, triton.cdiv(k, ch))](x, random_signs(g, form.seed, device=x.device, dtype=torch.float32), v,
-                                             K=k, G=g, CH=ch, GATHER=gather, num_warps=warps)
-    spectrum = torch.view_as_real(torch.fft.rfft(v.view(t * (k // g), g), dim=-1))
-    xq = torch.empty(t, k, device=x.device, dtype=dtype)
-    _dct_out_kernel[(t, triton.cdiv(k, ch2))](spectrum, torch.view_as_real(dct_twiddle(g, x.device, torch.float32)),
-                                              xq, K=k, G=g, CH=ch2, num_warps=warps2)
+    _dct_pre_kernel[(t, triton.cdiv(k, columns))](x, random_signs(g, form.seed, device=x.device, dtype=torch.float32),
+                                                  v, K=k, G=g, CH=columns, GATHER=gather, num_warps=warps)
+    return v
+
+
+def prefill_dct_spectrum(v: torch.Tensor, form: BitplaneForm) -> torch.Tensor:
+    """Each group's half spectrum of the FFT input ``v``, as float32 (re, im) pairs: one batched rfft."""
+    return torch.view_as_real(torch.fft.rfft(v.view(-1, form.group), dim=-1))
+
+
+def prefill_dct_post(spectrum: torch.Tensor, form: BitplaneForm, dtype: torch.dtype, columns: int,
+                     warps: int) -> torch.Tensor:
+    """Prefill DCT's last pass: ``xq`` ``(T, K)`` in ``dtype`` from the groups' half spectra (:func:`_dct_out_kernel`)."""
+    g = form.group
+    k = form.bx.shape[1] * g
+    t = spectrum.shape[0] // (k // g)
+    xq = torch.empty(t, k, device=spectrum.device, dtype=dtype)
+    _dct_out_kernel[(t, triton.cdiv(k, columns))](spectrum, torch.view_as_real(dct_twiddle(g, spectrum.device,
+                                                                                             torch.float32)),
+                                                  xq, K=k, G=g, CH=columns, num_warps=warps)
     return xq
 
 
@@ -1196,7 +1243,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                 prefetch: bool | int = False, prepared: tuple | None = None,
                 out_dtype: torch.dtype = torch.float32, share: bool = True,
                 outputs: tuple[int, ...] | None = None, evict: str | None = None,
-                unroll: int = 1) -> torch.Tensor | list[torch.Tensor]:
+                unroll: int = 1, late: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
@@ -1210,7 +1257,10 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     ``packed``/``form``/``tables`` (:func:`quantune.qlinear.colocate`): one launch, one result each
     (a list), for ``split`` 1 only. ``evict``: the L2 eviction policy of the codes' loads ("" or "evict_first",
     default :data:`GEMV_EVICT`). ``unroll``: the K loop unrolled this many times by the compiler (fewer address
-    and loop instructions per tile)."""
+    and loop instructions per tile). ``late`` (mode 5): x's planes in a first pass over the codes, xq's in a
+    second, so the transformed input's last kernel runs beside the first pass (the kernel's LATE); None: where
+    :func:`gemv_late` says. With ``prepared`` given and programmatic dependent launch, the caller guarantees that
+    the kernel which wrote x's inputs has finished before the kernel right before this call."""
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
@@ -1242,8 +1292,14 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if split > 1:  # the programs of a row block add their parts into y (zeroed first: the input's
         y.zero_()  # preparation stays the kernel right before the GEMV, see pdl_enabled)
     pdl = pdl_enabled(x)
+    if late is None:
+        late = prepared is None and xq is None and not prefetch and gemv_late(form, bits, mode, packed, pdl)
+    if late and (mode != 5 or form.ku >= bits or prefetch):
+        raise ValueError(f"late serves mode 5 on formats with a transformed factor, without prefetch (mode {mode}, "
+                         f"{form.ku} of {bits} bits in the first factor, prefetch {prefetch})")
     if prepared is None:
-        prepared = prepared_input(x, form, bits, xq, pairs=gemv_pairs(mode), trigger=pdl, share=share)
+        prepared = prepared_input(x, form, bits, xq, pairs=gemv_pairs(mode), trigger=pdl, share=share,
+                                  late=late and pdl)
     xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg = prepared
     if xp is None:
         xp, xqp, sc, qsc = xd, xqd, xs, xqs  # unused by the kernel
@@ -1262,7 +1318,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         PREFETCH=int(prefetch), ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys), SYM=sym,
-        EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll,
+        EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late),
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 
@@ -1272,6 +1328,25 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
 # (eval/results/kernel_sweeps/sweep_gemv_cold.json): rtn-4 8192x28672 4x1x64 32.9 us against 33.8 without it.
 GEMV_EVICT = "evict_first"
 GEMV_PDL = True  # launch the GEMV with programmatic dependent launch where the GPU has it (see pdl_enabled)
+
+
+# kashin's GEMV (mode 5) in two passes over the codes (the kernel's LATE) where the input's transform is the
+# two-launch one: the first pass (x's planes) runs beside the transform's second launch, the second pass (xq's
+# planes) reads the codes again, from L2 on layers whose codes take at most LATE_MAX_BYTES. H200, whole call, cold
+# L2, two A/B pairs (eval/results/kernel_sweeps/sweep_gemv_late.json): 4096x4096 kashin-4 10.76 us against 11.25,
+# kashin-2 9.38 against 9.86; 4096x14336 kashin-2 (14.7 MB of codes) 15.41 against 16.2, kashin-4 (29.4 MB)
+# 25.85 against 23.4: re-read from beyond L2
+GEMV_LATE = True
+LATE_MAX_BYTES = 20 << 20
+
+
+def gemv_late(form: BitplaneForm, bits: int, mode: int, packed: torch.Tensor, pdl: bool) -> bool:
+    """Whether a GEMV call that prepares its own input runs with LATE: :data:`GEMV_LATE`, mode 5 on a format
+    with a transformed factor, the two-launch input transform (:func:`dct_two_stage`) under programmatic
+    dependent launch (the only case where the transform's last kernel can overlap the GEMV), and codes of at
+    most :data:`LATE_MAX_BYTES`."""
+    return (GEMV_LATE and pdl and mode == 5 and form.ku < bits and dct_two_stage(form, bits, True)
+            and packed.numel() * packed.element_size() <= LATE_MAX_BYTES)
 
 
 def pdl_enabled(x: torch.Tensor) -> bool:
@@ -1328,7 +1403,9 @@ def dft_split(g: int) -> tuple[int, int] | None:
     64, 576 = 9 x 64, 1536 = 24 x 64), or None (the rfft path). Measured on the H200 (eval/results/
     kernel_sweeps/sweep_prep_dct*.json, bench_kernels_kashin.md): at 4096 the two launches take 4.9-5.0 us
     against the rfft path's 7.2 in the same run; with N1 = 112 or 128 (14336 = 112 x 128, 8192 = 128 x 64)
-    stage two's longer products made them slower than it (14.1 against 12.7 us at 14336)."""
+    stage two's longer products made them slower than it (14.1 against 12.7 us at 14336: compiled for sm_90,
+    stage two with N1 = 112 keeps 3.8-5.5 KB a thread on the stack, python -m eval.sass_gemv --kernel
+    _dct_stage2_kernel)."""
     if g % 64 == 0 and g // 64 <= 64:
         return g // 64, 64
     return None
@@ -1378,10 +1455,12 @@ def dct_two_stage(form: BitplaneForm, bits: int, pairs: bool | str) -> bool:
 
 
 def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bool, chain: bool,
-                     launches: tuple[bool, bool] = (True, True)):
+                     launches: tuple[bool, bool] = (True, True), late: bool = False):
     """:func:`prepared_input`'s tuple for a kashin input through :func:`_dct_stage1_kernel` and
     :func:`_dct_stage2_kernel` (the transformed input's scale: a bound, see there). ``launches``: which of
-    the two run (eval/sweep_prep_dct.py times each alone; the outputs of one left out are not written)."""
+    the two run (eval/sweep_prep_dct.py times each alone; the outputs of one left out are not written).
+    ``late``: the second launch lets the next kernel start only after its own wait for the first
+    (TRIGGER_LATE), for a GEMV with LATE."""
     t, k = x.shape
     per, g = 32 // bits, form.group
     f2, tw, f1, n1, n1p, n2 = dft_tables(g, x.device)
@@ -1407,7 +1486,7 @@ def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bo
         _dct_stage2_kernel[(t, (k // g) * (n2 // bk2) * (n1p // 16))](
             spectrum, f1, twiddle, energy, xqd, xqs, xqp.view(torch.int16), qsc, K=k, G=g, N1=n1, N1P=n1p, N2=n2,
             PER=per, NGP=triton.next_power_of_2(k // g), PRECISION=DCT_DOT_PRECISION, TRIGGER=trigger, WAIT=chain,
-            BK2=bk2, num_warps=DCT_WARPS[1], **pdl)
+            BK2=bk2, TRIGGER_LATE=late, num_warps=DCT_WARPS[1], **pdl)
     return xd, xqd, xs, xqs, xp, xqp, sc, qsc, None
 
 
@@ -1429,7 +1508,7 @@ def quantized_pairs(xd: torch.Tensor, bits: int, scale: torch.Tensor | None = No
 
 
 def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Tensor | None = None,
-                   pairs: bool | str = False, trigger: bool = False, share: bool = True):
+                   pairs: bool | str = False, trigger: bool = False, share: bool = True, late: bool = False):
     """``(xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg)``: the float32 input and transformed input the GEMV kernel
     reads, de-interleaved (``(T, PER, K / PER)``, see :func:`deinterleave`) and summed per 32-bit word
     of codes (``(T, K / PER)``); with ``pairs`` also both rounded to 16 bits (:func:`quantized_pairs`;
@@ -1445,7 +1524,10 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     where a program writes its inputs that way, and ``share=False`` for inputs whose memory is written
     without it (torch.compile's generated kernels: see ``quantune.qlinear``'s custom op). ``trigger``: the last kernel lets a GEMV launched with
     programmatic dependent launch start early (:func:`pdl_enabled`), and with :data:`PREP_PDL` the
-    preparation's own kernels are launched that way too, each waiting for the kernel before it."""
+    preparation's own kernels are launched that way too, each waiting for the kernel before it. ``late``: for
+    a GEMV with LATE (:func:`gemv_late`), which reads x's inputs at its start: the two-launch preparation then
+    lets it start only after the first launch has finished (part of the sharing key, so such a GEMV never
+    reuses a preparation made without it)."""
     if triton is None:
         raise RuntimeError("the fused kernel needs triton")
     if x.shape[0] > MAX_TOKENS:
@@ -1459,7 +1541,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     two_stage = not given and dct_two_stage(form, bits, pairs)
     key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version, bits, pairs,
            form.transform if needs_xq else None, form.seed if needs_xq else None,
-           form.group if needs_xq or chunked else None, two_stage)
+           form.group if needs_xq or chunked else None, two_stage, late and two_stage)
     share = share and not given and SHARE_INPUTS
     if share:
         hit = _PREPARED.get("entry")
@@ -1467,7 +1549,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
             return hit[2]
     chain = trigger and PREP_PDL  # the preparation's own kernels launched with programmatic dependent launch
     if two_stage:
-        prepared = _two_stage_input(x.contiguous(), form, bits, trigger, chain)
+        prepared = _two_stage_input(x.contiguous(), form, bits, trigger, chain, late=late)
         if share:
             _PREPARED["entry"] = (key, x, prepared)
         return prepared

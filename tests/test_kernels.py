@@ -618,3 +618,78 @@ def test_two_launch_dct_scale_holds_for_an_input_on_one_frequency():
     want = x @ q.dequantize().T
     got = kernels.gemv_matmul(x, q.codes, form, 4, share=False)
     assert float((got - want).norm() / want.norm()) < 2e-4
+
+
+@pytest.mark.parametrize("cfg,block", [(QuantConfig(bits=4), (2, 16, 1)), (QuantConfig(bits=2), (2, 8, 2)),
+                                       (QuantConfig(bits=4, group_size=64), (4, 16, 1))],
+                         ids=["kashin4-row", "kashin2-row-split", "kashin4-g64"])
+def test_late_gemv_gives_the_one_pass_sums(cfg, block):
+    """kashin's GEMV in two passes (x's planes, then xq's: the kernel's LATE) computes what one pass computes: the
+    same integer plane sums, the per-tile offset terms added in another order (float32 rounding apart)."""
+    pytest.importorskip("triton")
+    from quantune.kernels import gemv_matmul
+
+    q = _layer(cfg, out=21, inp=256)
+    x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(8))
+    block_m, block_w, split = block
+    args = dict(block_m=block_m, block_w=block_w, num_warps=1, split=split, share=False)
+    one = gemv_matmul(x, q.codes, _form(q), cfg.bits, late=False, **args)
+    two = gemv_matmul(x, q.codes, _form(q), cfg.bits, late=True, **args)
+    torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)
+    want = x @ q.dequantize().T
+    assert float((two - want).norm() / want.norm()) < 2e-4
+
+
+def test_late_gemv_is_refused_where_it_cannot_run_and_chosen_where_it_helps():
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    rtn = _layer(QuantConfig(method="rtn", bits=4, group_size=64), out=8, inp=256)
+    x = torch.randn(1, 256)
+    with pytest.raises(ValueError, match="late"):
+        kernels.gemv_matmul(x, rtn.codes, _form(rtn), 4, late=True, share=False)
+    kashin = _layer(QuantConfig(bits=4), out=8, inp=256)
+    form = _form(kashin)
+    assert kernels.dct_two_stage(form, 4, True)
+    assert kernels.gemv_late(form, 4, 5, kashin.codes, pdl=True)
+    assert not kernels.gemv_late(form, 4, 5, kashin.codes, pdl=False)  # nothing would run beside the first pass
+    assert not kernels.gemv_late(form, 4, 3, kashin.codes, pdl=True)  # mode 5 only
+    assert not kernels.gemv_late(_form(rtn), 4, 5, rtn.codes, pdl=True)  # no transformed factor
+    big = torch.empty(kernels.LATE_MAX_BYTES + 4, dtype=torch.uint8)  # codes the second pass would not find in L2
+    assert not kernels.gemv_late(form, 4, 5, big, pdl=True)
+
+
+_LATE_PTX = """
+import json, sys
+from eval.sass_gemv import compile_gemv
+out = {}
+for late in (False, True):
+    out[f"gemv_{late}"] = compile_gemv(dict(K=256, GROUP=256, BITS=4, KU=3, MODE=5, BLOCK_M=2, BLOCK_W=16, SPLIT=1,
+                                            PREFETCH=0, ASM=True, PDL=True, LATE=late), ptx=("dp2a",))["ptx_around_wait"]
+    out[f"stage2_{late}"] = compile_gemv(dict(K=4096, G=4096, N1=64, N1P=64, N2=64, PER=8, NGP=1, PRECISION="tf32x3",
+                                              TRIGGER=True, WAIT=True, BK2=32, TRIGGER_LATE=late), num_warps=4,
+                                         ptx=("griddepcontrol.launch_dependents",),
+                                         kernel="_dct_stage2_kernel")["ptx_around_wait"]
+print(json.dumps(out))
+"""
+
+
+def test_late_gemv_compiles_with_its_wait_between_the_passes():
+    """Compiled for the H200 (sm_90, in a child process: the interpreter runs no PTX): with LATE the GEMV's one wait
+    for the preparation comes after x's three planes and before xq's one (dp2a instructions 24 before, 8 after; in
+    one pass all 32 after), and the DCT's second launch lets the GEMV start only after its own wait."""
+    pytest.importorskip("triton")
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", _LATE_PTX], capture_output=True, text=True, env=env, cwd=root,
+                         timeout=600)
+    if run.returncode != 0:
+        pytest.skip(f"no sm_90 compile here: {run.stderr.strip().splitlines()[-1]}"[:200])
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["gemv_True"]["dp2a"] == [24, 8] and got["gemv_False"]["dp2a"] == [0, 32]
+    assert got["stage2_True"]["griddepcontrol.launch_dependents"] == [0, 1]
+    assert got["stage2_False"]["griddepcontrol.launch_dependents"] == [1, 0]
