@@ -429,7 +429,8 @@ if triton is not None:
         LATE (mode 5, kashin): two passes over the codes, the planes below KU (``x``'s) first, then those from KU
         (``xq``'s), so the transformed input may arrive while the first pass runs. With PDL the first pass
         reads ``x``'s inputs without waiting: the caller guarantees that their kernel has finished when this
-        one starts (:func:`_two_stage_input` with ``late``); the wait comes before the second pass. The first pass's code loads keep
+        one starts (:func:`_dct_stage2_kernel` with TRIGGER_LATE lets it start only after its own wait for the
+        kernel that prepares ``x``); the wait comes before the second pass. The first pass's code loads keep
         the default L2 policy, so the second finds them there on layers that fit.
         PREFETCH: 1, the next tile's words are loaded before this tile's arithmetic (two tiles in flight);
         2 (mode 6), everything the next tile reads (words, input pairs, coefficients) is, so no load of a
@@ -850,8 +851,7 @@ if triton is not None:
     def _dct_stage1_kernel(x_ptr, xd_ptr, xs_ptr, xp16_ptr, sc_ptr, en_ptr, signs_ptr, f2_ptr, tw_ptr, a_ptr,
                            K: tl.constexpr, G: tl.constexpr, N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr,
                            PER: tl.constexpr, CH: tl.constexpr, RED: tl.constexpr, PRECISION: tl.constexpr,
-                           TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False, SECTION: tl.constexpr = 0,
-                           TRIGGER_LATE: tl.constexpr = False):
+                           TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False):
         """First of the two launches of kashin's input preparation (:func:`dft_split`); each program has one
         job and one round of dependent loads. The first ``groups * N1P / 16 * N2 / 32`` programs: stage one
         of each group's G-point FFT of Makhoul's reordering ``v`` of ``signs * x``, ``G = N1 N2``, ``n = n1 +
@@ -862,16 +862,14 @@ if triton is not None:
         outputs). The next ``ceil(K / CH)`` programs: x's GEMV inputs for CH columns (de-interleaved, summed
         per word, rounded to 16 bits with the token's ``max |x| / 32767``, read whole by each). The constant
         tables are loaded before the wait for the kernel before (WAIT: launched with programmatic dependent
-        launch), since no kernel writes them. TRIGGER: let the next kernel start at once (TRIGGER_LATE: only
-        after this one's wait). SECTION: 0 both kinds of program; 1 the FFT's alone, 2 x's alone (a launch
-        each, so that a GEMV with LATE can start once x's inputs are written, see :func:`_two_stage_input`)."""
-        if TRIGGER and not TRIGGER_LATE:
+        launch), since no kernel writes them. TRIGGER: let the next kernel start at once."""
+        if TRIGGER:
             _gdc_launch_dependents()
         tok = tl.program_id(0)
+        p = tl.program_id(1)
         NB1: tl.constexpr = N1P // 16
         NK2: tl.constexpr = N2 // 32
         NS1: tl.constexpr = (K // G) * NB1 * NK2
-        p = tl.program_id(1) + (NS1 if SECTION == 2 else 0)
         if p < NS1:
             g = p // (NB1 * NK2)
             n1 = ((p // NK2) % NB1) * 16 + tl.arange(0, 16)
@@ -889,8 +887,6 @@ if triton is not None:
             sg = tl.load(signs_ptr + src, mask=rm, other=0.0)
             if WAIT:
                 _gdc_wait()
-            if TRIGGER and TRIGGER_LATE:
-                _gdc_launch_dependents()
             v = tl.load(x_ptr + tok * K + g * G + src, mask=rm, other=0.0).to(tl.float32) * sg
             ar, ai = tl.split(tl.reshape(_dot3(f2_hi, f2_lo, v, False, PRECISION), (16, 32, 2)))
             out_r = ar * twr - ai * twi
@@ -903,8 +899,6 @@ if triton is not None:
         else:
             if WAIT:
                 _gdc_wait()
-            if TRIGGER and TRIGGER_LATE:
-                _gdc_launch_dependents()
             amax = tl.zeros([RED], dtype=tl.float32)
             for r0 in tl.static_range(0, K, RED):  # unrolled: every load is issued before the first use
                 cc = r0 + tl.arange(0, RED)
@@ -926,7 +920,8 @@ if triton is not None:
     def _dct_stage2_kernel(a_ptr, f1_ptr, tw_ptr, en_ptr, xqd_ptr, xqs_ptr, xqp16_ptr, qsc_ptr,
                            K: tl.constexpr, G: tl.constexpr, N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr,
                            PER: tl.constexpr, NGP: tl.constexpr, PRECISION: tl.constexpr,
-                           TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False, BK2: tl.constexpr = 16):
+                           TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False, BK2: tl.constexpr = 16,
+                           TRIGGER_LATE: tl.constexpr = False):
         """Second launch (:func:`_dct_stage1_kernel`): stage two, ``V[k2 + N2 k1] = sum_n1 w_N1^(n1 k1) A[n1,
         k2]`` for 16 k1 by BK2 k2 per program, the complex product as two real products over both planes of
         A (``f1``: the N1-point DFT matrix as ``[Re, -Im]`` and ``[Im, Re]`` rows, :func:`_dot3`); then the DCT ``xq_k =
@@ -937,8 +932,10 @@ if triton is not None:
         program reads the column energies of the first launch (``en``; NGP: the groups rounded up to a power of
         two) and takes ``max_k2 sqrt(2 N1 E_k2 / G) / 32767``. A bound for any input; on random ones it lies
         about 3.6x above the largest output at G = 4096, about 2 of the 16 bits (``||x||_2``, the plain bound,
-        lies 18x above). The tables load before the wait, as in the first launch."""
-        if TRIGGER:
+        lies 18x above). The tables load before the wait, as in the first launch. TRIGGER_LATE: the next kernel
+        may start only once this one has waited for the first launch (a GEMV with LATE reads x's inputs at its
+        start)."""
+        if TRIGGER and not TRIGGER_LATE:
             _gdc_launch_dependents()
         tok = tl.program_id(0)
         p = tl.program_id(1)
@@ -962,6 +959,8 @@ if triton is not None:
         im_lo = tl.load(f1_ptr + 3 * PART + fidx)
         if WAIT:
             _gdc_wait()
+        if TRIGGER and TRIGGER_LATE:
+            _gdc_launch_dependents()
         spec = tl.load(spec_ptr + j[:, None] * N2 + k2[None, :])
         v_re = _dot3(re_hi, re_lo, spec, True, PRECISION)
         v_im = _dot3(im_hi, im_lo, spec, True, PRECISION)
@@ -1460,10 +1459,8 @@ def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bo
     """:func:`prepared_input`'s tuple for a kashin input through :func:`_dct_stage1_kernel` and
     :func:`_dct_stage2_kernel` (the transformed input's scale: a bound, see there). ``launches``: which of
     the two run (eval/sweep_prep_dct.py times each alone; the outputs of one left out are not written).
-    ``late``: for a GEMV with LATE, which reads x's inputs at its start and xq's after its wait: three launches,
-    x's inputs first (stage one's x programs), then stage one's FFT, which lets the next launch start only
-    after its own wait for the first (so x's inputs are written when the GEMV starts), then stage two, which
-    lets the GEMV start at once: the FFT's two stages run beside the GEMV's first pass."""
+    ``late``: the second launch lets the next kernel start only after its own wait for the first
+    (TRIGGER_LATE), for a GEMV with LATE."""
     t, k = x.shape
     per, g = 32 // bits, form.group
     f2, tw, f1, n1, n1p, n2 = dft_tables(g, x.device)
@@ -1478,21 +1475,18 @@ def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bo
     ch = prep_columns(k, per)
     stage1 = (k // g) * (n1p // 16) * (n2 // 32)
     pdl = {"launch_pdl": True} if chain else {}
-    args = (x, xd, xs, xp.view(torch.int16), sc, energy, signs, f2, tw, spectrum)
-    meta = dict(K=k, G=g, N1=n1, N1P=n1p, N2=n2, PER=per, CH=ch, RED=min(4096, triton.next_power_of_2(k)),
-                PRECISION=DCT_DOT_PRECISION, WAIT=chain, num_warps=DCT_WARPS[0], **pdl)
-    if launches[0] and late:  # x's inputs, then the FFT's stage one (the GEMV may start once that has waited)
-        _dct_stage1_kernel[(t, triton.cdiv(k, ch))](*args, TRIGGER=chain, SECTION=2, **meta)
-        _dct_stage1_kernel[(t, stage1)](*args, TRIGGER=chain, SECTION=1, TRIGGER_LATE=True, **meta)
-    elif launches[0]:
-        _dct_stage1_kernel[(t, stage1 + triton.cdiv(k, ch))](*args, TRIGGER=chain, **meta)
+    if launches[0]:
+        _dct_stage1_kernel[(t, stage1 + triton.cdiv(k, ch))](
+            x, xd, xs, xp.view(torch.int16), sc, energy, signs, f2, tw, spectrum, K=k, G=g, N1=n1, N1P=n1p,
+            N2=n2, PER=per, CH=ch, RED=min(4096, triton.next_power_of_2(k)), PRECISION=DCT_DOT_PRECISION,
+            TRIGGER=chain, WAIT=chain, num_warps=DCT_WARPS[0], **pdl)
     if launches[1]:
         twiddle = torch.view_as_real(dct_twiddle(g, dev, torch.float32))
         bk2 = max(min(DCT_STAGE2_K2, n2), per)
         _dct_stage2_kernel[(t, (k // g) * (n2 // bk2) * (n1p // 16))](
             spectrum, f1, twiddle, energy, xqd, xqs, xqp.view(torch.int16), qsc, K=k, G=g, N1=n1, N1P=n1p, N2=n2,
             PER=per, NGP=triton.next_power_of_2(k // g), PRECISION=DCT_DOT_PRECISION, TRIGGER=trigger, WAIT=chain,
-            BK2=bk2, num_warps=DCT_WARPS[1], **pdl)
+            BK2=bk2, TRIGGER_LATE=late, num_warps=DCT_WARPS[1], **pdl)
     return xd, xqd, xs, xqs, xp, xqp, sc, qsc, None
 
 

@@ -666,11 +666,10 @@ out = {}
 for late in (False, True):
     out[f"gemv_{late}"] = compile_gemv(dict(K=256, GROUP=256, BITS=4, KU=3, MODE=5, BLOCK_M=2, BLOCK_W=16, SPLIT=1,
                                             PREFETCH=0, ASM=True, PDL=True, LATE=late), ptx=("dp2a",))["ptx_around_wait"]
-    out[f"stage1_{late}"] = compile_gemv(dict(K=4096, G=4096, N1=64, N1P=64, N2=64, PER=8, CH=1024, RED=4096,
-                                              PRECISION="tf32x3", TRIGGER=True, WAIT=True, SECTION=1,
-                                              TRIGGER_LATE=late), num_warps=4,
+    out[f"stage2_{late}"] = compile_gemv(dict(K=4096, G=4096, N1=64, N1P=64, N2=64, PER=8, NGP=1, PRECISION="tf32x3",
+                                              TRIGGER=True, WAIT=True, BK2=32, TRIGGER_LATE=late), num_warps=4,
                                          ptx=("griddepcontrol.launch_dependents",),
-                                         kernel="_dct_stage1_kernel")["ptx_around_wait"]
+                                         kernel="_dct_stage2_kernel")["ptx_around_wait"]
 print(json.dumps(out))
 """
 
@@ -678,8 +677,7 @@ print(json.dumps(out))
 def test_late_gemv_compiles_with_its_wait_between_the_passes():
     """Compiled for the H200 (sm_90, in a child process: the interpreter runs no PTX): with LATE the GEMV's one wait
     for the preparation comes after x's three planes and before xq's one (dp2a instructions 24 before, 8 after; in
-    one pass all 32 after), and the FFT's first stage, launched for such a GEMV, lets the launches after it start only
-    after its own wait (for the launch that writes x's inputs)."""
+    one pass all 32 after), and the DCT's second launch lets the GEMV start only after its own wait."""
     pytest.importorskip("triton")
     import json
     import subprocess
@@ -693,20 +691,5 @@ def test_late_gemv_compiles_with_its_wait_between_the_passes():
         pytest.skip(f"no sm_90 compile here: {run.stderr.strip().splitlines()[-1]}"[:200])
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["gemv_True"]["dp2a"] == [24, 8] and got["gemv_False"]["dp2a"] == [0, 32]
-    assert got["stage1_True"]["griddepcontrol.launch_dependents"] == [0, 2]  # one per kind of program
-    assert got["stage1_False"]["griddepcontrol.launch_dependents"] == [1, 0]
-
-
-def test_three_launch_preparation_for_a_late_gemv_writes_what_two_launches_write():
-    """For a GEMV with LATE the two-launch preparation runs as three (x's inputs, the FFT's stage one, stage two): the
-    same programs, so the same outputs, bit for bit."""
-    pytest.importorskip("triton")
-    from quantune import kernels
-
-    q = _layer(QuantConfig(bits=4), out=8, inp=576)
-    form = _form(q)
-    x = torch.randn(2, 576, generator=torch.Generator().manual_seed(21)).bfloat16()
-    two = kernels.prepared_input(x, form, 4, pairs=True, share=False)
-    three = kernels.prepared_input(x, form, 4, pairs=True, share=False, late=True)
-    for a, b in zip(two, three):
-        assert (a is None and b is None) or torch.equal(a, b)
+    assert got["stage2_True"]["griddepcontrol.launch_dependents"] == [0, 1]
+    assert got["stage2_False"]["griddepcontrol.launch_dependents"] == [1, 0]
