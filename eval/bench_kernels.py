@@ -395,7 +395,7 @@ def main() -> None:
             lib_tile = kernels.gemv_tile(n, tables[2], k, bits)
             lib = {"decode_library_s": t_lib,
                    "library_rel_err_vs_reference": float((got_lib.float() - ref).norm() / ref.norm()),
-                   "library_config": {"tile": list(lib_tile), "unroll": kernels.gemv_unroll(lib_tile, tables[2], bits, k),
+                   "library_config": {"tile": list(lib_tile), "unroll": kernels.gemv_unroll(lib_tile, tables[2], bits, k, n),
                                       "late": kernels.gemv_late(form, bits, kernels.gemv_default_mode(tables[2], bits),
                                                                 q.codes, kernels.pdl_enabled(x1))},
                    "speedup_vs_bf16_library": t_bf16 / t_lib, "speedup_vs_nf4_library": t_nf4 / t_lib}

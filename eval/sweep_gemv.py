@@ -156,7 +156,7 @@ def main() -> None:
                     (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
                      kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES) = saved
                 used = list((*tile, 1)[:5]) if tile is not None else \
-                    [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits, k)]
+                    [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits, k, n)]
                 row = dict(k=k, n=n, method=spec, mode=mode, whole_call_us=t_whole * 1e6 if t_whole else None,
                            late=late_used, prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd, tile=used,
                            default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,

@@ -1616,7 +1616,11 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
 # Candidates in order: the first that gives at least GEMV_MIN_WARPS warps in all is taken, else the last
 # (one-warp programs over 128-word tiles keep 4 x 16 bytes of codes in flight per thread; layers with
 # few rows need smaller row blocks to fill the GPU: 14336x4096 kashin-4 16.1 us at 2x1x128 vs 23.4 at 8x2x128).
-GEMV_TILES = ((8, 2, 128, False), (2, 1, 128, False))         # kashin: int16 dot products (mode 5), plane sums
+# kashin (int16 dot products, mode 5; plane sums): two rows per one-warp program on every shape. Whole call, cold L2
+# (kernel_sweeps/sweep_gemv_kashin_wide_tiles.json, sweep_gemv_late3.json: one pass): 4096x14336 kashin-4 22.73 us
+# (unrolled twice) against 23.66 at 8x2x128, kashin-2 14.78 against 16.22; 8192x28672 kashin-2 41.75 against 48.3,
+# kashin-4 64.5 against 64.3 (within noise)
+GEMV_TILES = ((2, 1, 128, False),)
 # rtn: codes as int16 dot products (mode 6); many rows: 4 x 64 words (cold L2, rtn-4 4096x14336 9.8 us against
 # 10.6 at 4 x 128, kernel_sweeps/sweep_gemv_cold.json), plain at 4 bits: the prefetching, unrolled tile measured
 # faster alone (kernel_sweeps/sweep_gemv_unroll.json, 4096x14336 9.47 us against 9.78, 8192x28672 31.09 against
@@ -1643,10 +1647,12 @@ GEMV_MIN_PROGRAMS = 512
 # prefetching in both). rtn's other tiles stay rolled (its two-row tiles were slower unrolled).
 GEMV_UNROLL_MANY_ROWS = 2
 GEMV_UNROLL_LONG_ROWS = {2: 2}
-# kashin's two-row tile (mode 5) unrolled twice on long rows and at 2 bits. H200, whole call, cold L2, three A/B
-# pairs in one run (kernel_sweeps/sweep_gemv_kashin_unroll.json): 14336x4096 kashin-4 27.7-29.0 us against
-# 29.0-30.1, kashin-2 25.1 against 27.7-27.9; 4096x4096 kashin-2 9.8 against 10.1; at 4 bits on short rows it lost
-# (4096x4096 kashin-4 12.3 against 11.0-11.2), so it stays rolled there
+# kashin's two-row tile (mode 5) unrolled twice on long rows, on many rows and at 2 bits. H200, whole call, cold L2,
+# three A/B pairs in one run (kernel_sweeps/sweep_gemv_kashin_unroll.json): 14336x4096 kashin-4 27.7-29.0 us against
+# 29.0-30.1, kashin-2 25.1 against 27.7-27.9; 4096x4096 kashin-2 9.8 against 10.1; many rows
+# (sweep_gemv_kashin_wide_tiles.json, sweep_gemv_late3.json): 4096x14336 kashin-4 22.73 against 23.24; at 4 bits
+# on short rows, few of them, it lost (4096x4096 kashin-4 12.3 against 11.0-11.2; 12.44 against 11.19), so it
+# stays rolled there
 GEMV_UNROLL_KASHIN = 2
 
 
@@ -1662,12 +1668,13 @@ def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = Non
     return tiles[-1]
 
 
-def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: int | None = None) -> int:
-    """The K loop's unroll factor for a layer's :func:`gemv_tile` (1: rolled); ``k``: the row length (None: as
-    for short rows)."""
+def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: int | None = None,
+                m: int | None = None) -> int:
+    """The K loop's unroll factor for a layer's :func:`gemv_tile` (1: rolled); ``k``: the row length, ``m``: the
+    rows (None: as for short rows, few of them)."""
     if not affine:
-        long_rows = k is not None and k >= GEMV_LONG_K
-        return GEMV_UNROLL_KASHIN if tile == GEMV_TILES[-1] and (long_rows or bits == 2) else 1
+        big = any(n is not None and n >= GEMV_LONG_K for n in (k, m))
+        return GEMV_UNROLL_KASHIN if tile == GEMV_TILES[-1] and (big or bits == 2) else 1
     if tile == GEMV_TILE_LONG_ROWS:
         return GEMV_UNROLL_LONG_ROWS.get(bits, 1)
     return GEMV_UNROLL_MANY_ROWS if tile[3] else 1
@@ -1699,7 +1706,7 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
         tile = gemv_tile(packed.shape[0], affine, x.shape[1], bits)
         block_m, warps, block_w, prefetch = tile
-        unroll = gemv_unroll(tile, affine, bits, x.shape[1])
+        unroll = gemv_unroll(tile, affine, bits, x.shape[1], packed.shape[0])
         # layers launched together keep their rows whole (split 1): results are stored per layer
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w) if outputs is None else 1
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,

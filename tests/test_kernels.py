@@ -417,7 +417,7 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
             if -(-m // block_m) * warps < GEMV_MIN_WARPS:  # too few rows for any candidate: the smallest tile
                 assert (block_m, warps) == (2, 1)
     assert gemv_tile(4096, True)[:3] == (2, 1, 128) and gemv_tile(14336, True)[:3] == (4, 1, 64)
-    assert gemv_tile(4096, False)[:2] == (2, 1) and gemv_tile(14336, False)[:2] == (8, 2)
+    assert gemv_tile(4096, False)[:2] == (2, 1) and gemv_tile(14336, False)[:2] == (2, 1)
     # rtn's long rows, few of them (down projection): one row per warp; short rows or many rows as before
     assert gemv_tile(4096, True, 14336)[:3] == (1, 1, 128) and gemv_tile(4096, True, 4096)[:3] == (2, 1, 128)
     assert gemv_tile(28672, True, 8192)[:3] == (4, 1, 64) and gemv_tile(4096, False, 14336)[:2] == (2, 1)
@@ -426,18 +426,18 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
     assert gemv_tile(28672, True, 8192, 2) == (4, 1, 64, True) and gemv_tile(28672, True, 8192, 4)[3] is False
     assert gemv_tile(4096, True, 4096, 2)[3] is False and gemv_tile(28672, False, 8192, 2)[3] is False
     # the K loop unrolled: rtn's prefetching many-row tile twice, its long-row tile at 2 bits; kashin's two-row
-    # tile on long rows and at 2 bits; nothing else
+    # tile on long rows, on many rows and at 2 bits; nothing else
     from quantune.kernels import gemv_unroll
 
     def unroll(m, affine, k, bits):
-        return gemv_unroll(gemv_tile(m, affine, k, bits), affine, bits, k)
+        return gemv_unroll(gemv_tile(m, affine, k, bits), affine, bits, k, m)
 
     assert unroll(28672, True, 8192, 4) == 1 and unroll(28672, True, 8192, 2) == 2
     assert unroll(4096, True, 14336, 4) == 1 and unroll(4096, True, 14336, 2) == 2
-    assert unroll(4096, True, 4096, 4) == 1 and unroll(28672, False, 8192, 4) == 1
+    assert unroll(4096, True, 4096, 4) == 1 and unroll(28672, False, 8192, 4) == 2
     assert unroll(4096, False, 14336, 4) == 2 and unroll(4096, False, 14336, 2) == 2
     assert unroll(4096, False, 4096, 4) == 1 and unroll(4096, False, 4096, 2) == 2
-    assert unroll(14336, False, 4096, 2) == 1  # the eight-row tile stays rolled
+    assert unroll(14336, False, 4096, 4) == 2 and unroll(6144, False, 4096, 4) == 1  # many rows; q/k/v of an 8B
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=4)],
