@@ -53,8 +53,6 @@ def main() -> None:
     p.add_argument("--late", default="", help="for the whole call: quantune.kernels.GEMV_LATE settings to try (0/1: "
                                               "kashin's GEMV in one pass, or x's planes then xq's, on every layer "
                                               "size), default the library's")
-    p.add_argument("--fold", default="", help="for the whole call: quantune.kernels.GEMV_FOLD settings to try (kashin's "
-                                              "running plane sums per word, 1, or per 4 words), default the library's")
     p.add_argument("--modes", default="", help="GEMV modes to time (quantune.kernels.GEMV_MODES), e.g. 6,1 for rtn: "
                                                "each config alone and each whole call (as kernels.GEMV_MODE_CODES, "
                                                "or GEMV_MODE_DOTS for kashin); default the library's")
@@ -133,17 +131,14 @@ def main() -> None:
             warps_list = [int(v) for v in args.prep_warps.split(",")] if args.prep_warps else [kernels.PREP_WARPS]
             xds = [bool(int(v)) for v in args.prep_xd.split(",")] if args.prep_xd else [kernels.PREP_XD]
             lates = [bool(int(v)) for v in args.late.split(",")] if args.late else [None]
-            folds = [int(v) for v in args.fold.split(",")] if args.fold else [kernels.GEMV_FOLD]
-            settings = [(v, w, pw, xd, md, lt, fd) for md in modes for v in pdls for w in wholes for pw in warps_list
-                        for xd in xds for lt in lates for fd in folds]
-            settings = [(v, w, pw, xd, md, lt, fd) for v, w, pw, xd, md, lt, fd in settings  # prefetch 2: mode 6's
+            settings = [(v, w, pw, xd, md, lt) for md in modes for v in pdls for w in wholes for pw in warps_list
+                        for xd in xds for lt in lates]
+            settings = [(v, w, pw, xd, md, lt) for v, w, pw, xd, md, lt in settings  # prefetch 2: mode 6 only
                         if md == 6 or w is None or w[3] != 2]
-            for prep_pdl, tile, prep_warps, prep_xd, mode, late, fold in settings:
+            for prep_pdl, tile, prep_warps, prep_xd, mode, late in settings:
                 saved = (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
-                         kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES,
-                         kernels.GEMV_FOLD)
+                         kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES)
                 kernels.PREP_PDL, kernels.PREP_WARPS, kernels.PREP_XD = prep_pdl, prep_warps, prep_xd
-                kernels.GEMV_FOLD = fold
                 if late is not None:  # on every layer size
                     kernels.GEMV_LATE, kernels.LATE_MAX_BYTES = late, 1 << 40
                 late_used = kernels.gemv_late(form, bits, mode, q.codes, kernels.pdl_enabled(x))
@@ -159,12 +154,11 @@ def main() -> None:
                     t_whole = bench(rotating([lambda c=c: whole(c) for c in copies]))
                 finally:
                     (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
-                     kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES,
-                     kernels.GEMV_FOLD) = saved
+                     kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES) = saved
                 used = list((*tile, 1)[:5]) if tile is not None else \
                     [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits, k, n)]
                 row = dict(k=k, n=n, method=spec, mode=mode, whole_call_us=t_whole * 1e6 if t_whole else None,
-                           late=late_used, fold=fold, prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd, tile=used,
+                           late=late_used, prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd, tile=used,
                            default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
                            whole_x_bf16=t_bf16 / t_whole if t_whole else None, bytes_read=read,
                            whole_rel_diff=float((got.float() - want).norm() / want.norm()))

@@ -394,7 +394,7 @@ if triton is not None:
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
                      NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = "",
-                     UNROLL: tl.constexpr = 1, LATE: tl.constexpr = False, FOLD: tl.constexpr = 1):
+                     UNROLL: tl.constexpr = 1, LATE: tl.constexpr = False):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -464,12 +464,9 @@ if triton is not None:
         # mode 5 gathers plane t of byte group k as (word >> k BITS) & (0x01010101 << t): bytes of 0 or 2^t, one
         # LOP3 per plane and group after one shift per group, 2^t divided out with the coefficient; one shift per
         # (t, k) instead where a row's integer sums could pass 2^31 (very long rows at 8 bits)
-        SCALED: tl.constexpr = ((not ONE_GROUP)
-                                or (CHUNK // BLOCK_W) * FOLD * CPB * 4 * 32767 * (1 << (BITS - 1)) < 2147483648)
+        SCALED: tl.constexpr = (not ONE_GROUP) or (CHUNK // BLOCK_W) * CPB * 4 * 32767 * (1 << (BITS - 1)) < 2147483648
         # mode 5, ONE_GROUP: integer plane sums over K
-        # FOLD > 1: each tile's plane sums are folded FOLD words at a time (a thread's own words) before they are
-        # added to the running sums, which then take BLOCK_W / FOLD registers a row instead of BLOCK_W
-        d0, d1, d2, d3, d4, d5, d6, d7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W // FOLD], dtype=tl.int32))
+        d0, d1, d2, d3, d4, d5, d6, d7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32))
         if PREFETCH:
             ahead = tl.load(w_ptr + rows[:, None] * stride_w + part * CHUNK + wtile, mask=rmask[:, None], other=0,
                             eviction_policy=EVICT)
@@ -556,7 +553,7 @@ if triton is not None:
                         qscale = tl.load(qsc_ptr + tok)
                     for t in tl.static_range(BITS):
                         if (not LATE) or (phase == 0 and t < KU) or (phase == 1 and t >= KU):
-                            if ONE_GROUP and FOLD == 1:  # dp2a adds straight into the plane's running integer sum
+                            if ONE_GROUP:  # dp2a adds straight into the plane's running integer sum
                                 dot = _pick(t, d0, d1, d2, d3, d4, d5, d6, d7)
                             else:
                                 dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
@@ -577,9 +574,6 @@ if triton is not None:
                                 dot = _dp2a(lo, b, dot, False, ASM)
                                 dot = _dp2a(hi, b, dot, True, ASM)
                             if ONE_GROUP:  # stay in integers until the end (|sum| < K * 32767 < 2^31)
-                                if FOLD > 1:
-                                    dot = _pick(t, d0, d1, d2, d3, d4, d5, d6, d7) + tl.sum(
-                                        tl.reshape(dot, (BLOCK_M, BLOCK_W // FOLD, FOLD)), axis=2)
                                 d0, d1, d2, d3, d4, d5, d6, d7 = _set_plane(t, dot, d0, d1, d2, d3, d4, d5, d6, d7)
                             elif t < KU:
                                 acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32)
@@ -674,7 +668,7 @@ if triton is not None:
                     d5 = _unscaled(d5, 5)
                     d6 = _unscaled(d6, 6)
                     d7 = _unscaled(d7, 7)
-                accn = tl.zeros([BLOCK_M, 1], dtype=tl.float32)  # the planes' row sums (exact in int32)
+                accn = tl.zeros([BLOCK_M, 1], dtype=tl.float32)  # each plane summed along the row, then scaled once
                 accn += _coef(a_ptr, gidx, gmask, BITS, 0, BITS) * (tl.sum(d0, axis=1)[:, None].to(tl.float32)
                                                                       * (xscale if 0 < KU else qscale))
                 accn += _coef(a_ptr, gidx, gmask, BITS, 1, BITS) * (tl.sum(d1, axis=1)[:, None].to(tl.float32)
@@ -1261,7 +1255,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                 prefetch: bool | int = False, prepared: tuple | None = None,
                 out_dtype: torch.dtype = torch.float32, share: bool = True,
                 outputs: tuple[int, ...] | None = None, evict: str | None = None,
-                unroll: int = 1, late: bool | None = None, fold: int | None = None) -> torch.Tensor | list[torch.Tensor]:
+                unroll: int = 1, late: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
@@ -1278,9 +1272,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     and loop instructions per tile). ``late`` (mode 5): x's planes in a first pass over the codes, xq's in a
     second, so the transformed input's last kernel runs beside the first pass (the kernel's LATE); None: where
     :func:`gemv_late` says. With ``prepared`` given and programmatic dependent launch, the caller guarantees that
-    the kernel which wrote x's inputs has finished before the kernel right before this call. ``fold`` (mode 5):
-    each tile's plane sums are folded this many words at a time before joining the running sums (fewer
-    registers); None: :data:`GEMV_FOLD`, or 1 where it does not divide the tile."""
+    the kernel which wrote x's inputs has finished before the kernel right before this call."""
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
@@ -1314,10 +1306,6 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     pdl = pdl_enabled(x)
     if late is None:
         late = prepared is None and xq is None and not prefetch and gemv_late(form, bits, mode, packed, pdl)
-    if fold is None:
-        fold = GEMV_FOLD if mode == 5 and tile % GEMV_FOLD == 0 else 1
-    if fold < 1 or tile % fold:
-        raise ValueError(f"fold must divide the word tile ({tile}), got {fold}")
     if late and (mode != 5 or form.ku >= bits or prefetch):
         raise ValueError(f"late serves mode 5 on formats with a transformed factor, without prefetch (mode {mode}, "
                          f"{form.ku} of {bits} bits in the first factor, prefetch {prefetch})")
@@ -1342,7 +1330,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         PREFETCH=int(prefetch), ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys), SYM=sym,
-        EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late), FOLD=fold,
+        EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late),
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 
@@ -1362,10 +1350,6 @@ GEMV_PDL = True  # launch the GEMV with programmatic dependent launch where the 
 # 25.85 against 23.4 with the eight-row tile; with the two-row tile unrolled (sweep_gemv_late_tiles.json) 21.3-22.1
 # against 22.5, kashin-2 14.6 against 14.8, 4096x4096 kashin-4 10.62 against 11.05, kashin-2 9.32 against 9.84
 GEMV_LATE = True
-# kashin's running plane sums (mode 5) kept per group of GEMV_FOLD words (a thread's own four words of a 128-word
-# tile) rather than per word: 101 -> 96 registers a thread in one pass, 79 -> 60 with LATE (two-row tile, 4 bits,
-# sm_90 code, python -m eval.sass_gemv)
-GEMV_FOLD = 1
 LATE_MAX_BYTES = 32 << 20
 
 
