@@ -5,7 +5,7 @@
 set -euo pipefail
 out=${OUT:-/tmp/out}
 case "$1" in
-  kernels)   python -m eval.bench_kernels --configs gemv5:8x2x128,gemv5:2x1x128,gemv6:4x1x64,gemv6p:4x1x64,gemv6:2x1x128,gemv6:1x1x128,gemv6:8x1x64 \
+  kernels)   python -m eval.bench_kernels --configs gemv5:2x1x128,gemv6:4x1x64,gemv6p:4x1x64,gemv6:2x1x128,gemv6:1x1x128,gemv6:8x1x64 \
                --out "$out/bench_kernels" ;;                                                       # issue 5
   sweep-gemv) python -m eval.sweep_gemv --splits 1,2 --evict ",evict_first" ;;  # issue 5: GEMV tiles, cold L2
   prep-dct)  python -m eval.sweep_prep_dct --prep-pdl 1 --precisions tf32x3 ;;  # issue 5: kashin's input preparation alone
