@@ -376,9 +376,10 @@ def main() -> None:
             finally:
                 kernels.GEMV_PDL = True
             pdl_same = bool(torch.equal(got_serial, got))
+            default_mode = kernels.gemv_default_mode(tables[2], bits)
+            best_mode = default_mode if gemv_mode(kind) is None else gemv_mode(kind)
             one_pass = {}
-            if kernels.gemv_late(form, bits, kernels.gemv_default_mode(tables[2], bits) if gemv_mode(kind) is None
-                                 else gemv_mode(kind), q.codes, kernels.pdl_enabled(x1)):
+            if kernels.gemv_late(form, bits, best_mode, q.codes, kernels.pdl_enabled(x1)):
                 kernels.GEMV_LATE = False  # kashin's GEMV in one pass after the whole preparation, same run
                 try:
                     got_one = kernel_call(kind, bm, nw, tw, None)()
@@ -395,14 +396,13 @@ def main() -> None:
             lib_tile = kernels.gemv_tile(n, tables[2], k, bits)
             lib = {"decode_library_s": t_lib,
                    "library_rel_err_vs_reference": float((got_lib.float() - ref).norm() / ref.norm()),
-                   "library_config": {"tile": list(lib_tile), "unroll": kernels.gemv_unroll(lib_tile, tables[2], bits, k, n),
-                                      "late": kernels.gemv_late(form, bits, kernels.gemv_default_mode(tables[2], bits),
-                                                                q.codes, kernels.pdl_enabled(x1))},
+                   "library_config": {"tile": list(lib_tile),
+                                      "unroll": kernels.gemv_unroll(lib_tile, tables[2], bits, k, n),
+                                      "late": kernels.gemv_late(form, bits, default_mode, q.codes,
+                                                                kernels.pdl_enabled(x1))},
                    "speedup_vs_bf16_library": t_bf16 / t_lib, "speedup_vs_nf4_library": t_nf4 / t_lib}
             rfft = {}
-            best_mode = gemv_mode(kind)
-            if kernels.dct_two_stage(form, bits, kernels.gemv_pairs(
-                    kernels.gemv_default_mode(tables[2], bits) if best_mode is None else best_mode)):
+            if kernels.dct_two_stage(form, bits, kernels.gemv_pairs(best_mode)):
                 kernels.DCT_TWO_STAGE = False  # kashin's input through the rfft path (prep, rfft, post, pairs), same run
                 try:
                     got_rfft = kernel_call(kind, bm, nw, tw, None)()
