@@ -1309,6 +1309,11 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if late and (mode != 5 or form.ku >= bits or prefetch):
         raise ValueError(f"late serves mode 5 on formats with a transformed factor, without prefetch (mode {mode}, "
                          f"{form.ku} of {bits} bits in the first factor, prefetch {prefetch})")
+    if late and pdl and prepared is None and (xq is not None or not dct_two_stage(form, bits, True)):
+        # only the two-launch preparation holds the GEMV back until x's inputs are written (TRIGGER_LATE); after
+        # the other paths' kernels, which let it start at once, its first pass would read them too early
+        raise ValueError(f"late under programmatic dependent launch needs the two-launch input preparation "
+                         f"(DCT groups of 64 N1 columns, N1 <= 64; group {form.group})")
     if prepared is None:
         prepared = prepared_input(x, form, bits, xq, pairs=gemv_pairs(mode), trigger=pdl, share=share,
                                   late=late and pdl)

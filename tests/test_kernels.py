@@ -657,6 +657,20 @@ def test_late_gemv_is_refused_where_it_cannot_run_and_chosen_where_it_helps():
     assert not kernels.gemv_late(_form(rtn), 4, 5, rtn.codes, pdl=True)  # no transformed factor
     big = torch.empty(kernels.LATE_MAX_BYTES + 4, dtype=torch.uint8)  # codes the second pass would not find in L2
     assert not kernels.gemv_late(form, 4, 5, big, pdl=True)
+    wide = _layer(QuantConfig(bits=4), out=8, inp=8192)  # one DCT group of 8192: the rfft path, no TRIGGER_LATE
+    assert not kernels.gemv_late(_form(wide), 4, 5, wide.codes, pdl=True)
+
+
+def test_late_gemv_under_pdl_is_refused_after_a_preparation_that_lets_it_start_early(monkeypatch):
+    """Under programmatic dependent launch the first pass reads x's inputs without waiting, which only the
+    two-launch preparation makes safe; asked for after the rfft path, the call is refused before any launch."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    monkeypatch.setattr(kernels, "pdl_enabled", lambda x: True)
+    wide = _layer(QuantConfig(bits=4), out=8, inp=8192)
+    with pytest.raises(ValueError, match="two-launch"):
+        kernels.gemv_matmul(torch.randn(1, 8192), wide.codes, _form(wide), 4, late=True, share=False)
 
 
 _LATE_PTX = """
