@@ -53,6 +53,10 @@ def main() -> None:
     p.add_argument("--late", default="", help="for the whole call: quantune.kernels.GEMV_LATE settings to try (0/1: "
                                               "kashin's GEMV in one pass, or x's planes then xq's, on every layer "
                                               "size), default the library's")
+    p.add_argument("--prep-columns", default="", help="quantune.kernels.PREP_COLUMNS settings to try (columns per "
+                                                      "program of the input preparation and per 16-bit rounding "
+                                                      "scale of mode 6, which bounds its tile: 1024 holds 64 words "
+                                                      "at 2 bits), e.g. 1024,2048; default the library's")
     p.add_argument("--modes", default="", help="GEMV modes to time (quantune.kernels.GEMV_MODES), e.g. 6,1 for rtn: "
                                                "each config alone and each whole call (as kernels.GEMV_MODE_CODES, "
                                                "or GEMV_MODE_DOTS for kashin); default the library's")
@@ -79,7 +83,9 @@ def main() -> None:
         w16s = [lin.weight] + [lin.weight.detach().clone() for _ in range(bench_kernels.cold_copies(2 * k * n) - 1)]
         t_bf16 = bench(rotating([lambda w=w: x @ w.T for w in w16s]))
         w16s = None
-        for spec in args.methods.split(","):
+        cols_list = [int(v) for v in args.prep_columns.split(",")] if args.prep_columns else [kernels.PREP_COLUMNS]
+        for spec, cols in [(s, c) for s in args.methods.split(",") for c in cols_list]:
+            saved_cols, kernels.PREP_COLUMNS = kernels.PREP_COLUMNS, cols
             method, bits = spec.split("-")
             bits = int(bits)
             cfg = QuantConfig(method=method, bits=bits, group_size=64 if method == "rtn" else None)
@@ -115,8 +121,8 @@ def main() -> None:
                     print(f"{spec} {k}x{n} {bm}x{nw}x{bw} split {split}: {type(exc).__name__}: {exc}"[:200])
                     continue
                 err = float((got - want).norm() / want.norm())
-                row = dict(k=k, n=n, method=spec, mode=mode, block_m=bm, warps=nw, block_w=bw, prefetch=pre,
-                           unroll=unroll, split=split, evict=evict,
+                row = dict(k=k, n=n, method=spec, prep_columns=cols, mode=mode, block_m=bm, warps=nw, block_w=bw,
+                           prefetch=pre, unroll=unroll, split=split, evict=evict,
                            kernel_us=t * 1e6 if t else None, read_GBps=read / t / 1e9 if t else None,
                            bf16_us=t_bf16 * 1e6, kernel_x_bf16=t_bf16 / t if t else None,
                            equal=bool(torch.equal(got, want)), rel_diff=err,
@@ -157,7 +163,8 @@ def main() -> None:
                      kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES) = saved
                 used = list((*tile, 1)[:5]) if tile is not None else \
                     [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits, k, n)]
-                row = dict(k=k, n=n, method=spec, mode=mode, whole_call_us=t_whole * 1e6 if t_whole else None,
+                row = dict(k=k, n=n, method=spec, prep_columns=cols, mode=mode,
+                           whole_call_us=t_whole * 1e6 if t_whole else None,
                            late=late_used, prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd, tile=used,
                            default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
                            whole_x_bf16=t_bf16 / t_whole if t_whole else None, bytes_read=read,
@@ -165,6 +172,7 @@ def main() -> None:
                 print("whole", json.dumps(row), flush=True)
                 out.append(row)
             q = copies = None
+            kernels.PREP_COLUMNS = saved_cols
     bench_kernels.save_sweep(out, "sweep_gemv", ("k", "n", "method"), "kernel_us")
 
 
