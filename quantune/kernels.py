@@ -374,26 +374,15 @@ if triton is not None:
                     GROUP: tl.constexpr, SYM: tl.constexpr, BITS: tl.constexpr):
         """What GEMV mode 6 reads for the word tile at ``w0`` besides its codes: the input's 16-bit pairs
         (:func:`_pairs8`), ``scale * xscale`` and ``offset * xsum`` per (row, word) where the tile lies in one
-        group, else per (row, group) (``xsum``: the input's word or group sums). A tile lies inside one
-        XCH-column chunk of the input (one input scale, loaded once) or holds whole chunks (SPAN: the scale
-        loaded per word, or per group, which then lies inside one chunk)."""
+        group, else per (row, group) (``xsum``: the input's word or group sums)."""
         offs = w0 + wtile
-        NCH: tl.constexpr = (K + XCH - 1) // XCH
-        SPAN: tl.constexpr = BLOCK_W * PER > XCH
         p0, p1, p2, p3, p4, p5, p6, p7 = _pairs8(xp_ptr, tok, CPB, NW, offs)
+        xscale = tl.load(sc_ptr + tok * ((K + XCH - 1) // XCH) + (w0 * PER) // XCH)
         if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
-            if SPAN:
-                xscale = tl.load(sc_ptr + tok * NCH + (offs * PER) // XCH)
-            else:
-                xscale = tl.load(sc_ptr + tok * NCH + (w0 * PER) // XCH)
             scale, offset = _affine(a_ptr, bx_ptr, (rows * groups + w0 // WPG)[:, None], rmask[:, None], SYM, BITS)
             off = offset * tl.load(xs_ptr + tok * NW + offs)
         else:
             gcols = tl.broadcast_to((w0 // WPG + tl.arange(0, GPT))[None, :], (BLOCK_M, GPT))
-            if SPAN:
-                xscale = tl.load(sc_ptr + tok * NCH + (gcols * GROUP) // XCH)
-            else:
-                xscale = tl.load(sc_ptr + tok * NCH + (w0 * PER) // XCH)
             scale, offset = _affine(a_ptr, bx_ptr, rows[:, None] * groups + gcols, rmask[:, None], SYM, BITS)
             off = offset * tl.load(xg_ptr + tok * (K // GROUP) + gcols)
         return p0, p1, p2, p3, p4, p5, p6, p7, scale * xscale, off
@@ -597,9 +586,7 @@ if triton is not None:
                     if KU < BITS and ((not LATE) or phase == 1):
                         acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * tl.load(xqs_ptr + tok * NW + offs)
                 elif MODE == 6:
-                    tl.static_assert(XCH % (BLOCK_W * PER) == 0 or (BLOCK_W * PER) % XCH == 0,
-                                     "mode 6 tiles lie inside one input chunk or hold whole chunks")
-                    tl.static_assert(WPG >= BLOCK_W or XCH % GROUP == 0, "a group's integer sum has one input scale")
+                    tl.static_assert(XCH % (BLOCK_W * PER) == 0, "mode 6 tiles lie inside one input chunk")
                     if PREFETCH == 2:  # this tile's inputs came with the last one; the next tile's leave now
                         i0, i1, i2, i3, i4, i5, i6, i7, sx, off = n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff
                         n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff = _mode6_tile(
@@ -1292,10 +1279,9 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         affine = tables[2]
     if mode is None:
         mode = gemv_default_mode(affine, bits)
+    if mode == 6 and 32 % bits == 0:  # a tile must lie inside one chunk of the input's 16-bit rounding
+        block_w = min(block_w, prep_columns(x.shape[1], 32 // bits) // (32 // bits))
     tile = gemv_block_w(form, bits, block_w, split)
-    if mode == 6 and tile is not None and form.group > prep_columns(x.shape[1], 32 // bits) \
-            and tile * (32 // bits) > form.group:
-        tile = form.group // (32 // bits)  # a group's integer sum must see one scale of the input's 16-bit rounding
     if tile is None or packed.shape[1] % 4:
         raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
                          f"({bits} bits, group {form.group}, {packed.shape[1]} bytes per row, split {split})")
