@@ -102,3 +102,14 @@ def test_prep_probe_smoke_compares_the_two_preparations(tmp_path):
     two = [r for r in rows if r["path"] == "two-stage"]
     assert two and all(r["xq_rel_diff_vs_rfft"] < 1e-5 for r in two)
     assert {r["stage2_k2"] for r in two} == {16, 64}  # stage two's two tile widths, both checked
+
+
+@pytest.mark.slow
+def test_tma_gemv_probe_smoke_matches_the_library(tmp_path):
+    """eval/probe_tma_gemv.py on the CPU (interpreter, one small shape): the TMA-pipelined persistent GEMV's rows,
+    each within float32 rounding of the library's GEMV (the probe itself stops on a larger difference)."""
+    pytest.importorskip("triton")
+    _run(["eval.probe_tma_gemv"], tmp_path, 600, OUT=str(tmp_path))
+    rows = json.loads((tmp_path / "probe_tma_gemv.json").read_text())
+    assert {r["method"] for r in rows} == {"rtn-4", "rtn-2"} and len(rows) == 4
+    assert all(r["rel_diff"] < 1e-6 for r in rows)
