@@ -57,6 +57,10 @@ def main() -> None:
                                                       "program of the input preparation and per 16-bit rounding "
                                                       "scale of mode 6, which bounds its tile: 1024 holds 64 words "
                                                       "at 2 bits), e.g. 1024,2048; default the library's")
+    p.add_argument("--span", default="", help="rtn's mode 6: tiles that may cover two chunks of the input's rounding "
+                                              "(quantune.kernels.gemv_matmul's span), 0/1 settings to try on every "
+                                              "config and whole call; default: off for the configs, the library's "
+                                              "choice (gemv_span) for the whole calls")
     p.add_argument("--modes", default="", help="GEMV modes to time (quantune.kernels.GEMV_MODES), e.g. 6,1 for rtn: "
                                                "each config alone and each whole call (as kernels.GEMV_MODE_CODES, "
                                                "or GEMV_MODE_DOTS for kashin); default the library's")
@@ -102,9 +106,10 @@ def main() -> None:
             split0 = kernels.gemv_split(n, form, bits, bm0, bw0)
             want = kernels.gemv_matmul(x, q.codes, form, bits, block_m=bm0, block_w=bw0, num_warps=nw0, split=split0,
                                        tables=tables, prepared=preps[mode0], prefetch=pre0)
-            variants = [(c, s, e, md) for md in modes for c in configs for s in map(int, args.splits.split(","))
-                        for e in args.evict.split(",")]
-            for config, split, evict, mode in variants:
+            spans = [bool(int(v)) for v in args.span.split(",")] if args.span else [None]
+            variants = [(c, s, e, md, sp) for md in modes for c in configs for s in map(int, args.splits.split(","))
+                        for e in args.evict.split(",") for sp in spans]
+            for config, split, evict, mode, span in variants:
                 bm, nw, bw, pre, unroll = (*config, 1)[:5]
                 if kernels.gemv_block_w(form, bits, bw, split) is None or (pre == 2 and mode != 6):  # p2: mode 6's
                     continue
@@ -113,7 +118,7 @@ def main() -> None:
                     codes, form_, tables_ = layer
                     return kernels.gemv_matmul(x, codes, form_, bits, block_m=bm, block_w=bw, num_warps=nw,
                                                split=split, tables=tables_, prepared=preps[mode], evict=evict,
-                                               prefetch=pre, unroll=unroll, mode=mode)
+                                               prefetch=pre, unroll=unroll, mode=mode, span=bool(span))
                 try:
                     got = call()
                     t = bench(rotating([lambda c=c: call(c) for c in copies]))
@@ -122,7 +127,7 @@ def main() -> None:
                     continue
                 err = float((got - want).norm() / want.norm())
                 row = dict(k=k, n=n, method=spec, prep_columns=cols, mode=mode, block_m=bm, warps=nw, block_w=bw,
-                           prefetch=pre, unroll=unroll, split=split, evict=evict,
+                           prefetch=pre, unroll=unroll, span=bool(span), split=split, evict=evict,
                            kernel_us=t * 1e6 if t else None, read_GBps=read / t / 1e9 if t else None,
                            bf16_us=t_bf16 * 1e6, kernel_x_bf16=t_bf16 / t if t else None,
                            equal=bool(torch.equal(got, want)), rel_diff=err,
@@ -137,13 +142,15 @@ def main() -> None:
             warps_list = [int(v) for v in args.prep_warps.split(",")] if args.prep_warps else [kernels.PREP_WARPS]
             xds = [bool(int(v)) for v in args.prep_xd.split(",")] if args.prep_xd else [kernels.PREP_XD]
             lates = [bool(int(v)) for v in args.late.split(",")] if args.late else [None]
-            settings = [(v, w, pw, xd, md, lt) for md in modes for v in pdls for w in wholes for pw in warps_list
-                        for xd in xds for lt in lates]
-            settings = [(v, w, pw, xd, md, lt) for v, w, pw, xd, md, lt in settings  # prefetch 2: mode 6 only
-                        if md == 6 or w is None or w[3] != 2]
-            for prep_pdl, tile, prep_warps, prep_xd, mode, late in settings:
+            settings = [(v, w, pw, xd, md, lt, sp) for md in modes for v in pdls for w in wholes for pw in warps_list
+                        for xd in xds for lt in lates for sp in spans]
+            settings = [s for s in settings if s[4] == 6 or s[1] is None or s[1][3] != 2]  # prefetch 2: mode 6 only
+            for prep_pdl, tile, prep_warps, prep_xd, mode, late, span in settings:
                 saved = (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
-                         kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES)
+                         kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES,
+                         kernels.gemv_span)
+                if span is not None:
+                    kernels.gemv_span = lambda *a, span=span, **kw: span
                 kernels.PREP_PDL, kernels.PREP_WARPS, kernels.PREP_XD = prep_pdl, prep_warps, prep_xd
                 if late is not None:  # on every layer size
                     kernels.GEMV_LATE, kernels.LATE_MAX_BYTES = late, 1 << 40
@@ -160,10 +167,11 @@ def main() -> None:
                     t_whole = bench(rotating([lambda c=c: whole(c) for c in copies]))
                 finally:
                     (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
-                     kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES) = saved
+                     kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES,
+                     kernels.gemv_span) = saved
                 used = list((*tile, 1)[:5]) if tile is not None else \
                     [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits, k, n)]
-                row = dict(k=k, n=n, method=spec, prep_columns=cols, mode=mode,
+                row = dict(k=k, n=n, method=spec, prep_columns=cols, mode=mode, span=span,
                            whole_call_us=t_whole * 1e6 if t_whole else None,
                            late=late_used, prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd, tile=used,
                            default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,

@@ -374,15 +374,29 @@ if triton is not None:
                     GROUP: tl.constexpr, SYM: tl.constexpr, BITS: tl.constexpr):
         """What GEMV mode 6 reads for the word tile at ``w0`` besides its codes: the input's 16-bit pairs
         (:func:`_pairs8`), ``scale * xscale`` and ``offset * xsum`` per (row, word) where the tile lies in one
-        group, else per (row, group) (``xsum``: the input's word or group sums)."""
+        group, else per (row, group) (``xsum``: the input's word or group sums). A tile lies inside one
+        XCH-column chunk of the input (one input scale) or covers two whole chunks (two scales, each word or
+        group taking its half's: two loads a tile, no gather)."""
         offs = w0 + wtile
         p0, p1, p2, p3, p4, p5, p6, p7 = _pairs8(xp_ptr, tok, CPB, NW, offs)
-        xscale = tl.load(sc_ptr + tok * ((K + XCH - 1) // XCH) + (w0 * PER) // XCH)
+        SPAN: tl.constexpr = BLOCK_W * PER > XCH
+        tl.static_assert(XCH % (BLOCK_W * PER) == 0 or BLOCK_W * PER == 2 * XCH,
+                         "mode 6 tiles lie inside one input chunk or cover two whole chunks")
+        xsc = sc_ptr + tok * ((K + XCH - 1) // XCH) + (w0 * PER) // XCH
+        xscale = tl.load(xsc)
+        if SPAN:
+            xscale2 = tl.load(xsc + 1)
         if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
+            if SPAN:
+                xscale = tl.where(wtile < BLOCK_W // 2, xscale, xscale2)
             scale, offset = _affine(a_ptr, bx_ptr, (rows * groups + w0 // WPG)[:, None], rmask[:, None], SYM, BITS)
             off = offset * tl.load(xs_ptr + tok * NW + offs)
         else:
-            gcols = tl.broadcast_to((w0 // WPG + tl.arange(0, GPT))[None, :], (BLOCK_M, GPT))
+            tl.static_assert(not SPAN or XCH % GROUP == 0, "a group's integer sum has one input scale")
+            gl = tl.broadcast_to(tl.arange(0, GPT)[None, :], (BLOCK_M, GPT))
+            if SPAN:
+                xscale = tl.where(gl < GPT // 2, xscale, xscale2)
+            gcols = w0 // WPG + gl
             scale, offset = _affine(a_ptr, bx_ptr, rows[:, None] * groups + gcols, rmask[:, None], SYM, BITS)
             off = offset * tl.load(xg_ptr + tok * (K // GROUP) + gcols)
         return p0, p1, p2, p3, p4, p5, p6, p7, scale * xscale, off
@@ -586,7 +600,6 @@ if triton is not None:
                     if KU < BITS and ((not LATE) or phase == 1):
                         acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * tl.load(xqs_ptr + tok * NW + offs)
                 elif MODE == 6:
-                    tl.static_assert(XCH % (BLOCK_W * PER) == 0, "mode 6 tiles lie inside one input chunk")
                     if PREFETCH == 2:  # this tile's inputs came with the last one; the next tile's leave now
                         i0, i1, i2, i3, i4, i5, i6, i7, sx, off = n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff
                         n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff = _mode6_tile(
@@ -1255,7 +1268,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                 prefetch: bool | int = False, prepared: tuple | None = None,
                 out_dtype: torch.dtype = torch.float32, share: bool = True,
                 outputs: tuple[int, ...] | None = None, evict: str | None = None,
-                unroll: int = 1, late: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
+                unroll: int = 1, late: bool | None = None, span: bool = False) -> torch.Tensor | list[torch.Tensor]:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
@@ -1272,15 +1285,17 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     and loop instructions per tile). ``late`` (mode 5): x's planes in a first pass over the codes, xq's in a
     second, so the transformed input's last kernel runs beside the first pass (the kernel's LATE); None: where
     :func:`gemv_late` says. With ``prepared`` given and programmatic dependent launch, the caller guarantees that
-    the kernel which wrote x's inputs has finished before the kernel right before this call."""
+    the kernel which wrote x's inputs has finished before the kernel right before this call. ``span`` (mode 6): a
+    word tile may cover two chunks of the input's 16-bit rounding (two input scales), else it is clamped to one."""
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
         affine = tables[2]
     if mode is None:
         mode = gemv_default_mode(affine, bits)
-    if mode == 6 and 32 % bits == 0:  # a tile must lie inside one chunk of the input's 16-bit rounding
-        block_w = min(block_w, prep_columns(x.shape[1], 32 // bits) // (32 // bits))
+    if mode == 6 and 32 % bits == 0:  # a tile lies inside one chunk of the input's 16-bit rounding, or two (span)
+        xch = prep_columns(x.shape[1], 32 // bits)
+        block_w = min(block_w, (2 if span else 1) * xch // (32 // bits))
     tile = gemv_block_w(form, bits, block_w, split)
     if tile is None or packed.shape[1] % 4:
         raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
@@ -1698,6 +1713,17 @@ def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: in
     return GEMV_UNROLL_MANY_ROWS if tile[3] else 1
 
 
+# rtn (mode 6): whether the library's tile may cover two chunks of the input's 16-bit rounding (gemv_matmul's
+# ``span``), by bits, on the long-row tile; none yet
+GEMV_SPAN_LONG_ROWS: dict[int, bool] = {}
+
+
+def gemv_span(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: int | None = None,
+              m: int | None = None) -> bool:
+    """Whether a layer's :func:`gemv_tile` may cover two chunks of the input's rounding (mode 6)."""
+    return affine and tile == gemv_tile(GEMV_MIN_WARPS, True, GEMV_LONG_K, bits) and GEMV_SPAN_LONG_ROWS.get(bits, False)
+
+
 def gemv_split(m: int, form: BitplaneForm, bits: int, block_m: int, block_w: int) -> int:
     """The K split (1 or 2) of a ``m``-row layer: 2 when one program per row block leaves fewer than
     GEMV_MIN_PROGRAMS programs and the row length allows it. Never more than two: two partial sums
@@ -1729,7 +1755,8 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w) if outputs is None else 1
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
                            affine=affine, tables=tables, prefetch=prefetch, out_dtype=out_dtype, share=share,
-                           outputs=outputs, unroll=unroll)
+                           outputs=outputs, unroll=unroll,
+                           span=gemv_span(tile, affine, bits, x.shape[1], packed.shape[0]))
     if outputs is not None:
         return None
     if form.transform is not None and bits <= 2:

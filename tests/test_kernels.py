@@ -352,10 +352,12 @@ def _parseval_scale(x, form):
                                  QuantConfig(method="rtn", bits=2, group_size=32, symmetric=False),
                                  QuantConfig(method="rtn", bits=8, group_size=32)],
                          ids=["rtn4-g64", "rtn4-row", "rtn2-g32", "rtn8-g32"])
-@pytest.mark.parametrize("block", [(4, 128, 4, 1), (16, 8, 2, 2), (8, 4, 1, 1)], ids=["wide", "split", "in-group"])
+@pytest.mark.parametrize("block", [(4, 128, 4, 1), (16, 8, 2, 2), (8, 4, 1, 1), (4, 32, 1, 1, True)],
+                         ids=["wide", "split", "in-group", "two-chunks"])
 def test_mode6_is_exact_for_the_chunk_rounded_input(cfg, block, monkeypatch):
     """Mode 6 computes ``x_r W^T`` exactly (up to float32 sums) for ``x`` rounded to 16 bits with one
-    scale per chunk of columns: four chunks here, tiles inside a group, across groups and split in K."""
+    scale per chunk of columns: four chunks here, tiles inside a group, across groups and split in K, and
+    tiles covering two chunks (``span``: two scales a tile, per group or per word of a row-long group)."""
     pytest.importorskip("triton")
     from quantune import kernels
 
@@ -364,9 +366,9 @@ def test_mode6_is_exact_for_the_chunk_rounded_input(cfg, block, monkeypatch):
     q = _layer(cfg, out=21, inp=512)
     form = _form(q)
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(11)) * torch.linspace(0.1, 4, 512)
-    block_m, block_w, warps, split = block
+    block_m, block_w, warps, split, span = (*block, False)[:5]
     got = kernels.gemv_matmul(x, q.codes, form, cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
-                              split=split, mode=6)
+                              split=split, mode=6, span=span)
     chunks = x.view(3, 4, 128)
     scale = chunks.abs().amax(-1, keepdim=True) / 32767
     x_r = (torch.round(chunks / scale) * scale).view(3, 512)
