@@ -1666,6 +1666,15 @@ GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
 # against 23.16; at 4 bits it did not pay: 9.96 against 9.75, 32.35 against 32.12)
 GEMV_TILES_AFFINE_2BIT = ((4, 1, 64, True), (2, 1, 128, False))
 GEMV_MIN_WARPS = 2048
+# rtn at 2 bits on very many rows (the 8B model's gate/up launched together: 28672 rows): two rows per one-warp
+# program over 128 words, which covers two 1024-column chunks of the input's rounding (gemv_span: two scales a
+# tile), unrolled twice. H200, whole call, cold L2: 8192x28672 rtn-2 21.25 and 21.26 us against 22.2-22.4 for the
+# prefetching 4 x 64 tile (kernel_sweeps/sweep_gemv_span2.json with the scale gathered per group,
+# sweep_gemv_span3.json with two scale loads a tile; 5.07x bf16 against 4.85x in the latter run); at 14336 rows it
+# is level (4096x14336 8.41 against 8.33-8.39 us), so the rule starts above that
+GEMV_MANY_ROWS_2BIT = 16384
+GEMV_TILE_2BIT_MANY_ROWS = (2, 1, 128, False)
+GEMV_UNROLL_2BIT_MANY_ROWS = 2
 # rtn, long rows and few of them (Llama's down projection, 14336 -> 4096): one row per warp. Cold L2, rtn-4
 # 14336x4096: 10.9-11.0 us against 11.8 at 2 x 1 x 128 (kernel_sweeps/sweep_gemv_cold, _prefetch_cold); rtn-2 1%.
 GEMV_LONG_K = 8192
@@ -1694,6 +1703,8 @@ def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = Non
     columns (``k`` None: as for short rows) and ``bits``-bit codes."""
     if affine and k is not None and k >= GEMV_LONG_K and GEMV_MIN_WARPS <= m < GEMV_LONG_K:
         return GEMV_TILE_LONG_ROWS
+    if _many_rows_2bit(m, affine, bits):
+        return GEMV_TILE_2BIT_MANY_ROWS
     tiles = (GEMV_TILES_AFFINE_2BIT if bits == 2 else GEMV_TILES_AFFINE) if affine else GEMV_TILES
     for tile in tiles:
         if -(-m // tile[0]) * tile[1] >= GEMV_MIN_WARPS:
@@ -1710,18 +1721,20 @@ def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: in
         return GEMV_UNROLL_KASHIN if tile == GEMV_TILES[-1] and (big or bits == 2) else 1
     if tile == GEMV_TILE_LONG_ROWS:
         return GEMV_UNROLL_LONG_ROWS.get(bits, 1)
+    if _many_rows_2bit(m, affine, bits) and tile == GEMV_TILE_2BIT_MANY_ROWS:
+        return GEMV_UNROLL_2BIT_MANY_ROWS
     return GEMV_UNROLL_MANY_ROWS if tile[3] else 1
-
-
-# rtn (mode 6): whether the library's tile may cover two chunks of the input's 16-bit rounding (gemv_matmul's
-# ``span``), by bits, on the long-row tile; none yet
-GEMV_SPAN_LONG_ROWS: dict[int, bool] = {}
 
 
 def gemv_span(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: int | None = None,
               m: int | None = None) -> bool:
-    """Whether a layer's :func:`gemv_tile` may cover two chunks of the input's rounding (mode 6)."""
-    return affine and tile == gemv_tile(GEMV_MIN_WARPS, True, GEMV_LONG_K, bits) and GEMV_SPAN_LONG_ROWS.get(bits, False)
+    """Whether a layer's :func:`gemv_tile` may cover two chunks of the input's 16-bit rounding (mode 6,
+    :func:`gemv_matmul`'s ``span``): rtn's 2-bit tile for very many rows."""
+    return _many_rows_2bit(m, affine, bits) and tile == GEMV_TILE_2BIT_MANY_ROWS
+
+
+def _many_rows_2bit(m: int | None, affine: bool, bits: int | None) -> bool:
+    return affine and bits == 2 and m is not None and m >= GEMV_MANY_ROWS_2BIT
 
 
 def gemv_split(m: int, form: BitplaneForm, bits: int, block_m: int, block_w: int) -> int:
