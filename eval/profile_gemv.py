@@ -20,7 +20,8 @@ from quantune.qlinear import QuantLinear
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="rtn-4:14336x4096:1x1x128,rtn-4:4096x14336:4x1x64",
-                   help="method-bits:KxN:config, comma-separated")
+                   help="method-bits:KxN:config[:COLUMNS[s]], comma-separated; COLUMNS: quantune.kernels.PREP_COLUMNS "
+                        "for the case (mode 6's chunk of the input's rounding), 's': tiles over two chunks (span)")
     p.add_argument("--calls", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="also run bf16 cuBLAS on each shape")
     args = p.parse_args()
@@ -31,7 +32,10 @@ def main() -> None:
     if not gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     for case in args.cases.split(","):
-        spec, shape, config = case.split(":")
+        spec, shape, config, *extra = case.split(":")
+        saved_cols = kernels.PREP_COLUMNS
+        kernels.PREP_COLUMNS = int(extra[0].rstrip("s")) if extra else saved_cols
+        span = bool(extra) and extra[0].endswith("s")
         method, bits = spec.split("-")
         bits = int(bits)
         k, n = map(int, shape.split("x")) if gpu else (256, 64)
@@ -47,7 +51,8 @@ def main() -> None:
         copies = [q.codes.clone() for _ in range(args.calls)]
         for codes in copies:
             y = kernels.gemv_matmul(x, codes, form, bits, block_m=bm, block_w=bw, num_warps=nw, tables=tables,
-                                    prepared=prepared, prefetch=config.endswith("p"))
+                                    prepared=prepared, prefetch=config.endswith("p"), span=span)
+        kernels.PREP_COLUMNS = saved_cols
         if args.bf16 and gpu:
             ws = [lin.weight.detach().clone() for _ in range(args.calls)]
             for w in ws:
