@@ -113,3 +113,12 @@ def test_tma_gemv_probe_smoke_matches_the_library(tmp_path):
     rows = json.loads((tmp_path / "probe_tma_gemv.json").read_text())
     assert {r["method"] for r in rows} == {"rtn-4", "rtn-2"} and len(rows) == 4
     assert all(r["rel_diff"] < 1e-6 for r in rows)
+
+
+def test_profile_driver_runs_cases_with_their_chunk_width_and_span(tmp_path):
+    """eval/profile_gemv.py on the CPU (interpreter, a small shape): a case naming mode 6's chunk width, with and
+    without tiles over two chunks, each checked against the dequantized weight by the driver itself."""
+    pytest.importorskip("triton")
+    done = _run(["eval.profile_gemv", "--calls", "1", "--cases",
+                 "rtn-4:14336x4096:1x1x32:128s,rtn-2:14336x4096:1x1x16:256"], tmp_path, 600)
+    assert done.stdout.count("rel. err against the dequantized weight") == 2
