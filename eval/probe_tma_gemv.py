@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
 from quantune import kernels
 
 if triton is not None:
-    from quantune.kernels import _affine, _dp2a, _gdc_wait, _pairs8, _pick
+    from quantune.kernels import _gdc_wait, _mode6_dot, _pairs8
 
     @triton.jit
     def _gemv6_tma_kernel(w_desc, s_desc, o_desc, xp_ptr, sc_ptr, xg_ptr, y_ptr, M,
@@ -63,19 +63,10 @@ if triton is not None:
             else:
                 offset = o_desc.load([r0, kk * GPT]).to(tl.float32)
             # the input's pairs and group sums as 1-D loads (one copy a tile, broadcast along the rows in registers)
-            i0, i1, i2, i3, i4, i5, i6, i7 = _pairs8(xp_ptr, tok, CPB, NW, w0 + tl.arange(0, BLOCK_W))
+            i0, i1, i2, i3, i4, i5, i6, i7 = _pairs8(xp_ptr, tok, CPB, NW, (w0 + tl.arange(0, BLOCK_W))[None, :])
             xscale = tl.load(sc_ptr + tok * ((K + XCH - 1) // XCH) + (w0 * PER) // XCH)
             xg = tl.load(xg_ptr + tok * (K // GROUP) + kk * GPT + tl.arange(0, GPT))[None, :]
-            dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
-            for k in tl.static_range(CPB):
-                if BITS == 8:
-                    b = word
-                else:
-                    b = (word >> (k * BITS)) & (((1 << BITS) - 1) * 0x01010101)
-                lo = tl.broadcast_to(_pick(2 * k, i0, i1, i2, i3, i4, i5, i6, i7)[None, :], (BLOCK_M, BLOCK_W))
-                hi = tl.broadcast_to(_pick(2 * k + 1, i0, i1, i2, i3, i4, i5, i6, i7)[None, :], (BLOCK_M, BLOCK_W))
-                dot = _dp2a(lo, b, dot, False, ASM)
-                dot = _dp2a(hi, b, dot, True, ASM)
+            dot = _mode6_dot(word, i0, i1, i2, i3, i4, i5, i6, i7, CPB, BITS, ASM)
             accg += (scale * xscale) * tl.sum(tl.reshape(dot, (BLOCK_M, GPT, WPG)), axis=2).to(tl.float32) \
                 + offset * xg
             if kk == NK - 1:

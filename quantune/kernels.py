@@ -402,6 +402,23 @@ if triton is not None:
         return p0, p1, p2, p3, p4, p5, p6, p7, scale * xscale, off
 
     @triton.jit
+    def _mode6_dot(word, i0, i1, i2, i3, i4, i5, i6, i7, CPB: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+        """Mode 6's integer dot products of a word tile's codes with the input's 16-bit pairs ``i0..i7``
+        (:func:`_mode6_tile`; broadcast to the tile's shape where given per word only): per word, ``(word >> k
+        BITS) & mask`` puts four whole codes in a register's bytes and two ``dp2a`` multiply-add them."""
+        dot = tl.zeros(word.shape, dtype=tl.int32)
+        for k in tl.static_range(CPB):
+            if BITS == 8:
+                b = word
+            else:
+                b = (word >> (k * BITS)) & (((1 << BITS) - 1) * 0x01010101)
+            lo = tl.broadcast_to(_pick(2 * k, i0, i1, i2, i3, i4, i5, i6, i7), word.shape)
+            hi = tl.broadcast_to(_pick(2 * k + 1, i0, i1, i2, i3, i4, i5, i6, i7), word.shape)
+            dot = _dp2a(lo, b, dot, False, ASM)
+            dot = _dp2a(hi, b, dot, True, ASM)
+        return dot
+
+    @triton.jit
     def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, xs_ptr, xqs_ptr, xp_ptr, xqp_ptr, sc_ptr, qsc_ptr, xg_ptr,
                      a_ptr, bx_ptr, bq_ptr, y_ptr, y1_ptr, y2_ptr, M, M1, M2, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
@@ -610,14 +627,7 @@ if triton is not None:
                         i0, i1, i2, i3, i4, i5, i6, i7, sx, off = _mode6_tile(
                             xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, w0, wtile, groups,
                             K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
-                    dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
-                    for k in tl.static_range(CPB):
-                        if BITS == 8:
-                            b = word
-                        else:
-                            b = (word >> (k * BITS)) & (((1 << BITS) - 1) * 0x01010101)
-                        dot = _dp2a(_pick(2 * k, i0, i1, i2, i3, i4, i5, i6, i7), b, dot, False, ASM)
-                        dot = _dp2a(_pick(2 * k + 1, i0, i1, i2, i3, i4, i5, i6, i7), b, dot, True, ASM)
+                    dot = _mode6_dot(word, i0, i1, i2, i3, i4, i5, i6, i7, CPB, BITS, ASM)
                     if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
                         acc += sx * dot.to(tl.float32) + off
                     else:  # integer sums per group first, then one coefficient each (no per-word gather)
