@@ -57,6 +57,8 @@ def main() -> None:
                                                       "program of the input preparation and per 16-bit rounding "
                                                       "scale of mode 6, which bounds its tile: 1024 holds 64 words "
                                                       "at 2 bits), e.g. 1024,2048; default the library's")
+    p.add_argument("--prep-split", default="", help="for the whole call: quantune.kernels.PREP_SPLIT settings to try "
+                                                     "(mode 6: preparation programs per chunk of the input's rounding)")
     p.add_argument("--span", default="", help="rtn's mode 6: tiles that may cover two chunks of the input's rounding "
                                               "(quantune.kernels.gemv_matmul's span), 0/1 settings to try on every "
                                               "config and whole call; default: off for the configs, the library's "
@@ -140,18 +142,20 @@ def main() -> None:
                 return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
             pdls = [bool(int(v)) for v in args.prep_pdl.split(",")] if args.prep_pdl else [kernels.PREP_PDL]
             warps_list = [int(v) for v in args.prep_warps.split(",")] if args.prep_warps else [kernels.PREP_WARPS]
+            splits_list = [int(v) for v in args.prep_split.split(",")] if args.prep_split else [kernels.PREP_SPLIT]
             xds = [bool(int(v)) for v in args.prep_xd.split(",")] if args.prep_xd else [kernels.PREP_XD]
             lates = [bool(int(v)) for v in args.late.split(",")] if args.late else [None]
-            settings = [(v, w, pw, xd, md, lt, sp) for md in modes for v in pdls for w in wholes for pw in warps_list
-                        for xd in xds for lt in lates for sp in spans]
+            settings = [(v, w, pw, xd, md, lt, sp, ps) for md in modes for v in pdls for w in wholes
+                        for pw in warps_list for xd in xds for lt in lates for sp in spans for ps in splits_list]
             settings = [s for s in settings if s[4] == 6 or s[1] is None or s[1][3] != 2]  # prefetch 2: mode 6 only
-            for prep_pdl, tile, prep_warps, prep_xd, mode, late, span in settings:
+            for prep_pdl, tile, prep_warps, prep_xd, mode, late, span, prep_split in settings:
                 saved = (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
                          kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES,
-                         kernels.gemv_span)
+                         kernels.gemv_span, kernels.PREP_SPLIT)
                 if span is not None:
                     kernels.gemv_span = lambda *a, span=span, **kw: span
                 kernels.PREP_PDL, kernels.PREP_WARPS, kernels.PREP_XD = prep_pdl, prep_warps, prep_xd
+                kernels.PREP_SPLIT = prep_split
                 if late is not None:  # on every layer size
                     kernels.GEMV_LATE, kernels.LATE_MAX_BYTES = late, 1 << 40
                 late_used = kernels.gemv_late(form, bits, mode, q.codes, kernels.pdl_enabled(x))
@@ -168,12 +172,13 @@ def main() -> None:
                 finally:
                     (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
                      kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES,
-                     kernels.gemv_span) = saved
+                     kernels.gemv_span, kernels.PREP_SPLIT) = saved
                 used = list((*tile, 1)[:5]) if tile is not None else \
                     [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits, k, n)]
                 row = dict(k=k, n=n, method=spec, prep_columns=cols, mode=mode, span=span,
                            whole_call_us=t_whole * 1e6 if t_whole else None,
-                           late=late_used, prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd, tile=used,
+                           late=late_used, prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd,
+                           prep_split=prep_split, tile=used,
                            default_tile=[bm0, nw0, bw0, split0], bf16_us=t_bf16 * 1e6,
                            whole_x_bf16=t_bf16 / t_whole if t_whole else None, bytes_read=read,
                            whole_rel_diff=float((got.float() - want).norm() / want.norm()))

@@ -730,7 +730,7 @@ if triton is not None:
     def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, amax_ptr, xp16_ptr, sc_ptr, xg_ptr, K: tl.constexpr,
                      G: tl.constexpr, PER: tl.constexpr, HAS_V: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr,
                      GS: tl.constexpr = 0, TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False,
-                     XD: tl.constexpr = True):
+                     XD: tl.constexpr = True, SCH: tl.constexpr = 0):
         """CH columns of one token: the input in float32, de-interleaved for the GEMV (``xd[t, j, w] =
         x[t, w * PER + j]``) and summed per word (``xs[t, w]``); with HAS_V the DCT's FFT input ``v`` of
         each G-long group (signs applied, even entries in order, odd entries reversed behind them:
@@ -741,15 +741,27 @@ if triton is not None:
         with programmatic dependent launch start at once (:func:`_gdc_launch_dependents`). WAIT: this kernel
         was itself launched with programmatic dependent launch (it starts while the kernel before it ends)
         and waits for that kernel before it reads or writes memory. XD False: ``xd`` is not written (mode 6
-        reads the pairs and sums only)."""
+        reads the pairs and sums only). SCH > CH (PAIRS 2): the scale's chunk is SCH columns, shared by
+        SCH / CH programs; each reads the whole chunk for its maximum and rounds its own CH columns (the
+        chunk's first program stores the scale)."""
         _pdl_start(TRIGGER, WAIT)
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
         m = c < K
         xv = tl.load(x_ptr + tok * K + c, mask=m, other=0.0).to(tl.float32)
         if PAIRS == 2:  # the sums below then add the rounded inputs the dot products see
-            scale = tl.maximum(tl.max(tl.abs(xv), axis=0), 1e-30) / 32767.0
-            tl.store(sc_ptr + tok * tl.num_programs(1) + tl.program_id(1), scale)
+            if SCH > CH:  # the chunk's maximum over all its programs' columns
+                cs = (tl.program_id(1) // (SCH // CH)) * SCH + tl.arange(0, SCH)
+                amax = tl.max(tl.abs(tl.load(x_ptr + tok * K + cs, mask=cs < K, other=0.0).to(tl.float32)), axis=0)
+                nch = (K + SCH - 1) // SCH
+                chunk = tl.program_id(1) // (SCH // CH)
+            else:
+                amax = tl.max(tl.abs(xv), axis=0)
+                nch = tl.num_programs(1)
+                chunk = tl.program_id(1)
+            scale = tl.maximum(amax, 1e-30) / 32767.0
+            SUB: tl.constexpr = SCH // CH if SCH > CH else 1
+            tl.store(sc_ptr + tok * nch + chunk, scale, mask=tl.program_id(1) % SUB == 0)
             _store_pairs(xp16_ptr, tok, xv, scale, c, m, PER, K // PER, 8 // (32 // PER))
             qf = xv / scale
             rounded = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int32).to(tl.float32) * scale
@@ -1416,6 +1428,7 @@ PREP_COLUMNS = 1024  # columns of one token per program of the input-preparation
 # sweep_gemv_prep_pdl.json): rtn-4 4096x14336 10.73 us against 11.60, 4096x4096 5.2 against 5.8.
 PREP_PDL = True
 PREP_WARPS = 4  # warps per program of the input-preparation kernel (_prep_kernel)
+PREP_SPLIT = 1  # mode 6: programs of the input preparation per chunk of its 16-bit rounding (one scale a chunk)
 # Whether mode 6's preparation also writes the float32 de-interleaved input: mode 6 never reads it, so False
 # (prepared_input's xd left unwritten for mode 6). H200, whole call, cold L2 (kernel_sweeps/sweep_gemv_mode7.json):
 # 0.1-0.6 us less on 7 of the 8 rtn cases (rtn-4 4096x14336 10.49 against 10.76 us, rtn-2 14336x4096 9.88 against
@@ -1603,7 +1616,11 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     fused_dct = needs_xq and not given and form.transform == "dct"
     fused_pairs = pairs is True and (fused_dct or not needs_xq)  # both inputs' pairs from the kernels below
     g = form.group if fused_dct else k
-    ch = prep_columns(k, per)
+    ch = xch = prep_columns(k, per)
+    if chunked:  # PREP_SPLIT programs share each chunk's scale, unless that would cut a group's sum
+        ch = max(xch // PREP_SPLIT, per)
+        if form.group < k and xch % form.group == 0 and ch % form.group:
+            ch = xch
     grid = (t, triton.cdiv(k, ch))
     x = x.contiguous()
     v = torch.empty(t, k, device=x.device, dtype=torch.float32) if fused_dct else xd
@@ -1612,16 +1629,16 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     xp = torch.empty(t, 8 // bits, 2, k // per, device=x.device, dtype=torch.int32) if chunked or fused_pairs else None
     xqp = sc = qsc = xg = None
     gs = 0
-    if chunked:  # mode 6: each program rounds its own columns with its own scale
-        sc = torch.empty(t, grid[1], device=x.device, dtype=torch.float32)
-        if form.group < ch and ch % form.group == 0:  # sums per group, for tiles across groups
+    if chunked:  # mode 6: each chunk of xch columns rounded with its own scale
+        sc = torch.empty(t, triton.cdiv(k, xch), device=x.device, dtype=torch.float32)
+        if form.group < k and ch % form.group == 0:  # sums per group, for tiles across groups (or chunks)
             gs = form.group
             xg = torch.empty(t, k // gs, device=x.device, dtype=torch.float32)
     _prep_kernel[grid](x, xd, xs, signs, v, amax, xp.view(torch.int16) if chunked else xd, sc if chunked else xd,
                        xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,
                        PAIRS=2 if chunked else int(fused_pairs), CH=ch, GS=gs,
                        TRIGGER=trigger and not needs_xq and not (pairs is True and not fused_pairs),
-                       WAIT=chain, XD=PREP_XD or not chunked, num_warps=PREP_WARPS,
+                       WAIT=chain, XD=PREP_XD or not chunked, SCH=xch if chunked else 0, num_warps=PREP_WARPS,
                        **({"launch_pdl": True} if chain else {}))
     if fused_dct:  # cast, de-interleave and DCT pre-step in one kernel, then one rfft and one post kernel
         spectrum = torch.view_as_real(torch.fft.rfft(v.view(t * (k // g), g), dim=-1))

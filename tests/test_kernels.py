@@ -372,18 +372,22 @@ def _parseval_scale(x, form):
 
 @pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(method="rtn", bits=4),
                                  QuantConfig(method="rtn", bits=2, group_size=32, symmetric=False),
-                                 QuantConfig(method="rtn", bits=8, group_size=32)],
-                         ids=["rtn4-g64", "rtn4-row", "rtn2-g32", "rtn8-g32"])
+                                 QuantConfig(method="rtn", bits=8, group_size=32),
+                                 QuantConfig(method="rtn", bits=4, group_size=128)],
+                         ids=["rtn4-g64", "rtn4-row", "rtn2-g32", "rtn8-g32", "rtn4-g128"])
 @pytest.mark.parametrize("block", [(4, 128, 4, 1), (16, 8, 2, 2), (8, 4, 1, 1), (4, 32, 1, 1, True)],
                          ids=["wide", "split", "in-group", "two-chunks"])
 def test_mode6_is_exact_for_the_chunk_rounded_input(cfg, block, monkeypatch):
     """Mode 6 computes ``x_r W^T`` exactly (up to float32 sums) for ``x`` rounded to 16 bits with one
     scale per chunk of columns: four chunks here, tiles inside a group, across groups and split in K, and
-    tiles covering two chunks (``span``: two scales a tile, per group or per word of a row-long group)."""
+    tiles covering two chunks (``span``: two scales a tile, per group, per word of a row-long group, or
+    per chunk-long group). The input's preparation runs two programs a chunk (PREP_SPLIT) for the tiles
+    across groups."""
     pytest.importorskip("triton")
     from quantune import kernels
 
     monkeypatch.setattr(kernels, "PREP_COLUMNS", 128)
+    monkeypatch.setattr(kernels, "PREP_SPLIT", 2 if block[1] == 8 else 1)
     kernels._PREPARED.clear()
     q = _layer(cfg, out=21, inp=512)
     form = _form(q)
@@ -397,8 +401,9 @@ def test_mode6_is_exact_for_the_chunk_rounded_input(cfg, block, monkeypatch):
     w = q.dequantize()
     torch.testing.assert_close(got, x_r @ w.T, rtol=1e-5, atol=1e-5)
     assert float((got - x @ w.T).norm() / (x @ w.T).norm()) < 2e-4
-    xg = kernels.prepared_input(x, form, cfg.bits, pairs="chunk")[8]
-    if form.group < 128:  # group sums for tiles across groups
+    xg, sc = (kernels.prepared_input(x, form, cfg.bits, pairs="chunk")[i] for i in (8, 6))
+    torch.testing.assert_close(sc, scale.view(3, 4))
+    if form.group < 512:  # group sums for tiles across groups or chunks
         torch.testing.assert_close(xg, x_r.view(3, -1, form.group).sum(-1), rtol=1e-5, atol=1e-5)
     else:
         assert xg is None
