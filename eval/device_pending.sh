@@ -65,6 +65,18 @@ sys.argv = ["bench_generate", "--contenders", "rtn-4", "--new-tokens", "64", "--
 runpy.run_module("eval.bench_generate", run_name="__main__")
 PY
              done ;;
+  chunk-split) # issue 5: why the 256-word tile runs faster with 2048-column chunks than over two 1024-column ones
+             # (ncu, same process), then 2048-column chunks with 1, 2 or 4 preparation programs each (PREP_SPLIT)
+             mkdir -p "$out/ncu" "$out/long" "$out/many"
+             timeout 150 ncu --clock-control none -k regex:_gemv_kernel --section SpeedOfLight --section MemoryWorkloadAnalysis \
+               --section WarpStateStats --section InstructionStats python -m eval.profile_gemv --calls 1 \
+               --cases rtn-4:14336x4096:1x1x256:1024s,rtn-4:14336x4096:1x1x256:2048 > "$out/ncu/ncu_chunk_gap.txt" 2>&1 || true
+             OUT="$out/long" timeout 200 python -m eval.sweep_gemv --methods rtn-4,rtn-2 --shapes 14336x4096 \
+               --configs 1x1x256,1x1x128 --splits 1 --evict evict_first --whole-configs default,1x1x256,1x1x256u2,default \
+               --prep-columns 1024,2048 --prep-split 1,2,4 > "$out/long/log.txt" 2>&1 || true
+             OUT="$out/many" timeout 180 python -m eval.sweep_gemv --methods rtn-4,rtn-2 --shapes 4096x14336,8192x28672 \
+               --configs 4x1x64 --splits 1 --evict evict_first --whole-configs default,default --prep-columns 1024,2048 \
+               --prep-split 1,2 > "$out/many/log.txt" 2>&1 || true ;;
   generate-noshare) python -m eval.bench_generate --contenders bf16,rtn-4 --new-tokens 64 --compile --no-share-pass \
                --out "$out/bench_generate_noshare" ;;   # issue 5: the same compile without quantune's ShareInputs pass
   generate-kashin) python -m eval.bench_generate --contenders bf16,kashin-4,kashin-2 --new-tokens 64 --compile \
@@ -86,5 +98,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, chunk-split, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
 esac
