@@ -52,7 +52,8 @@ PY
              done ;;
   generate-tiles-ab) # issue 5: rtn-4 generation with the library's 4-bit GEMV defaults ("plain": the 4x1x64 tile,
              # rolled long rows) against the ninth session's ("prefetch-unroll": 4x1x64 prefetching and unrolled twice,
-             # long rows unrolled 4x), and each change alone ("rows-prefetch", "long-unroll"); one process each
+             # long rows unrolled 4x), and each change alone ("rows-prefetch", "long-unroll"), or against 1024-column
+             # rounding chunks on long rows ("chunk1024", AB_VARIANTS="chunk1024 plain"); one process each
              for v in ${AB_VARIANTS:-plain prefetch-unroll plain rows-prefetch long-unroll}; do
                python - "$v" "$out/bench_generate_$v" <<'PY'
 import runpy, sys
@@ -61,6 +62,8 @@ if sys.argv[1] in ("prefetch-unroll", "rows-prefetch"):
     kernels.GEMV_TILES_AFFINE = ((4, 1, 64, True), (2, 1, 128, False))
 if sys.argv[1] in ("prefetch-unroll", "long-unroll"):
     kernels.GEMV_UNROLL_LONG_ROWS = {2: 2, 4: 4}
+if sys.argv[1] == "chunk1024":  # the fifteenth session's default before: 1024-column chunks and 128 words on long rows
+    kernels.ROUNDING_COLUMNS_LONG = {}
 sys.argv = ["bench_generate", "--contenders", "rtn-4", "--new-tokens", "64", "--compile", "--out", sys.argv[2]]
 runpy.run_module("eval.bench_generate", run_name="__main__")
 PY

@@ -86,7 +86,7 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, form, bits: int, tables: tupl
     per = 32 // bits
     nw = k // per
     wpg = form.group // per
-    if block_w % wpg or nw % block_w or kernels.prep_columns(k, per) % (block_w * per):
+    if block_w % wpg or nw % block_w or kernels.rounding_columns(k, bits) % (block_w * per):
         raise ValueError(f"tile of {block_w} words does not fit groups of {wpg} words / rows of {nw}")
     w = codes.view(torch.int32)
     a, bx, sym = kernels.affine_args(tables)
@@ -103,7 +103,7 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, form, bits: int, tables: tupl
     pdl = kernels.pdl_enabled(x)
     asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
     _gemv6_tma_kernel[(nprog, t)](w_desc, s_desc, o_desc, xp, sc, xg, y, m, K=k, GROUP=form.group, BITS=bits,
-                                  BLOCK_M=block_m, BLOCK_W=block_w, XCH=kernels.prep_columns(k, per), NPROG=nprog,
+                                  BLOCK_M=block_m, BLOCK_W=block_w, XCH=kernels.rounding_columns(k, bits), NPROG=nprog,
                                   STAGES=stages, SYM=sym, PDL=pdl, ASM=asm, num_warps=warps,
                                   **({"launch_pdl": True} if pdl else {}))
     return y

@@ -33,8 +33,9 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     for case in args.cases.split(","):
         spec, shape, config, *extra = case.split(":")
-        saved_cols = kernels.PREP_COLUMNS
-        kernels.PREP_COLUMNS = int(extra[0].rstrip("s")) if extra else saved_cols
+        saved_cols = kernels.PREP_COLUMNS, kernels.ROUNDING_COLUMNS_LONG
+        if extra:  # the chunk width on every layer
+            kernels.PREP_COLUMNS, kernels.ROUNDING_COLUMNS_LONG = int(extra[0].rstrip("s")), {}
         span = bool(extra) and extra[0].endswith("s")
         method, bits = spec.split("-")
         bits = int(bits)
@@ -52,7 +53,7 @@ def main() -> None:
         for codes in copies:
             y = kernels.gemv_matmul(x, codes, form, bits, block_m=bm, block_w=bw, num_warps=nw, tables=tables,
                                     prepared=prepared, prefetch=config.endswith("p"), span=span)
-        kernels.PREP_COLUMNS = saved_cols
+        kernels.PREP_COLUMNS, kernels.ROUNDING_COLUMNS_LONG = saved_cols
         if args.bf16 and gpu:
             ws = [lin.weight.detach().clone() for _ in range(args.calls)]
             for w in ws:

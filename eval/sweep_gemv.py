@@ -56,9 +56,11 @@ def main() -> None:
     p.add_argument("--prep-columns", default="", help="quantune.kernels.PREP_COLUMNS settings to try (columns per "
                                                       "program of the input preparation and per 16-bit rounding "
                                                       "scale of mode 6, which bounds its tile: 1024 holds 64 words "
-                                                      "at 2 bits), e.g. 1024,2048; default the library's")
+                                                      "at 2 bits; given, it holds on long rows too, in place of "
+                                                      "ROUNDING_COLUMNS_LONG), e.g. 1024,2048; default the library's")
     p.add_argument("--prep-split", default="", help="for the whole call: quantune.kernels.PREP_SPLIT settings to try "
-                                                     "(mode 6: preparation programs per chunk of the input's rounding)")
+                                                     "(mode 6: preparation programs per chunk of the input's rounding, "
+                                                     "for chunks wider than PREP_COLUMNS)")
     p.add_argument("--span", default="", help="rtn's mode 6: tiles that may cover two chunks of the input's rounding "
                                               "(quantune.kernels.gemv_matmul's span), 0/1 settings to try on every "
                                               "config and whole call; default: off for the configs, the library's "
@@ -89,11 +91,14 @@ def main() -> None:
         w16s = [lin.weight] + [lin.weight.detach().clone() for _ in range(bench_kernels.cold_copies(2 * k * n) - 1)]
         t_bf16 = bench(rotating([lambda w=w: x @ w.T for w in w16s]))
         w16s = None
-        cols_list = [int(v) for v in args.prep_columns.split(",")] if args.prep_columns else [kernels.PREP_COLUMNS]
+        cols_list = [int(v) for v in args.prep_columns.split(",")] if args.prep_columns else [None]
         for spec, cols in [(s, c) for s in args.methods.split(",") for c in cols_list]:
-            saved_cols, kernels.PREP_COLUMNS = kernels.PREP_COLUMNS, cols
+            saved_cols = kernels.PREP_COLUMNS, kernels.ROUNDING_COLUMNS_LONG
+            if cols is not None:
+                kernels.PREP_COLUMNS, kernels.ROUNDING_COLUMNS_LONG = cols, {}
             method, bits = spec.split("-")
             bits = int(bits)
+            cols = kernels.rounding_columns(k, bits)
             cfg = QuantConfig(method=method, bits=bits, group_size=64 if method == "rtn" else None)
             q, _ = QuantLinear.from_linear(lin, cfg)
             form, tables = q.bitplane_form(), q.level_tables()
@@ -185,7 +190,7 @@ def main() -> None:
                 print("whole", json.dumps(row), flush=True)
                 out.append(row)
             q = copies = None
-            kernels.PREP_COLUMNS = saved_cols
+            kernels.PREP_COLUMNS, kernels.ROUNDING_COLUMNS_LONG = saved_cols
     bench_kernels.save_sweep(out, "sweep_gemv", ("k", "n", "method"), "kernel_us")
 
 

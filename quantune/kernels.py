@@ -1316,7 +1316,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if mode is None:
         mode = gemv_default_mode(affine, bits)
     if mode == 6 and 32 % bits == 0:  # a tile lies inside one chunk of the input's 16-bit rounding, or two (span)
-        xch = prep_columns(x.shape[1], 32 // bits)
+        xch = rounding_columns(x.shape[1], bits)
         block_w = min(block_w, (2 if span else 1) * xch // (32 // bits))
     tile = gemv_block_w(form, bits, block_w, split)
     if tile is None or packed.shape[1] % 4:
@@ -1371,7 +1371,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, ys[1 % len(ys)], ys[-1], m, bounds[0], bounds[1],
         w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
-        PREFETCH=int(prefetch), ASM=asm, XCH=prep_columns(k, 32 // bits), PDL=pdl, NOUT=len(ys), SYM=sym,
+        PREFETCH=int(prefetch), ASM=asm, XCH=rounding_columns(k, bits), PDL=pdl, NOUT=len(ys), SYM=sym,
         EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late),
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
@@ -1428,12 +1428,28 @@ PREP_COLUMNS = 1024  # columns of one token per program of the input-preparation
 # sweep_gemv_prep_pdl.json): rtn-4 4096x14336 10.73 us against 11.60, 4096x4096 5.2 against 5.8.
 PREP_PDL = True
 PREP_WARPS = 4  # warps per program of the input-preparation kernel (_prep_kernel)
-PREP_SPLIT = 1  # mode 6: programs of the input preparation per chunk of its 16-bit rounding (one scale a chunk)
+# Mode 6 at 4 bits on long rows (k >= GEMV_LONG_K, Llama's down projection): the input rounded to 16 bits per
+# 2048 columns (one scale each) instead of PREP_COLUMNS, so the long-row tile reads 256 words (16-byte loads of
+# one group a thread), and the chunks wider than PREP_COLUMNS prepared by PREP_SPLIT programs each (each reads the
+# whole chunk for its maximum). H200, whole call, cold L2, 14336x4096 rtn-4 (kernel_sweeps/sweep_gemv_chunk_split
+# .json): 10.98 us at four programs a chunk, 11.13 at two, 11.20 at one, against 12.16-12.18 with 1024-column
+# chunks and the 128-word tile (kernel alone 9.60 against 10.96 us); rtn-2 gained nothing (9.77 against 9.60-9.66)
+# and neither did the many-row shapes (4096x14336 rtn-4 10.82-11.05 against 10.59-10.63)
+ROUNDING_COLUMNS_LONG = {4: 2048}
+PREP_SPLIT = 4
 # Whether mode 6's preparation also writes the float32 de-interleaved input: mode 6 never reads it, so False
 # (prepared_input's xd left unwritten for mode 6). H200, whole call, cold L2 (kernel_sweeps/sweep_gemv_mode7.json):
 # 0.1-0.6 us less on 7 of the 8 rtn cases (rtn-4 4096x14336 10.49 against 10.76 us, rtn-2 14336x4096 9.88 against
 # 10.50), 14336x4096 rtn-4 within noise (12.24 against 12.09)
 PREP_XD = False
+
+
+def rounding_columns(k: int, bits: int) -> int:
+    """Columns per scale of mode 6's 16-bit input (the chunk of the input's rounding) for a ``k``-wide input of a
+    layer with ``bits``-bit codes: :data:`ROUNDING_COLUMNS_LONG` on long rows, else :func:`prep_columns`."""
+    if k >= GEMV_LONG_K and bits in ROUNDING_COLUMNS_LONG:
+        return min(ROUNDING_COLUMNS_LONG[bits], triton.next_power_of_2(k))
+    return prep_columns(k, 32 // bits)
 
 
 def prep_columns(k: int, per: int) -> int:
@@ -1616,9 +1632,9 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     fused_dct = needs_xq and not given and form.transform == "dct"
     fused_pairs = pairs is True and (fused_dct or not needs_xq)  # both inputs' pairs from the kernels below
     g = form.group if fused_dct else k
-    ch = xch = prep_columns(k, per)
-    if chunked:  # PREP_SPLIT programs share each chunk's scale, unless that would cut a group's sum
-        ch = max(xch // PREP_SPLIT, per)
+    ch = xch = rounding_columns(k, bits) if chunked else prep_columns(k, per)
+    if chunked and xch > PREP_COLUMNS:  # PREP_SPLIT programs share each chunk's scale, unless that would cut
+        ch = max(xch // PREP_SPLIT, per)  # a group's sum
         if form.group < k and xch % form.group == 0 and ch % form.group:
             ch = xch
     grid = (t, triton.cdiv(k, ch))
@@ -1706,6 +1722,9 @@ GEMV_UNROLL_2BIT_MANY_ROWS = 2
 # 14336x4096: 10.9-11.0 us against 11.8 at 2 x 1 x 128 (kernel_sweeps/sweep_gemv_cold, _prefetch_cold); rtn-2 1%.
 GEMV_LONG_K = 8192
 GEMV_TILE_LONG_ROWS = (1, 1, 128, False)
+# ... over 256 words where the input's rounding chunk holds that many (ROUNDING_COLUMNS_LONG: 4 bits): 14336x4096
+# rtn-4 whole call 10.98-11.20 us against 12.16-12.38 for 128 words (kernel_sweeps/sweep_gemv_chunk_split.json)
+GEMV_TILE_LONG_ROWS_WIDE = (1, 1, 256, False)
 GEMV_MIN_PROGRAMS = 512
 # The K loop's unroll factor (fewer address and loop instructions per tile: 74 -> 64 per 32 weights and thread in
 # the one-row loop at 4 bits, read in the sm_90 code) for rtn's prefetching many-row tiles and its long-row tile,
@@ -1729,7 +1748,8 @@ def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = Non
     """(rows per program, warps, words per tile, prefetch) of the GEMV for a ``m``-row layer of ``k``
     columns (``k`` None: as for short rows) and ``bits``-bit codes."""
     if affine and k is not None and k >= GEMV_LONG_K and GEMV_MIN_WARPS <= m < GEMV_LONG_K:
-        return GEMV_TILE_LONG_ROWS
+        wide = bits is not None and 32 % bits == 0 and rounding_columns(k, bits) // (32 // bits) >= 256
+        return GEMV_TILE_LONG_ROWS_WIDE if wide else GEMV_TILE_LONG_ROWS
     if _many_rows_2bit(m, affine, bits):
         return GEMV_TILE_2BIT_MANY_ROWS
     tiles = (GEMV_TILES_AFFINE_2BIT if bits == 2 else GEMV_TILES_AFFINE) if affine else GEMV_TILES
@@ -1746,7 +1766,7 @@ def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: in
     if not affine:
         big = any(n is not None and n >= GEMV_LONG_K for n in (k, m))
         return GEMV_UNROLL_KASHIN if tile == GEMV_TILES[-1] and (big or bits == 2) else 1
-    if tile == GEMV_TILE_LONG_ROWS:
+    if tile in (GEMV_TILE_LONG_ROWS, GEMV_TILE_LONG_ROWS_WIDE):
         return GEMV_UNROLL_LONG_ROWS.get(bits, 1)
     if _many_rows_2bit(m, affine, bits) and tile == GEMV_TILE_2BIT_MANY_ROWS:
         return GEMV_UNROLL_2BIT_MANY_ROWS
