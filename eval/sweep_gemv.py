@@ -42,6 +42,8 @@ def main() -> None:
                                                          "with, in place of the library's choice (gemv_tile); 'default': "
                                                          "the library's")
     p.add_argument("--splits", default="1,2")
+    p.add_argument("--group", default="64", help="rtn's group size, or 'row' (one scale per row, as the generation "
+                                                 "benchmark quantizes)")
     p.add_argument("--evict", default="", help="L2 eviction policies of the codes' loads to try, e.g. ',evict_first'")
     p.add_argument("--prep-pdl", default="", help="for the whole call: quantune.kernels.PREP_PDL settings to try "
                                                   "(0/1: the input preparation launched plainly or with PDL), "
@@ -99,7 +101,8 @@ def main() -> None:
             method, bits = spec.split("-")
             bits = int(bits)
             cols = kernels.rounding_columns(k, bits)
-            cfg = QuantConfig(method=method, bits=bits, group_size=64 if method == "rtn" else None)
+            group = (None if args.group == "row" else int(args.group)) if method == "rtn" else None
+            cfg = QuantConfig(method=method, bits=bits, group_size=group)
             q, _ = QuantLinear.from_linear(lin, cfg)
             form, tables = q.bitplane_form(), q.level_tables()
             affine = tables[2]
@@ -133,7 +136,7 @@ def main() -> None:
                     print(f"{spec} {k}x{n} {bm}x{nw}x{bw} split {split}: {type(exc).__name__}: {exc}"[:200])
                     continue
                 err = float((got - want).norm() / want.norm())
-                row = dict(k=k, n=n, method=spec, prep_columns=cols, mode=mode, block_m=bm, warps=nw, block_w=bw,
+                row = dict(k=k, n=n, method=spec, group=args.group, prep_columns=cols, mode=mode, block_m=bm, warps=nw, block_w=bw,
                            prefetch=pre, unroll=unroll, span=bool(span), split=split, evict=evict,
                            kernel_us=t * 1e6 if t else None, read_GBps=read / t / 1e9 if t else None,
                            bf16_us=t_bf16 * 1e6, kernel_x_bf16=t_bf16 / t if t else None,
@@ -180,7 +183,7 @@ def main() -> None:
                      kernels.gemv_span, kernels.PREP_SPLIT) = saved
                 used = list((*tile, 1)[:5]) if tile is not None else \
                     [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits, k, n)]
-                row = dict(k=k, n=n, method=spec, prep_columns=cols, mode=mode, span=span,
+                row = dict(k=k, n=n, method=spec, group=args.group, prep_columns=cols, mode=mode, span=span,
                            whole_call_us=t_whole * 1e6 if t_whole else None,
                            late=late_used, prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd,
                            prep_split=prep_split, tile=used,
