@@ -371,12 +371,13 @@ if triton is not None:
     def _mode6_tile(xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, w0, wtile, groups,
                     K: tl.constexpr, NW: tl.constexpr, CPB: tl.constexpr, PER: tl.constexpr, XCH: tl.constexpr,
                     WPG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, GPT: tl.constexpr,
-                    GROUP: tl.constexpr, SYM: tl.constexpr, BITS: tl.constexpr):
+                    GROUP: tl.constexpr, SYM: tl.constexpr, BITS: tl.constexpr, SWPG: tl.constexpr):
         """What GEMV mode 6 reads for the word tile at ``w0`` besides its codes: the input's 16-bit pairs
         (:func:`_pairs8`), ``scale * xscale`` and ``offset * xsum`` per (row, word) where the tile lies in one
         group, else per (row, group) (``xsum``: the input's word or group sums). A tile lies inside one
         XCH-column chunk of the input (one input scale) or covers two whole chunks (two scales, each word or
-        group taking its half's: two loads a tile, no gather)."""
+        group taking its half's: two loads a tile, no gather). SWPG: words per sum of the input (``xs`` per word
+        where a sum's words, SWPG, cover the tile, else ``xg`` per SWPG words: a group, or a part of a group)."""
         offs = w0 + wtile
         p0, p1, p2, p3, p4, p5, p6, p7 = _pairs8(xp_ptr, tok, CPB, NW, offs)
         SPAN: tl.constexpr = BLOCK_W * PER > XCH
@@ -386,19 +387,19 @@ if triton is not None:
         xscale = tl.load(xsc)
         if SPAN:
             xscale2 = tl.load(xsc + 1)
-        if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
+        if SWPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
             if SPAN:
                 xscale = tl.where(wtile < BLOCK_W // 2, xscale, xscale2)
             scale, offset = _affine(a_ptr, bx_ptr, (rows * groups + w0 // WPG)[:, None], rmask[:, None], SYM, BITS)
             off = offset * tl.load(xs_ptr + tok * NW + offs)
         else:
-            tl.static_assert(not SPAN or XCH % GROUP == 0, "a group's integer sum has one input scale")
+            tl.static_assert(not SPAN or XCH % (SWPG * PER) == 0, "a group's integer sum has one input scale")
             gl = tl.broadcast_to(tl.arange(0, GPT)[None, :], (BLOCK_M, GPT))
             if SPAN:
                 xscale = tl.where(gl < GPT // 2, xscale, xscale2)
-            gcols = w0 // WPG + gl
+            gcols = (w0 + gl * SWPG) // WPG  # the coefficients' group of each sum
             scale, offset = _affine(a_ptr, bx_ptr, rows[:, None] * groups + gcols, rmask[:, None], SYM, BITS)
-            off = offset * tl.load(xg_ptr + tok * (K // GROUP) + gcols)
+            off = offset * tl.load(xg_ptr + tok * (K // (SWPG * PER)) + w0 // SWPG + gl)
         return p0, p1, p2, p3, p4, p5, p6, p7, scale * xscale, off
 
     @triton.jit
@@ -425,7 +426,7 @@ if triton is not None:
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
                      NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = "",
-                     UNROLL: tl.constexpr = 1, LATE: tl.constexpr = False):
+                     UNROLL: tl.constexpr = 1, LATE: tl.constexpr = False, SUMG: tl.constexpr = 0):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -486,7 +487,9 @@ if triton is not None:
         wcols = tl.arange(0, BLOCK_W)
         wtile = tl.broadcast_to(wcols[None, :], (BLOCK_M, BLOCK_W))  # word offsets in the tile's shape
         acc = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
-        GPT: tl.constexpr = BLOCK_W // WPG if WPG < BLOCK_W else 1  # groups per tile (mode 6)
+        # mode 6: the input's sums per SUMG columns (xg) where given (SUMG < GROUP: parts of a group), else per group
+        SWPG: tl.constexpr = (SUMG if SUMG > 0 else GROUP) // PER
+        GPT: tl.constexpr = BLOCK_W // SWPG if SWPG < BLOCK_W else 1  # input sums per tile (mode 6)
         tl.static_assert(not LATE or (MODE == 5 and KU < BITS and not PREFETCH), "LATE: mode 5 with xq, no prefetch")
         NPHASE: tl.constexpr = 2 if LATE else 1
         accg = tl.zeros([BLOCK_M, GPT], dtype=tl.float32)           # mode 6 across groups: per (row, group)
@@ -507,7 +510,7 @@ if triton is not None:
             tl.static_assert(MODE == 6, "PREFETCH 2 serves mode 6")
             n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff = _mode6_tile(
                 xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, part * CHUNK, wtile, groups,
-                K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
+                K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS, SWPG)
         # LATE (mode 5): x's planes (pass 0), then the wait, then xq's (pass 1); else one pass over all planes.
         # Whether a pass reads x (the planes below KU): (not LATE) or phase == 0; xq (the planes from KU):
         # KU < BITS and ((not LATE) or phase == 1), written out where used (constexprs cannot be reassigned)
@@ -622,16 +625,16 @@ if triton is not None:
                         n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff = _mode6_tile(
                             xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask,
                             w0 + BLOCK_W * (i + BLOCK_W < CHUNK), wtile, groups,  # the last tile reloads itself
-                            K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
+                            K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS, SWPG)
                     else:
                         i0, i1, i2, i3, i4, i5, i6, i7, sx, off = _mode6_tile(
                             xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, w0, wtile, groups,
-                            K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS)
+                            K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS, SWPG)
                     dot = _mode6_dot(word, i0, i1, i2, i3, i4, i5, i6, i7, CPB, BITS, ASM)
-                    if WPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
+                    if SWPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
                         acc += sx * dot.to(tl.float32) + off
-                    else:  # integer sums per group first, then one coefficient each (no per-word gather)
-                        accg += sx * tl.sum(tl.reshape(dot, (BLOCK_M, GPT, WPG)), axis=2).to(tl.float32) + off
+                    else:  # integer sums per group (or part) first, then one coefficient each (no per-word gather)
+                        accg += sx * tl.sum(tl.reshape(dot, (BLOCK_M, GPT, SWPG)), axis=2).to(tl.float32) + off
                 else:
                     p0, p1, p2, p3, p4, p5, p6, p7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32))
                     for j in tl.static_range(PER):
@@ -713,7 +716,7 @@ if triton is not None:
             if ONE_GROUP:
                 out += tl.sum(accn, axis=1)
         if MODE == 6:
-            if WPG < BLOCK_W:
+            if SWPG < BLOCK_W:
                 out = tl.sum(accg, axis=1)
         if NOUT == 2:
             tl.store(tl.where(rows < M1, y_ptr + tok * M1 + rows, y1_ptr + tok * (M - M1) + (rows - M1)),
@@ -1357,6 +1360,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg = prepared
     if xp is None:
         xp, xqp, sc, qsc = xd, xqd, xs, xqs  # unused by the kernel
+    sumg = k // xg.shape[1] if mode == 6 and xg is not None and form.group >= k else 0  # sums over parts of a row
     if xg is None:
         xg = xs  # unused by the kernel
     asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -1372,7 +1376,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         PREFETCH=int(prefetch), ASM=asm, XCH=rounding_columns(k, bits, form.group), PDL=pdl, NOUT=len(ys), SYM=sym,
-        EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late),
+        EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late), SUMG=sumg,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 
@@ -1440,6 +1444,8 @@ PREP_WARPS = 4  # warps per program of the input-preparation kernel (_prep_kerne
 # (bench_generate_ab_chunk_{1024,2048}.md)
 ROUNDING_COLUMNS_LONG = {4: 2048}
 PREP_SPLIT = 4
+ROUNDING_LONG_PER_ROW = True  # also for one group a row: the input then summed per SUM_COLUMNS columns (xg)
+SUM_COLUMNS = 64
 # Whether mode 6's preparation also writes the float32 de-interleaved input: mode 6 never reads it, so False
 # (prepared_input's xd left unwritten for mode 6). H200, whole call, cold L2 (kernel_sweeps/sweep_gemv_mode7.json):
 # 0.1-0.6 us less on 7 of the 8 rtn cases (rtn-4 4096x14336 10.49 against 10.76 us, rtn-2 14336x4096 9.88 against
@@ -1451,7 +1457,7 @@ def rounding_columns(k: int, bits: int, group: int | None = None) -> int:
     """Columns per scale of mode 6's 16-bit input (the chunk of the input's rounding) for a ``k``-wide input of a
     layer with ``bits``-bit codes in groups of ``group`` columns: :data:`ROUNDING_COLUMNS_LONG` on long rows in
     groups shorter than the row, else :func:`prep_columns`."""
-    if k >= GEMV_LONG_K and bits in ROUNDING_COLUMNS_LONG and group is not None and group < k:
+    if k >= GEMV_LONG_K and bits in ROUNDING_COLUMNS_LONG and (ROUNDING_LONG_PER_ROW or (group or k) < k):
         return min(ROUNDING_COLUMNS_LONG[bits], triton.next_power_of_2(k))
     return prep_columns(k, 32 // bits)
 
@@ -1591,7 +1597,8 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     ``True``: one scale per token for mode 5, ``"chunk"``: one per :func:`prep_columns` columns for
     mode 6, ``sc`` then ``(T, chunks)``, and ``xd``/``xs`` then hold the rounded input), else None
     there; ``xg``: with ``"chunk"``, the rounded input's sums over each group of ``form.group`` columns
-    when a group is shorter than a chunk, else None.
+    when a group is shorter than the row, or over :data:`SUM_COLUMNS`-column parts of a row-long group where the
+    chunks are wider than :data:`PREP_COLUMNS`, else None.
 
     Layers that take the same input tensor (q/k/v, gate/up) share one transform: the last input is
     kept (a reference, so its memory cannot be reused by another tensor while cached) with its
@@ -1653,6 +1660,9 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         sc = torch.empty(t, triton.cdiv(k, xch), device=x.device, dtype=torch.float32)
         if form.group < k and ch % form.group == 0:  # sums per group, for tiles across groups (or chunks)
             gs = form.group
+        elif form.group >= k and xch > PREP_COLUMNS and ch % SUM_COLUMNS == 0:  # one group a row, wide chunks:
+            gs = SUM_COLUMNS  # sums over parts of the row, so that long tiles add integers per part
+        if gs:
             xg = torch.empty(t, k // gs, device=x.device, dtype=torch.float32)
     _prep_kernel[grid](x, xd, xs, signs, v, amax, xp.view(torch.int16) if chunked else xd, sc if chunked else xd,
                        xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,

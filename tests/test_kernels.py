@@ -409,16 +409,16 @@ def test_mode6_is_exact_for_the_chunk_rounded_input(cfg, block, monkeypatch):
         assert xg is None
 
 
-@pytest.mark.parametrize("group", [64, 1024])
+@pytest.mark.parametrize("group", [64, 1024, None])
 def test_long_rows_at_4_bits_round_the_input_per_2048_columns(group):
-    """The library's long-row set-up at 4 bits in groups shorter than the row (kernels.ROUNDING_COLUMNS_LONG): one
-    scale per 2048 input columns, each chunk prepared by PREP_SPLIT programs, and the long-row tile over 256 words:
-    exact for that rounding."""
+    """The library's long-row set-up at 4 bits (kernels.ROUNDING_COLUMNS_LONG): one scale per 2048 input columns,
+    each chunk prepared by PREP_SPLIT programs, and the long-row tile over 256 words, which adds integers per group,
+    or with one group a row per SUM_COLUMNS columns: exact for that rounding."""
     pytest.importorskip("triton")
     from quantune import kernels
 
     k = kernels.GEMV_LONG_K
-    assert kernels.rounding_columns(k, 4, 64) == 2048 and kernels.PREP_SPLIT > 1
+    assert kernels.rounding_columns(k, 4, group) == 2048 and kernels.PREP_SPLIT > 1
     kernels._PREPARED.clear()
     q = _layer(QuantConfig(method="rtn", bits=4, group_size=group), out=3, inp=k)
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 4, k)
@@ -428,6 +428,9 @@ def test_long_rows_at_4_bits_round_the_input_per_2048_columns(group):
     scale = chunks.abs().amax(-1, keepdim=True) / 32767
     x_r = (torch.round(chunks / scale) * scale).view(2, k)
     torch.testing.assert_close(got, x_r @ q.dequantize().T, rtol=1e-5, atol=1e-5)
+    xg = kernels.prepared_input(x, _form(q), 4, pairs="chunk")[8]
+    sums = x_r.view(2, -1, group or kernels.SUM_COLUMNS).sum(-1)
+    torch.testing.assert_close(xg, sums, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=4)],
@@ -473,16 +476,15 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
     assert gemv_tile(4096, False)[:2] == (2, 1) and gemv_tile(14336, False)[:2] == (2, 1)
     # rtn's long rows, few of them (down projection): one row per warp; short rows or many rows as before
     assert gemv_tile(4096, True, 14336)[:3] == (1, 1, 128) and gemv_tile(4096, True, 4096)[:3] == (2, 1, 128)
-    # ... over a whole 2048-column rounding chunk at 4 bits in groups shorter than the row (256 words), else over
-    # 1024 columns (the tile is clamped to 64 words at 2 bits); the chunk is 2048 columns only on long rows at 4 bits
-    # in groups shorter than the row
+    # ... over a whole 2048-column rounding chunk at 4 bits (256 words), else over 1024 columns (the tile is clamped
+    # to 64 words at 2 bits); the chunk is 2048 columns only on long rows at 4 bits
     from quantune.kernels import rounding_columns
 
     assert gemv_tile(4096, True, 14336, 4, 64)[:3] == (1, 1, 256)
     assert gemv_tile(4096, True, 14336, 2, 64)[:3] == (1, 1, 128)
-    assert gemv_tile(4096, True, 14336, 4, 14336)[:3] == (1, 1, 128) and gemv_tile(4096, True, 14336, 4)[:3] == (1, 1, 128)
+    assert gemv_tile(4096, True, 14336, 4, 14336)[:3] == (1, 1, 256) and gemv_tile(4096, True, 14336, 4)[:3] == (1, 1, 256)
     assert rounding_columns(14336, 4, 128) == 2048 and rounding_columns(8192, 4, 64) == 2048
-    assert rounding_columns(14336, 4, 14336) == 1024 and rounding_columns(14336, 4) == 1024
+    assert rounding_columns(14336, 4, 14336) == 2048 and rounding_columns(14336, 4) == 2048
     assert rounding_columns(4096, 4, 64) == 1024 and rounding_columns(14336, 2, 64) == 1024
     assert rounding_columns(512, 4, 64) == 512
     assert gemv_tile(28672, True, 8192)[:3] == (4, 1, 64) and gemv_tile(4096, False, 14336)[:2] == (2, 1)
