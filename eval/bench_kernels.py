@@ -398,7 +398,7 @@ def main() -> None:
                 return kernels.fused_matmul(x1, layer[0], layer[1], bits, layer[2], out_dtype=x1.dtype)
             got_lib = library(copies[0])
             t_lib = bench(rotating([lambda c=c: library(c) for c in copies]))
-            lib_tile = kernels.gemv_tile(n, tables[2], k, bits, form.group)
+            lib_tile = kernels.gemv_tile(n, tables[2], k, bits)
             lib = {"decode_library_s": t_lib,
                    "library_rel_err_vs_reference": float((got_lib.float() - ref).norm() / ref.norm()),
                    "library_config": {"tile": list(lib_tile),

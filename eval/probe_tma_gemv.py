@@ -86,7 +86,7 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, form, bits: int, tables: tupl
     per = 32 // bits
     nw = k // per
     wpg = form.group // per
-    if block_w % wpg or nw % block_w or kernels.rounding_columns(k, bits, form.group) % (block_w * per):
+    if block_w % wpg or nw % block_w or kernels.rounding_columns(k, bits) % (block_w * per):
         raise ValueError(f"tile of {block_w} words does not fit groups of {wpg} words / rows of {nw}")
     w = codes.view(torch.int32)
     a, bx, sym = kernels.affine_args(tables)
@@ -102,7 +102,7 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, form, bits: int, tables: tupl
     nprog = min(sms * per_sm, -(-m // block_m))
     pdl = kernels.pdl_enabled(x)
     asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    xch = kernels.rounding_columns(k, bits, form.group)
+    xch = kernels.rounding_columns(k, bits)
     _gemv6_tma_kernel[(nprog, t)](w_desc, s_desc, o_desc, xp, sc, xg, y, m, K=k, GROUP=form.group, BITS=bits,
                                   BLOCK_M=block_m, BLOCK_W=block_w, XCH=xch, NPROG=nprog,
                                   STAGES=stages, SYM=sym, PDL=pdl, ASM=asm, num_warps=warps,
@@ -149,7 +149,7 @@ def main() -> None:
             prep = kernels.prepared_input(x, form, bits, pairs="chunk", share=False)
             read = bench_kernels.kernel_bytes(q.codes, form, tables, True)
             copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
-            bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, True, k, bits, form.group)
+            bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, True, k, bits)
             split0 = kernels.gemv_split(n, form, bits, bm0, bw0)
             unroll0 = kernels.gemv_unroll((bm0, nw0, bw0, pre0), True, bits, k, n)
 

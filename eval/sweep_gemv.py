@@ -104,7 +104,7 @@ def main() -> None:
             cfg = QuantConfig(method=method, bits=bits, group_size=group)
             q, _ = QuantLinear.from_linear(lin, cfg)
             form, tables = q.bitplane_form(), q.level_tables()
-            cols = kernels.rounding_columns(k, bits, form.group)
+            cols = kernels.rounding_columns(k, bits)
             affine = tables[2]
             mode0 = kernels.gemv_default_mode(affine, bits)
             modes = [int(v) for v in args.modes.split(",")] if args.modes else [mode0]
@@ -112,7 +112,7 @@ def main() -> None:
                      for md in {mode0, *modes}}
             read = bench_kernels.kernel_bytes(q.codes, form, tables, affine)
             copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
-            bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, affine, k, bits, form.group)
+            bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, affine, k, bits)
             split0 = kernels.gemv_split(n, form, bits, bm0, bw0)
             want = kernels.gemv_matmul(x, q.codes, form, bits, block_m=bm0, block_w=bw0, num_warps=nw0, split=split0,
                                        tables=tables, prepared=preps[mode0], prefetch=pre0)

@@ -1319,7 +1319,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if mode is None:
         mode = gemv_default_mode(affine, bits)
     if mode == 6 and 32 % bits == 0:  # a tile lies inside one chunk of the input's 16-bit rounding, or two (span)
-        xch = rounding_columns(x.shape[1], bits, form.group)
+        xch = rounding_columns(x.shape[1], bits)
         block_w = min(block_w, (2 if span else 1) * xch // (32 // bits))
     tile = gemv_block_w(form, bits, block_w, split)
     if tile is None or packed.shape[1] % 4:
@@ -1375,7 +1375,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, ys[1 % len(ys)], ys[-1], m, bounds[0], bounds[1],
         w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
-        PREFETCH=int(prefetch), ASM=asm, XCH=rounding_columns(k, bits, form.group), PDL=pdl, NOUT=len(ys), SYM=sym,
+        PREFETCH=int(prefetch), ASM=asm, XCH=rounding_columns(k, bits), PDL=pdl, NOUT=len(ys), SYM=sym,
         EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late), SUMG=sumg,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
@@ -1438,13 +1438,14 @@ PREP_WARPS = 4  # warps per program of the input-preparation kernel (_prep_kerne
 # whole chunk for its maximum). H200, whole call, cold L2, 14336x4096 rtn-4 (kernel_sweeps/sweep_gemv_chunk_split
 # .json): 10.98 us at four programs a chunk, 11.13 at two, 11.20 at one, against 12.16-12.18 with 1024-column
 # chunks and the 128-word tile (kernel alone 9.60 against 10.96 us); rtn-2 gained nothing (9.77 against 9.60-9.66)
-# and neither did the many-row shapes (4096x14336 rtn-4 10.82-11.05 against 10.59-10.63). Not with one group a row
-# (the generation benchmark's format; its tile reads word sums, not group sums): 12.71-12.94 us against 11.97-11.99
-# (kernel_sweeps/sweep_gemv_chunk_row.json), and the 8B model generated at 397.8 tokens/s against 402.6
-# (bench_generate_ab_chunk_{1024,2048}.md)
+# and neither did the many-row shapes (4096x14336 rtn-4 10.82-11.05 against 10.59-10.63)
 ROUNDING_COLUMNS_LONG = {4: 2048}
 PREP_SPLIT = 4
-ROUNDING_LONG_PER_ROW = True  # also for one group a row: the input then summed per SUM_COLUMNS columns (xg)
+# ... and for one group a row, the input summed per SUM_COLUMNS columns there (xg), so that the 256-word tile adds
+# integers per part of the row as it does per group (the per-word sums it read before cost it ~1.9 us): 14336x4096
+# one scale a row 10.78-10.86 us against 11.88-11.91 at 1024 columns (kernel_sweeps/sweep_gemv_chunk_row_sums.json;
+# 12.71-12.94 without the part sums, sweep_gemv_chunk_row.json); the 8B model (one scale a row) generated 409.7
+# tokens/s against 401.0 (compiled + CUDA graph, one process each, bench_generate_ab_chunk{2048_sums,1024_b}.md)
 SUM_COLUMNS = 64
 # Whether mode 6's preparation also writes the float32 de-interleaved input: mode 6 never reads it, so False
 # (prepared_input's xd left unwritten for mode 6). H200, whole call, cold L2 (kernel_sweeps/sweep_gemv_mode7.json):
@@ -1453,11 +1454,10 @@ SUM_COLUMNS = 64
 PREP_XD = False
 
 
-def rounding_columns(k: int, bits: int, group: int | None = None) -> int:
+def rounding_columns(k: int, bits: int) -> int:
     """Columns per scale of mode 6's 16-bit input (the chunk of the input's rounding) for a ``k``-wide input of a
-    layer with ``bits``-bit codes in groups of ``group`` columns: :data:`ROUNDING_COLUMNS_LONG` on long rows in
-    groups shorter than the row, else :func:`prep_columns`."""
-    if k >= GEMV_LONG_K and bits in ROUNDING_COLUMNS_LONG and (ROUNDING_LONG_PER_ROW or (group or k) < k):
+    layer with ``bits``-bit codes: :data:`ROUNDING_COLUMNS_LONG` on long rows, else :func:`prep_columns`."""
+    if k >= GEMV_LONG_K and bits in ROUNDING_COLUMNS_LONG:
         return min(ROUNDING_COLUMNS_LONG[bits], triton.next_power_of_2(k))
     return prep_columns(k, 32 // bits)
 
@@ -1643,7 +1643,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     fused_dct = needs_xq and not given and form.transform == "dct"
     fused_pairs = pairs is True and (fused_dct or not needs_xq)  # both inputs' pairs from the kernels below
     g = form.group if fused_dct else k
-    ch = xch = rounding_columns(k, bits, form.group) if chunked else prep_columns(k, per)
+    ch = xch = rounding_columns(k, bits) if chunked else prep_columns(k, per)
     if chunked and xch > PREP_COLUMNS:  # PREP_SPLIT programs share each chunk's scale, unless that would cut
         ch = max(xch // PREP_SPLIT, per)  # a group's sum
         if form.group < k and xch % form.group == 0 and ch % form.group:
@@ -1758,13 +1758,11 @@ GEMV_UNROLL_LONG_ROWS = {2: 2}
 GEMV_UNROLL_KASHIN = 2
 
 
-def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = None,
-              group: int | None = None) -> tuple[int, int, int, bool]:
+def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = None) -> tuple[int, int, int, bool]:
     """(rows per program, warps, words per tile, prefetch) of the GEMV for a ``m``-row layer of ``k``
-    columns (``k`` None: as for short rows), ``bits``-bit codes and groups of ``group`` columns (None: one
-    a row)."""
+    columns (``k`` None: as for short rows) and ``bits``-bit codes."""
     if affine and k is not None and k >= GEMV_LONG_K and GEMV_MIN_WARPS <= m < GEMV_LONG_K:
-        wide = bits is not None and 32 % bits == 0 and rounding_columns(k, bits, group) // (32 // bits) >= 256
+        wide = bits is not None and 32 % bits == 0 and rounding_columns(k, bits) // (32 // bits) >= 256
         return GEMV_TILE_LONG_ROWS_WIDE if wide else GEMV_TILE_LONG_ROWS
     if _many_rows_2bit(m, affine, bits):
         return GEMV_TILE_2BIT_MANY_ROWS
@@ -1824,7 +1822,7 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     serves them (the caller then runs the layers one by one); never split along K."""
     if gemv_supported(form, bits, packed.shape[1]):
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
-        tile = gemv_tile(packed.shape[0], affine, x.shape[1], bits, form.group)
+        tile = gemv_tile(packed.shape[0], affine, x.shape[1], bits)
         block_m, warps, block_w, prefetch = tile
         unroll = gemv_unroll(tile, affine, bits, x.shape[1], packed.shape[0])
         # layers launched together keep their rows whole (split 1): results are stored per layer

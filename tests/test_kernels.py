@@ -418,7 +418,7 @@ def test_long_rows_at_4_bits_round_the_input_per_2048_columns(group):
     from quantune import kernels
 
     k = kernels.GEMV_LONG_K
-    assert kernels.rounding_columns(k, 4, group) == 2048 and kernels.PREP_SPLIT > 1
+    assert kernels.rounding_columns(k, 4) == 2048 and kernels.PREP_SPLIT > 1
     kernels._PREPARED.clear()
     q = _layer(QuantConfig(method="rtn", bits=4, group_size=group), out=3, inp=k)
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 4, k)
@@ -480,13 +480,9 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
     # to 64 words at 2 bits); the chunk is 2048 columns only on long rows at 4 bits
     from quantune.kernels import rounding_columns
 
-    assert gemv_tile(4096, True, 14336, 4, 64)[:3] == (1, 1, 256)
-    assert gemv_tile(4096, True, 14336, 2, 64)[:3] == (1, 1, 128)
-    assert gemv_tile(4096, True, 14336, 4, 14336)[:3] == (1, 1, 256) and gemv_tile(4096, True, 14336, 4)[:3] == (1, 1, 256)
-    assert rounding_columns(14336, 4, 128) == 2048 and rounding_columns(8192, 4, 64) == 2048
-    assert rounding_columns(14336, 4, 14336) == 2048 and rounding_columns(14336, 4) == 2048
-    assert rounding_columns(4096, 4, 64) == 1024 and rounding_columns(14336, 2, 64) == 1024
-    assert rounding_columns(512, 4, 64) == 512
+    assert gemv_tile(4096, True, 14336, 4)[:3] == (1, 1, 256) and gemv_tile(4096, True, 14336, 2)[:3] == (1, 1, 128)
+    assert rounding_columns(14336, 4) == 2048 and rounding_columns(8192, 4) == 2048
+    assert rounding_columns(4096, 4) == 1024 and rounding_columns(14336, 2) == 1024 and rounding_columns(512, 4) == 512
     assert gemv_tile(28672, True, 8192)[:3] == (4, 1, 64) and gemv_tile(4096, False, 14336)[:2] == (2, 1)
     # rtn at 2 bits keeps two tiles of codes in flight on the many-row tile; not at 4 bits, not on other tiles
     # nor for kashin
