@@ -1594,7 +1594,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     """``(xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg)``: the float32 input and transformed input the GEMV kernel
     reads, de-interleaved (``(T, PER, K / PER)``, see :func:`deinterleave`) and summed per 32-bit word
     of codes (``(T, K / PER)``); with ``pairs`` also both rounded to 16 bits (:func:`quantized_pairs`;
-    ``True``: one scale per token for mode 5, ``"chunk"``: one per :func:`prep_columns` columns for
+    ``True``: one scale per token for mode 5, ``"chunk"``: one per :func:`rounding_columns` columns for
     mode 6, ``sc`` then ``(T, chunks)``, and ``xd``/``xs`` then hold the rounded input), else None
     there; ``xg``: with ``"chunk"``, the rounded input's sums over each group of ``form.group`` columns
     when a group is shorter than the row, or over :data:`SUM_COLUMNS`-column parts of a row-long group where the
