@@ -25,16 +25,17 @@ POINTERS = {"w_ptr": "*i32", "xp_ptr": "*i32", "xqp_ptr": "*i32", "xp16_ptr": "*
 
 
 def compile_gemv(const: dict, num_warps: int = 1, ptx: tuple[str, ...] = (), sass: tuple[str, ...] = (),
-                 kernel: str = "_gemv_kernel") -> dict:
-    """``kernel`` (a Triton kernel of quantune.kernels, the GEMV by default) compiled for sm_90 with the
-    compile-time arguments ``const`` (the others at their defaults); the report described above."""
+                 kernel="_gemv_kernel") -> dict:
+    """``kernel`` (the name of a Triton kernel of quantune.kernels, the GEMV by default, or a Triton kernel)
+    compiled for sm_90 with the compile-time arguments ``const`` (the others at their defaults); the report
+    described above."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from quantune import kernels
 
-    fn = getattr(kernels, kernel)
+    fn = getattr(kernels, kernel) if isinstance(kernel, str) else kernel
     params = inspect.signature(fn.fn).parameters
     names = list(params)
     const = {**{n: v.default for n, v in params.items() if v.default is not inspect.Parameter.empty}, **const}

@@ -115,6 +115,19 @@ def test_tma_gemv_probe_smoke_matches_the_library(tmp_path):
     assert all(r["rel_diff"] < 1e-6 for r in rows)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("group", ["64", "row"])
+def test_round_gemv_probe_smoke_matches_the_tile_rounded_product(tmp_path, group):
+    """eval/probe_round_gemv.py on the CPU (interpreter, one small shape): the GEMV that rounds its own input per
+    tile, within float32 rounding of that input times the dequantized weight (the probe stops on a larger error),
+    in groups of 64 and with one group a row."""
+    pytest.importorskip("triton")
+    _run(["eval.probe_round_gemv", "--group", group], tmp_path, 600, OUT=str(tmp_path))
+    rows = json.loads((tmp_path / "probe_round_gemv.json").read_text())
+    assert {r["method"] for r in rows} == {"rtn-4", "rtn-2"} and len(rows) == 4
+    assert all(r["rel_err_vs_tile_rounded"] < 1e-4 and r["rel_diff_vs_library"] < 1e-3 for r in rows)
+
+
 def test_profile_driver_runs_cases_with_their_chunk_width_and_span(tmp_path):
     """eval/profile_gemv.py on the CPU (interpreter, a small shape): a case naming mode 6's chunk width, with and
     without tiles over two chunks, each checked against the dequantized weight by the driver itself."""
