@@ -80,6 +80,12 @@ PY
              OUT="$out/many" timeout 180 python -m eval.sweep_gemv --methods rtn-4,rtn-2 --shapes 4096x14336,8192x28672 \
                --configs 4x1x64 --splits 1 --evict evict_first --whole-configs default,default --prep-columns 1024,2048 \
                --prep-split 1,2 > "$out/many/log.txt" 2>&1 || true ;;
+  round-probe) # issue 5: rtn's GEMV rounding its own input per tile (no preparation kernel) against the library's
+             # whole call and bf16, same run, groups of 64 and one group a row
+             mkdir -p "$out/g64" "$out/row"
+             OUT="$out/g64" timeout 240 python -m eval.probe_round_gemv > "$out/g64/log.txt" 2>&1 || true
+             OUT="$out/row" timeout 200 python -m eval.probe_round_gemv --group row --configs 4x1x64,2x1x128,8x1x64 \
+               > "$out/row/log.txt" 2>&1 || true ;;
   generate-noshare) python -m eval.bench_generate --contenders bf16,rtn-4 --new-tokens 64 --compile --no-share-pass \
                --out "$out/bench_generate_noshare" ;;   # issue 5: the same compile without quantune's ShareInputs pass
   generate-kashin) python -m eval.bench_generate --contenders bf16,kashin-4,kashin-2 --new-tokens 64 --compile \
@@ -101,5 +107,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, chunk-split, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, chunk-split, round-probe, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
 esac
