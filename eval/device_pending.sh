@@ -86,6 +86,12 @@ PY
              OUT="$out/g64" timeout 240 python -m eval.probe_round_gemv > "$out/g64/log.txt" 2>&1 || true
              OUT="$out/row" timeout 200 python -m eval.probe_round_gemv --group row --configs 4x1x64,2x1x128,8x1x64 \
                > "$out/row/log.txt" 2>&1 || true ;;
+  fused-prep) # issue 5: rtn's GEMV preparing its own input in its first programs (one launch, a counter) against
+             # the library's two launches, same run; groups of 64, then one group a row and the poll's sleep
+             mkdir -p "$out/g64" "$out/row"
+             OUT="$out/g64" timeout 240 python -m eval.probe_fused_prep > "$out/g64/log.txt" 2>&1 || true
+             OUT="$out/row" timeout 150 python -m eval.probe_fused_prep --group row --pieces 512 --sleep 0,64,256 \
+               --shapes 4096x14336,14336x4096 > "$out/row/log.txt" 2>&1 || true ;;
   generate-noshare) python -m eval.bench_generate --contenders bf16,rtn-4 --new-tokens 64 --compile --no-share-pass \
                --out "$out/bench_generate_noshare" ;;   # issue 5: the same compile without quantune's ShareInputs pass
   generate-kashin) python -m eval.bench_generate --contenders bf16,kashin-4,kashin-2 --new-tokens 64 --compile \
@@ -107,5 +113,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, chunk-split, round-probe, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, chunk-split, round-probe, fused-prep, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
 esac
