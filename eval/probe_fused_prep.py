@@ -224,6 +224,8 @@ def main() -> None:
     p.add_argument("--pieces", default="256,512,1024", help="columns each preparing program prepares")
     p.add_argument("--sleep", default="64", help="nanoseconds between polls (comma-separated to sweep)")
     p.add_argument("--group", default="64", help="rtn's group size, or 'row'")
+    p.add_argument("--variants", default="plain,fused", help="plain (the probe's loop after the library's "
+                   "preparation), fused")
     p.add_argument("--sass", action="store_true", help="compile for sm_90 here (no GPU) and print the sizes")
     args = p.parse_args()
     group = None if args.group == "row" else int(args.group)
@@ -274,7 +276,9 @@ def main() -> None:
             t_lib = bench(rotating([lambda c=c: whole_lib(c) for c in copies])) if dev == "cuda" else None
             base = dict(k=k, n=n, method=spec, group=args.group, bf16_us=t_bf16 and t_bf16 * 1e6,
                         library_whole_us=t_lib and t_lib * 1e6, library_x_bf16=t_bf16 / t_lib if t_lib else None)
-            variants = [("plain", 0, 0)] + [("fused", pc, ns) for pc in pieces for ns in sleeps]
+            wanted = args.variants.split(",")
+            variants = [("plain", 0, 0)] * ("plain" in wanted) + [
+                ("fused", pc, ns) for pc in pieces for ns in sleeps if "fused" in wanted]
             for name, pc, ns in variants:
                 try:
                     call = Fused(x, copies[0][0], copies[0][1], bits, copies[0][2], pc or 1024, name == "fused", ns)

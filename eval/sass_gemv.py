@@ -25,10 +25,10 @@ POINTERS = {"w_ptr": "*i32", "xp_ptr": "*i32", "xqp_ptr": "*i32", "xp16_ptr": "*
 
 
 def compile_gemv(const: dict, num_warps: int = 1, ptx: tuple[str, ...] = (), sass: tuple[str, ...] = (),
-                 kernel="_gemv_kernel") -> dict:
+                 kernel="_gemv_kernel", dump: str | None = None) -> dict:
     """``kernel`` (the name of a Triton kernel of quantune.kernels, the GEMV by default, or a Triton kernel)
     compiled for sm_90 with the compile-time arguments ``const`` (the others at their defaults); the report
-    described above."""
+    described above. ``dump``: a file to write the disassembly to."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -51,6 +51,8 @@ def compile_gemv(const: dict, num_warps: int = 1, ptx: tuple[str, ...] = (), sas
         code = subprocess.run([str(tools / "nvdisasm"), str(cubin)], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([str(tools / "cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
                                text=True, check=True).stdout
+    if dump:
+        Path(dump).write_text(code)
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     instructions = [line for line in code.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
@@ -69,9 +71,11 @@ def main() -> None:
     p.add_argument("--kernel", default="_gemv_kernel", help="another Triton kernel of quantune.kernels")
     p.add_argument("--ptx", default="griddepcontrol.wait,dp2a", help="comma-separated PTX strings to count")
     p.add_argument("--sass", default="ACQBULK,IDP", help="comma-separated SASS strings to count")
+    p.add_argument("--dump", help="write the disassembly to this file")
     args = p.parse_args()
     print(json.dumps(compile_gemv(json.loads(args.constexprs), args.warps, tuple(filter(None, args.ptx.split(","))),
-                                  tuple(filter(None, args.sass.split(","))), args.kernel)))
+                                  tuple(filter(None, args.sass.split(","))), args.kernel,
+                                  args.dump)))
 
 
 if __name__ == "__main__":

@@ -480,7 +480,10 @@ if triton is not None:
         WPG: tl.constexpr = GROUP // PER  # words per group
         CHUNK: tl.constexpr = NW // SPLIT
         pid_m = tl.program_id(0)
-        part = tl.program_id(1)
+        if SPLIT > 1:
+            part = tl.program_id(1)
+        else:  # a compile-time 0: the tiles' addresses are then the loop counter's, not part * CHUNK + i
+            part = 0
         tok = tl.program_id(2)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
