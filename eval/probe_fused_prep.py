@@ -159,7 +159,7 @@ class Fused:
         tile = kernels.gemv_tile(m, affine, k, bits)
         self.block_m, self.warps, block_w, _ = tile
         self.unroll = kernels.gemv_unroll(tile, affine, bits, k, m)
-        span = kernels.gemv_span(tile, affine, bits, k, m)
+        span = kernels.GEMV_SPAN
         self.xch = kernels.rounding_columns(k, bits)
         self.block_w = min(block_w, (2 if span else 1) * self.xch // (32 // bits))
         if kernels.gemv_split(m, form, bits, self.block_m, self.block_w) != 1:

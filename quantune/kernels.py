@@ -1721,20 +1721,14 @@ GEMV_TILES = ((2, 1, 128, False),)
 # compiled + CUDA graph: 380.4 and 380.7 tokens/s with it, 392.0 with only this tile plain, 399.3 and 399.7 plain
 # with the long rows rolled too)
 GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
-# rtn at 2 bits, many rows: the same 4 x 64 tile with the next tile's codes loaded before this one's arithmetic
-# (cold L2, kernel_sweeps/sweep_gemv_prefetch_cold.json: 4096x14336 7.38 us against 7.86, 8192x28672 21.85
-# against 23.16; at 4 bits it did not pay: 9.96 against 9.75, 32.35 against 32.12)
-GEMV_TILES_AFFINE_2BIT = ((4, 1, 64, True), (2, 1, 128, False))
 GEMV_MIN_WARPS = 2048
-# rtn at 2 bits on very many rows (the 8B model's gate/up launched together: 28672 rows): two rows per one-warp
-# program over 128 words, which covers two 1024-column chunks of the input's rounding (gemv_span: two scales a
-# tile), unrolled twice. H200, whole call, cold L2: 8192x28672 rtn-2 21.25 and 21.26 us against 22.2-22.4 for the
-# prefetching 4 x 64 tile (kernel_sweeps/sweep_gemv_span2.json with the scale gathered per group,
-# sweep_gemv_span3.json with two scale loads a tile; 5.07x bf16 against 4.85x in the latter run); at 14336 rows it
-# is level (4096x14336 8.41 against 8.33-8.39 us), so the rule starts above that
-GEMV_MANY_ROWS_2BIT = 16384
-GEMV_TILE_2BIT_MANY_ROWS = (2, 1, 128, False)
-GEMV_UNROLL_2BIT_MANY_ROWS = 2
+# rtn at 2 bits takes the same tiles, rolled, since the sixteenth session's sweep (H200, whole call, cold L2, one run,
+# kernel_sweeps/sweep_gemv_2bit_noprefetch{,_row}.json, groups of 64 / one scale a row): 4096x14336 8.63 / 7.57 us
+# against 9.91 / 9.19 for the 4 x 64 tile prefetching the next tile's codes and unrolled twice, which had measured
+# faster sessions before (sweep_gemv_prefetch_cold.json); 8192x28672 24.50 / 21.03 against 26.01 / 21.64 for the two
+# rows over two input chunks (span) unrolled twice that served very many rows (sweep_gemv_span3.json). Whether the
+# library's dispatch lets a tile cover two chunks of the input's rounding (gemv_matmul's span): no layer gains now.
+GEMV_SPAN = False
 # rtn, long rows and few of them (Llama's down projection, 14336 -> 4096): one row per warp. Cold L2, rtn-4
 # 14336x4096: 10.9-11.0 us against 11.8 at 2 x 1 x 128 (kernel_sweeps/sweep_gemv_cold, _prefetch_cold); rtn-2 1%.
 GEMV_LONG_K = 8192
@@ -1744,7 +1738,7 @@ GEMV_TILE_LONG_ROWS = (1, 1, 128, False)
 GEMV_TILE_LONG_ROWS_WIDE = (1, 1, 256, False)
 GEMV_MIN_PROGRAMS = 512
 # The K loop's unroll factor (fewer address and loop instructions per tile: 74 -> 64 per 32 weights and thread in
-# the one-row loop at 4 bits, read in the sm_90 code) for rtn's prefetching many-row tiles and its long-row tile,
+# the one-row loop at 4 bits, read in the sm_90 code) for rtn's prefetching tiles (none in the dispatch now) and its long-row tile,
 # by bits. kernel_sweeps/sweep_gemv_unroll.json (cold L2, kernel alone): 14336x4096 rtn-2 8.55 us against 10.26;
 # rtn-2 4x1x64p 4096x14336 7.33 against 7.46, 8192x28672 21.36 against 22.19. At 4 bits the long-row tile stays
 # rolled: unrolled 4x it measured 10.30 against 10.99 us alone, but the 8B model generated slower with it
@@ -1767,9 +1761,7 @@ def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = Non
     if affine and k is not None and k >= GEMV_LONG_K and GEMV_MIN_WARPS <= m < GEMV_LONG_K:
         wide = bits is not None and 32 % bits == 0 and rounding_columns(k, bits) // (32 // bits) >= 256
         return GEMV_TILE_LONG_ROWS_WIDE if wide else GEMV_TILE_LONG_ROWS
-    if _many_rows_2bit(m, affine, bits):
-        return GEMV_TILE_2BIT_MANY_ROWS
-    tiles = (GEMV_TILES_AFFINE_2BIT if bits == 2 else GEMV_TILES_AFFINE) if affine else GEMV_TILES
+    tiles = GEMV_TILES_AFFINE if affine else GEMV_TILES
     for tile in tiles:
         if -(-m // tile[0]) * tile[1] >= GEMV_MIN_WARPS:
             return tile
@@ -1785,20 +1777,7 @@ def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: in
         return GEMV_UNROLL_KASHIN if tile == GEMV_TILES[-1] and (big or bits == 2) else 1
     if tile in (GEMV_TILE_LONG_ROWS, GEMV_TILE_LONG_ROWS_WIDE):
         return GEMV_UNROLL_LONG_ROWS.get(bits, 1)
-    if _many_rows_2bit(m, affine, bits) and tile == GEMV_TILE_2BIT_MANY_ROWS:
-        return GEMV_UNROLL_2BIT_MANY_ROWS
     return GEMV_UNROLL_MANY_ROWS if tile[3] else 1
-
-
-def gemv_span(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: int | None = None,
-              m: int | None = None) -> bool:
-    """Whether a layer's :func:`gemv_tile` may cover two chunks of the input's 16-bit rounding (mode 6,
-    :func:`gemv_matmul`'s ``span``): rtn's 2-bit tile for very many rows."""
-    return _many_rows_2bit(m, affine, bits) and tile == GEMV_TILE_2BIT_MANY_ROWS
-
-
-def _many_rows_2bit(m: int | None, affine: bool, bits: int | None) -> bool:
-    return affine and bits == 2 and m is not None and m >= GEMV_MANY_ROWS_2BIT
 
 
 def gemv_split(m: int, form: BitplaneForm, bits: int, block_m: int, block_w: int) -> int:
@@ -1833,7 +1812,7 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
                            affine=affine, tables=tables, prefetch=prefetch, out_dtype=out_dtype, share=share,
                            outputs=outputs, unroll=unroll,
-                           span=gemv_span(tile, affine, bits, x.shape[1], packed.shape[0]))
+                           span=GEMV_SPAN)
     if outputs is not None:
         return None
     if form.transform is not None and bits <= 2:
