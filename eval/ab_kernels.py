@@ -1,0 +1,81 @@
+"""A/B: the few-token call (quantune.kernels.fused_matmul, the library's own dispatch) of versions of
+quantune/kernels.py side by side in one process: other versions' files (e.g. ``git show REV:quantune/kernels.py >
+/tmp/kernels_a.py``) loaded as modules v0, v1, ... next to the working tree's ("tree"). Same layers, same input, same run:
+cold L2 (the calls cycle through copies of the weights), CUDA graphs, each version timed ``--repeat`` times in
+alternation, so a difference is told from the machine's run-to-run spread. Writes $OUT/ab_kernels.json.
+
+    python -m eval.ab_kernels /tmp/kernels_a.py --methods rtn-2 --shapes 8192x28672,4096x14336 --group 64"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+
+import torch
+
+from quantune import kernels
+
+
+def load(path: str, name: str = "quantune.kernels_a"):
+    """The kernels module at ``path`` as module ``name`` (its package is quantune, as the working tree's)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("others", nargs="+", help="other versions' kernels.py files")
+    p.add_argument("--methods", default="rtn-4,rtn-2")
+    p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x28672")
+    p.add_argument("--group", default="64", help="rtn's group size, or 'row'")
+    p.add_argument("--repeat", type=int, default=2)
+    args = p.parse_args()
+    from eval import bench_kernels
+    from quantune.config import QuantConfig
+    from quantune.qlinear import QuantLinear
+
+    versions = {f"v{i}": load(path, f"quantune.kernels_v{i}") for i, path in enumerate(args.others)}
+    versions["tree"] = kernels
+    bench_kernels.DEV = "cuda"
+    group = None if args.group == "row" else int(args.group)
+    out = []
+    for shape in args.shapes.split(","):
+        k, n = map(int, shape.split("x"))
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for spec in args.methods.split(","):
+            method, bits = spec.split("-")
+            bits = int(bits)
+            q, _ = QuantLinear.from_linear(lin, QuantConfig(method=method, bits=bits, group_size=group))
+            form, tables = q.bitplane_form(), q.level_tables()
+            read = bench_kernels.kernel_bytes(q.codes, form, tables, True)
+            copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
+            row = dict(k=k, n=n, method=spec, group=args.group, us={name: [] for name in versions})
+            results = {}
+            for name, mod in versions.items():
+                mod._PREPARED.clear()
+                results[name] = mod.fused_matmul(x, *copies[0][:2], bits, copies[0][2], out_dtype=x.dtype).float()
+                affine = tables[2]
+                tile = mod.gemv_tile(n, affine, k, bits)
+                row[f"tile_{name}"] = [*tile, mod.gemv_unroll(tile, affine, bits, k, n)]
+            row["max_diff"] = max(float((results["tree"] - r).abs().max()) for r in results.values())
+            for _ in range(args.repeat):
+                for name, mod in versions.items():
+                    def call(layer, mod=mod):
+                        mod._PREPARED.clear()
+                        return mod.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
+                    row["us"][name].append(bench_kernels.bench(
+                        bench_kernels.rotating([lambda c=c: call(c) for c in copies])) * 1e6)
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    bench_kernels.save_sweep([dict(r, us_tree=min(r["us"]["tree"])) for r in out], "ab_kernels",
+                             ("k", "n", "method"), "us_tree")
+
+
+if __name__ == "__main__":
+    main()
