@@ -61,8 +61,13 @@ def main() -> None:
                 mod._PREPARED.clear()
                 results[name] = mod.fused_matmul(x, *copies[0][:2], bits, copies[0][2], out_dtype=x.dtype).float()
                 affine = tables[2]
-                tile = mod.gemv_tile(n, affine, k, bits)
-                row[f"tile_{name}"] = [*tile, mod.gemv_unroll(tile, affine, bits, k, n)]
+                try:  # versions from the sixteenth session on take the group size
+                    tile = mod.gemv_tile(n, affine, k, bits, form.group)
+                    unroll = mod.gemv_unroll(tile, affine, bits, k, n, form.group)
+                except TypeError:
+                    tile = mod.gemv_tile(n, affine, k, bits)
+                    unroll = mod.gemv_unroll(tile, affine, bits, k, n)
+                row[f"tile_{name}"] = [*tile, unroll]
             row["max_diff"] = max(float((results["tree"] - r).abs().max()) for r in results.values())
             for _ in range(args.repeat):
                 for name, mod in versions.items():

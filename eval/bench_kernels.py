@@ -398,11 +398,11 @@ def main() -> None:
                 return kernels.fused_matmul(x1, layer[0], layer[1], bits, layer[2], out_dtype=x1.dtype)
             got_lib = library(copies[0])
             t_lib = bench(rotating([lambda c=c: library(c) for c in copies]))
-            lib_tile = kernels.gemv_tile(n, tables[2], k, bits)
+            lib_tile = kernels.gemv_tile(n, tables[2], k, bits, form.group)
             lib = {"decode_library_s": t_lib,
                    "library_rel_err_vs_reference": float((got_lib.float() - ref).norm() / ref.norm()),
                    "library_config": {"tile": list(lib_tile),
-                                      "unroll": kernels.gemv_unroll(lib_tile, tables[2], bits, k, n),
+                                      "unroll": kernels.gemv_unroll(lib_tile, tables[2], bits, k, n, form.group),
                                       "late": kernels.gemv_late(form, bits, default_mode, q.codes,
                                                                 kernels.pdl_enabled(x1))},
                    "speedup_vs_bf16_library": t_bf16 / t_lib, "speedup_vs_nf4_library": t_nf4 / t_lib}

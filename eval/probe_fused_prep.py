@@ -156,10 +156,10 @@ class Fused:
                  fuse: bool, sleep_ns: int = 64):
         (t, k), m = x.shape, codes.shape[0]
         affine = tables[2]
-        tile = kernels.gemv_tile(m, affine, k, bits)
+        tile = kernels.gemv_tile(m, affine, k, bits, form.group)
         self.block_m, self.warps, block_w, _ = tile
-        self.unroll = kernels.gemv_unroll(tile, affine, bits, k, m)
-        span = kernels.GEMV_SPAN
+        self.unroll = kernels.gemv_unroll(tile, affine, bits, k, m, form.group)
+        span = kernels.gemv_span(m, affine, bits, k, form.group)
         self.xch = kernels.rounding_columns(k, bits)
         self.block_w = min(block_w, (2 if span else 1) * self.xch // (32 // bits))
         if kernels.gemv_split(m, form, bits, self.block_m, self.block_w) != 1:

@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--span", default="", help="rtn's mode 6: tiles that may cover two chunks of the input's rounding "
                                               "(quantune.kernels.gemv_matmul's span), 0/1 settings to try on every "
                                               "config and whole call; default: off for the configs, the library's "
-                                              "choice (GEMV_SPAN) for the whole calls")
+                                              "choice (gemv_span) for the whole calls")
     p.add_argument("--modes", default="", help="GEMV modes to time (quantune.kernels.GEMV_MODES), e.g. 6,1 for rtn: "
                                                "each config alone and each whole call (as kernels.GEMV_MODE_CODES, "
                                                "or GEMV_MODE_DOTS for kashin); default the library's")
@@ -112,7 +112,7 @@ def main() -> None:
                      for md in {mode0, *modes}}
             read = bench_kernels.kernel_bytes(q.codes, form, tables, affine)
             copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
-            bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, affine, k, bits)
+            bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, affine, k, bits, form.group)
             split0 = kernels.gemv_split(n, form, bits, bm0, bw0)
             want = kernels.gemv_matmul(x, q.codes, form, bits, block_m=bm0, block_w=bw0, num_warps=nw0, split=split0,
                                        tables=tables, prepared=preps[mode0], prefetch=pre0)
@@ -159,9 +159,9 @@ def main() -> None:
             for prep_pdl, tile, prep_warps, prep_xd, mode, late, span, prep_split in settings:
                 saved = (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
                          kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES,
-                         kernels.GEMV_SPAN, kernels.PREP_SPLIT)
+                         kernels.gemv_span, kernels.PREP_SPLIT)
                 if span is not None:
-                    kernels.GEMV_SPAN = bool(span)
+                    kernels.gemv_span = lambda *a, span=span, **kw: bool(span)
                 kernels.PREP_PDL, kernels.PREP_WARPS, kernels.PREP_XD = prep_pdl, prep_warps, prep_xd
                 kernels.PREP_SPLIT = prep_split
                 if late is not None:  # on every layer size
@@ -180,9 +180,9 @@ def main() -> None:
                 finally:
                     (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
                      kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES,
-                     kernels.GEMV_SPAN, kernels.PREP_SPLIT) = saved
+                     kernels.gemv_span, kernels.PREP_SPLIT) = saved
                 used = list((*tile, 1)[:5]) if tile is not None else \
-                    [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits, k, n)]
+                    [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits, k, n, form.group)]
                 row = dict(k=k, n=n, method=spec, group=args.group, prep_columns=cols, mode=mode, span=span,
                            whole_call_us=t_whole * 1e6 if t_whole else None,
                            late=late_used, prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd,

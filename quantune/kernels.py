@@ -480,10 +480,10 @@ if triton is not None:
         WPG: tl.constexpr = GROUP // PER  # words per group
         CHUNK: tl.constexpr = NW // SPLIT
         pid_m = tl.program_id(0)
-        if SPLIT > 1:
+        if SPLIT > 1 or (MODE == 6 and BLOCK_W * PER > XCH):
             part = tl.program_id(1)
         else:  # a compile-time 0: the tiles' addresses are then the loop counter's, not part * CHUNK + i
-            part = 0
+            part = 0  # (mode 6's tiles over two input chunks ran slower so: kernel_sweeps/ab_kernels_part_tiles)
         tok = tl.program_id(2)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
@@ -1726,9 +1726,15 @@ GEMV_MIN_WARPS = 2048
 # kernel_sweeps/sweep_gemv_2bit_noprefetch{,_row}.json, groups of 64 / one scale a row): 4096x14336 8.63 / 7.57 us
 # against 9.91 / 9.19 for the 4 x 64 tile prefetching the next tile's codes and unrolled twice, which had measured
 # faster sessions before (sweep_gemv_prefetch_cold.json); 8192x28672 24.50 / 21.03 against 26.01 / 21.64 for the two
-# rows over two input chunks (span) unrolled twice that served very many rows (sweep_gemv_span3.json). Whether the
-# library's dispatch lets a tile cover two chunks of the input's rounding (gemv_matmul's span): no layer gains now.
-GEMV_SPAN = False
+# rows over two input chunks (span) unrolled twice (sweep_gemv_span3.json), in that run.
+# ... except on very many rows with groups shorter than the row (the acceptance benchmark's groups of 64): two rows
+# per one-warp program over 128 words, two chunks of the input's rounding (gemv_matmul's span), unrolled twice, with
+# the kernel's K part read from the grid there: 8192x28672 rtn-2 23.10-23.21 us against 24.54-24.65 for the 4 x 64
+# tile (kernel_sweeps/ab_kernels_part_tiles.json, versions side by side, one run); with one scale a row the 4 x 64
+# tile stays (21.02 against 22.47-22.54, ab_kernels_part_tiles_row.json).
+GEMV_MANY_ROWS_2BIT = 16384
+GEMV_TILE_2BIT_SPAN = (2, 1, 128, False)
+GEMV_UNROLL_2BIT_SPAN = 2
 # rtn, long rows and few of them (Llama's down projection, 14336 -> 4096): one row per warp. Cold L2, rtn-4
 # 14336x4096: 10.9-11.0 us against 11.8 at 2 x 1 x 128 (kernel_sweeps/sweep_gemv_cold, _prefetch_cold); rtn-2 1%.
 GEMV_LONG_K = 8192
@@ -1755,9 +1761,12 @@ GEMV_UNROLL_LONG_ROWS = {2: 2}
 GEMV_UNROLL_KASHIN = 2
 
 
-def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = None) -> tuple[int, int, int, bool]:
+def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = None,
+              group: int | None = None) -> tuple[int, int, int, bool]:
     """(rows per program, warps, words per tile, prefetch) of the GEMV for a ``m``-row layer of ``k``
-    columns (``k`` None: as for short rows) and ``bits``-bit codes."""
+    columns (``k`` None: as for short rows), ``bits``-bit codes and ``group``-column groups (None: one a row)."""
+    if _span_rule(m, affine, bits, k, group):
+        return GEMV_TILE_2BIT_SPAN
     if affine and k is not None and k >= GEMV_LONG_K and GEMV_MIN_WARPS <= m < GEMV_LONG_K:
         wide = bits is not None and 32 % bits == 0 and rounding_columns(k, bits) // (32 // bits) >= 256
         return GEMV_TILE_LONG_ROWS_WIDE if wide else GEMV_TILE_LONG_ROWS
@@ -1769,15 +1778,28 @@ def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = Non
 
 
 def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: int | None = None,
-                m: int | None = None) -> int:
+                m: int | None = None, group: int | None = None) -> int:
     """The K loop's unroll factor for a layer's :func:`gemv_tile` (1: rolled); ``k``: the row length, ``m``: the
-    rows (None: as for short rows, few of them)."""
+    rows (None: as for short rows, few of them), ``group``: as for gemv_tile."""
+    if tile == GEMV_TILE_2BIT_SPAN and _span_rule(m, affine, bits, k, group):
+        return GEMV_UNROLL_2BIT_SPAN
     if not affine:
         big = any(n is not None and n >= GEMV_LONG_K for n in (k, m))
         return GEMV_UNROLL_KASHIN if tile == GEMV_TILES[-1] and (big or bits == 2) else 1
     if tile in (GEMV_TILE_LONG_ROWS, GEMV_TILE_LONG_ROWS_WIDE):
         return GEMV_UNROLL_LONG_ROWS.get(bits, 1)
     return GEMV_UNROLL_MANY_ROWS if tile[3] else 1
+
+
+def gemv_span(m: int | None, affine: bool, bits: int | None, k: int | None, group: int | None) -> bool:
+    """Whether a layer's GEMV tile covers two chunks of the input's 16-bit rounding (mode 6, :func:`gemv_matmul`'s
+    ``span``): rtn at 2 bits, very many rows, groups shorter than the row (:data:`GEMV_MANY_ROWS_2BIT`)."""
+    return _span_rule(m, affine, bits, k, group)
+
+
+def _span_rule(m: int | None, affine: bool, bits: int | None, k: int | None, group: int | None) -> bool:
+    return (affine and bits == 2 and m is not None and m >= GEMV_MANY_ROWS_2BIT and k is not None
+            and group is not None and group < k)
 
 
 def gemv_split(m: int, form: BitplaneForm, bits: int, block_m: int, block_w: int) -> int:
@@ -1804,15 +1826,15 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     serves them (the caller then runs the layers one by one); never split along K."""
     if gemv_supported(form, bits, packed.shape[1]):
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
-        tile = gemv_tile(packed.shape[0], affine, x.shape[1], bits)
+        tile = gemv_tile(packed.shape[0], affine, x.shape[1], bits, form.group)
         block_m, warps, block_w, prefetch = tile
-        unroll = gemv_unroll(tile, affine, bits, x.shape[1], packed.shape[0])
+        unroll = gemv_unroll(tile, affine, bits, x.shape[1], packed.shape[0], form.group)
         # layers launched together keep their rows whole (split 1): results are stored per layer
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w) if outputs is None else 1
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
                            affine=affine, tables=tables, prefetch=prefetch, out_dtype=out_dtype, share=share,
                            outputs=outputs, unroll=unroll,
-                           span=GEMV_SPAN)
+                           span=gemv_span(packed.shape[0], affine, bits, x.shape[1], form.group))
     if outputs is not None:
         return None
     if form.transform is not None and bits <= 2:

@@ -142,29 +142,33 @@ def test_the_dispatched_kernel_matches_the_module(cfg, monkeypatch):
 
 
 
-def test_a_2bit_tile_may_span_two_input_chunks(monkeypatch):
-    """rtn-2's tile over two chunks of the input's rounding (gemv_matmul's span; the library's dispatch with
-    GEMV_SPAN): per-row groups (the scale per word) and groups of 32 (per group) match the module."""
+def test_the_many_row_2bit_tile_spans_two_input_chunks(monkeypatch):
+    """rtn-2's tile for very many rows (made small here) with groups shorter than the row covers two chunks of the
+    input's rounding through the library's dispatch and matches the module; with one scale a row the dispatch
+    keeps the 4 x 64 tile, and a spanning tile asked for (the scale per word) matches too."""
     pytest.importorskip("triton")
     from quantune import kernels
 
     monkeypatch.setattr(kernels, "PREP_COLUMNS", 64)
-    monkeypatch.setattr(kernels, "GEMV_SPAN", True)
-    monkeypatch.setattr(kernels, "GEMV_TILES_AFFINE", ((2, 1, 8, False),))
-    for cfg in (QuantConfig(method="rtn", bits=2), QuantConfig(method="rtn", bits=2, group_size=32)):
+    monkeypatch.setattr(kernels, "GEMV_MANY_ROWS_2BIT", 16)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(5))
+    for cfg in (QuantConfig(method="rtn", bits=2, group_size=32), QuantConfig(method="rtn", bits=2)):
         q = _layer(cfg, out=19, inp=256)
         form, tables = q.bitplane_form(), q.level_tables()
-        x = torch.randn(2, 256, generator=torch.Generator().manual_seed(5))
+        grouped = form.group < 256
+        tile = kernels.gemv_tile(19, True, 256, 2, form.group)
+        assert kernels.gemv_span(19, True, 2, 256, form.group) == grouped
+        assert tile == (kernels.GEMV_TILE_2BIT_SPAN if grouped else kernels.gemv_tile(19, True, 256, 4))
+        assert kernels.gemv_unroll(tile, True, 2, 256, 19, form.group) == (2 if grouped else 1)
         got = kernels.fused_matmul(x, q.codes, form, 2, tables)
         want = x @ q.dequantize().T
         assert float((got - want).norm() / want.norm()) < 2e-4
         split = kernels.gemv_split(19, form, 2, 2, 8)  # few rows: the library splits K in two
-        assert torch.equal(got, kernels.gemv_matmul(x, q.codes, form, 2, block_m=2, block_w=8, num_warps=1,
-                                                    tables=tables, span=True, split=split))
-        # without span the 8-word tile is clamped to one 64-column chunk (4 words): the same sums, in other tiles
-        plain = kernels.gemv_matmul(x, q.codes, form, 2, block_m=2, block_w=8, num_warps=1, tables=tables,
-                                    split=split)
-        assert float((plain - want).norm() / want.norm()) < 2e-4
+        spanning = kernels.gemv_matmul(x, q.codes, form, 2, block_m=2, block_w=8, num_warps=1, tables=tables,
+                                       unroll=2, span=True, split=split)
+        assert float((spanning - want).norm() / want.norm()) < 2e-4
+        if grouped:
+            assert torch.equal(got, spanning)
 
 
 GEMV_CASES = [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(bits=4, group_size=64),
@@ -487,11 +491,19 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
     assert rounding_columns(14336, 4) == 2048 and rounding_columns(8192, 4) == 2048
     assert rounding_columns(4096, 4) == 1024 and rounding_columns(14336, 2) == 1024 and rounding_columns(512, 4) == 512
     assert gemv_tile(28672, True, 8192)[:3] == (4, 1, 64) and gemv_tile(4096, False, 14336)[:2] == (2, 1)
-    # rtn at 2 bits takes 4 bits' tiles, rolled and without prefetching, on many rows and very many alike
+    # rtn at 2 bits takes 4 bits' tiles, rolled and without prefetching, on many rows and very many alike ...
     for m in (14336, 28672):
         tile = gemv_tile(m, True, 4096, 2)
         assert tile == gemv_tile(m, True, 4096, 4) == (4, 1, 64, False)
         assert gemv_unroll(tile, True, 2, 4096, m) == 1
+    # ... except on very many rows with groups shorter than the row: two rows over two input chunks, unrolled twice
+    from quantune.kernels import gemv_span
+
+    tile = gemv_tile(28672, True, 4096, 2, 64)
+    assert tile == (2, 1, 128, False) and gemv_unroll(tile, True, 2, 4096, 28672, 64) == 2
+    assert gemv_span(28672, True, 2, 4096, 64) and not gemv_span(14336, True, 2, 4096, 64)
+    assert not gemv_span(28672, True, 2, 4096, None) and not gemv_span(28672, True, 4, 4096, 64)
+    assert gemv_tile(14336, True, 4096, 2, 64) == (4, 1, 64, False)
     assert gemv_tile(4096, True, 4096, 2)[3] is False and gemv_tile(28672, False, 8192, 2)[3] is False
     # the K loop unrolled: rtn's long-row tile at 2 bits (and a prefetching tile, none in the dispatch); kashin's
     # two-row tile on long rows, on many rows and at 2 bits; nothing else
