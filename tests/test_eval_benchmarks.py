@@ -128,6 +128,17 @@ def test_round_gemv_probe_smoke_matches_the_tile_rounded_product(tmp_path, group
     assert all(r["rel_err_vs_tile_rounded"] < 1e-4 and r["rel_diff_vs_library"] < 1e-3 for r in rows)
 
 
+@pytest.mark.slow
+def test_fused_prep_probe_smoke_matches_the_library(tmp_path):
+    """eval/probe_fused_prep.py on the CPU (interpreter, one small shape, two tokens): the GEMV whose first programs
+    prepare the input gives the library's output exactly, and its counter ends reset (the probe stops otherwise)."""
+    pytest.importorskip("triton")
+    _run(["eval.probe_fused_prep", "--methods", "rtn-4", "--pieces", "128"], tmp_path, 600, OUT=str(tmp_path))
+    rows = json.loads((tmp_path / "probe_fused_prep.json").read_text())
+    assert [r["variant"] for r in rows] == ["plain", "fused"]
+    assert all(r["max_diff_vs_library"] == 0.0 and r["counter_after"] == [0, 0] for r in rows)
+
+
 def test_profile_driver_runs_cases_with_their_chunk_width_and_span(tmp_path):
     """eval/profile_gemv.py on the CPU (interpreter, a small shape): a case naming mode 6's chunk width, with and
     without tiles over two chunks, each checked against the dequantized weight by the driver itself."""
@@ -135,3 +146,21 @@ def test_profile_driver_runs_cases_with_their_chunk_width_and_span(tmp_path):
     done = _run(["eval.profile_gemv", "--calls", "1", "--cases",
                  "rtn-4:14336x4096:1x1x32:128s,rtn-2:14336x4096:1x1x16:256"], tmp_path, 600)
     assert done.stdout.count("rel. err against the dequantized weight") == 2
+
+
+def test_ab_kernels_loads_another_version_beside_the_tree(tmp_path):
+    """eval/ab_kernels.py's loader: a copy of quantune/kernels.py (another version's file) loads as a second
+    module of the package, with its own state, and dispatches as the tree's does."""
+    pytest.importorskip("triton")
+    import shutil
+
+    from eval.ab_kernels import load
+    from quantune import kernels
+
+    copy = tmp_path / "kernels_copy.py"
+    shutil.copy(kernels.__file__, copy)
+    other = load(str(copy), "quantune.kernels_test_copy")
+    assert other is not kernels and other.__package__ == "quantune"
+    other.GEMV_MIN_WARPS = 1  # its own module state
+    assert kernels.GEMV_MIN_WARPS != 1
+    assert other.gemv_tile(28672, True, 4096, 2, 64) == kernels.gemv_tile(28672, True, 4096, 2, 64)
