@@ -1,7 +1,7 @@
 """A/B: the few-token call (quantune.kernels.fused_matmul, the library's own dispatch) of versions of
 quantune/kernels.py side by side in one process: other versions' files (e.g. ``git show REV:quantune/kernels.py >
-/tmp/kernels_a.py``) loaded as modules v0, v1, ... next to the working tree's ("tree"). Same layers, same input, same run:
-cold L2 (the calls cycle through copies of the weights), CUDA graphs, each version timed ``--repeat`` times in
+/tmp/kernels_a.py``) loaded as modules v0, v1, ... next to the working tree's ("tree"). Same layers, same input, same
+run: cold L2 (the calls cycle through copies of the weights), CUDA graphs, each version timed ``--repeat`` times in
 alternation, so a difference is told from the machine's run-to-run spread. Writes $OUT/ab_kernels.json.
 
     python -m eval.ab_kernels /tmp/kernels_a.py --methods rtn-2 --shapes 8192x28672,4096x14336 --group 64"""

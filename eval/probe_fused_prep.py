@@ -5,21 +5,24 @@ dependent launch) and then waits for the preparation's whole grid to finish. Tha
 5-12 us call (eval/results/notes.md, fifteenth session). The sixteenth session's probe_round_gemv removed it by
 rounding the input per tile in every program: 1.5-3x slower (the rounding repeated by every row block).
 
-Here the first P programs of the GEMV's own grid (P = tokens x pieces of the input) each prepare one piece of the
-input exactly as the preparation kernel does (same values, same layout), publish it with a release increment of
-a counter, and every program waits on that counter (acquire loads, a short sleep between polls) before it reads
-the input: one launch, the work done once, the grid's completion replaced by a counter. The last program to
-finish resets the counter (so the launch is re-playable in a CUDA graph). Under the interpreter, which runs the programs one after another,
-the first program prepares every piece instead (no waiting): the CPU check covers the pieces' values, the GPU run
-the synchronisation. It relies on programs with low linear
-index being resident before later ones spin (the hardware dispatches blocks in order); a program that prepares
-never waits before publishing, so the wait cannot deadlock once the first P programs run.
+Here the first P programs of the GEMV's own grid (P = tokens x pieces of the input) each prepare one piece of the input
+exactly as the preparation kernel does (same values, same layout), publish it with a release increment of a counter, and
+every program waits on that counter (acquire loads, a short sleep between polls) before it reads the input: one launch,
+the work done once, the grid's completion replaced by a counter. The last program to finish resets the counter (so the
+launch is re-playable in a CUDA graph). Under the interpreter, which runs the programs one after another, the first
+program prepares every piece instead (no waiting): the CPU check covers the pieces' values, the GPU run the
+synchronisation. It relies on programs with low linear index being resident before later ones spin (the hardware
+dispatches blocks in order); a program that prepares never waits before publishing, so the wait cannot deadlock once the
+first P programs run.
 
 Per case (the library's tile for the shape), cold L2 and in CUDA graphs: the library's whole call
 (fused_matmul), this kernel without fusion after the library's preparation (the same loop: shows that the probe's
 loop is the library's), and with fusion, for each piece size; outputs checked equal to the library's. Writes
 $OUT/probe_fused_prep.json. On the CPU (TRITON_INTERPRET=1, programs run in order) it checks the outputs on small
-shapes and times nothing. ``--sass`` compiles the fused kernel for sm_90 here (no GPU) and prints its size."""
+shapes and times nothing. ``--sass`` compiles the fused kernel for sm_90 here (no GPU) and prints its size.
+
+Measured on the H200 (eval/results/notes.md, sixteenth session): about 2x slower than the library's two launches on
+every case, and off the library's output on 8192x28672 (more programs than are resident): not adopted."""
 from __future__ import annotations
 
 import argparse

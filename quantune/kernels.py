@@ -1743,10 +1743,10 @@ GEMV_TILE_LONG_ROWS = (1, 1, 128, False)
 # rtn-4 whole call 10.98-11.20 us against 12.16-12.38 for 128 words (kernel_sweeps/sweep_gemv_chunk_split.json)
 GEMV_TILE_LONG_ROWS_WIDE = (1, 1, 256, False)
 GEMV_MIN_PROGRAMS = 512
-# The K loop's unroll factor (fewer address and loop instructions per tile: 74 -> 64 per 32 weights and thread in
-# the one-row loop at 4 bits, read in the sm_90 code) for rtn's prefetching tiles (none in the dispatch now) and its long-row tile,
-# by bits. kernel_sweeps/sweep_gemv_unroll.json (cold L2, kernel alone): 14336x4096 rtn-2 8.55 us against 10.26;
-# rtn-2 4x1x64p 4096x14336 7.33 against 7.46, 8192x28672 21.36 against 22.19. At 4 bits the long-row tile stays
+# The K loop's unroll factor (fewer address and loop instructions per tile: 74 -> 64 per 32 weights and thread in the
+# one-row loop at 4 bits, read in the sm_90 code) for rtn's prefetching tiles (none in the dispatch now) and its
+# long-row tile, by bits. kernel_sweeps/sweep_gemv_unroll.json (cold L2, kernel alone): 14336x4096 rtn-2 8.55 us against
+# 10.26; rtn-2 4x1x64p 4096x14336 7.33 against 7.46, 8192x28672 21.36 against 22.19. At 4 bits the long-row tile stays
 # rolled: unrolled 4x it measured 10.30 against 10.99 us alone, but the 8B model generated slower with it
 # (bench_generate_ab_long-old.json: 387.7 tokens/s rolled against 380.4-380.7 unrolled, with the many-row tile
 # prefetching in both). rtn's other tiles stay rolled (its two-row tiles were slower unrolled).
