@@ -92,6 +92,15 @@ PY
              OUT="$out/g64" timeout 240 python -m eval.probe_fused_prep > "$out/g64/log.txt" 2>&1 || true
              OUT="$out/row" timeout 150 python -m eval.probe_fused_prep --group row --pieces 512 --sleep 0,64,256 \
                --shapes 4096x14336,14336x4096 > "$out/row/log.txt" 2>&1 || true ;;
+  long-rows) # issue 5: rtn-4's long-row layer (14336x4096) with two rows a warp over 256 words (the input's pairs
+             # loaded once for both rows: sm_90 loop 209 instructions for 128 weights a thread against 123 for 64),
+             # against the library's one row a warp; groups of 64, then one scale a row
+             mkdir -p "$out/g64" "$out/row"
+             for g in 64 row; do
+               OUT="$out/$([ $g = row ] && echo row || echo g64)" timeout 150 python -m eval.sweep_gemv --methods rtn-4 \
+                 --shapes 14336x4096 --configs 2x1x256 --whole-configs default,2x1x256,2x1x256u2,1x1x256u2,2x1x128 \
+                 --splits 1 --evict evict_first --group $g > /dev/null 2>&1 || true
+             done ;;
   generate-noshare) python -m eval.bench_generate --contenders bf16,rtn-4 --new-tokens 64 --compile --no-share-pass \
                --out "$out/bench_generate_noshare" ;;   # issue 5: the same compile without quantune's ShareInputs pass
   generate-kashin) python -m eval.bench_generate --contenders bf16,kashin-4,kashin-2 --new-tokens 64 --compile \
@@ -113,5 +122,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, chunk-split, round-probe, fused-prep, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
 esac
