@@ -12,7 +12,6 @@ import importlib.util
 import json
 import sys
 
-import torch
 
 from quantune import kernels
 
@@ -35,49 +34,36 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     args = p.parse_args()
     from eval import bench_kernels
-    from quantune.config import QuantConfig
-    from quantune.qlinear import QuantLinear
 
     versions = {f"v{i}": load(path, f"quantune.kernels_v{i}") for i, path in enumerate(args.others)}
     versions["tree"] = kernels
     bench_kernels.DEV = "cuda"
     group = None if args.group == "row" else int(args.group)
     out = []
-    for shape in args.shapes.split(","):
-        k, n = map(int, shape.split("x"))
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        for spec in args.methods.split(","):
-            method, bits = spec.split("-")
-            bits = int(bits)
-            q, _ = QuantLinear.from_linear(lin, QuantConfig(method=method, bits=bits, group_size=group))
-            form, tables = q.bitplane_form(), q.level_tables()
-            read = bench_kernels.kernel_bytes(q.codes, form, tables, True)
-            copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
-            row = dict(k=k, n=n, method=spec, group=args.group, us={name: [] for name in versions})
-            results = {}
+    shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
+    for case in bench_kernels.rtn_cases(shapes, args.methods, group, time_bf16=False):
+        k, n, x, spec, bits, copies, form, tables = (case.k, case.n, case.x, case.spec, case.bits, case.copies,
+                                                      case.form, case.tables)
+        row = dict(k=k, n=n, method=spec, group=args.group, us={name: [] for name in versions})
+        results = {}
+        for name, mod in versions.items():
+            results[name] = bench_kernels.library_call(x, bits, mod)(copies[0]).float()
+            affine = tables[2]
+            try:  # versions from the sixteenth session on take the group size
+                tile = mod.gemv_tile(n, affine, k, bits, form.group)
+                unroll = mod.gemv_unroll(tile, affine, bits, k, n, form.group)
+            except TypeError:
+                tile = mod.gemv_tile(n, affine, k, bits)
+                unroll = mod.gemv_unroll(tile, affine, bits, k, n)
+            row[f"tile_{name}"] = [*tile, unroll]
+        row["max_diff"] = max(float((results["tree"] - r).abs().max()) for r in results.values())
+        for _ in range(args.repeat):
             for name, mod in versions.items():
-                mod._PREPARED.clear()
-                results[name] = mod.fused_matmul(x, *copies[0][:2], bits, copies[0][2], out_dtype=x.dtype).float()
-                affine = tables[2]
-                try:  # versions from the sixteenth session on take the group size
-                    tile = mod.gemv_tile(n, affine, k, bits, form.group)
-                    unroll = mod.gemv_unroll(tile, affine, bits, k, n, form.group)
-                except TypeError:
-                    tile = mod.gemv_tile(n, affine, k, bits)
-                    unroll = mod.gemv_unroll(tile, affine, bits, k, n)
-                row[f"tile_{name}"] = [*tile, unroll]
-            row["max_diff"] = max(float((results["tree"] - r).abs().max()) for r in results.values())
-            for _ in range(args.repeat):
-                for name, mod in versions.items():
-                    def call(layer, mod=mod):
-                        mod._PREPARED.clear()
-                        return mod.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
-                    row["us"][name].append(bench_kernels.bench(
-                        bench_kernels.rotating([lambda c=c: call(c) for c in copies])) * 1e6)
-            print(json.dumps(row), flush=True)
-            out.append(row)
+                call = bench_kernels.library_call(x, bits, mod)
+                row["us"][name].append(bench_kernels.bench(
+                    bench_kernels.rotating([lambda c=c: call(c) for c in copies])) * 1e6)
+        print(json.dumps(row), flush=True)
+        out.append(row)
     bench_kernels.save_sweep([dict(r, us_tree=min(r["us"]["tree"])) for r in out], "ab_kernels",
                              ("k", "n", "method"), "us_tree")
 

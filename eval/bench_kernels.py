@@ -80,6 +80,47 @@ def kernel_bytes(codes: torch.Tensor, form, tables: tuple, affine: bool) -> int:
     return codes.numel() * codes.element_size() + sum(t.numel() * t.element_size() for t in coeff)
 
 
+def rtn_cases(shapes: list[tuple[int, int]], methods: str, group: int | None, tokens: int = 1,
+              time_bf16: bool = True):
+    """The rtn probes' cases: per ``(k, n)`` shape a seeded bf16 Linear and input of ``tokens`` rows (timed as
+    bf16 ``x @ W^T``, cold, where DEV is cuda and ``time_bf16``), then per method ("rtn-4,rtn-2") its quantized
+    layer. Yields namespaces with k, n, x, spec, bits, q, form, tables, copies (:func:`layer_copies`, cold) and
+    bf16_s (None where not timed)."""
+    from types import SimpleNamespace
+
+    from quantune.config import QuantConfig
+    from quantune.qlinear import QuantLinear
+
+    for k, n in shapes:
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(k, n, bias=False, device=DEV, dtype=torch.bfloat16)
+        x = torch.randn(tokens, k, device=DEV, dtype=torch.bfloat16)
+        bf16_s = None
+        if DEV == "cuda" and time_bf16:
+            w16s = [lin.weight] + [lin.weight.detach().clone() for _ in range(cold_copies(2 * k * n) - 1)]
+            bf16_s = bench(rotating([lambda w=w: x @ w.T for w in w16s]))
+            del w16s
+        for spec in methods.split(","):
+            method, bits = spec.split("-")
+            q, _ = QuantLinear.from_linear(lin, QuantConfig(method=method, bits=int(bits), group_size=group))
+            form, tables = q.bitplane_form(), q.level_tables()
+            copies = layer_copies(q.codes, form, tables, cold_copies(kernel_bytes(q.codes, form, tables, True)))
+            yield SimpleNamespace(k=k, n=n, x=x, spec=spec, bits=int(bits), q=q, form=form, tables=tables,
+                                  copies=copies, bf16_s=bf16_s)
+
+
+def library_call(x: torch.Tensor, bits: int, kernels=None):
+    """The library's whole few-token call on ``x`` for a layer of :func:`layer_copies` (the preparation not shared
+    with the call before); ``kernels``: a version of quantune.kernels (default the package's)."""
+    if kernels is None:
+        from quantune import kernels
+
+    def call(layer):
+        kernels._PREPARED.clear()
+        return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
+    return call
+
+
 def _wall(fn, reps: int = 3) -> float:
     """--smoke on the CPU: a plain wall-clock median (checks the script, measures nothing useful)."""
     import time

@@ -244,8 +244,6 @@ def main() -> None:
                 for name, r in rep.items()}}))
         return
     from eval import bench_kernels
-    from quantune.config import QuantConfig
-    from quantune.qlinear import QuantLinear
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     bench_kernels.DEV = dev
@@ -255,52 +253,35 @@ def main() -> None:
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if dev == "cuda" else [(512, 24)]
     bench, rotating = bench_kernels.bench, bench_kernels.rotating
     out = []
-    for k, n in shapes:
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
-        x = torch.randn(1 if dev == "cuda" else 2, k, device=dev, dtype=torch.bfloat16)
-        t_bf16 = None
-        if dev == "cuda":
-            w16s = [lin.weight] + [lin.weight.detach().clone() for _ in range(bench_kernels.cold_copies(2 * k * n) - 1)]
-            t_bf16 = bench(rotating([lambda w=w: x @ w.T for w in w16s]))
-            w16s = None
-        for spec in args.methods.split(","):
-            method, bits = spec.split("-")
-            bits = int(bits)
-            q, _ = QuantLinear.from_linear(lin, QuantConfig(method=method, bits=bits, group_size=group))
-            form, tables = q.bitplane_form(), q.level_tables()
-            read = bench_kernels.kernel_bytes(q.codes, form, tables, True)
-            copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
-
-            def whole_lib(layer):
-                kernels._PREPARED.clear()
-                return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
-            want = whole_lib(copies[0]).float()
-            t_lib = bench(rotating([lambda c=c: whole_lib(c) for c in copies])) if dev == "cuda" else None
-            base = dict(k=k, n=n, method=spec, group=args.group, bf16_us=t_bf16 and t_bf16 * 1e6,
-                        library_whole_us=t_lib and t_lib * 1e6, library_x_bf16=t_bf16 / t_lib if t_lib else None)
-            wanted = args.variants.split(",")
-            variants = [("plain", 0, 0)] * ("plain" in wanted) + [
-                ("fused", pc, ns) for pc in pieces for ns in sleeps if "fused" in wanted]
-            for name, pc, ns in variants:
-                try:
-                    call = Fused(x, copies[0][0], copies[0][1], bits, copies[0][2], pc or 1024, name == "fused", ns)
-                    got = torch.stack([call(x).float() for _ in range(3)])  # the counter resets between launches
-                    t = bench(rotating([lambda c=c: call(x, *c) for c in copies])) if dev == "cuda" else None
-                    again = call(x).float()
-                except Exception as exc:  # a config that does not compile or fit here
-                    print(f"{spec} {k}x{n} {name} {pc}: {type(exc).__name__}: {exc}"[:400], flush=True)
-                    continue
-                diff = float(max((g - want).abs().max() for g in [*got, again]) / want.abs().max())
-                row = dict(base, variant=name, piece=call.piece if name == "fused" else None, sleep_ns=ns,
-                           tile=[call.block_m, call.warps, call.block_w, call.unroll], whole_us=t and t * 1e6,
-                           whole_x_bf16=t_bf16 / t if t else None, max_diff_vs_library=diff,
-                           counter_after=call.ctr.tolist())
-                print(json.dumps(row), flush=True)
-                out.append(row)
-                if diff > 1e-6 or any(call.ctr.tolist()):
-                    raise SystemExit(f"{spec} {k}x{n} {name} {pc}: output off the library's ({diff:.2e}) "
-                                     f"or counter not reset ({call.ctr.tolist()})")
+    for case in bench_kernels.rtn_cases(shapes, args.methods, group, tokens=1 if dev == "cuda" else 2):
+        k, n, x, spec, bits, copies, t_bf16 = case.k, case.n, case.x, case.spec, case.bits, case.copies, case.bf16_s
+        whole_lib = bench_kernels.library_call(x, bits)
+        want = whole_lib(copies[0]).float()
+        t_lib = bench(rotating([lambda c=c: whole_lib(c) for c in copies])) if dev == "cuda" else None
+        base = dict(k=k, n=n, method=spec, group=args.group, bf16_us=t_bf16 and t_bf16 * 1e6,
+                    library_whole_us=t_lib and t_lib * 1e6, library_x_bf16=t_bf16 / t_lib if t_lib else None)
+        wanted = args.variants.split(",")
+        variants = [("plain", 0, 0)] * ("plain" in wanted) + [
+            ("fused", pc, ns) for pc in pieces for ns in sleeps if "fused" in wanted]
+        for name, pc, ns in variants:
+            try:
+                call = Fused(x, copies[0][0], copies[0][1], bits, copies[0][2], pc or 1024, name == "fused", ns)
+                got = torch.stack([call(x).float() for _ in range(3)])  # the counter resets between launches
+                t = bench(rotating([lambda c=c: call(x, *c) for c in copies])) if dev == "cuda" else None
+                again = call(x).float()
+            except Exception as exc:  # a config that does not compile or fit here
+                print(f"{spec} {k}x{n} {name} {pc}: {type(exc).__name__}: {exc}"[:400], flush=True)
+                continue
+            diff = float(max((g - want).abs().max() for g in [*got, again]) / want.abs().max())
+            row = dict(base, variant=name, piece=call.piece if name == "fused" else None, sleep_ns=ns,
+                       tile=[call.block_m, call.warps, call.block_w, call.unroll], whole_us=t and t * 1e6,
+                       whole_x_bf16=t_bf16 / t if t else None, max_diff_vs_library=diff,
+                       counter_after=call.ctr.tolist())
+            print(json.dumps(row), flush=True)
+            out.append(row)
+            if diff > 1e-6 or any(call.ctr.tolist()):
+                raise SystemExit(f"{spec} {k}x{n} {name} {pc}: output off the library's ({diff:.2e}) "
+                                 f"or counter not reset ({call.ctr.tolist()})")
     bench_kernels.save_sweep(out, "probe_fused_prep", ("k", "n", "method"), "whole_us")
 
 

@@ -167,8 +167,6 @@ def main() -> None:
                 for name, r in rep.items()}}))
         return
     from eval import bench_kernels
-    from quantune.config import QuantConfig
-    from quantune.qlinear import QuantLinear
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     bench_kernels.DEV = dev
@@ -179,51 +177,34 @@ def main() -> None:
     bench = bench_kernels.bench
     rotating = bench_kernels.rotating
     out = []
-    for k, n in shapes:
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
-        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        t_bf16 = None
-        if dev == "cuda":
-            w16s = [lin.weight] + [lin.weight.detach().clone() for _ in range(bench_kernels.cold_copies(2 * k * n) - 1)]
-            t_bf16 = bench(rotating([lambda w=w: x @ w.T for w in w16s]))
-            w16s = None
-        for spec in args.methods.split(","):
-            method, bits = spec.split("-")
-            bits = int(bits)
-            q, _ = QuantLinear.from_linear(lin, QuantConfig(method=method, bits=bits, group_size=group))
-            form, tables = q.bitplane_form(), q.level_tables()
-            read = bench_kernels.kernel_bytes(q.codes, form, tables, True)
-            copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
-
-            def whole_lib(layer):
-                kernels._PREPARED.clear()
-                return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
-            want_lib = whole_lib(copies[0]).float()
-            t_lib = bench(rotating([lambda c=c: whole_lib(c) for c in copies])) if dev == "cuda" else None
-            w = q.dequantize().float()
-            base = dict(k=k, n=n, method=spec, group=args.group, bf16_us=t_bf16 and t_bf16 * 1e6,
-                        library_whole_us=t_lib and t_lib * 1e6,
-                        library_x_bf16=t_bf16 / t_lib if t_lib else None)
-            print("library", json.dumps(base), flush=True)
-            for bm, nw, bw in configs:
-                def call(layer):
-                    return round_gemv(x, layer[0], layer[1], bits, layer[2], bm, bw, nw).to(x.dtype)
-                try:
-                    got = round_gemv(x, copies[0][0], copies[0][1], bits, copies[0][2], bm, bw, nw)
-                    t = bench(rotating([lambda c=c: call(c) for c in copies])) if dev == "cuda" else None
-                except Exception as exc:  # a config that does not compile or fit here
-                    print(f"{spec} {k}x{n} {bm}x{nw}x{bw}: {type(exc).__name__}: {exc}"[:300], flush=True)
-                    continue
-                want = tile_rounded(x, bw * (32 // bits)) @ w.T
-                err = float((got - want).norm() / want.norm())
-                row = dict(base, config=[bm, nw, bw], whole_us=t and t * 1e6, whole_x_bf16=t_bf16 / t if t else None,
-                           rel_err_vs_tile_rounded=err,
-                           rel_diff_vs_library=float((got - want_lib).norm() / want_lib.norm()))
-                print(json.dumps(row), flush=True)
-                out.append(row)
-                if err > 1e-4:
-                    raise SystemExit(f"{spec} {k}x{n} {bm}x{nw}x{bw}: output off the tile-rounded product ({err:.2e})")
+    for case in bench_kernels.rtn_cases(shapes, args.methods, group):
+        k, n, x, spec, bits, copies, t_bf16 = case.k, case.n, case.x, case.spec, case.bits, case.copies, case.bf16_s
+        whole_lib = bench_kernels.library_call(x, bits)
+        want_lib = whole_lib(copies[0]).float()
+        t_lib = bench(rotating([lambda c=c: whole_lib(c) for c in copies])) if dev == "cuda" else None
+        w = case.q.dequantize().float()
+        base = dict(k=k, n=n, method=spec, group=args.group, bf16_us=t_bf16 and t_bf16 * 1e6,
+                    library_whole_us=t_lib and t_lib * 1e6,
+                    library_x_bf16=t_bf16 / t_lib if t_lib else None)
+        print("library", json.dumps(base), flush=True)
+        for bm, nw, bw in configs:
+            def call(layer):
+                return round_gemv(x, layer[0], layer[1], bits, layer[2], bm, bw, nw).to(x.dtype)
+            try:
+                got = round_gemv(x, copies[0][0], copies[0][1], bits, copies[0][2], bm, bw, nw)
+                t = bench(rotating([lambda c=c: call(c) for c in copies])) if dev == "cuda" else None
+            except Exception as exc:  # a config that does not compile or fit here
+                print(f"{spec} {k}x{n} {bm}x{nw}x{bw}: {type(exc).__name__}: {exc}"[:300], flush=True)
+                continue
+            want = tile_rounded(x, bw * (32 // bits)) @ w.T
+            err = float((got - want).norm() / want.norm())
+            row = dict(base, config=[bm, nw, bw], whole_us=t and t * 1e6, whole_x_bf16=t_bf16 / t if t else None,
+                       rel_err_vs_tile_rounded=err,
+                       rel_diff_vs_library=float((got - want_lib).norm() / want_lib.norm()))
+            print(json.dumps(row), flush=True)
+            out.append(row)
+            if err > 1e-4:
+                raise SystemExit(f"{spec} {k}x{n} {bm}x{nw}x{bw}: output off the tile-rounded product ({err:.2e})")
     bench_kernels.save_sweep(out, "probe_round_gemv", ("k", "n", "method"), "whole_us")
 
 

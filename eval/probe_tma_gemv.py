@@ -118,8 +118,6 @@ def main() -> None:
                    help="rows x warps x words x stages x programs per SM")
     args = p.parse_args()
     from eval import bench_kernels
-    from quantune.config import QuantConfig
-    from quantune.qlinear import QuantLinear
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     bench_kernels.DEV = dev
@@ -132,68 +130,53 @@ def main() -> None:
     bench = bench_kernels.bench
     rotating = bench_kernels.rotating
     out = []
-    for k, n in shapes:
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
-        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        t_bf16 = None
-        if dev == "cuda":
-            w16s = [lin.weight] + [lin.weight.detach().clone() for _ in range(bench_kernels.cold_copies(2 * k * n) - 1)]
-            t_bf16 = bench(rotating([lambda w=w: x @ w.T for w in w16s]))
-            w16s = None
-        for spec in args.methods.split(","):
-            method, bits = spec.split("-")
-            bits = int(bits)
-            q, _ = QuantLinear.from_linear(lin, QuantConfig(method=method, bits=bits, group_size=64))
-            form, tables = q.bitplane_form(), q.level_tables()
-            prep = kernels.prepared_input(x, form, bits, pairs="chunk", share=False)
-            read = bench_kernels.kernel_bytes(q.codes, form, tables, True)
-            copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
-            bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, True, k, bits)
-            split0 = kernels.gemv_split(n, form, bits, bm0, bw0)
-            unroll0 = kernels.gemv_unroll((bm0, nw0, bw0, pre0), True, bits, k, n)
+    for case in bench_kernels.rtn_cases(shapes, args.methods, 64):
+        k, n, x, spec, bits, copies, t_bf16 = case.k, case.n, case.x, case.spec, case.bits, case.copies, case.bf16_s
+        form = case.form
+        prep = kernels.prepared_input(x, form, bits, pairs="chunk", share=False)
+        bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, True, k, bits)
+        split0 = kernels.gemv_split(n, form, bits, bm0, bw0)
+        unroll0 = kernels.gemv_unroll((bm0, nw0, bw0, pre0), True, bits, k, n)
 
-            def lib(layer, prepared=prep):
-                return kernels.gemv_matmul(x, layer[0], layer[1], bits, block_m=bm0, block_w=bw0, num_warps=nw0,
-                                           split=split0, tables=layer[2], prepared=prepared, prefetch=pre0,
-                                           unroll=unroll0)
-            want = lib(copies[0])
-            t_lib = bench(rotating([lambda c=c: lib(c) for c in copies])) if dev == "cuda" else None
+        def lib(layer, prepared=prep):
+            return kernels.gemv_matmul(x, layer[0], layer[1], bits, block_m=bm0, block_w=bw0, num_warps=nw0,
+                                       split=split0, tables=layer[2], prepared=prepared, prefetch=pre0,
+                                       unroll=unroll0)
+        want = lib(copies[0])
+        t_lib = bench(rotating([lambda c=c: lib(c) for c in copies])) if dev == "cuda" else None
 
-            def whole_lib(layer):
+        whole_lib = bench_kernels.library_call(x, bits)
+        t_whole_lib = bench(rotating([lambda c=c: whole_lib(c) for c in copies])) if dev == "cuda" else None
+        base = dict(k=k, n=n, method=spec, bf16_us=t_bf16 and t_bf16 * 1e6, library_kernel_us=t_lib and t_lib * 1e6,
+                    library_whole_us=t_whole_lib and t_whole_lib * 1e6, library_tile=[bm0, nw0, bw0, pre0, unroll0])
+        print("library", json.dumps(base), flush=True)
+        for bm, nw, bw, st, per_sm in configs:
+            def call(layer, prepared=prep):
+                return tma_gemv(x, layer[0], layer[1], bits, layer[2], prepared, bm, bw, nw, st, per_sm)
+
+            def whole(layer):
                 kernels._PREPARED.clear()
-                return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
-            t_whole_lib = bench(rotating([lambda c=c: whole_lib(c) for c in copies])) if dev == "cuda" else None
-            base = dict(k=k, n=n, method=spec, bf16_us=t_bf16 and t_bf16 * 1e6, library_kernel_us=t_lib and t_lib * 1e6,
-                        library_whole_us=t_whole_lib and t_whole_lib * 1e6, library_tile=[bm0, nw0, bw0, pre0, unroll0])
-            print("library", json.dumps(base), flush=True)
-            for bm, nw, bw, st, per_sm in configs:
-                def call(layer, prepared=prep):
-                    return tma_gemv(x, layer[0], layer[1], bits, layer[2], prepared, bm, bw, nw, st, per_sm)
-
-                def whole(layer):
-                    kernels._PREPARED.clear()
-                    prepared = kernels.prepared_input(x, layer[1], bits, pairs="chunk", share=False,
-                                                      trigger=kernels.pdl_enabled(x))
-                    return call(layer, prepared).to(x.dtype)
-                try:
-                    got = call(copies[0])
-                    t = bench(rotating([lambda c=c: call(c) for c in copies])) if dev == "cuda" else None
-                    tw = bench(rotating([lambda c=c: whole(c) for c in copies])) if dev == "cuda" else None
-                    gw = whole(copies[0])
-                except Exception as exc:  # a config that does not compile here
-                    print(f"{spec} {k}x{n} {bm}x{nw}x{bw}x{st}x{per_sm}: {type(exc).__name__}: {exc}"[:300], flush=True)
-                    continue
-                err = float((got - want).norm() / want.norm())
-                errw = float((gw.float() - want).norm() / want.norm())
-                row = dict(base, config=[bm, nw, bw, st, per_sm], kernel_us=t and t * 1e6, whole_us=tw and tw * 1e6,
-                           whole_x_bf16=t_bf16 / tw if tw else None, library_whole_x_bf16=t_bf16 / t_whole_lib
-                           if t_whole_lib else None, equal=bool(torch.equal(got, want)), rel_diff=err,
-                           whole_rel_diff=errw)
-                print(json.dumps(row), flush=True)
-                out.append(row)
-                if err > 1e-5:
-                    raise SystemExit(f"{spec} {k}x{n} {bm}x{nw}x{bw}: output differs from the library's ({err:.2e})")
+                prepared = kernels.prepared_input(x, layer[1], bits, pairs="chunk", share=False,
+                                                  trigger=kernels.pdl_enabled(x))
+                return call(layer, prepared).to(x.dtype)
+            try:
+                got = call(copies[0])
+                t = bench(rotating([lambda c=c: call(c) for c in copies])) if dev == "cuda" else None
+                tw = bench(rotating([lambda c=c: whole(c) for c in copies])) if dev == "cuda" else None
+                gw = whole(copies[0])
+            except Exception as exc:  # a config that does not compile here
+                print(f"{spec} {k}x{n} {bm}x{nw}x{bw}x{st}x{per_sm}: {type(exc).__name__}: {exc}"[:300], flush=True)
+                continue
+            err = float((got - want).norm() / want.norm())
+            errw = float((gw.float() - want).norm() / want.norm())
+            row = dict(base, config=[bm, nw, bw, st, per_sm], kernel_us=t and t * 1e6, whole_us=tw and tw * 1e6,
+                       whole_x_bf16=t_bf16 / tw if tw else None, library_whole_x_bf16=t_bf16 / t_whole_lib
+                       if t_whole_lib else None, equal=bool(torch.equal(got, want)), rel_diff=err,
+                       whole_rel_diff=errw)
+            print(json.dumps(row), flush=True)
+            out.append(row)
+            if err > 1e-5:
+                raise SystemExit(f"{spec} {k}x{n} {bm}x{nw}x{bw}: output differs from the library's ({err:.2e})")
     bench_kernels.save_sweep(out, "probe_tma_gemv", ("k", "n", "method"), "whole_us")
 
 

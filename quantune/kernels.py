@@ -1798,6 +1798,8 @@ def gemv_span(m: int | None, affine: bool, bits: int | None, k: int | None, grou
 
 
 def _span_rule(m: int | None, affine: bool, bits: int | None, k: int | None, group: int | None) -> bool:
+    # gemv_tile and gemv_unroll read the rule here, so that a sweep replacing gemv_span (eval/sweep_gemv.py --span)
+    # changes only whether the tile spans, not which tile the layer gets
     return (affine and bits == 2 and m is not None and m >= GEMV_MANY_ROWS_2BIT and k is not None
             and group is not None and group < k)
 
