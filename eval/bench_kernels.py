@@ -174,6 +174,26 @@ def bandwidths() -> dict:
             "copy_eager": 2 * a.numel() / eager_seconds(lambda: b.copy_(a)), "copy_graph": copy}
 
 
+def read_only_seconds(nbytes: int) -> float:
+    """Seconds to stream ``nbytes`` from memory and do nothing else: the streaming Triton read of
+    :func:`bandwidths` (16 KB a program) over a buffer of that size, cold (cycling through copies, as the
+    decode calls do), CUDA graph. What no kernel reading those bytes can beat on this device: the fixed cost of
+    a short read (ramp and tail, ~1.5 us on the H200) included, which the bytes / bandwidth floor leaves out.
+    A GEMV's codes and tables read this way give the case's bound against bf16; bf16's own weight bytes give
+    cuBLAS's. On the CPU (--smoke): a wall-clock sum."""
+    if DEV != "cuda":
+        buf = torch.zeros(max(1, nbytes // 4), dtype=torch.int32)
+        return _wall(lambda: buf.sum())
+    from eval.probe_read_pattern import read_blocks
+
+    block = 4096  # int32 words a program, as in bandwidths()
+    words = -(-nbytes // (4 * block)) * block
+    bufs = [torch.zeros(words, dtype=torch.int32, device=DEV) for _ in range(cold_copies(4 * words))]
+    t = bench(rotating([lambda b=b: read_blocks(b, block) for b in bufs]))
+    del bufs
+    return t
+
+
 def quantune_layer(w: torch.Tensor, method: str, bits: int):
     from quantune.config import QuantConfig
     from quantune.qlinear import QuantLinear
@@ -211,8 +231,8 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
         ["in x out", "method", "kernel", "rel. err", "decode us", "library us (tile, unroll)", "x bf16, library",
          "x NF4, library", "decode us, no PDL", "decode us, one pass", "decode us, rfft prep",
          "kernel us", "kernel GB/s",
-         "torch transform us", "floor us",
-         "bf16 us", "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16",
+         "torch transform us", "floor us", "read-only us", "bound x bf16",
+         "bf16 us", "bf16 read-only us", "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16",
          "prefill rel. err", "bf16 rel. err", "decode to bf16 us", "prefill DCT us (torch DCT us)",
          "prefill ms, torch DCT", "old prefill ms"],
         [[f"{r['in']}x{r['out']}", r["method"], "{kernel}:{block_m}x{num_warps}x{block_w}".format(**r["best_config"]),
@@ -230,7 +250,11 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
           f"{r['decode_rfft_s'] * us:.3f} (rel. err {r['rfft_rel_err_vs_reference']:.1e})" if "decode_rfft_s" in r else "-",
           r["kernel_s"] * us,
           f"{r['kernel_read_Bps'] / 1e9:.0f}" if r.get("kernel_read_Bps") else "-",
-          r["transform_s"] * us, r["floor_s"] * us, r["bf16_decode_s"] * us, r["nf4_decode_s"] * us,
+          r["transform_s"] * us, r["floor_s"] * us,
+          f"{r['read_only_s'] * us:.3f}" if "read_only_s" in r else "-",
+          f"{r['bf16_decode_s'] / r['read_only_s']:.2f}" if "read_only_s" in r else "-",
+          r["bf16_decode_s"] * us, f"{r['bf16_read_only_s'] * us:.3f}" if "bf16_read_only_s" in r else "-",
+          r["nf4_decode_s"] * us,
           r["speedup_vs_bf16"], r["speedup_vs_nf4"], r["prefill_s"] * 1e3, r["bf16_prefill_s"] * 1e3,
           r["prefill_vs_bf16"], r["prefill_rel_err"], r["bf16_prefill_rel_err"], r["decode_bf16_s"] * us,
           f"{r['prefill_dct_s'] * us:.1f} ({r['prefill_torch_dct_s'] * us:.1f}), rel. err "
@@ -262,7 +286,11 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
             f"transform alone into bf16, next to the torch DCT (quantune.transforms, float32 in, cast to bf16), "
             f"its error against the float32 torch DCT; 'prefill ms, torch DCT': the whole prefill with the torch "
             f"DCT, same run; 'old prefill' is the first path (float32 torch decode, eager). "
-            f"Floor: index + coefficient bytes / read bandwidth. rel. err: the decode path vs the "
+            f"Floor: index + coefficient bytes / read bandwidth. 'read-only us': the time to merely stream the "
+            f"bytes the GEMV reads (codes and coefficient tables; 'bf16 read-only us': the bf16 weight's bytes) with "
+            f"that streaming read kernel, cold, same run: unlike the floor it includes a short read's fixed ramp and "
+            f"tail, so 'bound x bf16' (bf16 us / read-only us) is the most any kernel reading these bytes could reach "
+            f"against this run's cuBLAS, before any arithmetic or input preparation. rel. err: the decode path vs the "
             f"float32 reference x W_hat^T (modes 5 and 6 round the input to 16 bits per token or per 1024 columns: about 3e-5 to 1e-4); "
             f"prefill rel. err the same for the bf16 prefill path, next to bf16 cuBLAS's own error against "
             f"float32 (x W^T).\n\n{table}\n")
@@ -350,7 +378,7 @@ def main() -> None:
             nf4 = None
         base = {"in": k, "out": n, "bf16_decode_s": t_bf16, "bf16_decode_eager_s": t_bf16_eager,
                 "bf16_prefill_s": t_bf16_prefill, "nf4_decode_s": t_nf4, "bf16_floor_s": 2 * n * k / bw,
-                "nf4_floor_s": (n * k / 2 + n * k / 64) / bw}
+                "nf4_floor_s": (n * k / 2 + n * k / 64) / bw, "bf16_read_only_s": read_only_seconds(2 * n * k)}
         for spec in args.methods.split(","):
             method, bits = spec.split("-")
             bits = int(bits)
@@ -362,6 +390,7 @@ def main() -> None:
             tables = level_tables(form, bits)
             read_bytes = kernel_bytes(q.codes, form, tables, tables[2])
             copies = layer_copies(q.codes, form, tables, cold_copies(read_bytes))
+            t_read_only = read_only_seconds(read_bytes)
 
             def kernel_call(kind, bm, nw, tw, xq_arg, layer=None):
                 codes, form, tables = layer or copies[0]
@@ -499,7 +528,7 @@ def main() -> None:
                    "kernel_s": t_kernel, "decode_s": t_full, "decode_no_pdl_s": t_serial,
                    "pdl_equals_serial": pdl_same, "pdl_rel_diff": pdl_diff, **one_pass, **lib, **rfft, "transform_s": t_transform, "module_s": t_module,
                    "module_eager_s": t_module_eager, "prefill_s": t_q_prefill, **prefill_dct,
-                   "floor_s": (index_bytes + meta_bytes) / bw,
+                   "floor_s": (index_bytes + meta_bytes) / bw, "read_only_s": t_read_only,
                    "speedup_vs_bf16": t_bf16 / t_full, "speedup_vs_nf4": t_nf4 / t_full,
                    "kernel_speedup_vs_bf16": t_bf16 / t_kernel, "kernel_read_bytes": read_bytes,
                    "kernel_read_Bps": read_bytes / t_kernel if t_kernel else None, "weight_copies": len(copies), "prefill_vs_bf16": t_bf16_prefill / t_q_prefill}

@@ -44,6 +44,7 @@ def test_kernel_benchmark_smoke_and_rerender(tmp_path):
           "--out", str(out)], tmp_path, 1200)
     saved = json.loads(out.with_suffix(".json").read_text())
     assert {r["method"] for r in saved["rows"]} == {"kashin-4", "rtn-4"}
+    assert all(r["read_only_s"] > 0 and r["bf16_read_only_s"] > 0 for r in saved["rows"])  # the read bounds
     out.with_suffix(".md").unlink()
     _run(["eval.bench_kernels", "--render", str(out.with_suffix(".json"))], tmp_path, 120)
     assert "Low-bit matmul kernels" in out.with_suffix(".md").read_text()
