@@ -83,8 +83,8 @@ def kernel_bytes(codes: torch.Tensor, form, tables: tuple, affine: bool) -> int:
 def rtn_cases(shapes: list[tuple[int, int]], methods: str, group: int | None, tokens: int = 1,
               time_bf16: bool = True):
     """The rtn probes' cases: per ``(k, n)`` shape a seeded bf16 Linear and input of ``tokens`` rows (timed as
-    bf16 ``x @ W^T``, cold, where DEV is cuda and ``time_bf16``), then per method ("rtn-4,rtn-2") its quantized
-    layer. Yields namespaces with k, n, x, spec, bits, q, form, tables, copies (:func:`layer_copies`, cold) and
+    bf16 ``x @ W^T``, cold, where DEV is cuda and ``time_bf16``), then per method ("rtn-4,rtn-2"; kashin's too,
+    with the format's own groups: ``group`` is rtn's) its quantized layer. Yields namespaces with k, n, x, spec, bits, q, form, tables, copies (:func:`layer_copies`, cold) and
     bf16_s (None where not timed)."""
     from types import SimpleNamespace
 
@@ -102,7 +102,8 @@ def rtn_cases(shapes: list[tuple[int, int]], methods: str, group: int | None, to
             del w16s
         for spec in methods.split(","):
             method, bits = spec.split("-")
-            q, _ = QuantLinear.from_linear(lin, QuantConfig(method=method, bits=int(bits), group_size=group))
+            q, _ = QuantLinear.from_linear(lin, QuantConfig(method=method, bits=int(bits),
+                                                            group_size=group if method == "rtn" else None))
             form, tables = q.bitplane_form(), q.level_tables()
             copies = layer_copies(q.codes, form, tables, cold_copies(kernel_bytes(q.codes, form, tables, True)))
             yield SimpleNamespace(k=k, n=n, x=x, spec=spec, bits=int(bits), q=q, form=form, tables=tables,

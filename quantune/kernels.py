@@ -1752,12 +1752,14 @@ GEMV_MIN_PROGRAMS = 512
 # prefetching in both). rtn's other tiles stay rolled (its two-row tiles were slower unrolled).
 GEMV_UNROLL_MANY_ROWS = 2
 GEMV_UNROLL_LONG_ROWS = {2: 2}
-# kashin's two-row tile (mode 5) unrolled twice on long rows, on many rows and at 2 bits. H200, whole call, cold L2,
+# kashin's two-row tile (mode 5) unrolled twice on long rows (few of them) and at 2 bits. H200, whole call, cold L2,
 # three A/B pairs in one run (kernel_sweeps/sweep_gemv_kashin_unroll.json): 14336x4096 kashin-4 27.7-29.0 us against
 # 29.0-30.1, kashin-2 25.1 against 27.7-27.9; 4096x4096 kashin-2 9.8 against 10.1; many rows
 # (sweep_gemv_kashin_wide_tiles.json, sweep_gemv_late3.json): 4096x14336 kashin-4 22.73 against 23.24; at 4 bits
 # on short rows, few of them, it lost (4096x4096 kashin-4 12.3 against 11.0-11.2; 12.44 against 11.19), so it
-# stays rolled there
+# stays rolled there. At 4 bits on many rows it stays rolled too: in two bench runs the rolled tile's whole call
+# beat the library's unrolled one (bench_kernels.json, 'decode_s' against 'decode_library_s': 4096x14336 20.5 /
+# 21.3 us against 22.1 / 22.0, 8192x28672 61.1 / 60.4 against 64.4 / 63.6); A/B: kernel_sweeps/ab_kernels_kashin_unroll
 GEMV_UNROLL_KASHIN = 2
 
 
@@ -1784,8 +1786,8 @@ def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: in
     if tile == GEMV_TILE_2BIT_SPAN and _span_rule(m, affine, bits, k, group):
         return GEMV_UNROLL_2BIT_SPAN
     if not affine:
-        big = any(n is not None and n >= GEMV_LONG_K for n in (k, m))
-        return GEMV_UNROLL_KASHIN if tile == GEMV_TILES[-1] and (big or bits == 2) else 1
+        long_rows = k is not None and k >= GEMV_LONG_K and (m is None or m < GEMV_LONG_K)
+        return GEMV_UNROLL_KASHIN if tile == GEMV_TILES[-1] and (long_rows or bits == 2) else 1
     if tile in (GEMV_TILE_LONG_ROWS, GEMV_TILE_LONG_ROWS_WIDE):
         return GEMV_UNROLL_LONG_ROWS.get(bits, 1)
     return GEMV_UNROLL_MANY_ROWS if tile[3] else 1

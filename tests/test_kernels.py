@@ -506,7 +506,7 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
     assert gemv_tile(14336, True, 4096, 2, 64) == (4, 1, 64, False)
     assert gemv_tile(4096, True, 4096, 2)[3] is False and gemv_tile(28672, False, 8192, 2)[3] is False
     # the K loop unrolled: rtn's long-row tile at 2 bits (and a prefetching tile, none in the dispatch); kashin's
-    # two-row tile on long rows, on many rows and at 2 bits; nothing else
+    # two-row tile on long rows (few of them) and at 2 bits; nothing else
     from quantune.kernels import gemv_unroll
 
     def unroll(m, affine, k, bits):
@@ -515,10 +515,11 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
     assert unroll(28672, True, 8192, 4) == 1 and unroll(28672, True, 8192, 2) == 1
     assert gemv_unroll((4, 1, 64, True), True, 2, 4096, 14336) == 2
     assert unroll(4096, True, 14336, 4) == 1 and unroll(4096, True, 14336, 2) == 2
-    assert unroll(4096, True, 4096, 4) == 1 and unroll(28672, False, 8192, 4) == 2
+    assert unroll(4096, True, 4096, 4) == 1 and unroll(28672, False, 8192, 4) == 1 and unroll(28672, False, 8192, 2) == 2
     assert unroll(4096, False, 14336, 4) == 2 and unroll(4096, False, 14336, 2) == 2
     assert unroll(4096, False, 4096, 4) == 1 and unroll(4096, False, 4096, 2) == 2
-    assert unroll(14336, False, 4096, 4) == 2 and unroll(6144, False, 4096, 4) == 1  # many rows; q/k/v of an 8B
+    assert unroll(14336, False, 4096, 4) == 1 and unroll(6144, False, 4096, 4) == 1  # many rows; q/k/v of an 8B
+    assert unroll(14336, False, 4096, 2) == 2
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=4)],
