@@ -504,6 +504,11 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
     assert gemv_span(28672, True, 2, 4096, 64) and not gemv_span(14336, True, 2, 4096, 64)
     assert not gemv_span(28672, True, 2, 4096, None) and not gemv_span(28672, True, 4, 4096, 64)
     assert gemv_tile(14336, True, 4096, 2, 64) == (4, 1, 64, False)
+    # rtn-4 on very many rows, long or grouped: eight rows a warp; not with one scale a row on short rows, not on
+    # fewer rows, not at 2 bits
+    assert gemv_tile(28672, True, 8192, 4, 64) == gemv_tile(28672, True, 8192, 4) == (8, 1, 64, False)
+    assert gemv_tile(28672, True, 4096, 4, 64) == (8, 1, 64, False) and gemv_tile(28672, True, 4096, 4) == (4, 1, 64, False)
+    assert gemv_tile(16384, True, 8192, 4, 64) == (4, 1, 64, False) and gemv_tile(28672, True, 4096, 2)[0] != 8
     assert gemv_tile(4096, True, 4096, 2)[3] is False and gemv_tile(28672, False, 8192, 2)[3] is False
     # the K loop unrolled: rtn's long-row tile at 2 bits (and a prefetching tile, none in the dispatch); kashin's
     # two-row tile on long rows (few of them) and at 2 bits; nothing else
