@@ -1733,12 +1733,12 @@ GEMV_MIN_WARPS = 2048
 # tile (kernel_sweeps/ab_kernels_part_tiles.json, versions side by side, one run); with one scale a row the 4 x 64
 # tile stays (21.02 against 22.47-22.54, ab_kernels_part_tiles_row.json).
 GEMV_MANY_ROWS_2BIT = 16384
-# rtn at 4 bits on very many rows that are long or grouped: eight rows per one-warp program over 64 words. Whole call,
-# cold L2, two pairs alternating in one run (kernel_sweeps/sweep_gemv_8rows{,_first}_{g64,row}.json, groups of 64 / one scale
-# a row): 8192x28672 32.19 / 29.83 us against 33.35 / 32.08 for 4 x 64; 4096x28672 with groups of 64 17.46 against
-# 18.62, but with one scale a row 20.4 against 17.8 (so not there: the 8B model's joined gate/up); 4096x16384
-# 12.67 / 11.6 against 11.75 / 10.97 and 4096x14336 11.75 against 10.7 (so not below the threshold, set between the
-# 16384 rows that lost and the 28672 that won)
+# rtn at 4 bits on very many rows that are long or grouped: eight rows per one-warp program over 64 words. Whole
+# call, cold L2, two pairs alternating in one run (kernel_sweeps/sweep_gemv_8rows{,_first}_{g64,row}.json, groups of
+# 64 / one scale a row): 8192x28672 32.19 / 29.83 us against 33.35 / 32.08 for 4 x 64; 4096x28672 with groups of 64
+# 17.46 against 18.62, but with one scale a row 20.4 against 17.8 (so not there: the 8B model's joined gate/up);
+# 4096x16384 12.67 / 11.6 against 11.75 / 10.97 and 4096x14336 11.75 against 10.7 (so not below the threshold, set
+# between the 16384 rows that lost and the 28672 that won). bench_kernels.md: 8192x28672 rtn-4 32.5 us, 3.39x bf16.
 GEMV_VERY_MANY_ROWS = 24576
 GEMV_TILE_VERY_MANY_ROWS = (8, 1, 64, False)
 GEMV_TILE_2BIT_SPAN = (2, 1, 128, False)
