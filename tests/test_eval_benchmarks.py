@@ -130,6 +130,20 @@ def test_round_gemv_probe_smoke_matches_the_tile_rounded_product(tmp_path, group
 
 
 @pytest.mark.slow
+def test_whole_paths_probe_smoke_every_path_computes_the_product(tmp_path):
+    """eval/probe_whole_paths.py on the CPU (interpreter, one small shape, one repeat): the library's call and the
+    listed tiles, float32 and bf16 out, each within its output's rounding of the layer's product (the probe stops
+    on a larger error); float32 outputs agree with each other to float32 rounding."""
+    pytest.importorskip("triton")
+    _run(["eval.probe_whole_paths", "--shapes", "256x96", "--tiles", "2x1x16,4x1x8", "--repeat", "1"], tmp_path, 600,
+         OUT=str(tmp_path))
+    (row,) = json.loads((tmp_path / "probe_whole_paths.json").read_text())
+    assert set(row["us"]) == {"library", "library-f32", "2x1x16-f32", "2x1x16-bf16", "4x1x8-f32", "4x1x8-bf16"}
+    f32 = [v for name, v in row["rel_err"].items() if name.endswith("f32")]
+    assert max(f32) < 1e-3 and max(f32) - min(f32) < 1e-5 and max(row["rel_err"].values()) < 1e-2
+
+
+@pytest.mark.slow
 def test_fused_prep_probe_smoke_matches_the_library(tmp_path):
     """eval/probe_fused_prep.py on the CPU (interpreter, one small shape, two tokens): the GEMV whose first programs
     prepare the input gives the library's output exactly, and its counter ends reset (the probe stops otherwise)."""
