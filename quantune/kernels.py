@@ -1767,7 +1767,9 @@ GEMV_UNROLL_LONG_ROWS = {2: 2}
 # on short rows, few of them, it lost (4096x4096 kashin-4 12.3 against 11.0-11.2; 12.44 against 11.19), so it
 # stays rolled there. At 4 bits on many rows it stays rolled too: in two bench runs the rolled tile's whole call
 # beat the library's unrolled one (bench_kernels.json, 'decode_s' against 'decode_library_s': 4096x14336 20.5 /
-# 21.3 us against 22.1 / 22.0, 8192x28672 61.1 / 60.4 against 64.4 / 63.6); A/B: kernel_sweeps/ab_kernels_kashin_unroll
+# 21.3 us against 22.1 / 22.0, 8192x28672 61.1 / 60.4 against 64.4 / 63.6), and versions side by side in one process
+# (kernel_sweeps/ab_kernels_kashin_unroll.json): 4096x14336 20.2-21.0 against 21.2-21.9, 8192x28672 60.5 against 64.0,
+# 4096x28672 34.4 against 35.6
 GEMV_UNROLL_KASHIN = 2
 
 
