@@ -92,7 +92,8 @@ PY
              OUT="$out/g64" timeout 240 python -m eval.probe_fused_prep > "$out/g64/log.txt" 2>&1 || true
              OUT="$out/row" timeout 150 python -m eval.probe_fused_prep --group row --pieces 512 --sleep 0,64,256 \
                --shapes 4096x14336,14336x4096 > "$out/row/log.txt" 2>&1 || true ;;
-  long-rows) # issue 5: rtn-4's long-row layer (14336x4096) with two rows a warp over 256 words (the input's pairs
+  long-rows) # issue 5 (run in the seventeenth session: slower, kernel_sweeps/sweep_gemv_long_two_rows_*.json):
+             # rtn-4's long-row layer (14336x4096) with two rows a warp over 256 words (the input's pairs
              # loaded once for both rows: sm_90 loop 209 instructions for 128 weights a thread against 123 for 64),
              # against the library's one row a warp; groups of 64, then one scale a row
              mkdir -p "$out/g64" "$out/row"
