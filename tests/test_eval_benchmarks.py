@@ -144,6 +144,20 @@ def test_whole_paths_probe_smoke_every_path_computes_the_product(tmp_path):
 
 
 @pytest.mark.slow
+def test_ratio_spread_smoke_times_every_round_and_checks_the_output(tmp_path):
+    """eval/bench_ratio_spread.py on the CPU (interpreter, one small shape, two rounds): a bf16 and a library time per
+    round, their ratios, and the library's output within bf16 rounding of the reference (it stops otherwise)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "spread"
+    _run(["eval.bench_ratio_spread", "--shapes", "256x96", "--methods", "rtn-4", "--rounds", "2", "--out", str(out)],
+         tmp_path, 600)
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(row["bf16_us"]) == len(row["library_us"]) == len(row["x_bf16"]) == 2
+    assert row["x_bf16_min"] <= row["x_bf16_median"] <= row["x_bf16_max"] and row["rel_err"] < 1e-2
+    assert "Per-call speed-up, repeated" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
 def test_fused_prep_probe_smoke_matches_the_library(tmp_path):
     """eval/probe_fused_prep.py on the CPU (interpreter, one small shape, two tokens): the GEMV whose first programs
     prepare the input gives the library's output exactly, and its counter ends reset (the probe stops otherwise)."""
