@@ -44,8 +44,7 @@ def main() -> None:
     for case in bench_kernels.rtn_cases(shapes, args.methods, group, time_bf16=False):
         k, n, x, spec, bits, copies, form, tables = (case.k, case.n, case.x, case.spec, case.bits, case.copies,
                                                       case.form, case.tables)
-        row = dict(k=k, n=n, method=spec, group=args.group if spec.startswith("rtn") else None,
-                   us={name: [] for name in versions})
+        row = dict(k=k, n=n, method=spec, group=case.group_label, us={name: [] for name in versions})
         results = {}
         for name, mod in versions.items():
             results[name] = bench_kernels.library_call(x, bits, mod)(copies[0]).float()

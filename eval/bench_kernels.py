@@ -84,8 +84,9 @@ def rtn_cases(shapes: list[tuple[int, int]], methods: str, group: int | None, to
               time_bf16: bool = True):
     """The rtn probes' cases: per ``(k, n)`` shape a seeded bf16 Linear and input of ``tokens`` rows (timed as
     bf16 ``x @ W^T``, cold, where DEV is cuda and ``time_bf16``), then per method ("rtn-4,rtn-2"; kashin's too,
-    with the format's own groups: ``group`` is rtn's) its quantized layer. Yields namespaces with k, n, x, spec, bits, q, form, tables, copies (:func:`layer_copies`, cold) and
-    bf16_s (None where not timed)."""
+    with the format's own groups: ``group`` is rtn's) its quantized layer. Yields namespaces with k, n, x, spec,
+    bits, q, form, tables, copies (:func:`layer_copies`, cold), bf16_s (None where not timed) and group_label
+    (rtn's group as reports name it, "row" for one a row; None for kashin)."""
     from types import SimpleNamespace
 
     from quantune.config import QuantConfig
@@ -102,23 +103,26 @@ def rtn_cases(shapes: list[tuple[int, int]], methods: str, group: int | None, to
             del w16s
         for spec in methods.split(","):
             method, bits = spec.split("-")
+            rtn = method == "rtn"
             q, _ = QuantLinear.from_linear(lin, QuantConfig(method=method, bits=int(bits),
-                                                            group_size=group if method == "rtn" else None))
+                                                            group_size=group if rtn else None))
             form, tables = q.bitplane_form(), q.level_tables()
             copies = layer_copies(q.codes, form, tables, cold_copies(kernel_bytes(q.codes, form, tables, True)))
             yield SimpleNamespace(k=k, n=n, x=x, spec=spec, bits=int(bits), q=q, form=form, tables=tables,
-                                  copies=copies, bf16_s=bf16_s)
+                                  copies=copies, bf16_s=bf16_s,
+                                  group_label=(str(group) if group else "row") if rtn else None)
 
 
-def library_call(x: torch.Tensor, bits: int, kernels=None):
+def library_call(x: torch.Tensor, bits: int, kernels=None, out_dtype: torch.dtype | None = None):
     """The library's whole few-token call on ``x`` for a layer of :func:`layer_copies` (the preparation not shared
-    with the call before); ``kernels``: a version of quantune.kernels (default the package's)."""
+    with the call before); ``kernels``: a version of quantune.kernels (default the package's); ``out_dtype``: of
+    the result (default x's, as the module runs it)."""
     if kernels is None:
         from quantune import kernels
 
     def call(layer):
         kernels._PREPARED.clear()
-        return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=x.dtype)
+        return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=out_dtype or x.dtype)
     return call
 
 

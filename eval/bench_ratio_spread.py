@@ -59,8 +59,7 @@ def main() -> None:
                 t_bf16.append(bench_kernels.bench(bf16) * 1e6)
                 t_lib.append(bench_kernels.bench(lib) * 1e6)
             ratios = [b / q for b, q in zip(t_bf16, t_lib)]
-            rows.append({"in": k, "out": n, "method": case.spec, "group": args.group if case.spec.startswith("rtn")
-                         else None, "rel_err": err, "bf16_us": t_bf16, "library_us": t_lib, "x_bf16": ratios,
+            rows.append({"in": k, "out": n, "method": case.spec, "group": case.group_label, "rel_err": err, "bf16_us": t_bf16, "library_us": t_lib, "x_bf16": ratios,
                          "x_bf16_median": statistics.median(ratios), "x_bf16_min": min(ratios),
                          "x_bf16_max": max(ratios)})
             print(rows[-1], flush=True)

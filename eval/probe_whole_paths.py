@@ -48,12 +48,6 @@ def main() -> None:
     for case in bench_kernels.rtn_cases(shapes, args.methods, group):
         x, bits = case.x, case.bits
 
-        def library(dtype):
-            def call(layer):
-                kernels._PREPARED.clear()
-                return kernels.fused_matmul(x, layer[0], layer[1], bits, layer[2], out_dtype=dtype)
-            return call
-
         def tiled(bm, nw, bw, dtype):
             def call(layer):
                 kernels._PREPARED.clear()
@@ -63,13 +57,15 @@ def main() -> None:
                                            out_dtype=dtype)
             return call
 
-        paths = {"library": library(torch.bfloat16), "library-f32": library(torch.float32)}
+        paths = {"library": bench_kernels.library_call(x, bits, out_dtype=torch.bfloat16),
+                 "library-f32": bench_kernels.library_call(x, bits, out_dtype=torch.float32)}
         for tile in args.tiles.split(","):
             bm, nw, bw = map(int, tile.split("x"))
             for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
                 paths[f"{tile}-{name}"] = tiled(bm, nw, bw, dtype)
         want = x.float() @ case.q.dequantize().T
-        row = {"k": case.k, "n": case.n, "method": case.spec, "group": args.group, "bf16_us": case.bf16_s * 1e6 if case.bf16_s else None,
+        row = {"k": case.k, "n": case.n, "method": case.spec, "group": case.group_label,
+               "bf16_us": case.bf16_s * 1e6 if case.bf16_s else None,
                "tile_library": list(kernels.gemv_tile(case.n, True, case.k, bits, case.form.group)),
                "rel_err": {}, "us": {name: [] for name in paths}}
         for name, path in paths.items():
