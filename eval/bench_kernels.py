@@ -199,16 +199,31 @@ def read_only_seconds(nbytes: int) -> float:
     return t
 
 
-def quantune_layer(w: torch.Tensor, method: str, bits: int):
+def quantune_layer(w: torch.Tensor, method: str, bits: int, rtn_group: int | None = 64):
+    """The bench's quantized layer of weight ``w``: kashin with the format's own groups, or symmetric rtn with one
+    scale per ``rtn_group`` columns (None: one a row, the library's default)."""
     from quantune.config import QuantConfig
     from quantune.qlinear import QuantLinear
 
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=DEV)
     with torch.no_grad():
         lin.weight.copy_(w)
-    cfg = QuantConfig(method=method, bits=bits, group_size=64 if method == "rtn" else None)
+    cfg = QuantConfig(method=method, bits=bits, group_size=rtn_group if method == "rtn" else None)
     q, _ = QuantLinear.from_linear(lin, cfg)
     return q
+
+
+def parse_group(text: str) -> int | None:
+    """``--rtn-group``: a column count, or "row" for one scale a row."""
+    if text == "row":
+        return None
+    try:
+        group = int(text)
+    except ValueError:
+        raise SystemExit(f"--rtn-group: a column count or 'row', got {text!r}") from None
+    if group < 8:
+        raise SystemExit(f"--rtn-group: at least 8 columns, got {group}")
+    return group
 
 
 # (kernel, rows per program, warps, words per tile) tried per case: "planes" = bit-plane dot products,
@@ -229,18 +244,22 @@ CONFIGS = [("gemv1", 4, 4, 128),
 # that have modes 5 or 6) and prefetching never won
 
 
-def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
-    """The Markdown report of a run's rows (also: ``--render RESULTS.json`` re-renders a saved run)."""
+def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_group: int | None = 64) -> str:
+    """The Markdown report of a run's rows (also: ``--render RESULTS.json`` re-renders a saved run); ``rtn_group``:
+    the run's rtn layers' scale group (None: one scale a row)."""
     us = 1e6
+    rtn_setting = (f"one float16 scale per {rtn_group} columns" if rtn_group else
+                   "one float16 scale a row (the library's default, as the generation benchmark quantizes)")
     table = markdown_table(
-        ["in x out", "method", "kernel", "rel. err", "decode us", "library us (tile, unroll)", "x bf16, library",
+        ["in x out", "method", "bits/weight", "kernel", "rel. err", "decode us", "library us (tile, unroll)", "x bf16, library",
          "x NF4, library", "decode us, no PDL", "decode us, one pass", "decode us, rfft prep",
          "kernel us", "kernel GB/s",
          "torch transform us", "floor us", "read-only us", "bound x bf16",
          "bf16 us", "bf16 read-only us", "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16",
          "prefill rel. err", "bf16 rel. err", "decode to bf16 us", "prefill DCT us (torch DCT us)",
          "prefill ms, torch DCT", "old prefill ms"],
-        [[f"{r['in']}x{r['out']}", r["method"], "{kernel}:{block_m}x{num_warps}x{block_w}".format(**r["best_config"]),
+        [[f"{r['in']}x{r['out']}", r["method"],
+          f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else "-", "{kernel}:{block_m}x{num_warps}x{block_w}".format(**r["best_config"]),
           r["rel_err_vs_reference"], r["decode_s"] * us,
           "{:.3f} ({}, u{}{})".format(r["decode_library_s"] * us, "x".join(map(str, r["library_config"]["tile"][:3])),
                                      r["library_config"]["unroll"], ", late" if r["library_config"]["late"] else "")
@@ -266,7 +285,9 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int) -> str:
           f"{r['prefill_dct_rel_err']:.1e}" if "prefill_dct_s" in r else "-",
           f"{r['prefill_with_torch_dct_s'] * 1e3:.3f}" if "prefill_with_torch_dct_s" in r else "-",
           r["old_prefill_s"] * 1e3] for r in rows])
-    return (f"# Low-bit matmul kernels\n\nDevice: {device}. Times are medians with the calls captured in a CUDA "
+    return (f"# Low-bit matmul kernels\n\nDevice: {device}. Formats: kashin with its own per-row codebooks; rtn "
+            f"symmetric round-to-nearest, {rtn_setting}; 'bits/weight' counts the codes and every scale or "
+            f"coefficient the layer stores. Times are medians with the calls captured in a CUDA "
             f"graph (triton.testing.do_bench_cudagraph); the decode calls (bf16, NF4 and quantune alike) cycle "
             f"through copies of the case's weights, {COLD_BYTES >> 20} MB or more together, so no call finds its "
             f"weights in L2 from the call before (as in a model, whose other layers evict them). 'kernel GB/s': "
@@ -337,15 +358,19 @@ def main() -> None:
                                                    "(kernel:rows x warps [x words per tile])")
     p.add_argument("--block-k", type=int, default=None, help="K tile (default: the largest power of two <= 256 "
                                                               "dividing the group)")
+    p.add_argument("--rtn-group", default="64", help="rtn's scale group in columns, or 'row' for one scale a row "
+                                                      "(the library's default; the generation benchmark's)")
     p.add_argument("--out", default="eval/results/bench_kernels")
     p.add_argument("--smoke", action="store_true", help="CPU check of the script under TRITON_INTERPRET=1 "
                                                         "(small shape, no NF4); measures nothing")
     p.add_argument("--render", metavar="RESULTS_JSON", help="re-render the Markdown of a saved run and exit")
     args = p.parse_args()
+    rtn_group = parse_group(args.rtn_group)
     if args.render:
         saved = json.loads(Path(args.render).read_text())
         n = len(saved["rows"][0]["config_seconds"]) if saved["rows"] else 0
-        Path(args.render).with_suffix(".md").write_text(render(saved["rows"], saved["device"], n, 2048))
+        Path(args.render).with_suffix(".md").write_text(render(saved["rows"], saved["device"], n, 2048,
+                                                               saved.get("rtn_group", 64)))
         return
     global DEV
     if args.smoke:
@@ -387,7 +412,7 @@ def main() -> None:
         for spec in args.methods.split(","):
             method, bits = spec.split("-")
             bits = int(bits)
-            q = quantune_layer(w, method, bits)
+            q = quantune_layer(w, method, bits, rtn_group)
             form = q.bitplane_form()
             ref = x1.float() @ q.dequantize().T
             x32 = x1.float().contiguous()
@@ -520,7 +545,8 @@ def main() -> None:
             ref_p = xp[:64].float() @ q.dequantize().T
             index_bytes = q.codes.numel()
             meta_bytes = sum(t.numel() * t.element_size() for name, t in q.buffers_dict().items() if name != "codes")
-            row = {**base, "method": spec, "rel_err_vs_reference": rel,
+            row = {**base, "method": spec, "rtn_group": rtn_group if method == "rtn" else None,
+                   "bits_per_weight": 8 * (index_bytes + meta_bytes) / (n * k), "rel_err_vs_reference": rel,
                    "prefill_rel_err": float((got_p - ref_p).norm() / ref_p.norm()),
                    "module_prefill_rel_err": float((got_m - ref_p).norm() / ref_p.norm()),
                    "bf16_prefill_rel_err": float((xp[:64] @ w16.T).float().sub(xp[:64].float() @ w.T).norm()
@@ -544,8 +570,8 @@ def main() -> None:
               f"bandwidth {bw / 1e9:.0f} GB/s (a Triton kernel streaming 1 GiB; Tensor.copy_ {bws['copy_eager'] / 1e9:.0f} "
               f"GB/s eager, {bws['copy_graph'] / 1e9:.0f} GB/s in a CUDA graph, read + write counted)")
     out = Path(args.out)
-    md = render(rows, device, len(configs), args.prefill_tokens)
-    write_results(out, {"device": device, "read_bandwidth_Bps": bw, "copy_eager_Bps": bws["copy_eager"],
+    md = render(rows, device, len(configs), args.prefill_tokens, rtn_group)
+    write_results(out, {"device": device, "rtn_group": rtn_group, "read_bandwidth_Bps": bw, "copy_eager_Bps": bws["copy_eager"],
                         "copy_graph_Bps": bws["copy_graph"], "rows": rows}, md)
 
 

@@ -102,6 +102,13 @@ PY
                  --shapes 14336x4096 --configs 2x1x256 --whole-configs default,2x1x256,2x1x256u2,1x1x256u2,2x1x128 \
                  --splits 1 --evict evict_first --group $g > /dev/null 2>&1 || true
              done ;;
+  rtn-groups) # issue 5: rtn's decode per call at the library's default (one scale a row), groups of 128 and of 64,
+             # the same machine; then bf16 and the library alternated five rounds, one scale a row
+             for g in row 128 64; do
+               timeout 200 python -m eval.bench_kernels --methods rtn-4,rtn-2 --rtn-group $g \
+                 --configs gemv6:4x1x64,gemv6:2x1x128,gemv6:1x1x128,gemv6:8x1x64 --out "$out/bench_kernels_rtn_$g"
+             done
+             timeout 150 python -m eval.bench_ratio_spread --group row --rounds 5 --out "$out/bench_ratio_spread_row" ;;
   generate-noshare) python -m eval.bench_generate --contenders bf16,rtn-4 --new-tokens 64 --compile --no-share-pass \
                --out "$out/bench_generate_noshare" ;;   # issue 5: the same compile without quantune's ShareInputs pass
   generate-kashin) python -m eval.bench_generate --contenders bf16,kashin-4,kashin-2 --new-tokens 64 --compile \
@@ -123,5 +130,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
 esac

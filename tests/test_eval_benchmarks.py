@@ -41,13 +41,27 @@ def test_kernel_benchmark_smoke_and_rerender(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "k"
     _run(["eval.bench_kernels", "--smoke", "--methods", "kashin-4,rtn-4", "--configs", "gemv5:8x4x64,gemv1:4x4x128",
-          "--out", str(out)], tmp_path, 1200)
+          "--rtn-group", "row", "--out", str(out)], tmp_path, 1200)
     saved = json.loads(out.with_suffix(".json").read_text())
     assert {r["method"] for r in saved["rows"]} == {"kashin-4", "rtn-4"}
     assert all(r["read_only_s"] > 0 and r["bf16_read_only_s"] > 0 for r in saved["rows"])  # the read bounds
+    assert saved["rtn_group"] is None
+    rtn = next(r for r in saved["rows"] if r["method"] == "rtn-4")
+    assert rtn["bits_per_weight"] == pytest.approx(4 + 16 / 256)  # 256-wide rows: one float16 scale each
     out.with_suffix(".md").unlink()
     _run(["eval.bench_kernels", "--render", str(out.with_suffix(".json"))], tmp_path, 120)
-    assert "Low-bit matmul kernels" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "Low-bit matmul kernels" in md and "one float16 scale a row" in md and "| 4.062" in md
+
+
+def test_kernel_benchmark_rejects_a_bad_rtn_group(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for bad in ("4", "rows"):
+        done = subprocess.run([sys.executable, "-m", "eval.bench_kernels", "--smoke", "--rtn-group", bad,
+                               "--out", str(tmp_path / "k")], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode != 0 and "--rtn-group" in done.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "k.json").exists()
 
 
 def test_gemv_sweep_smoke_checks_every_tile_against_the_default(tmp_path):
