@@ -38,7 +38,7 @@ def main() -> None:
     versions = {f"v{i}": load(path, f"quantune.kernels_v{i}") for i, path in enumerate(args.others)}
     versions["tree"] = kernels
     bench_kernels.DEV = "cuda"
-    group = None if args.group == "row" else int(args.group)
+    group = bench_kernels.parse_group(args.group, "--group")
     out = []
     shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
     for case in bench_kernels.rtn_cases(shapes, args.methods, group, time_bf16=False):

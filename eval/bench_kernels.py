@@ -213,16 +213,17 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int, rtn_group: int | Non
     return q
 
 
-def parse_group(text: str) -> int | None:
-    """``--rtn-group``: a column count, or "row" for one scale a row."""
+def parse_group(text: str, option: str = "--rtn-group") -> int | None:
+    """rtn's scale group as the eval scripts take it (``option`` names it in the error): a column count, or "row"
+    for one scale a row."""
     if text == "row":
         return None
     try:
         group = int(text)
     except ValueError:
-        raise SystemExit(f"--rtn-group: a column count or 'row', got {text!r}") from None
+        raise SystemExit(f"{option}: a column count or 'row', got {text!r}") from None
     if group < 8:
-        raise SystemExit(f"--rtn-group: at least 8 columns, got {group}")
+        raise SystemExit(f"{option}: at least 8 columns, got {group}")
     return group
 
 

@@ -38,7 +38,7 @@ def main() -> None:
 
     bench_kernels.DEV = "cuda" if gpu else "cpu"
     dev = bench_kernels.DEV
-    group = None if args.group == "row" else int(args.group)
+    group = bench_kernels.parse_group(args.group, "--group")
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     rows = []
     for k, n in shapes:

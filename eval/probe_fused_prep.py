@@ -37,6 +37,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
+from eval.bench_kernels import parse_group
 from quantune import kernels
 
 if triton is not None:
@@ -231,7 +232,7 @@ def main() -> None:
                    "preparation), fused")
     p.add_argument("--sass", action="store_true", help="compile for sm_90 here (no GPU) and print the sizes")
     args = p.parse_args()
-    group = None if args.group == "row" else int(args.group)
+    group = parse_group(args.group, "--group")
     pieces = [int(v) for v in args.pieces.split(",")]
     sleeps = [int(v) for v in args.sleep.split(",")]
     if args.sass:

@@ -27,6 +27,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
+from eval.bench_kernels import parse_group
 from quantune import kernels
 
 if triton is not None:
@@ -155,7 +156,7 @@ def main() -> None:
     p.add_argument("--sass", action="store_true", help="compile the first config for sm_90 (no GPU) and compare")
     args = p.parse_args()
     configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
-    group = None if args.group == "row" else int(args.group)
+    group = parse_group(args.group, "--group")
     if args.sass:
         for spec in args.methods.split(","):
             bits = int(spec.split("-")[1])

@@ -42,7 +42,7 @@ def main() -> None:
     from quantune import kernels
 
     bench_kernels.DEV = "cuda" if gpu else "cpu"
-    group = None if args.group == "row" else int(args.group)
+    group = bench_kernels.parse_group(args.group, "--group")
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     out = []
     for case in bench_kernels.rtn_cases(shapes, args.methods, group):

@@ -100,7 +100,7 @@ def main() -> None:
                 kernels.PREP_COLUMNS, kernels.ROUNDING_COLUMNS_LONG = cols, {}
             method, bits = spec.split("-")
             bits = int(bits)
-            group = (None if args.group == "row" else int(args.group)) if method == "rtn" else None
+            group = bench_kernels.parse_group(args.group, "--group") if method == "rtn" else None
             cfg = QuantConfig(method=method, bits=bits, group_size=group)
             q, _ = QuantLinear.from_linear(lin, cfg)
             form, tables = q.bitplane_form(), q.level_tables()
