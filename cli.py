@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from quantune.config import MAX_BITS, METHODS, MIN_BITS, QuantConfig, QuantuneError
+from quantune.generate import MODES as GENERATE_MODES
 from quantune.report import eval_rows, human_bytes, markdown_table
 
 
@@ -135,6 +136,45 @@ def eval_cmd(model, data, reference, seq_len, windows, bos, adapter, report_dir)
     click.echo(f"\n{report['protocol']}")
     click.echo(markdown_table(["model", "perplexity", "KL (nats)", "top-1 agreement"], eval_rows(report["results"])))
     click.echo(f"\nwrote {Path(report_dir) / 'eval_report.md'}")
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("model")
+@click.option("--prompt", required=True, help="Text to continue; '-' reads it from standard input.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64)
+@click.option("--device", default="auto", help="auto (a CUDA GPU if there is one), cuda, cuda:N or cpu.")
+@click.option("--mode", type=click.Choice(GENERATE_MODES), default="auto",
+              help="Decode steps: eager, one CUDA graph replayed per token (graph), or graph + torch.compile "
+                   "(compile; compiles first). auto: graph on a GPU, eager on the CPU.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              help="The full-precision parameters' dtype (auto: bfloat16 on a GPU, float32 on the CPU).")
+@click.option("--adapter", type=click.Path(path_type=Path), default=None,
+              help="A LoRA adapter folder (from quantune finetune) applied on top of MODEL.")
+@click.option("--stop/--no-stop", default=True, help="Stop at the end-of-sequence token.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, timings) instead.")
+@_one_line_errors
+def generate(model, prompt, max_new_tokens, device, mode, dtype, adapter, stop, as_json):
+    """Greedy continuation of --prompt by MODEL (a quantized folder or any model), with its speed."""
+    import json
+
+    from quantune.pipeline import run_generate
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if mode == "compile":
+        click.echo("compiling the decode step (can take a minute) ...", err=True)
+    result = run_generate(model, prompt, max_new_tokens=max_new_tokens, device=device, mode=mode, dtype=dtype,
+                          adapter=adapter, stop=stop)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(result["text"])
+    rate = result["decode_tokens_per_s"]
+    click.echo(f"{result['new_tokens']} new tokens after a {result['prompt_tokens']}-token prompt"
+               f"{' (stopped at end of sequence)' if result['stopped_at_eos'] else ''}; prefill "
+               f"{result['prefill_s'] * 1e3:.1f} ms; decode "
+               f"{f'{rate:.1f} tokens/s' if rate else '-'} ({result['mode']}, {result['device_name']}, "
+               f"{result['dtype']})", err=True)
 
 
 @main.command()

@@ -68,63 +68,22 @@ def generate_speed(model, prompt: torch.Tensor, new_tokens: int, device: str) ->
 @torch.no_grad()
 def static_decode(model, prompt: torch.Tensor, new_tokens: int, device: str, capture: bool,
                   prefill_model=None, first_step: dict | None = None) -> tuple[list, float]:
-    """Greedy decode with a static KV cache, one token per step: each step either captured once as a
-    CUDA graph and replayed (``capture``), or run eagerly (the same kernels launched from Python).
-    ``prefill_model``: runs the prompt instead of ``model`` (a compiled model then sees only the
-    decode step's shapes: one compilation). ``first_step``: filled with the first decode step's
-    logits from ``model`` and from ``prefill_model`` on the same cache. Returns the tokens and the
-    seconds of the steps after the first token."""
-    from transformers import StaticCache
+    """Greedy decode with a static KV cache, one token per step (:class:`quantune.generate.StaticDecoder`):
+    each step either captured once as a CUDA graph and replayed (``capture``), or run eagerly (the same
+    kernels launched from Python). ``prefill_model``: runs the prompt instead of ``model`` (a compiled
+    model then sees only the decode step's shapes: one compilation). ``first_step``: filled with the
+    first decode step's logits from ``model`` and from ``prefill_model`` on the same cache. Returns the
+    tokens and the seconds of the steps after the first token."""
+    from quantune.generate import StaticDecoder
 
-    p = prompt.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=p + new_tokens + 4)
-    logits = (prefill_model or model)(input_ids=prompt, past_key_values=cache,
-                                      cache_position=torch.arange(p, device=device)).logits
-    tok = logits[:, -1:].argmax(-1)
-    pos = torch.tensor([p], device=device)
-    step = lambda: model(input_ids=tok, past_key_values=cache, cache_position=pos).logits  # noqa: E731
+    decoder = StaticDecoder(model, prompt, new_tokens, prefill_model=prefill_model)
     if first_step is not None:  # both write position p's cache entry from the same inputs
-        first_step["model"] = step().float()
-        _rewind(cache, p)
-        first_step["reference"] = prefill_model(input_ids=tok, past_key_values=cache, cache_position=pos).logits.float()
-        _rewind(cache, p)
-    run = None
-    if capture:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream (writes position p's cache entry: rewritten below)
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        run = graph.replay
-        _rewind(cache, p)  # the warm-up steps advanced it
-    tokens = [int(tok)]
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        if run is not None:
-            run()
-            logits = out
-        else:
-            logits = step()
-        nxt = logits[:, -1:].argmax(-1)
-        tok.copy_(nxt)
-        pos += 1
-        tokens.append(nxt)
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    return [int(t) for t in tokens], seconds
-
-
-def _rewind(cache, p: int) -> None:
-    """Newer transformers count a static cache's written positions on the device: back to ``p``."""
-    for layer in getattr(cache, "layers", []):
-        length = getattr(layer, "cumulative_length", None)
-        if isinstance(length, torch.Tensor):
-            length.fill_(p)
+        first_step["model"] = decoder.step().float()
+        decoder.rewind()
+        first_step["reference"] = decoder.step(prefill_model).float()
+        decoder.rewind()
+    tokens, _, seconds, _ = decoder.run(new_tokens - 1, capture=capture)
+    return tokens, seconds
 
 
 def graph_decode_speed(model, prompt: torch.Tensor, new_tokens: int, device: str) -> dict:

@@ -11,8 +11,8 @@ from cli import main
 from quantune.config import FORMAT_VERSION
 
 
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+def run(*args, input=None):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, input=input)
     return result
 
 
@@ -227,3 +227,47 @@ def test_fractional_bits_write_a_mixed_width_folder_that_loads(tiny_folders, tmp
     model, _ = load(out)
     widths = {m.qconfig.bits for m in model.modules() if isinstance(m, QuantLinear)}
     assert widths == {2, 3}
+
+
+def test_generate_continues_a_prompt_greedily(quantized, tokenizer):
+    """The text, and with --json the token ids and timings: transformers' own greedy tokens."""
+    from quantune import load
+    from tests.test_generate import reference_tokens
+
+    out, _ = quantized
+    result = run("generate", out, "--prompt", "The quick brown", "--max-new-tokens", 12, "--no-stop", "--json")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    model, tok = load(out)
+    ids = tok("The quick brown", return_tensors="pt").input_ids
+    assert got["tokens"] == reference_tokens(model, ids, 12)
+    assert got["new_tokens"] == 12 and got["prompt_tokens"] == ids.shape[1] and got["quantized"]
+    assert got["text"] == tok.decode(got["tokens"], skip_special_tokens=True)
+    assert got["mode"] == "eager" and got["device"] == "cpu" and got["decode_tokens_per_s"] > 0
+    plain = run("generate", out, "--prompt", "-", "--max-new-tokens", 12, "--no-stop", input="The quick brown")
+    assert plain.exit_code == 0 and plain.stdout == got["text"] + "\n"  # the text alone on stdout
+    assert "12 new tokens after a" in plain.stderr and "tokens/s (eager, cpu, float32)" in plain.stderr
+
+
+def test_generate_from_a_float_model_folder(tiny_folders):
+    result = run("generate", tiny_folders["opt"], "--prompt", "Hello", "--max-new-tokens", 3, "--json")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert not got["quantized"] and 1 <= got["new_tokens"] <= 3
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--mode", "graph"], "captures a CUDA graph"),
+    (["--prompt", ""], "prompt is empty"),
+    (["--max-new-tokens", 300], "exceeds the model's 256 positions"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]))
+def test_generate_bad_requests(quantized, args, pattern):
+    out, _ = quantized
+    result = CliRunner().invoke(main, ["generate", str(out), "--prompt", "Hi", *[str(a) for a in args]])
+    assert_one_line_error(result, pattern)
+
+
+def test_generate_missing_model_and_bad_token_count(tmp_path):
+    assert_one_line_error(run("generate", tmp_path / "nope", "--prompt", "Hi"), "model not found")
+    result = run("generate", tmp_path, "--prompt", "Hi", "--max-new-tokens", 0)
+    assert result.exit_code != 0 and "max-new-tokens" in result.output

@@ -235,6 +235,17 @@ def test_cli_finetune_eval_merge(quantized_folder, tiny_folders, text_file, tmp_
     assert r.exit_code == 0, r.output
     assert (out / "eval_report.json").is_file()
 
+    r = _run("generate", quantized_folder, "--adapter", out, "--prompt", "It is", "--max-new-tokens", 6,
+             "--no-stop", "--json")
+    assert r.exit_code == 0, r.output
+    from quantune import load
+    from quantune.lora import load_adapter
+    from tests.test_generate import reference_tokens
+
+    base, tok = load(quantized_folder)
+    with_adapter = load_adapter(base, out)
+    assert json.loads(r.stdout)["tokens"] == reference_tokens(with_adapter, tok("It is", return_tensors="pt").input_ids, 6)
+
     merged = tmp_path / "merged"
     r = _run("merge", quantized_folder, "--adapter", out, "--out", merged, "--eval-data", text_file,
              "--eval-windows", 2, "--seq-len", 32)
