@@ -206,3 +206,19 @@ def test_ab_kernels_loads_another_version_beside_the_tree(tmp_path):
     other.GEMV_MIN_WARPS = 1  # its own module state
     assert kernels.GEMV_MIN_WARPS != 1
     assert other.gemv_tile(28672, True, 4096, 2, 64) == kernels.gemv_tile(28672, True, 4096, 2, 64)
+
+
+def test_model_generation_benchmark_smoke(tmp_path):
+    """The real-checkpoint generation bench on a tiny random model: quantized folders made and generated
+    from through the CLI's library calls, every row's tokens compared with the eager reference."""
+    out = tmp_path / "gen_model"
+    _run(["eval.bench_generate_model", "--smoke", "--formats", "float,rtn-4,kashin-2", "--new-tokens", "6",
+          "--workdir", str(tmp_path / "work"), "--out", str(out)], tmp_path, 300)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["format"], r["mode"]) for r in data["rows"]] == [("float", "eager"), ("rtn-4", "eager"),
+                                                                ("kashin-2", "eager")]
+    assert all(r["new_tokens"] == 6 and r["tokens_equal_eager"] == 6 for r in data["rows"])
+    assert (tmp_path / "work" / "rtn-4" / "config.json").is_file()
+    md = out.with_suffix(".md").read_text()
+    assert "| float    | eager |" in md and "1.00x" in md
+    assert "python -m eval.bench_generate_model --smoke --formats float,rtn-4,kashin-2 --new-tokens 6" in md

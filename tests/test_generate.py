@@ -74,10 +74,10 @@ def test_graph_and_compiled_steps_give_the_eager_tokens_on_the_gpu(cfg):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     if cfg is not None:
         quantize_model(model, cfg, progress=False)
-    model = model.to("cuda", torch.bfloat16)
     prompt = PROMPT.cuda()
     eager = greedy_generate(model, prompt, 32, mode="eager")
     assert eager.tokens == reference_tokens(model, prompt, 32)
