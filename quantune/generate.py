@@ -17,12 +17,15 @@ each), so up to that many steps past it may run; the tokens after it are dropped
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from quantune.config import QuantuneError
+
+log = logging.getLogger(__name__)
 
 MODES = ("auto", "eager", "graph", "compile")
 
@@ -35,8 +38,8 @@ class Generation:
     prompt_tokens: int
     mode: str
     device: str
-    prefill_s: float  # the prompt's forward pass, up to the first new token
-    setup_s: float  # warm-up, compilation and graph capture before the first decode step
+    prefill_s: float  # the prompt's forward pass, up to the first new token (kernels' first-call compilation too)
+    setup_s: float  # a warm-up step (kernels' compilation), graph capture, torch.compile's compilation
     decode_s: float  # the decode steps after the first new token
     stopped_at_eos: bool
 
@@ -67,6 +70,8 @@ def _rewind(cache, p: int) -> None:
         length = getattr(layer, "cumulative_length", None)
         if isinstance(length, torch.Tensor):
             length.fill_(p)
+        if isinstance(getattr(layer, "cumulative_length_int", None), int):  # sliding-window layers (5.2x)
+            layer.cumulative_length_int = p
 
 
 class StaticDecoder:
@@ -90,6 +95,9 @@ class StaticDecoder:
                                 f"{limit} positions")
         # ``spare``: the warm-up steps before a capture write one position past the prompt
         self.cache = StaticCache(config=model.config, max_cache_len=self.p + max_new_tokens + spare)
+        # sliding-window layers decide on the host when their window is full and roll it (transformers 5.2x):
+        # a CUDA graph would replay one decision, and a step taken back after the roll cannot be undone
+        self.sliding = any(getattr(layer, "is_sliding", False) for layer in getattr(self.cache, "layers", []))
         names = _forward_names(prefill_model or model)
         self._cache_name = "cache" if "cache" in names else "past_key_values"
         self._cache_position = "cache_position" in names
@@ -121,6 +129,9 @@ class StaticDecoder:
     def capture(self):
         """The decode step captured as a CUDA graph: ``(replay, logits)`` where ``replay()`` reruns it and
         ``logits`` is the tensor it writes. Warm-up (and compilation) on a side stream first."""
+        if self.sliding:
+            raise QuantuneError("this model has sliding-window attention layers, whose static cache a CUDA graph "
+                                "cannot replay: generate with mode 'eager'")
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # writes position p's cache entry, which the first replay rewrites
@@ -139,6 +150,9 @@ class StaticDecoder:
         stopped_at_eos)``; ``tokens`` starts with :attr:`first_token`."""
         t0 = time.perf_counter()
         replay, out = self.capture() if capture else (None, None)
+        if not capture and steps > 0 and not self.sliding:  # kernels compile on their first call, not in a timed step
+            self.step()
+            self.rewind()
         _sync(self.device)
         setup_s = time.perf_counter() - t0
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
@@ -174,8 +188,9 @@ class StaticDecoder:
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
-    """``auto``: a CUDA graph on a GPU, eager steps on the CPU. ``graph`` and ``compile`` capture a
-    CUDA graph, so they need a CUDA device."""
+    """``auto``: a CUDA graph on a GPU, eager steps on the CPU (and for models with sliding-window
+    layers, see :class:`StaticDecoder`). ``graph`` and ``compile`` capture a CUDA graph, so they need a
+    CUDA device."""
     if mode not in MODES:
         raise QuantuneError(f"unknown generation mode {mode!r} (one of {', '.join(MODES)})")
     if mode == "auto":
@@ -193,13 +208,16 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, mode
     not, on the device of ``input_ids``): up to ``max_new_tokens`` new tokens, fewer when
     ``eos_token_id`` comes (it is kept as the last token). See the module docstring for the modes."""
     device = input_ids.device
-    mode = resolve_mode(mode, device)
+    requested, mode = mode, resolve_mode(mode, device)
     step_model = model
     if mode == "compile":
         from quantune.compiler import compile_model
 
         step_model = compile_model(model, dynamic=False)
     decoder = StaticDecoder(step_model, input_ids, max_new_tokens, prefill_model=model)
+    if requested == "auto" and decoder.sliding:
+        log.info("sliding-window attention layers: decoding eagerly (a CUDA graph cannot replay their cache)")
+        mode = "eager"
     tokens, setup_s, decode_s, stopped = decoder.run(max_new_tokens - 1, capture=mode != "eager",
                                                      eos_token_id=eos_token_id, check_every=check_every)
     return Generation(tokens=tokens, prompt_tokens=decoder.p, mode=mode, device=str(device),

@@ -193,22 +193,17 @@ def run_eval(model_spec: str, *, data: str = "builtin", reference: str | None = 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def run_generate(model_spec: str, prompt: str, *, max_new_tokens: int = 64, device: str = "auto",
-                 mode: str = "auto", dtype: str = "auto", adapter: str | Path | None = None, stop: bool = True,
-                 trust_remote_code: bool = False) -> dict:
-    """Greedy continuation of ``prompt`` by a model (a quantized folder or any model argument), with
-    the timings of :func:`quantune.generate.greedy_generate`. ``dtype``: the full-precision parameters'
-    dtype ("auto": bfloat16 on a GPU, float32 on the CPU). Returns a JSON-ready dict."""
+def load_for_generation(model_spec: str, *, device: str = "auto", dtype: str = "auto",
+                        adapter: str | Path | None = None, trust_remote_code: bool = False):
+    """``(model, tokenizer, info)`` for :func:`run_generate`: a quantized folder or any model argument on
+    ``device`` ("auto": a CUDA GPU if there is one), its full-precision parameters in ``dtype`` ("auto":
+    bfloat16 on a GPU, float32 on the CPU), with a LoRA ``adapter`` on top if given."""
     from quantune.finetune import resolve_device
-    from quantune.generate import greedy_generate, resolve_mode
 
     dev = resolve_device(device)
-    mode = resolve_mode(mode, dev)  # a bad mode fails before the model loads
     if dtype != "auto" and dtype not in _DTYPES:
         raise QuantuneError(f"unknown dtype {dtype!r} (one of auto, {', '.join(_DTYPES)})")
     torch_dtype = _DTYPES.get(dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    if not prompt:
-        raise QuantuneError("the prompt is empty")
     path = Path(model_spec)
     quantized = path.is_dir() and is_quantized_folder(path)
     if quantized:
@@ -220,7 +215,27 @@ def run_generate(model_spec: str, prompt: str, *, max_new_tokens: int = 64, devi
         from quantune.lora import load_adapter
 
         model = load_adapter(model, adapter).eval()
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(dev)
+    info = {"model": model_spec, "adapter": str(adapter) if adapter else None, "quantized": quantized,
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "dtype": str(torch_dtype).removeprefix("torch.")}
+    return model, tokenizer, info
+
+
+def run_generate(model_spec: str, prompt: str, *, max_new_tokens: int = 64, device: str = "auto",
+                 mode: str = "auto", dtype: str = "auto", adapter: str | Path | None = None, stop: bool = True,
+                 trust_remote_code: bool = False) -> dict:
+    """Greedy continuation of ``prompt`` by a model (a quantized folder or any model argument; see
+    :func:`load_for_generation`), with the timings of :func:`quantune.generate.greedy_generate`.
+    Returns a JSON-ready dict."""
+    from quantune.finetune import resolve_device
+    from quantune.generate import greedy_generate, resolve_mode
+
+    mode = resolve_mode(mode, resolve_device(device))  # a bad mode or device fails before the model loads
+    if not prompt:
+        raise QuantuneError("the prompt is empty")
+    model, tokenizer, info = load_for_generation(model_spec, device=device, dtype=dtype, adapter=adapter,
+                                                 trust_remote_code=trust_remote_code)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     if ids.shape[1] == 0:
         raise QuantuneError("the prompt tokenizes to no tokens")
     eos = None
@@ -228,7 +243,5 @@ def run_generate(model_spec: str, prompt: str, *, max_new_tokens: int = 64, devi
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = tokenizer.eos_token_id if eos is None else eos
     result = greedy_generate(model, ids, max_new_tokens, mode=mode, eos_token_id=eos)
-    return {"quantune_version": __version__, "model": model_spec, "adapter": str(adapter) if adapter else None,
-            "quantized": quantized, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "dtype": str(torch_dtype).removeprefix("torch."), "prompt": prompt,
+    return {"quantune_version": __version__, **info, "prompt": prompt,
             "text": tokenizer.decode(result.tokens, skip_special_tokens=True), **result.to_dict()}

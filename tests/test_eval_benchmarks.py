@@ -222,3 +222,20 @@ def test_model_generation_benchmark_smoke(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "| float    | eager |" in md and "1.00x" in md
     assert "python -m eval.bench_generate_model --smoke --formats float,rtn-4,kashin-2 --new-tokens 6" in md
+
+
+def test_divergence_reads_the_eager_logits_at_the_parting_token():
+    import torch
+
+    from eval.bench_generate_model import _divergence
+    from quantune.generate import greedy_generate
+    from tests.conftest import tiny_model
+
+    model, prompt = tiny_model("llama"), torch.tensor([[0, 5, 17, 99]])
+    tokens = greedy_generate(model, prompt, 6).tokens
+    logits = model(input_ids=torch.tensor([[0, 5, 17, 99, *tokens[:3]]])).logits[0, -1]
+    runner_up = int(logits.topk(2).indices[1])
+    got = _divergence(model, prompt, tokens, 3, runner_up)
+    assert int(logits.argmax()) == tokens[3]
+    assert got["diverge_margin"] == pytest.approx(got["diverge_other_gap"], abs=1e-6) and got["diverge_margin"] > 0
+    assert _divergence(model, prompt, tokens, 3, tokens[3])["diverge_other_gap"] == 0

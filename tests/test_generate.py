@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from quantune.config import QuantConfig, QuantuneError
-from quantune.generate import greedy_generate, resolve_mode
+from quantune import generate
+from quantune.generate import StaticDecoder, greedy_generate, resolve_mode
 from quantune.quantize import quantize_model
 from tests.conftest import FAMILIES, tiny_model
 
@@ -44,6 +45,18 @@ def test_generation_stops_at_the_first_end_of_sequence_token(check_every):
     assert got.tokens == free[:stop_at + 1] and got.stopped_at_eos
     first = greedy_generate(model, PROMPT, 30, eos_token_id=free[0])  # the prompt's own next token ends it
     assert first.tokens == free[:1] and first.stopped_at_eos and first.decode_tokens_per_s is None
+
+
+def test_sliding_window_models_are_decoded_eagerly(monkeypatch):
+    """Their static cache rolls on a decision taken on the host, which a CUDA graph cannot replay:
+    capture is refused, and mode auto decodes eagerly where it would have captured."""
+    model = tiny_model("gemma3")
+    assert StaticDecoder(model, PROMPT, 8).sliding and not StaticDecoder(tiny_model("llama"), PROMPT, 8).sliding
+    with pytest.raises(QuantuneError, match="sliding-window attention layers"):
+        StaticDecoder(model, PROMPT, 8).capture()
+    monkeypatch.setattr(generate, "resolve_mode", lambda mode, device: "graph")  # as on a GPU
+    got = generate.greedy_generate(model, PROMPT, 40)
+    assert got.mode == "eager" and got.tokens == reference_tokens(model, PROMPT, 40)
 
 
 def test_bad_generation_requests_are_clear_errors():
