@@ -4,6 +4,7 @@ Each job returns its report as a dict and writes report files; none of them prin
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -242,6 +243,9 @@ def run_generate(model_spec: str, prompt: str, *, max_new_tokens: int = 64, devi
     if stop:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = tokenizer.eos_token_id if eos is None else eos
-    result = greedy_generate(model, ids, max_new_tokens, mode=mode, eos_token_id=eos)
+    # no kernels off the GPU: decode each quantized weight once rather than in every step
+    with cached_weights(model, _DTYPES[info["dtype"]]) if info["quantized"] and model.device.type != "cuda" \
+            else contextlib.nullcontext():
+        result = greedy_generate(model, ids, max_new_tokens, mode=mode, eos_token_id=eos)
     return {"quantune_version": __version__, **info, "prompt": prompt,
             "text": tokenizer.decode(result.tokens, skip_special_tokens=True), **result.to_dict()}

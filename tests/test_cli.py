@@ -271,3 +271,15 @@ def test_generate_missing_model_and_bad_token_count(tmp_path):
     assert_one_line_error(run("generate", tmp_path / "nope", "--prompt", "Hi"), "model not found")
     result = run("generate", tmp_path, "--prompt", "Hi", "--max-new-tokens", 0)
     assert result.exit_code != 0 and "max-new-tokens" in result.output
+
+
+def test_generate_on_the_cpu_decodes_each_quantized_weight_once(quantized, monkeypatch):
+    """No kernels off the GPU: the layers' weights are decoded once for the whole generation, not per step."""
+    from quantune.qlinear import QuantLinear
+
+    out, _ = quantized
+    calls, real = [], QuantLinear.dequantize
+    monkeypatch.setattr(QuantLinear, "dequantize", lambda self, *a, **k: calls.append(self) or real(self, *a, **k))
+    result = run("generate", out, "--prompt", "The quick brown", "--max-new-tokens", 8, "--no-stop")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == len(set(map(id, calls))) == 14  # 2 layers x 7 linear layers, each once
