@@ -37,7 +37,10 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QuantuneError(f"--device {device} asked for, but no CUDA GPU is available")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise QuantuneError(f"unknown device {device!r} (auto, cpu, cuda or cuda:N)") from exc
 
 
 def source_model(quant_dir: Path) -> str | None:

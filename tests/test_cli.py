@@ -260,6 +260,7 @@ def test_generate_from_a_float_model_folder(tiny_folders):
     (["--mode", "graph"], "captures a CUDA graph"),
     (["--prompt", ""], "prompt is empty"),
     (["--max-new-tokens", 300], "exceeds the model's 256 positions"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]))
 def test_generate_bad_requests(quantized, args, pattern):
     out, _ = quantized
