@@ -157,14 +157,16 @@ def generate(model, prompt, max_new_tokens, device, mode, dtype, adapter, stop, 
     """Greedy continuation of --prompt by MODEL (a quantized folder or any model), with its speed."""
     import json
 
+    import torch
+
     from quantune.pipeline import run_generate
 
     if prompt == "-":
         prompt = sys.stdin.read()
     if mode == "compile":
         click.echo("compiling the decode step (can take a minute) ...", err=True)
-    result = run_generate(model, prompt, max_new_tokens=max_new_tokens, device=device, mode=mode, dtype=dtype,
-                          adapter=adapter, stop=stop)
+    result = run_generate(model, prompt, max_new_tokens=max_new_tokens, device=device, mode=mode,
+                          dtype=None if dtype == "auto" else getattr(torch, dtype), adapter=adapter, stop=stop)
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -79,7 +79,7 @@ class StaticDecoder:
 
     ``prompt``: (1, p) token ids on the model's device. ``prefill_model`` runs the prompt instead of
     ``model`` (a compiled ``model`` then only ever sees the decode step's shapes). After construction
-    ``first_token`` holds the prompt's greedy next token and ``prefill_s`` the prompt's time."""
+    ``tok`` holds the prompt's greedy next token and ``prefill_s`` the prompt's time."""
 
     def __init__(self, model, prompt: torch.Tensor, max_new_tokens: int, prefill_model=None, spare: int = 4):
         from transformers import StaticCache
@@ -107,7 +107,6 @@ class StaticDecoder:
         self.tok = logits[:, -1:].argmax(-1)  # (1, 1), the decode step's input, updated in place
         _sync(self.device)
         self.prefill_s = time.perf_counter() - t0
-        self.first_token = int(self.tok)
         self.pos = torch.tensor([[self.p]], device=self.device)  # (1, 1), updated in place
 
     def _forward(self, model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -147,7 +146,7 @@ class StaticDecoder:
     def run(self, steps: int, capture: bool, eos_token_id: int | list[int] | None = None,
             check_every: int = 16) -> tuple[list[int], float, float, bool]:
         """``steps`` greedy decode steps after the first token. Returns ``(tokens, setup_s, decode_s,
-        stopped_at_eos)``; ``tokens`` starts with :attr:`first_token`."""
+        stopped_at_eos)``; ``tokens`` starts with the prompt's own next token."""
         t0 = time.perf_counter()
         replay, out = self.capture() if capture else (None, None)
         if not capture and steps > 0 and not self.sliding:  # kernels compile on their first call, not in a timed step

@@ -191,20 +191,15 @@ def run_eval(model_spec: str, *, data: str = "builtin", reference: str | None = 
     return report
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def load_for_generation(model_spec: str, *, device: str = "auto", dtype: str = "auto",
+def load_for_generation(model_spec: str, *, device: str = "auto", dtype: torch.dtype | None = None,
                         adapter: str | Path | None = None, trust_remote_code: bool = False):
     """``(model, tokenizer, info)`` for :func:`run_generate`: a quantized folder or any model argument on
-    ``device`` ("auto": a CUDA GPU if there is one), its full-precision parameters in ``dtype`` ("auto":
+    ``device`` ("auto": a CUDA GPU if there is one), its full-precision parameters in ``dtype`` (None:
     bfloat16 on a GPU, float32 on the CPU), with a LoRA ``adapter`` on top if given."""
     from quantune.finetune import resolve_device
 
     dev = resolve_device(device)
-    if dtype != "auto" and dtype not in _DTYPES:
-        raise QuantuneError(f"unknown dtype {dtype!r} (one of auto, {', '.join(_DTYPES)})")
-    torch_dtype = _DTYPES.get(dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    torch_dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     path = Path(model_spec)
     quantized = path.is_dir() and is_quantized_folder(path)
     if quantized:
@@ -223,7 +218,7 @@ def load_for_generation(model_spec: str, *, device: str = "auto", dtype: str = "
 
 
 def run_generate(model_spec: str, prompt: str, *, max_new_tokens: int = 64, device: str = "auto",
-                 mode: str = "auto", dtype: str = "auto", adapter: str | Path | None = None, stop: bool = True,
+                 mode: str = "auto", dtype: torch.dtype | None = None, adapter: str | Path | None = None, stop: bool = True,
                  trust_remote_code: bool = False) -> dict:
     """Greedy continuation of ``prompt`` by a model (a quantized folder or any model argument; see
     :func:`load_for_generation`), with the timings of :func:`quantune.generate.greedy_generate`.
@@ -244,7 +239,7 @@ def run_generate(model_spec: str, prompt: str, *, max_new_tokens: int = 64, devi
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = tokenizer.eos_token_id if eos is None else eos
     # no kernels off the GPU: decode each quantized weight once rather than in every step
-    with cached_weights(model, _DTYPES[info["dtype"]]) if info["quantized"] and model.device.type != "cuda" \
+    with cached_weights(model, getattr(torch, info["dtype"])) if info["quantized"] and model.device.type != "cuda" \
             else contextlib.nullcontext():
         result = greedy_generate(model, ids, max_new_tokens, mode=mode, eos_token_id=eos)
     return {"quantune_version": __version__, **info, "prompt": prompt,
