@@ -19,7 +19,9 @@ so ``y = x W^T`` is, per output row, ``bits`` dot products of 0/1 bit planes wit
 :func:`bitplane_matmul_reference` is the same math in plain torch (CPU, tests). Every kernel runs
 on CUDA or, for correctness checks, on the CPU under ``TRITON_INTERPRET=1``; timing lives in
 ``eval/bench_kernels.py``. :class:`~quantune.qlinear.QuantLinear` picks the path by device and
-token count (``_kernel_path``).
+token count (``_kernel_path``). Every kernel goes through :func:`quantune.launch.launch`: Triton's
+launch path the first time, the compiled kernel's launcher directly on repeats (host time for eager
+decoding).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import os
 
 import torch
 
+from quantune.launch import launch
 from quantune.methods import BitplaneForm
 from quantune.transforms import dct_twiddle, forward_transform, random_signs
 
@@ -1119,7 +1122,7 @@ def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, blo
         bq = bx
     else:
         a, bx, bq = tables[0], tables[0], tables[1]
-    _decode_kernel[(triton.cdiv(m, block_m), words // tile)](
+    launch(_decode_kernel, (_cdiv(m, block_m), words // tile),
         w, a, bx, bq, u, u if v is None else v, m, w.stride(0), form.bx.shape[1], K=k,
         GROUP=form.group, BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile,
         SYM=sym, num_warps=num_warps)
@@ -1163,7 +1166,7 @@ def prefill_dct_pre(x: torch.Tensor, form: BitplaneForm, columns: int, warps: in
     """Prefill DCT's first pass: the float32 FFT input ``(T, K)`` of contiguous ``x`` (:func:`_dct_pre_kernel`)."""
     (t, k), g = x.shape, form.group
     v = torch.empty(t, k, device=x.device, dtype=torch.float32)
-    _dct_pre_kernel[(t, triton.cdiv(k, columns))](x, random_signs(g, form.seed, device=x.device, dtype=torch.float32),
+    launch(_dct_pre_kernel, (t, _cdiv(k, columns)), x, random_signs(g, form.seed, device=x.device, dtype=torch.float32),
                                                   v, K=k, G=g, CH=columns, GATHER=gather, num_warps=warps)
     return v
 
@@ -1180,10 +1183,20 @@ def prefill_dct_post(spectrum: torch.Tensor, form: BitplaneForm, dtype: torch.dt
     k = form.bx.shape[1] * g
     t = spectrum.shape[0] // (k // g)
     xq = torch.empty(t, k, device=spectrum.device, dtype=dtype)
-    _dct_out_kernel[(t, triton.cdiv(k, columns))](spectrum, torch.view_as_real(dct_twiddle(g, spectrum.device,
+    launch(_dct_out_kernel, (t, _cdiv(k, columns)), spectrum, torch.view_as_real(dct_twiddle(g, spectrum.device,
                                                                                              torch.float32)),
                                                   xq, K=k, G=g, CH=columns, num_warps=warps)
     return xq
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` on the host (triton.cdiv is a constexpr function, several microseconds a call from Python)."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n`` <= 1), on the host (see :func:`_cdiv`)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def available() -> bool:
@@ -1215,7 +1228,7 @@ def bitplane_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, b
     ``xq``: the transformed input when the caller has it already (benchmarks time it apart)."""
     block_k, x32, xq, y = _launch_setup(x, packed, form, bits, block_k, xq)
     (t, k), m = x.shape, packed.shape[0]
-    _bitplane_kernel[(triton.cdiv(m, block_m), t)](
+    launch(_bitplane_kernel, (_cdiv(m, block_m), t),
         packed, x32, xq, form.a.contiguous(), form.bx.contiguous(), form.bq.contiguous(), y,
         m, packed.stride(0), form.bx.shape[1], form.group, K=k,
         BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
@@ -1234,7 +1247,7 @@ def levels_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bit
     sym = False
     if affine:  # u = offset + scale * code: the kernel's lu_ptr offsets, lv_ptr scales
         lv, lu, sym = affine_args(tables)
-    _levels_kernel[(triton.cdiv(m, block_m), t)](
+    launch(_levels_kernel, (_cdiv(m, block_m), t),
         packed, x32, xq, lu, lv, y, m, packed.stride(0), form.bx.shape[1], form.group, K=k,
         BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_K=block_k, SYM=sym, num_warps=num_warps)
     return y
@@ -1374,7 +1387,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         bq = bx
     else:
         a, bx, bq = form.a, form.bx, form.bq
-    _gemv_kernel[(triton.cdiv(m, block_m), split, t)](
+    launch(_gemv_kernel, (_cdiv(m, block_m), split, t),
         w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, ys[1 % len(ys)], ys[-1], m, bounds[0], bounds[1],
         w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
@@ -1461,14 +1474,14 @@ def rounding_columns(k: int, bits: int) -> int:
     """Columns per scale of mode 6's 16-bit input (the chunk of the input's rounding) for a ``k``-wide input of a
     layer with ``bits``-bit codes: :data:`ROUNDING_COLUMNS_LONG` on long rows, else :func:`prep_columns`."""
     if k >= GEMV_LONG_K and bits in ROUNDING_COLUMNS_LONG:
-        return min(ROUNDING_COLUMNS_LONG[bits], triton.next_power_of_2(k))
+        return min(ROUNDING_COLUMNS_LONG[bits], _pow2(k))
     return prep_columns(k, 32 // bits)
 
 
 def prep_columns(k: int, per: int) -> int:
     """Columns per program of the input-preparation kernels (and per scale of mode 6's chunk-scaled
     16-bit inputs) for a ``k``-wide input with ``per`` codes a word."""
-    return min(PREP_COLUMNS, max(triton.next_power_of_2(k), per))
+    return min(PREP_COLUMNS, max(_pow2(k), per))
 
 
 # kashin's input preparation for the GEMV (mode 5) in two launches where the DCT length splits as N1 x N2
@@ -1507,7 +1520,7 @@ def dft_tables(g: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     a power of two >= 16, ``tl.dot``'s shapes). Returns (f2, tw, f1, N1, N1P, N2). Angles from exact integer
     products modulo the length, in float64."""
     n1, n2 = dft_split(g)
-    n1p = max(16, triton.next_power_of_2(n1))
+    n1p = max(16, _pow2(n1))
 
     def plane(num: torch.Tensor, length: int) -> torch.Tensor:
         angle = -2 * torch.pi * (num % length).double() / length
@@ -1561,16 +1574,16 @@ def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bo
     stage1 = (k // g) * (n1p // 16) * (n2 // 32)
     pdl = {"launch_pdl": True} if chain else {}
     if launches[0]:
-        _dct_stage1_kernel[(t, stage1 + triton.cdiv(k, ch))](
+        launch(_dct_stage1_kernel, (t, stage1 + _cdiv(k, ch)),
             x, xd, xs, xp.view(torch.int16), sc, energy, signs, f2, tw, spectrum, K=k, G=g, N1=n1, N1P=n1p,
-            N2=n2, PER=per, CH=ch, RED=min(4096, triton.next_power_of_2(k)), PRECISION=DCT_DOT_PRECISION,
+            N2=n2, PER=per, CH=ch, RED=min(4096, _pow2(k)), PRECISION=DCT_DOT_PRECISION,
             TRIGGER=chain, WAIT=chain, num_warps=DCT_WARPS[0], **pdl)
     if launches[1]:
         twiddle = torch.view_as_real(dct_twiddle(g, dev, torch.float32))
         bk2 = max(min(DCT_STAGE2_K2, n2), per)
-        _dct_stage2_kernel[(t, (k // g) * (n2 // bk2) * (n1p // 16))](
+        launch(_dct_stage2_kernel, (t, (k // g) * (n2 // bk2) * (n1p // 16)),
             spectrum, f1, twiddle, energy, xqd, xqs, xqp.view(torch.int16), qsc, K=k, G=g, N1=n1, N1P=n1p, N2=n2,
-            PER=per, NGP=triton.next_power_of_2(k // g), PRECISION=DCT_DOT_PRECISION, TRIGGER=trigger, WAIT=chain,
+            PER=per, NGP=_pow2(k // g), PRECISION=DCT_DOT_PRECISION, TRIGGER=trigger, WAIT=chain,
             BK2=bk2, TRIGGER_LATE=late, num_warps=DCT_WARPS[1], **pdl)
     return xd, xqd, xs, xqs, xp, xqp, sc, qsc, None
 
@@ -1651,7 +1664,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         ch = max(xch // PREP_SPLIT, per)  # a group's sum
         if form.group < k and xch % form.group == 0 and ch % form.group:
             ch = xch
-    grid = (t, triton.cdiv(k, ch))
+    grid = (t, _cdiv(k, ch))
     x = x.contiguous()
     v = torch.empty(t, k, device=x.device, dtype=torch.float32) if fused_dct else xd
     signs = random_signs(g, form.seed, device=x.device, dtype=torch.float32) if fused_dct else xd
@@ -1660,14 +1673,14 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     xqp = sc = qsc = xg = None
     gs = 0
     if chunked:  # mode 6: each chunk of xch columns rounded with its own scale
-        sc = torch.empty(t, triton.cdiv(k, xch), device=x.device, dtype=torch.float32)
+        sc = torch.empty(t, _cdiv(k, xch), device=x.device, dtype=torch.float32)
         if form.group < k and ch % form.group == 0:  # sums per group, for tiles across groups (or chunks)
             gs = form.group
         elif form.group >= k and xch > PREP_COLUMNS and ch % SUM_COLUMNS == 0:  # one group a row, wide chunks:
             gs = SUM_COLUMNS  # sums over parts of the row, so that long tiles add integers per part
         if gs:
             xg = torch.empty(t, k // gs, device=x.device, dtype=torch.float32)
-    _prep_kernel[grid](x, xd, xs, signs, v, amax, xp.view(torch.int16) if chunked else xd, sc if chunked else xd,
+    launch(_prep_kernel, grid, x, xd, xs, signs, v, amax, xp.view(torch.int16) if chunked else xd, sc if chunked else xd,
                        xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,
                        PAIRS=2 if chunked else int(fused_pairs), CH=ch, GS=gs,
                        TRIGGER=trigger and not needs_xq and not (pairs is True and not fused_pairs),
@@ -1677,7 +1690,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         spectrum = torch.view_as_real(torch.fft.rfft(v.view(t * (k // g), g), dim=-1))
         twiddle = torch.view_as_real(dct_twiddle(g, x.device, torch.float32))
         xqd, xqs = torch.empty_like(xd), torch.empty_like(xs)
-        _dct_post_kernel[grid](spectrum, twiddle, xqd, xqs, amax, K=k, G=g, PER=per, PAIRS=fused_pairs, CH=ch,
+        launch(_dct_post_kernel, grid, spectrum, twiddle, xqd, xqs, amax, K=k, G=g, PER=per, PAIRS=fused_pairs, CH=ch,
                                TRIGGER=chain, WAIT=chain, **({"launch_pdl": True} if chain else {}))
     elif needs_xq:
         xq = transformed_input(x.float(), form) if xq is None else xq
@@ -1690,8 +1703,8 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     if fused_pairs:
         sc = torch.empty(t, device=x.device, dtype=torch.float32)
         xqp, qsc = (torch.empty_like(xp), torch.empty_like(sc)) if needs_xq else (xp, sc)
-        _pairs_kernel[grid](xd, xqd, amax, xp.view(torch.int16), xqp.view(torch.int16), sc, qsc, K=k, PER=per,
-                            HAS_Q=needs_xq, CH=ch, NCH=triton.next_power_of_2(grid[1]), TRIGGER=trigger,
+        launch(_pairs_kernel, grid, xd, xqd, amax, xp.view(torch.int16), xqp.view(torch.int16), sc, qsc, K=k, PER=per,
+                            HAS_Q=needs_xq, CH=ch, NCH=_pow2(grid[1]), TRIGGER=trigger,
                             WAIT=chain, **({"launch_pdl": True} if chain else {}))
     if pairs is True and xp is None:  # not fused above: torch
         xp, sc = quantized_pairs(xd, bits)

@@ -42,6 +42,7 @@ class QuantLinear(nn.Module):
         self._weight_cache: torch.Tensor | None = None
         self._bitplane = None  # BitplaneForm for the fused decode kernel, built on first use
         self._levels = None    # its level tables (quantune.kernels.level_tables), likewise
+        self._support = None   # which kernels serve it, with the form it was read from: see _kernel_support
         self._register()
 
     def _register(self):
@@ -117,28 +118,35 @@ class QuantLinear(nn.Module):
             self._levels = level_tables(form, self.qconfig.bits)
         return self._levels
 
+    def _kernel_support(self) -> tuple[bool, bool, int]:
+        """Whether Triton kernels serve this layer's format, (few tokens, many tokens, the most tokens the
+        few-token kernel takes), kept with the form they were read from (a new form, after a load or
+        :func:`colocate`, is read again)."""
+        form = self.bitplane_form()
+        if self._support is None or self._support[0] is not form:
+            from quantune import kernels
+
+            gemv = kernels.available() and kernels.gemv_supported(form, self.qconfig.bits, self.codes.shape[1])
+            few = gemv or (kernels.available() and kernels.block_k_for(form.group) is not None)
+            self._support = (form, few, gemv, kernels.MAX_TOKENS)
+        return self._support[1:]
+
     def _kernel_path(self, x: torch.Tensor) -> str | None:
         """Which Triton path serves this input on CUDA (no cached weight, no gradient): "fused" for
         few tokens (decode), "prefill" (bf16 factors decoded at memory speed, then cuBLAS) for more."""
         if not x.is_cuda or self._weight_cache is not None or (torch.is_grad_enabled() and x.requires_grad):
             return None
-        from quantune import kernels
-
-        if not kernels.available():
-            return None
-        form = self.bitplane_form()
-        if x.numel() // self.in_features <= kernels.MAX_TOKENS:
-            ok = kernels.gemv_supported(form, self.qconfig.bits, self.codes.shape[1]) or \
-                kernels.block_k_for(form.group) is not None
-            return "fused" if ok else None
+        few, gemv, max_tokens = self._kernel_support()
+        if x.numel() // self.in_features <= max_tokens:
+            return "fused" if few else None
         half = _compute_dtype(x) in (torch.bfloat16, torch.float16)  # float32 keeps the float32 decode
-        return "prefill" if half and kernels.gemv_supported(form, self.qconfig.bits, self.codes.shape[1]) else None
+        return "prefill" if half and gemv else None
 
-    @torch.compiler.disable
     def _kernel_forward(self, x: torch.Tensor, share: bool = True) -> torch.Tensor | None:
         """``x W^T`` (no bias) through a Triton kernel when one serves ``x`` (see :meth:`_kernel_path`),
         else None. ``share``: reuse the input's preparation across layers (see
-        :func:`quantune.kernels.prepared_input`)."""
+        :func:`quantune.kernels.prepared_input`). Compiled code reaches it through ``quantune::linear``
+        (see :meth:`forward`), never by tracing."""
         path = self._kernel_path(x)
         if path is None:
             return None
@@ -152,7 +160,9 @@ class QuantLinear(nn.Module):
         else:
             y = prefill_matmul(x2.to(dtype), self.codes, self.bitplane_form(), self.qconfig.bits,
                                tables=self.level_tables())
-        return y.to(dtype).reshape(*x.shape[:-1], self.out_features)
+        if y.dtype != dtype:
+            y = y.to(dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _inference_forward(self, x: torch.Tensor, share: bool = True) -> torch.Tensor:
         """``x W^T + b`` without autograd: a Triton kernel on CUDA where one serves ``x``, else the

@@ -239,3 +239,28 @@ def test_divergence_reads_the_eager_logits_at_the_parting_token():
     assert int(logits.argmax()) == tokens[3]
     assert got["diverge_margin"] == pytest.approx(got["diverge_other_gap"], abs=1e-6) and got["diverge_margin"] > 0
     assert _divergence(model, prompt, tokens, 3, tokens[3])["diverge_other_gap"] == 0
+
+
+def test_launch_profile_summary_takes_medians_per_code_setting_and_format(tmp_path):
+    from eval.profile_launch import summarize
+
+    def result(label, walls):
+        rows = [{"format": "rtn-4", "setting": setting, "round": i, "wall_ms": w, "cpu_ms": w - 1}
+                for i, (setting, w) in enumerate(walls)]
+        return {"device": "GPU", "torch": "2.x", "triton": "3.x", "label": label, "layers": [], "decode": rows}
+
+    off = {"launch.FAST_LAUNCH": False}
+    paths = []
+    for name, res in [("a", result("new", [({}, 10.0), (off, 20.0), ({}, 30.0), (off, 40.0)])),
+                      ("b", result("new", [({}, 50.0), (off, 60.0)])), ("c", result("old", [({}, 7.0)]))]:
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(res))
+    summarize([str(p) for p in paths], str(tmp_path / "summary"))
+    rows = {(r["label"], r["setting"]): r for r in json.loads((tmp_path / "summary.json").read_text())["rows"]}
+    assert rows[("new", "default")]["wall_ms"] == 30.0 and rows[("new", "default")]["rounds"] == 3
+    assert rows[("new", "launch.FAST_LAUNCH=False")]["wall_ms"] == 40.0
+    assert rows[("new", "launch.FAST_LAUNCH=False")]["cpu_ms"] == 39.0
+    assert rows[("old", "default")]["tokens_per_s"] == pytest.approx(1e3 / 7.0)
+    md = (tmp_path / "summary.md").read_text()
+    assert "3 processes (codes alternating)" in md
+    assert "| new | launch.FAST_LAUNCH=False | rtn-4 | 3 | 40.00 (20.0-60.0) | 39.00 | 25.0 |" in md
