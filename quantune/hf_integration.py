@@ -193,6 +193,13 @@ class QuantuneHfQuantizer(HfQuantizer):
     def is_qat_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """transformers compiles a loaded model's forward in ``generate`` with a static cache
+        (``cache_implementation="static"``) only when the quantizer says it can: each QuantLinear is one
+        custom op in the compiled graph (``quantune::linear``), with no graph break."""
+        return True
+
 
 def _register_one(mapping: dict, name: str, cls: type, register_fn) -> None:
     existing = mapping.get(name)

@@ -264,3 +264,14 @@ def test_launch_profile_summary_takes_medians_per_code_setting_and_format(tmp_pa
     md = (tmp_path / "summary.md").read_text()
     assert "3 processes (codes alternating)" in md
     assert "| new | launch.FAST_LAUNCH=False | rtn-4 | 3 | 40.00 (20.0-60.0) | 39.00 | 25.0 |" in md
+
+
+def test_hf_generate_benchmark_smoke_compiles_the_loaded_folder(tmp_path):
+    out = tmp_path / "hf"
+    _run(["eval.bench_hf_generate", "--smoke", "--formats", "rtn-4", "--new-tokens", "4", "--out", str(out)],
+         tmp_path, 600)
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert row["compileable"] is True  # the quantizer lets transformers compile the loaded model
+    assert row["graphs"] == 1 and row["graph_breaks"] == 0
+    assert row["logits_rel_diff"] < 0.05  # the compiled forward computes the same, up to rounding
+    assert "static = eager tokens" in out.with_suffix(".md").read_text()

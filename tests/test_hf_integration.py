@@ -256,3 +256,26 @@ def test_foreign_registration_under_our_name_is_an_error():
             hfi.register()
     finally:
         mapping[QUANT_METHOD] = ours
+
+
+def test_generate_with_a_static_cache_compiles_the_loaded_model_in_one_graph(tmp_path):
+    """transformers' generate compiles the forward of a model loaded from a quantune folder when the cache is
+    static (on a GPU by default; here on the CPU through CompileConfig's all-devices switch)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = CompileConfig(fullgraph=True, mode="default")
+    if not hasattr(config, "_compile_all_devices"):
+        pytest.skip("this transformers compiles in generate on accelerators only")
+    config._compile_all_devices = True
+    _, _, folder = _quantized_folder(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert loaded.hf_quantizer.is_compileable
+    ids = _ids()[:1]
+    eager = loaded.generate(ids, max_new_tokens=8, do_sample=False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = loaded.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static",
+                               compile_config=config)
+    assert torch.equal(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the forward was compiled (fullgraph)
+    assert not torch._dynamo.utils.counters["graph_break"]
