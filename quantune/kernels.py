@@ -1167,7 +1167,7 @@ def prefill_dct_pre(x: torch.Tensor, form: BitplaneForm, columns: int, warps: in
     (t, k), g = x.shape, form.group
     v = torch.empty(t, k, device=x.device, dtype=torch.float32)
     launch(_dct_pre_kernel, (t, _cdiv(k, columns)), x, random_signs(g, form.seed, device=x.device, dtype=torch.float32),
-                                                  v, K=k, G=g, CH=columns, GATHER=gather, num_warps=warps)
+           v, K=k, G=g, CH=columns, GATHER=gather, num_warps=warps)
     return v
 
 
@@ -1183,9 +1183,8 @@ def prefill_dct_post(spectrum: torch.Tensor, form: BitplaneForm, dtype: torch.dt
     k = form.bx.shape[1] * g
     t = spectrum.shape[0] // (k // g)
     xq = torch.empty(t, k, device=spectrum.device, dtype=dtype)
-    launch(_dct_out_kernel, (t, _cdiv(k, columns)), spectrum, torch.view_as_real(dct_twiddle(g, spectrum.device,
-                                                                                             torch.float32)),
-                                                  xq, K=k, G=g, CH=columns, num_warps=warps)
+    twiddle = torch.view_as_real(dct_twiddle(g, spectrum.device, torch.float32))
+    launch(_dct_out_kernel, (t, _cdiv(k, columns)), spectrum, twiddle, xq, K=k, G=g, CH=columns, num_warps=warps)
     return xq
 
 
@@ -1680,18 +1679,18 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
             gs = SUM_COLUMNS  # sums over parts of the row, so that long tiles add integers per part
         if gs:
             xg = torch.empty(t, k // gs, device=x.device, dtype=torch.float32)
-    launch(_prep_kernel, grid, x, xd, xs, signs, v, amax, xp.view(torch.int16) if chunked else xd, sc if chunked else xd,
-                       xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,
-                       PAIRS=2 if chunked else int(fused_pairs), CH=ch, GS=gs,
-                       TRIGGER=trigger and not needs_xq and not (pairs is True and not fused_pairs),
-                       WAIT=chain, XD=PREP_XD or not chunked, SCH=xch if chunked else 0, num_warps=PREP_WARPS,
-                       **({"launch_pdl": True} if chain else {}))
+    launch(_prep_kernel, grid, x, xd, xs, signs, v, amax, xp.view(torch.int16) if chunked else xd,
+           sc if chunked else xd, xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,
+           PAIRS=2 if chunked else int(fused_pairs), CH=ch, GS=gs,
+           TRIGGER=trigger and not needs_xq and not (pairs is True and not fused_pairs),
+           WAIT=chain, XD=PREP_XD or not chunked, SCH=xch if chunked else 0, num_warps=PREP_WARPS,
+           **({"launch_pdl": True} if chain else {}))
     if fused_dct:  # cast, de-interleave and DCT pre-step in one kernel, then one rfft and one post kernel
         spectrum = torch.view_as_real(torch.fft.rfft(v.view(t * (k // g), g), dim=-1))
         twiddle = torch.view_as_real(dct_twiddle(g, x.device, torch.float32))
         xqd, xqs = torch.empty_like(xd), torch.empty_like(xs)
         launch(_dct_post_kernel, grid, spectrum, twiddle, xqd, xqs, amax, K=k, G=g, PER=per, PAIRS=fused_pairs, CH=ch,
-                               TRIGGER=chain, WAIT=chain, **({"launch_pdl": True} if chain else {}))
+               TRIGGER=chain, WAIT=chain, **({"launch_pdl": True} if chain else {}))
     elif needs_xq:
         xq = transformed_input(x.float(), form) if xq is None else xq
         xqd = deinterleave(xq.float(), bits)
@@ -1704,8 +1703,8 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         sc = torch.empty(t, device=x.device, dtype=torch.float32)
         xqp, qsc = (torch.empty_like(xp), torch.empty_like(sc)) if needs_xq else (xp, sc)
         launch(_pairs_kernel, grid, xd, xqd, amax, xp.view(torch.int16), xqp.view(torch.int16), sc, qsc, K=k, PER=per,
-                            HAS_Q=needs_xq, CH=ch, NCH=_pow2(grid[1]), TRIGGER=trigger,
-                            WAIT=chain, **({"launch_pdl": True} if chain else {}))
+               HAS_Q=needs_xq, CH=ch, NCH=_pow2(grid[1]), TRIGGER=trigger,
+               WAIT=chain, **({"launch_pdl": True} if chain else {}))
     if pairs is True and xp is None:  # not fused above: torch
         xp, sc = quantized_pairs(xd, bits)
     if pairs is True and xqp is None:
