@@ -150,6 +150,9 @@ class QuantLinear(nn.Module):
         path = self._kernel_path(x)
         if path is None:
             return None
+        if x.device.index is not None and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):  # Triton launches on the current device (models split over GPUs)
+                return self._kernel_forward(x, share)
         from quantune.kernels import fused_matmul, prefill_matmul
 
         dtype = _compute_dtype(x)

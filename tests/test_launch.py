@@ -160,3 +160,23 @@ def test_direct_launches_compute_what_triton_s_path_computes(fmt, monkeypatch):
             got = [model(x) for x in inputs]
             for e, g in zip(expected, got):
                 assert torch.equal(e, g)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_layer_on_another_gpu_than_the_current_one_computes_there():
+    """A model split over GPUs (device_map="auto") calls layers on devices other than the current one:
+    Triton launches on the current device, so the layer switches to its input's."""
+    from quantune.config import QuantConfig
+    from quantune.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 768, bias=False)).to(torch.bfloat16)
+    quantize_model(model, QuantConfig(method="rtn", bits=4), progress=False)
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model.to("cuda:0")(x.to("cuda:0")).cpu()
+        with torch.cuda.device(0):
+            got = model.to("cuda:1")(x.to("cuda:1"))
+    assert got.device == torch.device("cuda:1")
+    assert torch.equal(got.cpu(), expected)
