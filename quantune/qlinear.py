@@ -308,6 +308,9 @@ def _joined_forward(modules: list[QuantLinear], x: torch.Tensor) -> list[torch.T
         return None
     if any(m._kernel_path(x) != "fused" for m in modules):
         return None
+    if x.device.index is not None and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):  # Triton launches on the current device (see QuantLinear._kernel_forward)
+            return _joined_forward(modules, x)
     forms = [m.bitplane_form() for m in modules]
     tables = [m.level_tables() for m in modules]
     codes = _back_to_back([m.codes for m in modules])

@@ -3,6 +3,8 @@ Triton's specialization. On the CPU a real JITFunction's compile-and-launch is r
 GPU test compares the layer's outputs with and without the direct launches."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -180,3 +182,18 @@ def test_a_layer_on_another_gpu_than_the_current_one_computes_there():
             got = model.to("cuda:1")(x.to("cuda:1"))
     assert got.device == torch.device("cuda:1")
     assert torch.equal(got.cpu(), expected)
+
+    from quantune import qlinear  # layers that read one input, launched together (q/k/v under compile_model)
+
+    pair = torch.nn.Sequential(torch.nn.Linear(512, 256, bias=False), torch.nn.Linear(512, 128, bias=False))
+    quantize_model(pair.to(torch.bfloat16), QuantConfig(method="rtn", bits=4), progress=False)
+
+    def joined(device):
+        layers = list(copy.deepcopy(pair).to(device))
+        qlinear.colocate(layers)  # codes back to back on that device
+        with torch.no_grad(), torch.cuda.device(0):
+            return qlinear._joined_forward(layers, x.to(device))
+
+    expected, got = joined("cuda:0"), joined("cuda:1")
+    assert got is not None and len(got) == 2
+    assert all(g.device == torch.device("cuda:1") and torch.equal(g.cpu(), e.cpu()) for g, e in zip(got, expected))
