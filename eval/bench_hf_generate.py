@@ -22,20 +22,15 @@ from pathlib import Path
 
 import torch
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+from eval.random_models import SMOLLM2, random_llama
+from quantune.generate import _sync
 
 
 def _timed_generate(model, ids, new_tokens: int, device: str, **kwargs) -> tuple[torch.Tensor, float]:
-    _sync(device)
+    _sync(torch.device(device))
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
-    _sync(device)
+    _sync(torch.device(device))
     return out[0, ids.shape[1]:], time.perf_counter() - t0
 
 
@@ -64,18 +59,11 @@ def divergence(model, ids, new_tokens: int, static: dict) -> dict:
 
 
 def run_format(fmt: str, shape: dict, new_tokens: int, device: str, workdir: Path, compile_config) -> dict:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     import quantune  # noqa: F401 - registers the quantizer with transformers
-    from quantune.config import QuantConfig
-    from quantune.quantize import quantize_model
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.bfloat16)
-    if fmt != "float":
-        method, bits = fmt.split("-")
-        result = quantize_model(model, QuantConfig(method=method, bits=int(bits)), progress=False)
-        model.config.quantization_config = result.config.to_dict()
+    model, _ = random_llama(fmt, shape)
     folder = workdir / fmt
     model.save_pretrained(folder)
     del model

@@ -16,8 +16,7 @@ import time
 
 import torch
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048)
+from eval.random_models import SMOLLM2, random_llama
 
 
 def main() -> None:
@@ -28,22 +27,13 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the report here")
     p.add_argument("--smoke", action="store_true", help="CPU, two layers")
     args = p.parse_args()
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from quantune.config import QuantConfig
     from quantune.generate import StaticDecoder
-    from quantune.quantize import quantize_model
 
     device = "cpu" if args.smoke else "cuda"
     shape = dict(SMOLLM2, num_hidden_layers=2) if args.smoke else SMOLLM2
     report = io.StringIO()
     for fmt in args.formats.split(","):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.bfloat16).eval()
-        if fmt != "float":
-            method, bits = fmt.split("-")
-            quantize_model(model, QuantConfig(method=method, bits=int(bits)), progress=False)
+        model, _ = random_llama(fmt, shape, device)
         prompt = torch.randint(0, shape["vocab_size"], (1, 16), device=device)
         with torch.no_grad():
             decoder = StaticDecoder(model, prompt, 2 * args.steps + 8)

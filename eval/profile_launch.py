@@ -24,8 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048)
+from eval.random_models import SMOLLM2, random_llama
 
 
 def host_us(fn, n: int) -> float:
@@ -132,18 +131,9 @@ def decode_rounds(fmt: str, steps: int, rounds: int, settings: list[dict], apply
     """Host-bound eager decode of a random SmolLM2-shaped model: ``rounds`` times ``steps`` steps under each
     setting in turn (alternating, so that drifts of the host's speed reach every setting alike; ``steps`` 2
     and many rounds for the finest alternation). Rows of wall and thread-CPU milliseconds a step."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from quantune.config import QuantConfig
     from quantune.generate import StaticDecoder
-    from quantune.quantize import quantize_model
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2), dtype=torch.bfloat16).eval()
-    if fmt != "float":
-        method, bits = fmt.split("-")
-        quantize_model(model, QuantConfig(method=method, bits=int(bits)), progress=False)
+    model, _ = random_llama(fmt, SMOLLM2, "cuda")
     prompt = torch.randint(0, SMOLLM2["vocab_size"], (1, 16), device="cuda")
     rows = []
     with torch.no_grad():
