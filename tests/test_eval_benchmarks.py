@@ -143,6 +143,20 @@ def test_round_gemv_probe_smoke_matches_the_tile_rounded_product(tmp_path, group
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("group", ["64", "row"])
+def test_a8_gemv_probe_smoke_matches_the_8_bit_rounded_product(tmp_path, group):
+    """eval/probe_a8_gemv.py on the CPU (interpreter, one small shape): the dp4a GEMV on 8-bit inputs, within
+    float32 rounding of its own rounded input times the dequantized weight (the probe exits non-zero on a larger
+    error), and as far from the unrounded product as 8-bit inputs put it (far more than the library's 16 bits)."""
+    pytest.importorskip("triton")
+    _run(["eval.probe_a8_gemv", "--group", group], tmp_path, 600, OUT=str(tmp_path))
+    rows = json.loads((tmp_path / "probe_a8_gemv.json").read_text())
+    assert {r["method"] for r in rows} == {"rtn-4", "rtn-2"} and len(rows) == 4
+    assert all(r["rel_err_vs_rounded"] < 1e-5 for r in rows)
+    assert all(1e-3 < r["rel_err"] < 2e-2 and r["library_rel_err"] < 1e-4 for r in rows)
+
+
+@pytest.mark.slow
 def test_whole_paths_probe_smoke_every_path_computes_the_product(tmp_path):
     """eval/probe_whole_paths.py on the CPU (interpreter, one small shape, one repeat): the library's call and the
     listed tiles, float32 and bf16 out, each within its output's rounding of the layer's product (the probe stops
