@@ -19,7 +19,7 @@ width and tile against the library's whole call and bf16 cuBLAS, same run; it ch
 float32 product of the unrounded input, next to the library's and bf16 cuBLAS's. Writes
 $OUT/probe_a8_gemv.json. On the CPU it checks the kernels under TRITON_INTERPRET=1 on a small shape and times
 nothing. ``--sass`` compiles one config for sm_90 on this machine (no GPU) and prints its instruction count
-next to the library GEMV's."""
+next to the library GEMV's (instructions per K-loop iteration: ``loop_bodies``)."""
 from __future__ import annotations
 
 import argparse
@@ -248,7 +248,7 @@ def main() -> None:
             bm, nw, bw, _ = configs[0]
             rep = sass_report(bits, group or k, chunks[0], k, bm, bw, nw)
             print(json.dumps({"method": spec, "k": k, "config": configs[0][:3], "chunk": chunks[0], **{
-                name: {key: r[key] for key in ("registers", "stack", "sass_instructions", "sass_count")}
+                name: {key: r[key] for key in ("registers", "stack", "sass_instructions", "loop_bodies", "sass_count")}
                 for name, r in rep.items()}}))
         return
     from eval import bench_kernels

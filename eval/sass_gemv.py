@@ -6,7 +6,8 @@ compile-time arguments. Reading this costs no device time (the device notes: rea
                               "BLOCK_W": 128, "SPLIT": 1, "PREFETCH": 0, "ASM": true, "PDL": true, "LATE": true}'
 
 Prints one JSON object: ``registers``, ``stack`` (bytes per thread: spills show here), ``sass_instructions``,
-``ptx_count`` / ``sass_count`` (occurrences of each ``--ptx`` / ``--sass`` string), ``ptx_around_wait`` (each
+``ptx_count`` / ``sass_count`` (occurrences of each ``--ptx`` / ``--sass`` string), ``loop_bodies`` (the instructions
+of each loop, from a label to the branch back to it: the K loop's cost per tile), ``ptx_around_wait`` (each
 ``--ptx`` string's occurrences before and after the PTX's first ``griddepcontrol.wait``, the wait for the input's
 preparation under programmatic dependent launch). Run it with TRITON_INTERPRET unset (the interpreter's kernels do
 not compile)."""
@@ -61,7 +62,24 @@ def compile_gemv(const: dict, num_warps: int = 1, ptx: tuple[str, ...] = (), sas
             "ptx_count": {s: compiled.asm["ptx"].count(s) for s in ptx},
             "ptx_around_wait": {s: [part.count(s) for part in compiled.asm["ptx"].partition("griddepcontrol.wait")[::2]]
                                 for s in ptx},
-            "sass_count": {s: code.count(s) for s in sass}}
+            "sass_count": {s: code.count(s) for s in sass}, "loop_bodies": loop_bodies(code)}
+
+
+def loop_bodies(disassembly: str) -> list[int]:
+    """Instruction counts of the loops in nvdisasm output: for each branch back to an earlier label, the
+    instructions from that label to the branch, both included (in the order the branches appear); the
+    one-instruction branch to itself that ends every kernel is left out."""
+    labels, bodies, index = {}, [], 0
+    for line in disassembly.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = index
+        if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line):
+            target = re.search(r"BRA\b.*?(\.L_x_\d+)", line)
+            if target and target.group(1) in labels and labels[target.group(1)] < index:
+                bodies.append(index - labels[target.group(1)] + 1)
+            index += 1
+    return bodies
 
 
 def main() -> None:

@@ -142,6 +142,25 @@ def test_round_gemv_probe_smoke_matches_the_tile_rounded_product(tmp_path, group
     assert all(r["rel_err_vs_tile_rounded"] < 1e-4 and r["rel_diff_vs_library"] < 1e-3 for r in rows)
 
 
+def test_loop_bodies_count_from_the_label_to_the_branch_back():
+    """eval/sass_gemv.loop_bodies on nvdisasm-style text: a loop of three instructions (label to backward branch),
+    a forward branch that is no loop, and the kernel's closing branch to itself, left out."""
+    from eval.sass_gemv import loop_bodies
+
+    text = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0020*/               @P0 BRA `(.L_x_1) ;
+        /*0030*/               @!P1 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0040*/                   EXIT ;
+.L_x_2:
+        /*0050*/                   BRA `(.L_x_2);
+"""
+    assert loop_bodies(text) == [3]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("group", ["64", "row"])
 def test_a8_gemv_probe_smoke_matches_the_8_bit_rounded_product(tmp_path, group):
