@@ -199,16 +199,18 @@ def read_only_seconds(nbytes: int) -> float:
     return t
 
 
-def quantune_layer(w: torch.Tensor, method: str, bits: int, rtn_group: int | None = 64):
-    """The bench's quantized layer of weight ``w``: kashin with the format's own groups, or symmetric rtn with one
-    scale per ``rtn_group`` columns (None: one a row, the library's default)."""
+def quantune_layer(w: torch.Tensor, method: str, bits: int, rtn_group: int | None = 64,
+                   kashin_group: int | None = None):
+    """The bench's quantized layer of weight ``w``: kashin with coefficients per ``kashin_group`` columns (None: per
+    row, the library's default), or symmetric rtn with one scale per ``rtn_group`` columns (None: one a row, the
+    library's default)."""
     from quantune.config import QuantConfig
     from quantune.qlinear import QuantLinear
 
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=DEV)
     with torch.no_grad():
         lin.weight.copy_(w)
-    cfg = QuantConfig(method=method, bits=bits, group_size=rtn_group if method == "rtn" else None)
+    cfg = QuantConfig(method=method, bits=bits, group_size=rtn_group if method == "rtn" else kashin_group)
     q, _ = QuantLinear.from_linear(lin, cfg)
     return q
 
@@ -245,9 +247,10 @@ CONFIGS = [("gemv1", 4, 4, 128),
 # that have modes 5 or 6) and prefetching never won
 
 
-def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_group: int | None = 64) -> str:
+def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_group: int | None = 64,
+           kashin_group: int | None = None) -> str:
     """The Markdown report of a run's rows (also: ``--render RESULTS.json`` re-renders a saved run); ``rtn_group``:
-    the run's rtn layers' scale group (None: one scale a row)."""
+    the run's rtn layers' scale group (None: one scale a row); ``kashin_group``: kashin's (None: per row)."""
     us = 1e6
     rtn_setting = (f"one float16 scale per {rtn_group} columns" if rtn_group else
                    "one float16 scale a row (the library's default, as the generation benchmark quantizes)")
@@ -258,7 +261,7 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_gro
          "torch transform us", "floor us", "read-only us", "bound x bf16",
          "bf16 us", "bf16 read-only us", "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16",
          "prefill rel. err", "bf16 rel. err", "decode to bf16 us", "prefill DCT us (torch DCT us)",
-         "prefill ms, torch DCT", "old prefill ms"],
+         "prefill ms, torch DCT", "joined decode us", "prefill ms, two GEMMs", "old prefill ms"],
         [[f"{r['in']}x{r['out']}", r["method"],
           f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else "-", "{kernel}:{block_m}x{num_warps}x{block_w}".format(**r["best_config"]),
           r["rel_err_vs_reference"], r["decode_s"] * us,
@@ -285,8 +288,14 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_gro
           f"{r['prefill_dct_s'] * us:.1f} ({r['prefill_torch_dct_s'] * us:.1f}), rel. err "
           f"{r['prefill_dct_rel_err']:.1e}" if "prefill_dct_s" in r else "-",
           f"{r['prefill_with_torch_dct_s'] * 1e3:.3f}" if "prefill_with_torch_dct_s" in r else "-",
+          f"{r['decode_joined_s'] * us:.3f}" if "decode_joined_s" in r else "-",
+          f"{r['prefill_two_gemm_s'] * 1e3:.3f}" if "prefill_two_gemm_s" in r else "-",
           r["old_prefill_s"] * 1e3] for r in rows])
-    return (f"# Low-bit matmul kernels\n\nDevice: {device}. Formats: kashin with its own per-row codebooks; rtn "
+    kashin_setting = (f"coefficients per {kashin_group} columns (prefill decodes the whole weight U + V Q^T, "
+                      f"quantune.kernels.decode_joined_bf16, then one GEMM: 'joined decode us' that decode alone, "
+                      f"'prefill ms, two GEMMs' the two-GEMM path in the same run)" if kashin_group else
+                      "its own per-row codebooks")
+    return (f"# Low-bit matmul kernels\n\nDevice: {device}. Formats: kashin with {kashin_setting}; rtn "
             f"symmetric round-to-nearest, {rtn_setting}; 'bits/weight' counts the codes and every scale or "
             f"coefficient the layer stores. Times are medians with the calls captured in a CUDA "
             f"graph (triton.testing.do_bench_cudagraph); the decode calls (bf16, NF4 and quantune alike) cycle "
@@ -361,17 +370,20 @@ def main() -> None:
                                                               "dividing the group)")
     p.add_argument("--rtn-group", default="64", help="rtn's scale group in columns, or 'row' for one scale a row "
                                                       "(the library's default; the generation benchmark's)")
+    p.add_argument("--kashin-group", default="row", help="kashin's coefficient group in columns, or 'row' (the "
+                                                          "library's default)")
     p.add_argument("--out", default="eval/results/bench_kernels")
     p.add_argument("--smoke", action="store_true", help="CPU check of the script under TRITON_INTERPRET=1 "
                                                         "(small shape, no NF4); measures nothing")
     p.add_argument("--render", metavar="RESULTS_JSON", help="re-render the Markdown of a saved run and exit")
     args = p.parse_args()
     rtn_group = parse_group(args.rtn_group)
+    kashin_group = parse_group(args.kashin_group, "--kashin-group")
     if args.render:
         saved = json.loads(Path(args.render).read_text())
         n = len(saved["rows"][0]["config_seconds"]) if saved["rows"] else 0
         Path(args.render).with_suffix(".md").write_text(render(saved["rows"], saved["device"], n, 2048,
-                                                               saved.get("rtn_group", 64)))
+                                                               saved.get("rtn_group", 64), saved.get("kashin_group")))
         return
     global DEV
     if args.smoke:
@@ -413,7 +425,7 @@ def main() -> None:
         for spec in args.methods.split(","):
             method, bits = spec.split("-")
             bits = int(bits)
-            q = quantune_layer(w, method, bits, rtn_group)
+            q = quantune_layer(w, method, bits, rtn_group, kashin_group)
             form = q.bitplane_form()
             ref = x1.float() @ q.dequantize().T
             x32 = x1.float().contiguous()
@@ -525,6 +537,15 @@ def main() -> None:
                 t_decode_planes = bench(lambda: decode_bf16(q.codes, form, bits, k, mode=0))
                 t_q_prefill = bench(lambda: prefill_matmul(xp, q.codes, form, bits, tables=tables))
                 got_p = prefill_matmul(xp[:64], q.codes, form, bits, tables=tables).float()
+                joined = {}
+                if kernels.joined_decode_supported(form, bits):  # kashin in small groups: one GEMM, against two
+                    joined["decode_joined_s"] = bench(lambda: kernels.decode_joined_bf16(q.codes, form, bits, k))
+                    kernels.JOINED_PREFILL = False
+                    try:
+                        joined["prefill_two_gemm_s"] = bench(lambda: prefill_matmul(xp, q.codes, form, bits,
+                                                                                    tables=tables))
+                    finally:
+                        kernels.JOINED_PREFILL = True
                 prefill_dct = {}
                 if form.ku < bits and form.transform == "dct":  # prefill's DCT passes against the torch DCT, same run
                     want_xq = transformed_input(xp.float(), form)
@@ -547,6 +568,7 @@ def main() -> None:
             index_bytes = q.codes.numel()
             meta_bytes = sum(t.numel() * t.element_size() for name, t in q.buffers_dict().items() if name != "codes")
             row = {**base, "method": spec, "rtn_group": rtn_group if method == "rtn" else None,
+                   "kashin_group": kashin_group if method == "kashin" else None,
                    "bits_per_weight": 8 * (index_bytes + meta_bytes) / (n * k), "rel_err_vs_reference": rel,
                    "prefill_rel_err": float((got_p - ref_p).norm() / ref_p.norm()),
                    "module_prefill_rel_err": float((got_m - ref_p).norm() / ref_p.norm()),
@@ -559,7 +581,7 @@ def main() -> None:
                    "old_prefill_s": t_old_prefill,
                    "kernel_s": t_kernel, "decode_s": t_full, "decode_no_pdl_s": t_serial,
                    "pdl_equals_serial": pdl_same, "pdl_rel_diff": pdl_diff, **one_pass, **lib, **rfft, "transform_s": t_transform, "module_s": t_module,
-                   "module_eager_s": t_module_eager, "prefill_s": t_q_prefill, **prefill_dct,
+                   "module_eager_s": t_module_eager, "prefill_s": t_q_prefill, **prefill_dct, **joined,
                    "floor_s": (index_bytes + meta_bytes) / bw, "read_only_s": t_read_only,
                    "speedup_vs_bf16": t_bf16 / t_full, "speedup_vs_nf4": t_nf4 / t_full,
                    "kernel_speedup_vs_bf16": t_bf16 / t_kernel, "kernel_read_bytes": read_bytes,
@@ -571,8 +593,8 @@ def main() -> None:
               f"bandwidth {bw / 1e9:.0f} GB/s (a Triton kernel streaming 1 GiB; Tensor.copy_ {bws['copy_eager'] / 1e9:.0f} "
               f"GB/s eager, {bws['copy_graph'] / 1e9:.0f} GB/s in a CUDA graph, read + write counted)")
     out = Path(args.out)
-    md = render(rows, device, len(configs), args.prefill_tokens, rtn_group)
-    write_results(out, {"device": device, "rtn_group": rtn_group, "read_bandwidth_Bps": bw, "copy_eager_Bps": bws["copy_eager"],
+    md = render(rows, device, len(configs), args.prefill_tokens, rtn_group, kashin_group)
+    write_results(out, {"device": device, "rtn_group": rtn_group, "kashin_group": kashin_group, "read_bandwidth_Bps": bw, "copy_eager_Bps": bws["copy_eager"],
                         "copy_graph_Bps": bws["copy_graph"], "rows": rows}, md)
 
 

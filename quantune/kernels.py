@@ -1081,6 +1081,40 @@ if triton is not None:
         if KU < BITS:
             tl.store(v_ptr + out, v.to(tl.bfloat16), mask=smask)
 
+    @triton.jit
+    def _decode_joined_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, r_ptr, out_ptr, M, stride_w, groups,
+                              K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
+                              BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+        """kashin's whole weight in bf16 for prefill, one GEMM's worth: per group ``w = u + v R`` with ``u`` and
+        ``v`` the two factors (the sums of :func:`_decode_kernel`'s planes mode) and ``R`` ``(GROUP, GROUP)``
+        the seeded transform's matrix (row i: ``(Q e_i)^T``), a tensor-core product on the tile. One program:
+        BLOCK_M rows x one group."""
+        PER: tl.constexpr = 32 // BITS
+        WPG: tl.constexpr = GROUP // PER
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        gi = tl.program_id(1)
+        widx = gi * WPG + tl.arange(0, WPG)
+        jj = tl.arange(0, PER)
+        rmask = rows < M
+        word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+        code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
+        coef = rows * groups + gi
+        zero = tl.zeros([BLOCK_M, WPG, PER], tl.float32)
+        u = tl.load(bx_ptr + coef, mask=rmask, other=0.0)[:, None, None] + zero
+        v = tl.load(bq_ptr + coef, mask=rmask, other=0.0)[:, None, None] + zero
+        for t in tl.static_range(BITS):
+            a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0)[:, None, None]
+            bit = ((code >> t) & 1).to(tl.float32)
+            if t < KU:
+                u += a_t * bit
+            else:
+                v += a_t * bit
+        ri = tl.arange(0, GROUP)
+        r = tl.load(r_ptr + ri[:, None] * GROUP + ri[None, :])
+        w = tl.reshape(u, (BLOCK_M, GROUP)) + tl.dot(tl.reshape(v, (BLOCK_M, GROUP)), r, input_precision=PRECISION)
+        cols = gi * GROUP + ri
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
 
 DECODE_MODES = {0: "planes", 1: "affine", 2: "tables"}
 
@@ -1133,13 +1167,61 @@ def prefill_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bi
                    factors: tuple | None = None, tables: tuple | None = None) -> torch.Tensor:
     """``x W^T`` for many tokens in ``x.dtype`` (bf16/fp16): decode the factors to bf16 (or take
     ``factors`` from :func:`decode_bf16`), then cuBLAS: one GEMM, or for kashin two (``x U^T``
-    plus ``(x Q) V^T`` accumulated into the same output)."""
-    u, v = factors if factors is not None else decode_bf16(packed, form, bits, x.shape[-1], tables=tables)
+    plus ``(x Q) V^T`` accumulated into the same output). kashin in groups that
+    :func:`joined_decode_supported` serves: the whole weight ``U + V Q^T`` decoded by
+    :func:`decode_joined_bf16`, then one GEMM (no transform of the input)."""
     dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if factors is None and JOINED_PREFILL and joined_decode_supported(form, bits):
+        return x.to(dtype) @ decode_joined_bf16(packed, form, bits, x.shape[-1]).to(dtype).T
+    u, v = factors if factors is not None else decode_bf16(packed, form, bits, x.shape[-1], tables=tables)
     y = x.to(dtype) @ u.to(dtype).T
     if v is not None:
         y.addmm_(prefill_transformed_input(x, form, dtype), v.to(dtype).T)
     return y
+
+
+JOINED_PREFILL = True  # kashin in small groups: prefill decodes the whole weight (one GEMM; False: two GEMMs)
+JOINED_MAX_GROUP = 128  # the transform's (G, G) float32 matrix goes through shared memory: 64 KB at 128
+JOINED_BLOCK_M = 32  # rows a program of the joined decode
+
+
+def joined_decode_supported(form: BitplaneForm, bits: int) -> bool:
+    """Whether :func:`decode_joined_bf16` serves the format: a transformed factor, in groups of a power of two
+    from 16 to :data:`JOINED_MAX_GROUP` columns, each a whole number of 32-bit words."""
+    g = form.group
+    return (triton is not None and form.ku < bits and bits in (1, 2, 4, 8) and 16 <= g <= JOINED_MAX_GROUP
+            and g & (g - 1) == 0 and g % (32 // bits) == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def group_basis(g: int, kind: str, seed: int, device: torch.device) -> torch.Tensor:
+    """``R`` ``(g, g)`` float32, row i the transform's ``Q e_i``: a group's row ``v`` in the transformed basis is
+    ``v R`` in the weight's (computed in float64 once per group size, transform, seed and device)."""
+    from quantune.transforms import inverse_transform
+
+    return inverse_transform(torch.eye(g, dtype=torch.float64), kind, seed).float().to(device).contiguous()
+
+
+def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int,
+                       block_m: int | None = None, num_warps: int = 4,
+                       dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """kashin's weight ``U + V Q^T`` as one bf16 ``(out, k)`` matrix (:func:`_decode_joined_kernel`), for the
+    formats :func:`joined_decode_supported` serves. The transform's product runs on the tensor cores in tf32
+    (float32 under the interpreter): below the bf16 rounding of the result. ``dtype``: the result's (float32 for
+    checks)."""
+    if not joined_decode_supported(form, bits):
+        raise ValueError(f"the joined decode needs kashin in groups of a power of two from 16 to {JOINED_MAX_GROUP} "
+                         f"columns ({bits} bits, group {form.group}, {form.ku} planes on U)")
+    m, g = packed.shape[0], form.group
+    w = packed.view(torch.int32)
+    out = torch.empty(m, k, device=packed.device, dtype=dtype)
+    block_m = block_m or JOINED_BLOCK_M
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    launch(_decode_joined_kernel, (_cdiv(m, block_m), k // g), w, form.a, form.bx, form.bq,
+           group_basis(g, form.transform, form.seed, packed.device), out, m, w.stride(0), form.bx.shape[1],
+           K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, PRECISION="ieee" if interpreted else "tf32",
+           num_warps=num_warps)
+    return out
 
 
 PREFILL_DCT = True  # prefill's DCT as two Triton passes around one batched rfft (False: the torch transform)

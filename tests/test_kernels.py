@@ -581,6 +581,56 @@ def test_decode_kernel_rebuilds_the_factors(cfg, mode):
     assert float((got - want).norm() / want.norm()) < 1e-2
 
 
+JOINED_CASES = [QuantConfig(bits=4, group_size=64), QuantConfig(bits=2, group_size=32),
+                QuantConfig(bits=4, group_size=128, transform="hadamard"), QuantConfig(bits=2, group_size=16),
+                QuantConfig(bits=8, group_size=64), QuantConfig(bits=4, group_size=16, u_steps=1)]
+
+
+@pytest.mark.parametrize("cfg", JOINED_CASES, ids=[f"{c.bits}-g{c.group_size}-u{c.ku}-{c.transform}"
+                                                   for c in JOINED_CASES])
+def test_joined_decode_is_the_module_s_weight_and_prefill_takes_it(cfg, monkeypatch):
+    """kashin in groups of 16 to 128: the joined decode (U + V Q^T per group, one tile product) is the module's
+    weight to float32 rounding (37 rows: a partial row block), within one bf16 step once rounded, and prefill's
+    single GEMM on it computes what the two-GEMM path does."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    q = _layer(cfg, out=37, inp=256)
+    form = _form(q)
+    assert kernels.joined_decode_supported(form, cfg.bits)
+    ref = q.dequantize()
+    w32 = kernels.decode_joined_bf16(q.codes, form, cfg.bits, 256, block_m=16, dtype=torch.float32)
+    torch.testing.assert_close(w32, ref, rtol=0, atol=float(ref.abs().max()) * 1e-6)
+    w16 = kernels.decode_joined_bf16(q.codes, form, cfg.bits, 256, block_m=16)
+    assert w16.dtype == torch.bfloat16  # the interpreter does not round to nearest: one step, not half
+    assert ((w16.float() - w32).abs() <= w32.abs() * 2 ** -7).all()
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(6)).bfloat16()
+    joined = kernels.prefill_matmul(x, q.codes, form, cfg.bits).float()
+    monkeypatch.setattr(kernels, "JOINED_PREFILL", False)
+    two = kernels.prefill_matmul(x, q.codes, form, cfg.bits).float()
+    want = x.float() @ ref.T
+    assert float((joined - want).norm() / want.norm()) < 1e-2
+    assert float((joined - two).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=4, group_size=256),
+                                 QuantConfig(bits=4, group_size=96), QuantConfig(bits=4, group_size=8),
+                                 QuantConfig(method="rtn", bits=4, group_size=64), QuantConfig(bits=3, group_size=64)],
+                         ids=["row", "g256", "g96", "g8", "rtn", "3bit"])
+def test_joined_decode_refuses_what_it_does_not_serve(cfg):
+    """Per-row kashin (a K x K transform), groups above 128 or not a power of two or below 16, formats without a
+    transformed factor and codes not in whole words keep the two-GEMM path; asked directly, the decode refuses."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    inp = 288 if cfg.group_size == 96 else 256
+    q = _layer(cfg, out=8, inp=inp)
+    form = _form(q)
+    assert not kernels.joined_decode_supported(form, cfg.bits)
+    with pytest.raises(ValueError, match="joined decode"):
+        kernels.decode_joined_bf16(q.codes, form, cfg.bits, inp)
+
+
 @pytest.mark.parametrize("inp,group,dtype", [(576, None, torch.bfloat16), (1024, 64, torch.float32),
                                              (2048, 512, torch.float16), (270, 27, torch.float32)],
                          ids=["576-row-bf16", "1024-g64-f32", "2048-g512-f16", "270-g27-odd"])
