@@ -1082,38 +1082,46 @@ if triton is not None:
             tl.store(v_ptr + out, v.to(tl.bfloat16), mask=smask)
 
     @triton.jit
-    def _decode_joined_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, r_ptr, out_ptr, M, stride_w, groups,
+    def _decode_joined_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, r_ptr, out_ptr, M, stride_w, groups, rows_per_prog,
                               K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
-                              BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-        """kashin's whole weight in bf16 for prefill, one GEMM's worth: per group ``w = u + v R`` with ``u`` and
-        ``v`` the two factors (the sums of :func:`_decode_kernel`'s planes mode) and ``R`` ``(GROUP, GROUP)``
-        the seeded transform's matrix (row i: ``(Q e_i)^T``), a tensor-core product on the tile. One program:
-        BLOCK_M rows x one group."""
+                              BLOCK_M: tl.constexpr, BF16: tl.constexpr = True):
+        """kashin's whole weight for prefill, one GEMM's worth: per group ``w = u + v R`` with ``u`` and ``v`` the
+        two factors (the sums of :func:`_decode_kernel`'s planes mode) and ``R`` ``(GROUP, GROUP)`` the seeded
+        transform's matrix (row i: ``(Q e_i)^T``, bf16), a bf16 tensor-core product with float32 sums (``v`` in
+        bf16 as the two-GEMM path stores it). One program: one group of ``rows_per_prog`` rows, BLOCK_M at a
+        time, ``R`` loaded once. BF16 False: ``R`` and the product in float32 (the CPU interpreter, whose bf16 dot
+        products are wrong)."""
         PER: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PER
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         gi = tl.program_id(1)
-        widx = gi * WPG + tl.arange(0, WPG)
-        jj = tl.arange(0, PER)
-        rmask = rows < M
-        word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
-        code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
-        coef = rows * groups + gi
-        zero = tl.zeros([BLOCK_M, WPG, PER], tl.float32)
-        u = tl.load(bx_ptr + coef, mask=rmask, other=0.0)[:, None, None] + zero
-        v = tl.load(bq_ptr + coef, mask=rmask, other=0.0)[:, None, None] + zero
-        for t in tl.static_range(BITS):
-            a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0)[:, None, None]
-            bit = ((code >> t) & 1).to(tl.float32)
-            if t < KU:
-                u += a_t * bit
-            else:
-                v += a_t * bit
         ri = tl.arange(0, GROUP)
         r = tl.load(r_ptr + ri[:, None] * GROUP + ri[None, :])
-        w = tl.reshape(u, (BLOCK_M, GROUP)) + tl.dot(tl.reshape(v, (BLOCK_M, GROUP)), r, input_precision=PRECISION)
+        widx = gi * WPG + tl.arange(0, WPG)
+        jj = tl.arange(0, PER)
         cols = gi * GROUP + ri
-        tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+        start = tl.program_id(0) * rows_per_prog
+        for r0 in tl.range(start, tl.minimum(start + rows_per_prog, M), BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            rmask = rows < M
+            word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+            code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
+            coef = rows * groups + gi
+            zero = tl.zeros([BLOCK_M, WPG, PER], tl.float32)
+            u = tl.load(bx_ptr + coef, mask=rmask, other=0.0)[:, None, None] + zero
+            v = tl.load(bq_ptr + coef, mask=rmask, other=0.0)[:, None, None] + zero
+            for t in tl.static_range(BITS):
+                a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0)[:, None, None]
+                bit = ((code >> t) & 1).to(tl.float32)
+                if t < KU:
+                    u += a_t * bit
+                else:
+                    v += a_t * bit
+            v2 = tl.reshape(v, (BLOCK_M, GROUP))
+            if BF16:
+                v2 = v2.to(tl.bfloat16)
+            w = tl.reshape(u, (BLOCK_M, GROUP)) + tl.dot(v2, r)
+            tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty),
+                     mask=rmask[:, None])
 
 
 DECODE_MODES = {0: "planes", 1: "affine", 2: "tables"}
@@ -1182,7 +1190,8 @@ def prefill_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bi
 
 JOINED_PREFILL = True  # kashin in small groups: prefill decodes the whole weight (one GEMM; False: two GEMMs)
 JOINED_MAX_GROUP = 128  # the transform's (G, G) float32 matrix goes through shared memory: 64 KB at 128
-JOINED_BLOCK_M = 32  # rows a program of the joined decode
+JOINED_BLOCK_M = 32  # rows a program of the joined decode takes at a time
+JOINED_PROGRAMS = 512  # about this many programs, each one group over a run of rows (R loaded once each)
 
 
 def joined_decode_supported(form: BitplaneForm, bits: int) -> bool:
@@ -1194,21 +1203,21 @@ def joined_decode_supported(form: BitplaneForm, bits: int) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def group_basis(g: int, kind: str, seed: int, device: torch.device) -> torch.Tensor:
-    """``R`` ``(g, g)`` float32, row i the transform's ``Q e_i``: a group's row ``v`` in the transformed basis is
-    ``v R`` in the weight's (computed in float64 once per group size, transform, seed and device)."""
+def group_basis(g: int, kind: str, seed: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``R`` ``(g, g)``, row i the transform's ``Q e_i``: a group's row ``v`` in the transformed basis is ``v R``
+    in the weight's (computed in float64 once per group size, transform, seed, device and dtype)."""
     from quantune.transforms import inverse_transform
 
-    return inverse_transform(torch.eye(g, dtype=torch.float64), kind, seed).float().to(device).contiguous()
+    return inverse_transform(torch.eye(g, dtype=torch.float64), kind, seed).to(device=device, dtype=dtype).contiguous()
 
 
 def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int,
                        block_m: int | None = None, num_warps: int = 4,
                        dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """kashin's weight ``U + V Q^T`` as one bf16 ``(out, k)`` matrix (:func:`_decode_joined_kernel`), for the
-    formats :func:`joined_decode_supported` serves. The transform's product runs on the tensor cores in tf32
-    (float32 under the interpreter): below the bf16 rounding of the result. ``dtype``: the result's (float32 for
-    checks)."""
+    formats :func:`joined_decode_supported` serves. The transform's product runs on the tensor cores in bf16 with
+    float32 sums: ``V`` rounded to bf16 as the two-GEMM path stores it, and ``R`` too. ``dtype``: the result's
+    (float32 for checks)."""
     if not joined_decode_supported(form, bits):
         raise ValueError(f"the joined decode needs kashin in groups of a power of two from 16 to {JOINED_MAX_GROUP} "
                          f"columns ({bits} bits, group {form.group}, {form.ku} planes on U)")
@@ -1216,10 +1225,13 @@ def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: i
     w = packed.view(torch.int32)
     out = torch.empty(m, k, device=packed.device, dtype=dtype)
     block_m = block_m or JOINED_BLOCK_M
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    launch(_decode_joined_kernel, (_cdiv(m, block_m), k // g), w, form.a, form.bx, form.bq,
-           group_basis(g, form.transform, form.seed, packed.device), out, m, w.stride(0), form.bx.shape[1],
-           K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, PRECISION="ieee" if interpreted else "tf32",
+    groups = k // g
+    chunks = max(1, min(_cdiv(m, block_m), _cdiv(JOINED_PROGRAMS, groups)))
+    per = _cdiv(_cdiv(m, chunks), block_m) * block_m  # rows a program
+    bf16 = os.environ.get("TRITON_INTERPRET", "0") != "1"
+    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, form.a, form.bx, form.bq,
+           group_basis(g, form.transform, form.seed, packed.device, torch.bfloat16 if bf16 else torch.float32), out,
+           m, w.stride(0), form.bx.shape[1], per, K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, BF16=bf16,
            num_warps=num_warps)
     return out
 
