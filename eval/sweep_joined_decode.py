@@ -1,0 +1,65 @@
+"""Tiles of kashin's joined decode (quantune.kernels.decode_joined_bf16: the whole weight U + V Q^T in bf16 for
+prefill) on the GPU: rows a tile, warps and programs, per shape and group, CUDA-graph medians, next to a plain bf16
+fill of the same matrix (the write alone); each result's error against the module's weight. Writes
+$OUT/sweep_joined_decode.json and prints the best tile and the library default per case.
+
+    python -m eval.sweep_joined_decode --cases 4096x4096:128,8192x28672:128,4096x4096:64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="4096x4096:128,8192x28672:128,4096x4096:64", help="INxOUT:GROUP, kashin-4")
+    p.add_argument("--block-m", default="16,32,64")
+    p.add_argument("--warps", default="4,8")
+    p.add_argument("--programs", default="256,512,2048")
+    args = p.parse_args()
+    from eval import bench_kernels
+    from quantune import kernels
+    from quantune.config import QuantConfig
+    from quantune.qlinear import QuantLinear
+
+    bench_kernels.DEV = "cuda"
+    default = (kernels.JOINED_BLOCK_M, 4, kernels.JOINED_PROGRAMS)
+    rows = []
+    for case in args.cases.split(","):
+        shape, g = case.split(":")
+        k, n = map(int, shape.split("x"))
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda")
+        q, _ = QuantLinear.from_linear(lin, QuantConfig(bits=4, group_size=int(g)))
+        form, ref = q.bitplane_form(), q.dequantize()
+        fill = bench_kernels.bench(lambda: torch.empty(n, k, device="cuda", dtype=torch.bfloat16).fill_(1)) * 1e6
+        for bm in map(int, args.block_m.split(",")):
+            for warps in map(int, args.warps.split(",")):
+                for progs in map(int, args.programs.split(",")):
+                    kernels.JOINED_PROGRAMS = progs
+
+                    def call():
+                        return kernels.decode_joined_bf16(q.codes, form, 4, k, block_m=bm, num_warps=warps)
+                    t = bench_kernels.bench(call) * 1e6
+                    err = float((call().float() - ref).norm() / ref.norm())
+                    row = dict(k=k, n=n, group=int(g), block_m=bm, warps=warps, programs=progs, us=t,
+                               fill_bf16_us=fill, rel_err=err, default=(bm, warps, progs) == default)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+        kernels.JOINED_PROGRAMS = default[2]
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep_joined_decode.json").write_text(json.dumps(rows, indent=1))
+    for key in sorted({(r["k"], r["n"], r["group"]) for r in rows}):
+        case = [r for r in rows if (r["k"], r["n"], r["group"]) == key]
+        print("best", json.dumps(min(case, key=lambda r: r["us"])))
+        print("default", json.dumps([r for r in case if r["default"]]))
+
+
+if __name__ == "__main__":
+    main()
