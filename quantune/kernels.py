@@ -12,7 +12,8 @@ so ``y = x W^T`` is, per output row, ``bits`` dot products of 0/1 bit planes wit
   kashin's DCT via one rfft).
 - :func:`decode_bf16` + :func:`prefill_matmul` (more tokens): the factors decoded to bf16 at
   memory speed, then cuBLAS (one GEMM for rtn, two for kashin: ``x U^T + (x Q) V^T``, ``x Q`` by
-  :func:`prefill_transformed_input`: two Triton passes around one batched rfft).
+  :func:`prefill_transformed_input`: two Triton passes around one batched rfft); kashin in groups of
+  16-128 columns: the whole weight ``U + V Q^T`` by :func:`decode_joined_bf16`, then one GEMM.
 - :func:`bitplane_matmul` / :func:`levels_matmul`: earlier byte-reading kernels for code widths
   that straddle words (3, 5, 6, 7 bits).
 
@@ -1189,7 +1190,7 @@ def prefill_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bi
 
 
 JOINED_PREFILL = True  # kashin in small groups: prefill decodes the whole weight (one GEMM; False: two GEMMs)
-JOINED_MAX_GROUP = 128  # the transform's (G, G) float32 matrix goes through shared memory: 64 KB at 128
+JOINED_MAX_GROUP = 128  # the transform's (G, G) matrix goes through shared memory (bf16: 32 KB at 128; 256 would not fit)
 JOINED_BLOCK_M = 32  # rows a program of the joined decode takes at a time
 JOINED_PROGRAMS = 512  # about this many programs, each one group over a run of rows (R loaded once each)
 
