@@ -1,5 +1,5 @@
 """Tiles of kashin's joined decode (quantune.kernels.decode_joined_bf16: the whole weight U + V Q^T in bf16 for
-prefill) on the GPU: rows a tile, warps, programs and the flat decode (quantune.kernels.JOINED_FLAT), per shape and group, CUDA-graph medians, next to a plain bf16
+prefill) on the GPU: rows a tile, warps and programs, per shape and group, CUDA-graph medians, next to a plain bf16
 fill of the same matrix (the write alone); each result's error against the module's weight. Writes
 $OUT/sweep_joined_decode.json and prints the best tile and the library default per case.
 
@@ -21,7 +21,6 @@ def main() -> None:
     p.add_argument("--block-m", default="16,32,64")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--programs", default="256,512,2048")
-    p.add_argument("--flat", default="0,1", help="quantune.kernels.JOINED_FLAT values to try")
     args = p.parse_args()
     from eval import bench_kernels
     from quantune import kernels
@@ -29,7 +28,7 @@ def main() -> None:
     from quantune.qlinear import QuantLinear
 
     bench_kernels.DEV = "cuda"
-    default = (kernels.JOINED_BLOCK_M, 4, kernels.JOINED_PROGRAMS, kernels.JOINED_FLAT)
+    default = (kernels.JOINED_BLOCK_M, 4, kernels.JOINED_PROGRAMS)
     rows = []
     for case in args.cases.split(","):
         shape, g = case.split(":")
@@ -41,19 +40,18 @@ def main() -> None:
         fill = bench_kernels.bench(lambda: torch.empty(n, k, device="cuda", dtype=torch.bfloat16).fill_(1)) * 1e6
         for bm in map(int, args.block_m.split(",")):
             for warps in map(int, args.warps.split(",")):
-                for progs, flat in [(pr, bool(int(f))) for pr in map(int, args.programs.split(","))
-                                    for f in args.flat.split(",")]:
-                    kernels.JOINED_PROGRAMS, kernels.JOINED_FLAT = progs, flat
+                for progs in map(int, args.programs.split(",")):
+                    kernels.JOINED_PROGRAMS = progs
 
                     def call():
                         return kernels.decode_joined_bf16(q.codes, form, 4, k, block_m=bm, num_warps=warps)
                     t = bench_kernels.bench(call) * 1e6
                     err = float((call().float() - ref).norm() / ref.norm())
-                    row = dict(k=k, n=n, group=int(g), block_m=bm, warps=warps, programs=progs, flat=flat, us=t,
-                               fill_bf16_us=fill, rel_err=err, default=(bm, warps, progs, flat) == default)
+                    row = dict(k=k, n=n, group=int(g), block_m=bm, warps=warps, programs=progs, us=t,
+                               fill_bf16_us=fill, rel_err=err, default=(bm, warps, progs) == default)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-        kernels.JOINED_PROGRAMS, kernels.JOINED_FLAT = default[2], default[3]
+        kernels.JOINED_PROGRAMS = default[2]
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_joined_decode.json").write_text(json.dumps(rows, indent=1))

@@ -1085,14 +1085,13 @@ if triton is not None:
     @triton.jit
     def _decode_joined_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, r_ptr, out_ptr, M, stride_w, groups, rows_per_prog,
                               K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BF16: tl.constexpr = True, FLAT: tl.constexpr = False):
+                              BLOCK_M: tl.constexpr, BF16: tl.constexpr = True):
         """kashin's whole weight for prefill, one GEMM's worth: per group ``w = u + v R`` with ``u`` and ``v`` the
         two factors (the sums of :func:`_decode_kernel`'s planes mode) and ``R`` ``(GROUP, GROUP)`` the seeded
         transform's matrix (row i: ``(Q e_i)^T``, bf16), a bf16 tensor-core product with float32 sums (``v`` in
         bf16 as the two-GEMM path stores it). One program: one group of ``rows_per_prog`` rows, BLOCK_M at a
         time, ``R`` loaded once. BF16 False: ``R`` and the product in float32 (the CPU interpreter, whose bf16 dot
-        products are wrong). FLAT: each column's code taken from its word in a (rows, GROUP) tile (each word read
-        PER times, from L1) instead of a (rows, words, PER) tile reshaped for the product."""
+        products are wrong)."""
         PER: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PER
         gi = tl.program_id(1)
@@ -1105,41 +1104,23 @@ if triton is not None:
         for r0 in tl.range(start, tl.minimum(start + rows_per_prog, M), BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
             rmask = rows < M
+            word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+            code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
             coef = rows * groups + gi
-            if FLAT:
-                word = tl.load(w_ptr + rows[:, None] * stride_w + gi * WPG + (ri // PER)[None, :], mask=rmask[:, None],
-                               other=0)
-                code = (word >> ((ri % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
-                zero = tl.zeros([BLOCK_M, GROUP], tl.float32)
-                u = tl.load(bx_ptr + coef, mask=rmask, other=0.0)[:, None] + zero
-                v = tl.load(bq_ptr + coef, mask=rmask, other=0.0)[:, None] + zero
-                for t in tl.static_range(BITS):
-                    a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0)[:, None]
-                    bit = ((code >> t) & 1).to(tl.float32)
-                    if t < KU:
-                        u += a_t * bit
-                    else:
-                        v += a_t * bit
-                u2 = u
-                v2 = v
-            else:
-                word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
-                code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
-                zero = tl.zeros([BLOCK_M, WPG, PER], tl.float32)
-                u = tl.load(bx_ptr + coef, mask=rmask, other=0.0)[:, None, None] + zero
-                v = tl.load(bq_ptr + coef, mask=rmask, other=0.0)[:, None, None] + zero
-                for t in tl.static_range(BITS):
-                    a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0)[:, None, None]
-                    bit = ((code >> t) & 1).to(tl.float32)
-                    if t < KU:
-                        u += a_t * bit
-                    else:
-                        v += a_t * bit
-                u2 = tl.reshape(u, (BLOCK_M, GROUP))
-                v2 = tl.reshape(v, (BLOCK_M, GROUP))
+            zero = tl.zeros([BLOCK_M, WPG, PER], tl.float32)
+            u = tl.load(bx_ptr + coef, mask=rmask, other=0.0)[:, None, None] + zero
+            v = tl.load(bq_ptr + coef, mask=rmask, other=0.0)[:, None, None] + zero
+            for t in tl.static_range(BITS):
+                a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0)[:, None, None]
+                bit = ((code >> t) & 1).to(tl.float32)
+                if t < KU:
+                    u += a_t * bit
+                else:
+                    v += a_t * bit
+            v2 = tl.reshape(v, (BLOCK_M, GROUP))
             if BF16:
                 v2 = v2.to(tl.bfloat16)
-            w = u2 + tl.dot(v2, r)
+            w = tl.reshape(u, (BLOCK_M, GROUP)) + tl.dot(v2, r)
             tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty),
                      mask=rmask[:, None])
 
@@ -1212,7 +1193,6 @@ JOINED_PREFILL = True  # kashin in small groups: prefill decodes the whole weigh
 JOINED_MAX_GROUP = 128  # the transform's (G, G) matrix goes through shared memory (bf16: 32 KB at 128; 256 would not fit)
 JOINED_BLOCK_M = 32  # rows a program of the joined decode takes at a time
 JOINED_PROGRAMS = 512  # about this many programs, each one group over a run of rows (R loaded once each)
-JOINED_FLAT = False  # the codes decoded in a (rows, group) tile (each word read per column) rather than reshaped
 
 
 def joined_decode_supported(form: BitplaneForm, bits: int) -> bool:
@@ -1253,7 +1233,7 @@ def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: i
     launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, form.a, form.bx, form.bq,
            group_basis(g, form.transform, form.seed, packed.device, torch.bfloat16 if bf16 else torch.float32), out,
            m, w.stride(0), form.bx.shape[1], per, K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, BF16=bf16,
-           FLAT=JOINED_FLAT, num_warps=num_warps)
+           num_warps=num_warps)
     return out
 
 
