@@ -1,7 +1,8 @@
 """Tiles of kashin's joined decode (quantune.kernels.decode_joined_bf16: the whole weight U + V Q^T in bf16 for
 prefill) on the GPU: rows a tile, warps and programs, per shape and group, CUDA-graph medians, next to a plain bf16
 fill of the same matrix (the write alone); each result's error against the module's weight. Writes
-$OUT/sweep_joined_decode.json and prints the best tile and the library default per case.
+$OUT/sweep_joined_decode.json and prints the best tile and the library default per case. Without a GPU (run
+under TRITON_INTERPRET=1) it checks one small case and times nothing useful.
 
     python -m eval.sweep_joined_decode --cases 4096x4096:128,8192x28672:128,4096x4096:64
 """
@@ -27,17 +28,20 @@ def main() -> None:
     from quantune.config import QuantConfig
     from quantune.qlinear import QuantLinear
 
-    bench_kernels.DEV = "cuda"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    bench_kernels.DEV = dev
+    if dev == "cpu":
+        args.cases, args.block_m, args.warps, args.programs = "256x40:64", "16", "4", "4"
     default = (kernels.JOINED_BLOCK_M, 4, kernels.JOINED_PROGRAMS)
     rows = []
     for case in args.cases.split(","):
         shape, g = case.split(":")
         k, n = map(int, shape.split("x"))
         torch.manual_seed(0)
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda")
+        lin = torch.nn.Linear(k, n, bias=False, device=dev)
         q, _ = QuantLinear.from_linear(lin, QuantConfig(bits=4, group_size=int(g)))
         form, ref = q.bitplane_form(), q.dequantize()
-        fill = bench_kernels.bench(lambda: torch.empty(n, k, device="cuda", dtype=torch.bfloat16).fill_(1)) * 1e6
+        fill = bench_kernels.bench(lambda: torch.empty(n, k, device=dev, dtype=torch.bfloat16).fill_(1)) * 1e6
         for bm in map(int, args.block_m.split(",")):
             for warps in map(int, args.warps.split(",")):
                 for progs in map(int, args.programs.split(",")):

@@ -161,6 +161,15 @@ def test_loop_bodies_count_from_the_label_to_the_branch_back():
     assert loop_bodies(text) == [3]
 
 
+def test_joined_decode_sweep_smoke_checks_the_weight(tmp_path):
+    """eval/sweep_joined_decode.py on the CPU (interpreter, one small case): a row per tile setting, each decode
+    within bf16's precision of the module's weight."""
+    pytest.importorskip("triton")
+    _run(["eval.sweep_joined_decode"], tmp_path, 300, OUT=str(tmp_path))
+    rows = json.loads((tmp_path / "sweep_joined_decode.json").read_text())
+    assert len(rows) == 1 and rows[0]["group"] == 64 and rows[0]["rel_err"] < 4e-3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("group", ["64", "row"])
 def test_a8_gemv_probe_smoke_matches_the_8_bit_rounded_product(tmp_path, group):
