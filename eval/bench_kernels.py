@@ -38,6 +38,19 @@ def cold_copies(nbytes: int) -> int:
     return 1 if DEV == "cpu" else max(1, min(64, -(-COLD_BYTES // nbytes)))
 
 
+def probe_device() -> str:
+    """"cuda" where a GPU is present, else "cpu", also set as :data:`DEV`. Without a GPU the Triton kernels must run
+    under the interpreter, which Triton reads when the kernels are defined (on import), so setting it from inside a
+    script is too late: a one-line exit asks for it instead."""
+    import os
+
+    global DEV
+    DEV = "cuda" if torch.cuda.is_available() else "cpu"
+    if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("no GPU here: run with TRITON_INTERPRET=1 set before Python starts (the CPU check mode)")
+    return DEV
+
+
 def rotating(calls: list):
     """One callable running ``calls`` in turn: each call a CUDA graph captures takes the next one."""
     turn = itertools.cycle(calls)

@@ -246,10 +246,8 @@ def main() -> None:
         return
     from eval import bench_kernels
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    bench_kernels.DEV = dev
+    dev = bench_kernels.probe_device()
     if dev != "cuda":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
         kernels.GEMV_MIN_PROGRAMS = 1  # small layers unsplit, as the probe needs
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if dev == "cuda" else [(512, 24)]
     bench, rotating = bench_kernels.bench, bench_kernels.rotating

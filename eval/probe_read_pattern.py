@@ -110,11 +110,9 @@ def main() -> None:
     args = p.parse_args()
     from eval import bench_kernels
 
-    gpu = torch.cuda.is_available()
-    dev = "cuda" if gpu else "cpu"
-    bench_kernels.DEV = dev
+    dev = bench_kernels.probe_device()
+    gpu = dev == "cuda"
     if not gpu:  # check the kernels' results; nothing timed
-        os.environ.setdefault("TRITON_INTERPRET", "1")
         buf = torch.randint(-1000, 1000, (8, 64), dtype=torch.int32)
         for bm, t, un, tiled in [(1, 16, 2, False), (4, 8, 1, True), (2, 16, 1, True)]:
             src = tile_major(buf, bm, t) if tiled else buf

@@ -169,10 +169,8 @@ def main() -> None:
         return
     from eval import bench_kernels
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    bench_kernels.DEV = dev
+    dev = bench_kernels.probe_device()
     if dev != "cuda":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
         configs = [(4, 1, 8), (2, 1, 16)]
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if dev == "cuda" else [(1024, 10)]
     bench = bench_kernels.bench

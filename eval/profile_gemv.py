@@ -9,7 +9,6 @@ Configs as in eval/sweep_gemv.py (rows x warps x words, 'p' to prefetch). Exampl
 
 Without a GPU it runs each case once under TRITON_INTERPRET=1 on a small shape and checks it against torch."""
 import argparse
-import os
 
 import torch
 
@@ -27,10 +26,10 @@ def main() -> None:
     args = p.parse_args()
     from quantune import kernels
 
-    gpu = torch.cuda.is_available()
-    dev = "cuda" if gpu else "cpu"
-    if not gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from eval.bench_kernels import probe_device
+
+    dev = probe_device()
+    gpu = dev == "cuda"
     for case in args.cases.split(","):
         spec, shape, config, *extra = case.split(":")
         saved_cols = kernels.PREP_COLUMNS, kernels.ROUNDING_COLUMNS_LONG
