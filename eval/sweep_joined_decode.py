@@ -22,6 +22,9 @@ def main() -> None:
     p.add_argument("--block-m", default="16,32,64")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--programs", default="256,512,2048")
+    p.add_argument("--signs", default="0", help="the kernel's SIGNS: planes as signs (1) or converted bits (0)")
+    p.add_argument("--once", action="store_true", help="call each tile once, untimed (for a profiler)")
+    p.add_argument("--tokens", type=int, default=2048, help="the bf16 GEMM timed beside each case (0: none)")
     args = p.parse_args()
     from eval import bench_kernels
     from quantune import kernels
@@ -32,7 +35,8 @@ def main() -> None:
     bench_kernels.DEV = dev
     if dev == "cpu":
         args.cases, args.block_m, args.warps, args.programs = "256x40:64", "16", "4", "4"
-    default = (kernels.JOINED_BLOCK_M, 4, kernels.JOINED_PROGRAMS)
+        args.signs = "0,1"
+    default = (kernels.JOINED_BLOCK_M, 4, kernels.JOINED_PROGRAMS, kernels.JOINED_SIGNS)
     rows = []
     for case in args.cases.split(","):
         shape, g = case.split(":")
@@ -41,21 +45,36 @@ def main() -> None:
         lin = torch.nn.Linear(k, n, bias=False, device=dev)
         q, _ = QuantLinear.from_linear(lin, QuantConfig(bits=4, group_size=int(g)))
         form, ref = q.bitplane_form(), q.dequantize()
-        fill = bench_kernels.bench(lambda: torch.empty(n, k, device=dev, dtype=torch.bfloat16).fill_(1)) * 1e6
-        for bm in map(int, args.block_m.split(",")):
-            for warps in map(int, args.warps.split(",")):
-                for progs in map(int, args.programs.split(",")):
-                    kernels.JOINED_PROGRAMS = progs
+        fill = gemm = None
+        if not args.once:
+            fill = bench_kernels.bench(lambda: torch.empty(n, k, device=dev, dtype=torch.bfloat16).fill_(1)) * 1e6
+            if args.tokens and dev == "cuda":
+                x = torch.randn(args.tokens, k, device=dev, dtype=torch.bfloat16)
+                wb = ref.to(torch.bfloat16)
+                gemm = bench_kernels.bench(lambda: x @ wb.T) * 1e6
+        tiles = [(bm, warps, progs, bool(int(sg))) for bm in map(int, args.block_m.split(","))
+                 for warps in map(int, args.warps.split(",")) for progs in map(int, args.programs.split(","))
+                 for sg in args.signs.split(",")]
+        for bm, warps, progs, sg in tiles:
+            kernels.JOINED_PROGRAMS = progs
 
-                    def call():
-                        return kernels.decode_joined_bf16(q.codes, form, 4, k, block_m=bm, num_warps=warps)
-                    t = bench_kernels.bench(call) * 1e6
-                    err = float((call().float() - ref).norm() / ref.norm())
-                    row = dict(k=k, n=n, group=int(g), block_m=bm, warps=warps, programs=progs, us=t,
-                               fill_bf16_us=fill, rel_err=err, default=(bm, warps, progs) == default)
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+            def call():
+                return kernels.decode_joined_bf16(q.codes, form, 4, k, block_m=bm, num_warps=warps, signs=sg)
+            if args.once:
+                call()
+                torch.cuda.synchronize() if dev == "cuda" else None
+                continue
+            t = bench_kernels.bench(call) * 1e6
+            err = float((call().float() - ref).norm() / ref.norm())
+            row = dict(k=k, n=n, group=int(g), block_m=bm, warps=warps, programs=progs, signs=sg, us=t,
+                       fill_bf16_us=fill, gemm_bf16_us=gemm, rel_err=err,
+                       prefill_vs_bf16_est=gemm / (gemm + t) if gemm else None,
+                       default=(bm, warps, progs, sg) == default)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
         kernels.JOINED_PROGRAMS = default[2]
+    if args.once:
+        return
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_joined_decode.json").write_text(json.dumps(rows, indent=1))

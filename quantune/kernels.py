@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
 
@@ -1083,15 +1084,23 @@ if triton is not None:
             tl.store(v_ptr + out, v.to(tl.bfloat16), mask=smask)
 
     @triton.jit
-    def _decode_joined_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, r_ptr, out_ptr, M, stride_w, groups, rows_per_prog,
+    def _decode_joined_kernel(w_ptr, cf_ptr, r_ptr, out_ptr, M, stride_w, rows_per_prog,
                               K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BF16: tl.constexpr = True):
+                              BLOCK_M: tl.constexpr, BF16: tl.constexpr = True, SIGNS: tl.constexpr = False,
+                              EVEN: tl.constexpr = False):
         """kashin's whole weight for prefill, one GEMM's worth: per group ``w = u + v R`` with ``u`` and ``v`` the
         two factors (the sums of :func:`_decode_kernel`'s planes mode) and ``R`` ``(GROUP, GROUP)`` the seeded
         transform's matrix (row i: ``(Q e_i)^T``, bf16), a bf16 tensor-core product with float32 sums (``v`` in
         bf16 as the two-GEMM path stores it). One program: one group of ``rows_per_prog`` rows, BLOCK_M at a
         time, ``R`` loaded once. BF16 False: ``R`` and the product in float32 (the CPU interpreter, whose bf16 dot
-        products are wrong)."""
+        products are wrong).
+
+        ``cf_ptr``: the coefficients as :func:`joined_coefficients` lays them out, ``(groups, 2 + BITS, M)``:
+        ``bx``, ``bq``, then ``a_t``, each group's rows contiguous, so a tile's coefficients are a few coalesced
+        row vectors. SIGNS: the planes as signs, ``u = bx' + sum_t +-c_t`` (``a_t`` there holds ``-c_t = -a_t /
+        2`` and ``bx'`` ``bx + sum c_t``, :func:`sign_form`): each term is ``-c_t`` with its sign bit flipped by
+        the code's bit (a shift and a logic op), no integer-to-float conversion. EVEN: every tile is whole (no
+        row masks)."""
         PER: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PER
         gi = tl.program_id(1)
@@ -1100,29 +1109,46 @@ if triton is not None:
         widx = gi * WPG + tl.arange(0, WPG)
         jj = tl.arange(0, PER)
         cols = gi * GROUP + ri
+        cf = cf_ptr + gi * ((2 + BITS) * M)
         start = tl.program_id(0) * rows_per_prog
         for r0 in tl.range(start, tl.minimum(start + rows_per_prog, M), BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
-            rmask = rows < M
-            word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
-            code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
-            coef = rows * groups + gi
-            zero = tl.zeros([BLOCK_M, WPG, PER], tl.float32)
-            u = tl.load(bx_ptr + coef, mask=rmask, other=0.0)[:, None, None] + zero
-            v = tl.load(bq_ptr + coef, mask=rmask, other=0.0)[:, None, None] + zero
+            if EVEN:
+                word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :])
+                u = tl.load(cf + rows)[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
+                v = tl.load(cf + M + rows)[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
+            else:
+                rmask = rows < M
+                word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+                u = tl.load(cf + rows, mask=rmask, other=0.0)[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
+                v = tl.load(cf + M + rows, mask=rmask, other=0.0)[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
+            if SIGNS:
+                wu = word.to(tl.uint32, bitcast=True)[:, :, None]
+            else:
+                code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
             for t in tl.static_range(BITS):
-                a_t = tl.load(a_ptr + coef * BITS + t, mask=rmask, other=0.0)[:, None, None]
-                bit = ((code >> t) & 1).to(tl.float32)
-                if t < KU:
-                    u += a_t * bit
+                if EVEN:
+                    a_t = tl.load(cf + (2 + t) * M + rows)
                 else:
-                    v += a_t * bit
+                    a_t = tl.load(cf + (2 + t) * M + rows, mask=rmask, other=0.0)
+                if SIGNS:
+                    flip = (wu << (31 - jj * BITS - t)[None, None, :]) & 0x80000000
+                    term = (a_t.to(tl.uint32, bitcast=True)[:, None, None] ^ flip).to(tl.float32, bitcast=True)
+                else:
+                    term = a_t[:, None, None] * ((code >> t) & 1).to(tl.float32)
+                if t < KU:
+                    u += term
+                else:
+                    v += term
             v2 = tl.reshape(v, (BLOCK_M, GROUP))
             if BF16:
                 v2 = v2.to(tl.bfloat16)
             w = tl.reshape(u, (BLOCK_M, GROUP)) + tl.dot(v2, r)
-            tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty),
-                     mask=rmask[:, None])
+            if EVEN:
+                tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty))
+            else:
+                tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty),
+                         mask=rmask[:, None])
 
 
 DECODE_MODES = {0: "planes", 1: "affine", 2: "tables"}
@@ -1191,8 +1217,11 @@ def prefill_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bi
 
 JOINED_PREFILL = True  # kashin in small groups: prefill decodes the whole weight (one GEMM; False: two GEMMs)
 JOINED_MAX_GROUP = 128  # the transform's (G, G) matrix goes through shared memory (bf16: 32 KB at 128; 256 would not fit)
-JOINED_BLOCK_M = 32  # rows a program of the joined decode takes at a time
-JOINED_PROGRAMS = 512  # about this many programs, each one group over a run of rows (R loaded once each)
+JOINED_BLOCK_M = 64  # rows a program of the joined decode takes at a time
+JOINED_PROGRAMS = 1024  # about this many programs, each one group over a run of rows (R loaded once each)
+# Tile, programs and signs measured on the H200 (eval/results/kernel_sweeps/sweep_joined_decode_v2.json; kashin-4,
+# 4096x4096 g64 / g128, 8192x28672 g128, 14336x4096 g128): 64 rows, 4 warps, 1024 programs, signs 39.2 / 37.7 /
+# 413.9 / 114.0 us, within 4% of each case's best tile; 32 rows, 512 programs, no signs 51.7 / 39.9 / 503.1 / 172.4
 
 
 def joined_decode_supported(form: BitplaneForm, bits: int) -> bool:
@@ -1212,16 +1241,46 @@ def group_basis(g: int, kind: str, seed: int, device: torch.device, dtype: torch
     return inverse_transform(torch.eye(g, dtype=torch.float64), kind, seed).to(device=device, dtype=dtype).contiguous()
 
 
+def sign_form(form: BitplaneForm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The planes as signs for :func:`_decode_joined_kernel`'s SIGNS: ``bx + sum_t a_t bit_t = bx' + sum_t
+    +-c_t`` with ``c_t = a_t / 2`` (plus when the bit is set) and ``bx' = bx + sum c_t`` over U's planes (``bq'``
+    likewise over V's). Returns ``(-c, bx', bq')``."""
+    c = form.a * 0.5
+    return (-c).contiguous(), (form.bx + c[..., :form.ku].sum(-1)).contiguous(), \
+        (form.bq + c[..., form.ku:].sum(-1)).contiguous()
+
+
+JOINED_SIGNS = True  # the joined decode's planes as signs (sign_form)
+_JOINED_COEFFICIENTS: dict[tuple[int, bool], tuple] = {}
+
+
+def joined_coefficients(form: BitplaneForm, signs: bool) -> torch.Tensor:
+    """The form's coefficients for :func:`_decode_joined_kernel`, ``(groups, 2 + bits, out)`` float32: ``bx``,
+    ``bq``, then each plane's ``a_t`` (:func:`sign_form`'s when ``signs``), one row vector per group and
+    coefficient. Kept while the form lives (a layer keeps its form), so prefill builds it once."""
+    key = (id(form), signs)
+    hit = _JOINED_COEFFICIENTS.get(key)
+    if hit is not None and hit[0]() is form:
+        return hit[1]
+    a, bx, bq = sign_form(form) if signs else (form.a, form.bx, form.bq)
+    cf = torch.cat((bx[..., None], bq[..., None], a), dim=-1).float().permute(1, 2, 0).contiguous()
+    for k in [k for k, (ref, _) in _JOINED_COEFFICIENTS.items() if ref() is None]:
+        del _JOINED_COEFFICIENTS[k]
+    _JOINED_COEFFICIENTS[key] = (weakref.ref(form), cf)
+    return cf
+
+
 def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int,
                        block_m: int | None = None, num_warps: int = 4,
-                       dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                       dtype: torch.dtype = torch.bfloat16, signs: bool | None = None) -> torch.Tensor:
     """kashin's weight ``U + V Q^T`` as one bf16 ``(out, k)`` matrix (:func:`_decode_joined_kernel`), for the
     formats :func:`joined_decode_supported` serves. The transform's product runs on the tensor cores in bf16 with
     float32 sums: ``V`` rounded to bf16 as the two-GEMM path stores it, and ``R`` too. ``dtype``: the result's
-    (float32 for checks)."""
+    (float32 for checks). ``signs``: the kernel's SIGNS (default :data:`JOINED_SIGNS`)."""
     if not joined_decode_supported(form, bits):
         raise ValueError(f"the joined decode needs kashin in groups of a power of two from 16 to {JOINED_MAX_GROUP} "
                          f"columns ({bits} bits, group {form.group}, {form.ku} planes on U)")
+    signs = JOINED_SIGNS if signs is None else signs
     m, g = packed.shape[0], form.group
     w = packed.view(torch.int32)
     out = torch.empty(m, k, device=packed.device, dtype=dtype)
@@ -1230,10 +1289,10 @@ def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: i
     chunks = max(1, min(_cdiv(m, block_m), _cdiv(JOINED_PROGRAMS, groups)))
     per = _cdiv(_cdiv(m, chunks), block_m) * block_m  # rows a program
     bf16 = os.environ.get("TRITON_INTERPRET", "0") != "1"
-    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, form.a, form.bx, form.bq,
-           group_basis(g, form.transform, form.seed, packed.device, torch.bfloat16 if bf16 else torch.float32), out,
-           m, w.stride(0), form.bx.shape[1], per, K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, BF16=bf16,
-           num_warps=num_warps)
+    basis = group_basis(g, form.transform, form.seed, packed.device, torch.bfloat16 if bf16 else torch.float32)
+    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, joined_coefficients(form, signs), basis, out,
+           m, w.stride(0), per, K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, BF16=bf16,
+           SIGNS=signs, EVEN=m % block_m == 0, num_warps=num_warps)
     return out
 
 

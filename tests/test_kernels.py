@@ -602,6 +602,9 @@ def test_joined_decode_is_the_module_s_weight_and_prefill_takes_it(cfg, monkeypa
     ref = q.dequantize()
     w32 = kernels.decode_joined_bf16(q.codes, form, cfg.bits, 256, block_m=16, dtype=torch.float32)
     torch.testing.assert_close(w32, ref, rtol=0, atol=float(ref.abs().max()) * 2 ** -8)
+    for signs in (False, True):  # planes as converted bits or as flipped signs: the same sums up to rounding
+        other = kernels.decode_joined_bf16(q.codes, form, cfg.bits, 256, block_m=16, dtype=torch.float32, signs=signs)
+        torch.testing.assert_close(other, w32, rtol=0, atol=float(ref.abs().max()) * 2 ** -20)
     w16 = kernels.decode_joined_bf16(q.codes, form, cfg.bits, 256, block_m=16)
     assert w16.dtype == torch.bfloat16  # the interpreter does not round to nearest: one step, not half
     assert ((w16.float() - w32).abs() <= w32.abs() * 2 ** -7).all()
@@ -612,6 +615,28 @@ def test_joined_decode_is_the_module_s_weight_and_prefill_takes_it(cfg, monkeypa
     want = x.float() @ ref.T
     assert float((joined - want).norm() / want.norm()) < 1e-2
     assert float((joined - two).norm() / want.norm()) < 1e-2
+
+
+def test_joined_decode_whole_tiles_and_its_coefficients():
+    """Rows a multiple of the tile (EVEN: no row masks) decode the module's weight too, several tiles a program and
+    one; the coefficient layout (groups, 2 + bits, rows) is built once per form and again for a new form."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    q = _layer(QuantConfig(bits=4, group_size=32), out=64, inp=128)
+    form = _form(q)
+    ref = q.dequantize()
+    for block_m in (16, 64):
+        w = kernels.decode_joined_bf16(q.codes, form, 4, 128, block_m=block_m, dtype=torch.float32)
+        torch.testing.assert_close(w, ref, rtol=0, atol=float(ref.abs().max()) * 2 ** -8)
+    cf = kernels.joined_coefficients(form, True)
+    assert cf.shape == (4, 6, 64) and kernels.joined_coefficients(form, True) is cf
+    torch.testing.assert_close(cf[:, 2:].permute(2, 0, 1), -form.a / 2)
+    plain = kernels.joined_coefficients(form, False)
+    torch.testing.assert_close(plain[:, 0].T, form.bx)
+    torch.testing.assert_close(plain[:, 1].T, form.bq)
+    fresh = _form(q)
+    assert fresh is not form and kernels.joined_coefficients(fresh, True) is not cf
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=4, group_size=256),
