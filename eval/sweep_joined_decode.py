@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("--block-m", default="16,32,64")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--programs", default="256,512,2048")
-    p.add_argument("--signs", default="0", help="the kernel's SIGNS: planes as signs (1) or converted bits (0)")
+    p.add_argument("--decodes", default="signs", help="quantune.kernels.JOINED_DECODES, comma-separated")
     p.add_argument("--once", action="store_true", help="call each tile once, untimed (for a profiler)")
     p.add_argument("--tokens", type=int, default=2048, help="the bf16 GEMM timed beside each case (0: none)")
     args = p.parse_args()
@@ -35,8 +35,8 @@ def main() -> None:
     bench_kernels.DEV = dev
     if dev == "cpu":
         args.cases, args.block_m, args.warps, args.programs = "256x40:64", "16", "4", "4"
-        args.signs = "0,1"
-    default = (kernels.JOINED_BLOCK_M, 4, kernels.JOINED_PROGRAMS, kernels.JOINED_SIGNS)
+        args.decodes = ",".join(kernels.JOINED_DECODES)
+    default = (kernels.JOINED_BLOCK_M, 4, kernels.JOINED_PROGRAMS, kernels.JOINED_DECODE)
     rows = []
     for case in args.cases.split(","):
         shape, g = case.split(":")
@@ -52,24 +52,24 @@ def main() -> None:
                 x = torch.randn(args.tokens, k, device=dev, dtype=torch.bfloat16)
                 wb = ref.to(torch.bfloat16)
                 gemm = bench_kernels.bench(lambda: x @ wb.T) * 1e6
-        tiles = [(bm, warps, progs, bool(int(sg))) for bm in map(int, args.block_m.split(","))
+        tiles = [(bm, warps, progs, dec) for bm in map(int, args.block_m.split(","))
                  for warps in map(int, args.warps.split(",")) for progs in map(int, args.programs.split(","))
-                 for sg in args.signs.split(",")]
-        for bm, warps, progs, sg in tiles:
+                 for dec in args.decodes.split(",")]
+        for bm, warps, progs, dec in tiles:
             kernels.JOINED_PROGRAMS = progs
 
             def call():
-                return kernels.decode_joined_bf16(q.codes, form, 4, k, block_m=bm, num_warps=warps, signs=sg)
+                return kernels.decode_joined_bf16(q.codes, form, 4, k, block_m=bm, num_warps=warps, decode=dec)
             if args.once:
                 call()
                 torch.cuda.synchronize() if dev == "cuda" else None
                 continue
             t = bench_kernels.bench(call) * 1e6
             err = float((call().float() - ref).norm() / ref.norm())
-            row = dict(k=k, n=n, group=int(g), block_m=bm, warps=warps, programs=progs, signs=sg, us=t,
+            row = dict(k=k, n=n, group=int(g), block_m=bm, warps=warps, programs=progs, decode=dec, us=t,
                        fill_bf16_us=fill, gemm_bf16_us=gemm, rel_err=err,
                        prefill_vs_bf16_est=gemm / (gemm + t) if gemm else None,
-                       default=(bm, warps, progs, sg) == default)
+                       default=(bm, warps, progs, dec) == default)
             print(json.dumps(row), flush=True)
             rows.append(row)
         kernels.JOINED_PROGRAMS = default[2]

@@ -1087,7 +1087,7 @@ if triton is not None:
     def _decode_joined_kernel(w_ptr, cf_ptr, r_ptr, out_ptr, M, stride_w, rows_per_prog,
                               K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                               BLOCK_M: tl.constexpr, BF16: tl.constexpr = True, SIGNS: tl.constexpr = False,
-                              EVEN: tl.constexpr = False):
+                              EVEN: tl.constexpr = False, LUT: tl.constexpr = False):
         """kashin's whole weight for prefill, one GEMM's worth: per group ``w = u + v R`` with ``u`` and ``v`` the
         two factors (the sums of :func:`_decode_kernel`'s planes mode) and ``R`` ``(GROUP, GROUP)`` the seeded
         transform's matrix (row i: ``(Q e_i)^T``, bf16), a bf16 tensor-core product with float32 sums (``v`` in
@@ -1100,7 +1100,9 @@ if triton is not None:
         row vectors. SIGNS: the planes as signs, ``u = bx' + sum_t +-c_t`` (``a_t`` there holds ``-c_t = -a_t /
         2`` and ``bx'`` ``bx + sum c_t``, :func:`sign_form`): each term is ``-c_t`` with its sign bit flipped by
         the code's bit (a shift and a logic op), no integer-to-float conversion. EVEN: every tile is whole (no
-        row masks)."""
+        row masks). LUT: ``cf_ptr`` holds each (group, row)'s levels instead, ``(groups, rows, 2^KU + 2^(BITS -
+        KU))`` (:func:`joined_levels`: U's then V's), and each weight looks its two values up (``tl.gather``
+        within the warp) by its code's two fields."""
         PER: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PER
         gi = tl.program_id(1)
@@ -1113,7 +1115,22 @@ if triton is not None:
         start = tl.program_id(0) * rows_per_prog
         for r0 in tl.range(start, tl.minimum(start + rows_per_prog, M), BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
-            if EVEN:
+            if LUT:
+                NU: tl.constexpr = 1 << KU
+                NL: tl.constexpr = NU + (1 << (BITS - KU))
+                if EVEN:
+                    word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :])
+                else:
+                    rmask = rows < M
+                    word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+                code = tl.reshape((word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1),
+                                  (BLOCK_M, GROUP))
+                lrow = cf_ptr + (gi * M + tl.minimum(rows, M - 1))[:, None] * NL
+                lu = tl.load(lrow + tl.arange(0, NU)[None, :])
+                lv = tl.load(lrow + NU + tl.arange(0, NL - NU)[None, :])
+                u2 = tl.gather(lu, code & (NU - 1), 1)
+                v2 = tl.gather(lv, code >> KU, 1)
+            elif EVEN:
                 word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :])
                 u = tl.load(cf + rows)[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
                 v = tl.load(cf + M + rows)[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
@@ -1122,28 +1139,30 @@ if triton is not None:
                 word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
                 u = tl.load(cf + rows, mask=rmask, other=0.0)[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
                 v = tl.load(cf + M + rows, mask=rmask, other=0.0)[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
-            if SIGNS:
-                wu = word.to(tl.uint32, bitcast=True)[:, :, None]
-            else:
-                code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
-            for t in tl.static_range(BITS):
-                if EVEN:
-                    a_t = tl.load(cf + (2 + t) * M + rows)
-                else:
-                    a_t = tl.load(cf + (2 + t) * M + rows, mask=rmask, other=0.0)
+            if not LUT:
                 if SIGNS:
-                    flip = (wu << (31 - jj * BITS - t)[None, None, :]) & 0x80000000
-                    term = (a_t.to(tl.uint32, bitcast=True)[:, None, None] ^ flip).to(tl.float32, bitcast=True)
+                    wu = word.to(tl.uint32, bitcast=True)[:, :, None]
                 else:
-                    term = a_t[:, None, None] * ((code >> t) & 1).to(tl.float32)
-                if t < KU:
-                    u += term
-                else:
-                    v += term
-            v2 = tl.reshape(v, (BLOCK_M, GROUP))
+                    code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
+                for t in tl.static_range(BITS):
+                    if EVEN:
+                        a_t = tl.load(cf + (2 + t) * M + rows)
+                    else:
+                        a_t = tl.load(cf + (2 + t) * M + rows, mask=rmask, other=0.0)
+                    if SIGNS:
+                        flip = (wu << (31 - jj * BITS - t)[None, None, :]) & 0x80000000
+                        term = (a_t.to(tl.uint32, bitcast=True)[:, None, None] ^ flip).to(tl.float32, bitcast=True)
+                    else:
+                        term = a_t[:, None, None] * ((code >> t) & 1).to(tl.float32)
+                    if t < KU:
+                        u += term
+                    else:
+                        v += term
+                v2 = tl.reshape(v, (BLOCK_M, GROUP))
+                u2 = tl.reshape(u, (BLOCK_M, GROUP))
             if BF16:
                 v2 = v2.to(tl.bfloat16)
-            w = tl.reshape(u, (BLOCK_M, GROUP)) + tl.dot(v2, r)
+            w = u2 + tl.dot(v2, r)
             if EVEN:
                 tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty))
             else:
@@ -1250,20 +1269,27 @@ def sign_form(form: BitplaneForm) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         (form.bq + c[..., form.ku:].sum(-1)).contiguous()
 
 
-JOINED_SIGNS = True  # the joined decode's planes as signs (sign_form)
-_JOINED_COEFFICIENTS: dict[tuple[int, bool], tuple] = {}
+JOINED_DECODES = ("bits", "signs", "levels")  # how the joined decode turns codes into values (decode_joined_bf16)
+JOINED_DECODE = "signs"
+_JOINED_COEFFICIENTS: dict[tuple[int, str], tuple] = {}
 
 
-def joined_coefficients(form: BitplaneForm, signs: bool) -> torch.Tensor:
-    """The form's coefficients for :func:`_decode_joined_kernel`, ``(groups, 2 + bits, out)`` float32: ``bx``,
-    ``bq``, then each plane's ``a_t`` (:func:`sign_form`'s when ``signs``), one row vector per group and
-    coefficient. Kept while the form lives (a layer keeps its form), so prefill builds it once."""
-    key = (id(form), signs)
+def joined_coefficients(form: BitplaneForm, decode: str, bits: int | None = None) -> torch.Tensor:
+    """The form's coefficients as :func:`_decode_joined_kernel` reads them, kept while the form lives (a layer
+    keeps its form), so prefill builds them once. ``decode`` "bits" / "signs": ``(groups, 2 + bits, out)``
+    float32, ``bx``, ``bq``, then each plane's ``a_t`` (:func:`sign_form`'s for "signs"), one row vector per group
+    and coefficient; "levels": ``(groups, out, 2^ku + 2^(bits - ku))``, each (group, row)'s U levels then V
+    levels (:func:`level_tables`)."""
+    key = (id(form), decode)
     hit = _JOINED_COEFFICIENTS.get(key)
     if hit is not None and hit[0]() is form:
         return hit[1]
-    a, bx, bq = sign_form(form) if signs else (form.a, form.bx, form.bq)
-    cf = torch.cat((bx[..., None], bq[..., None], a), dim=-1).float().permute(1, 2, 0).contiguous()
+    if decode == "levels":
+        lut_u, lut_v, _ = level_tables(form, bits)
+        cf = torch.cat((lut_u, lut_v), dim=-1).float().transpose(0, 1).contiguous()
+    else:
+        a, bx, bq = sign_form(form) if decode == "signs" else (form.a, form.bx, form.bq)
+        cf = torch.cat((bx[..., None], bq[..., None], a), dim=-1).float().permute(1, 2, 0).contiguous()
     for k in [k for k, (ref, _) in _JOINED_COEFFICIENTS.items() if ref() is None]:
         del _JOINED_COEFFICIENTS[k]
     _JOINED_COEFFICIENTS[key] = (weakref.ref(form), cf)
@@ -1272,15 +1298,18 @@ def joined_coefficients(form: BitplaneForm, signs: bool) -> torch.Tensor:
 
 def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int,
                        block_m: int | None = None, num_warps: int = 4,
-                       dtype: torch.dtype = torch.bfloat16, signs: bool | None = None) -> torch.Tensor:
+                       dtype: torch.dtype = torch.bfloat16, decode: str | None = None) -> torch.Tensor:
     """kashin's weight ``U + V Q^T`` as one bf16 ``(out, k)`` matrix (:func:`_decode_joined_kernel`), for the
     formats :func:`joined_decode_supported` serves. The transform's product runs on the tensor cores in bf16 with
     float32 sums: ``V`` rounded to bf16 as the two-GEMM path stores it, and ``R`` too. ``dtype``: the result's
-    (float32 for checks). ``signs``: the kernel's SIGNS (default :data:`JOINED_SIGNS`)."""
+    (float32 for checks). ``decode`` (:data:`JOINED_DECODES`, default :data:`JOINED_DECODE`): the planes' sums
+    from converted bits, from flipped signs (the kernel's SIGNS) or each weight's two levels looked up (LUT)."""
     if not joined_decode_supported(form, bits):
         raise ValueError(f"the joined decode needs kashin in groups of a power of two from 16 to {JOINED_MAX_GROUP} "
                          f"columns ({bits} bits, group {form.group}, {form.ku} planes on U)")
-    signs = JOINED_SIGNS if signs is None else signs
+    decode = JOINED_DECODE if decode is None else decode
+    if decode not in JOINED_DECODES:
+        raise ValueError(f"unknown joined decode {decode!r}; choose one of {JOINED_DECODES}")
     m, g = packed.shape[0], form.group
     w = packed.view(torch.int32)
     out = torch.empty(m, k, device=packed.device, dtype=dtype)
@@ -1290,9 +1319,9 @@ def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: i
     per = _cdiv(_cdiv(m, chunks), block_m) * block_m  # rows a program
     bf16 = os.environ.get("TRITON_INTERPRET", "0") != "1"
     basis = group_basis(g, form.transform, form.seed, packed.device, torch.bfloat16 if bf16 else torch.float32)
-    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, joined_coefficients(form, signs), basis, out,
+    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, joined_coefficients(form, decode, bits), basis, out,
            m, w.stride(0), per, K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, BF16=bf16,
-           SIGNS=signs, EVEN=m % block_m == 0, num_warps=num_warps)
+           SIGNS=decode == "signs", LUT=decode == "levels", EVEN=m % block_m == 0, num_warps=num_warps)
     return out
 
 

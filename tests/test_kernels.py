@@ -602,9 +602,12 @@ def test_joined_decode_is_the_module_s_weight_and_prefill_takes_it(cfg, monkeypa
     ref = q.dequantize()
     w32 = kernels.decode_joined_bf16(q.codes, form, cfg.bits, 256, block_m=16, dtype=torch.float32)
     torch.testing.assert_close(w32, ref, rtol=0, atol=float(ref.abs().max()) * 2 ** -8)
-    for signs in (False, True):  # planes as converted bits or as flipped signs: the same sums up to rounding
-        other = kernels.decode_joined_bf16(q.codes, form, cfg.bits, 256, block_m=16, dtype=torch.float32, signs=signs)
+    for decode in kernels.JOINED_DECODES:  # converted bits, flipped signs, looked-up levels: the same sums
+        other = kernels.decode_joined_bf16(q.codes, form, cfg.bits, 256, block_m=16, dtype=torch.float32,
+                                           decode=decode)
         torch.testing.assert_close(other, w32, rtol=0, atol=float(ref.abs().max()) * 2 ** -20)
+    with pytest.raises(ValueError, match="unknown joined decode"):
+        kernels.decode_joined_bf16(q.codes, form, cfg.bits, 256, decode="tables")
     w16 = kernels.decode_joined_bf16(q.codes, form, cfg.bits, 256, block_m=16)
     assert w16.dtype == torch.bfloat16  # the interpreter does not round to nearest: one step, not half
     assert ((w16.float() - w32).abs() <= w32.abs() * 2 ** -7).all()
@@ -627,16 +630,21 @@ def test_joined_decode_whole_tiles_and_its_coefficients():
     form = _form(q)
     ref = q.dequantize()
     for block_m in (16, 64):
-        w = kernels.decode_joined_bf16(q.codes, form, 4, 128, block_m=block_m, dtype=torch.float32)
-        torch.testing.assert_close(w, ref, rtol=0, atol=float(ref.abs().max()) * 2 ** -8)
-    cf = kernels.joined_coefficients(form, True)
-    assert cf.shape == (4, 6, 64) and kernels.joined_coefficients(form, True) is cf
+        for decode in kernels.JOINED_DECODES:
+            w = kernels.decode_joined_bf16(q.codes, form, 4, 128, block_m=block_m, dtype=torch.float32, decode=decode)
+            torch.testing.assert_close(w, ref, rtol=0, atol=float(ref.abs().max()) * 2 ** -8)
+    cf = kernels.joined_coefficients(form, "signs")
+    assert cf.shape == (4, 6, 64) and kernels.joined_coefficients(form, "signs") is cf
     torch.testing.assert_close(cf[:, 2:].permute(2, 0, 1), -form.a / 2)
-    plain = kernels.joined_coefficients(form, False)
+    plain = kernels.joined_coefficients(form, "bits")
     torch.testing.assert_close(plain[:, 0].T, form.bx)
     torch.testing.assert_close(plain[:, 1].T, form.bq)
+    levels = kernels.joined_coefficients(form, "levels", 4)
+    lut_u, lut_v, _ = kernels.level_tables(form, 4)
+    assert levels.shape == (4, 64, 2 ** form.ku + 2 ** (4 - form.ku))
+    torch.testing.assert_close(levels[2, 5], torch.cat((lut_u[5, 2], lut_v[5, 2])).float())
     fresh = _form(q)
-    assert fresh is not form and kernels.joined_coefficients(fresh, True) is not cf
+    assert fresh is not form and kernels.joined_coefficients(fresh, "signs") is not cf
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=4, group_size=256),
