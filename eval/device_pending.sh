@@ -116,6 +116,31 @@ PY
   chunks)    python -m eval.sweep_prep_columns ;;                                                  # issue 5
   joined)    python -m eval.bench_joined ;;   # issue 5: q/k/v and gate/up as one GEMV launch against a launch each
   decode-sweep) python -m eval.sweep_decode ;;  # issue 5: tiles of the bf16 decode for prefill
+  joined-decode) # issue 5: the joined decode's three ways to values (bits, signs, levels) and tiles, then the
+             # kernel bench for kashin in groups of 128 at the tile and way with the lowest mean time relative to each
+             # case's best (the library's defaults are set from it after review)
+             mkdir -p "$out/joined"
+             OUT="$out/joined" timeout 300 python -m eval.sweep_joined_decode \
+               --cases 4096x4096:128,8192x28672:128,4096x4096:64,14336x4096:128 --block-m 32,64 --warps 4 \
+               --programs 1024,2048 --decodes signs,levels,bits > "$out/joined/sweep.log" 2>&1 || true
+             python - "$out/joined/sweep_joined_decode.json" "$out" <<'PY'
+import json, runpy, sys
+from quantune import kernels
+rows = json.load(open(sys.argv[1]))
+cases = {(r["k"], r["n"], r["group"]) for r in rows}
+best = {c: min(r["us"] for r in rows if (r["k"], r["n"], r["group"]) == c) for c in cases}
+tiles = {}
+for r in rows:
+    tiles.setdefault((r["block_m"], r["warps"], r["programs"], r["decode"]), []).append(
+        r["us"] / best[(r["k"], r["n"], r["group"])])
+tile = min((t for t in tiles if len(tiles[t]) == len(cases)), key=lambda t: sum(tiles[t]))
+print("bench at", tile, flush=True)
+kernels.JOINED_BLOCK_M, _, kernels.JOINED_PROGRAMS, kernels.JOINED_DECODE = tile
+sys.argv = ["bench_kernels", "--methods", "kashin-4,kashin-2", "--kashin-group", "128", "--configs", "gemv5:2x1x128",
+            "--out", sys.argv[2] + "/bench_kernels_kashin_g128"]
+runpy.run_module("eval.bench_kernels", run_name="__main__")
+PY
+             ;;
   ddp)       # issue 4 on nvidia-h200-x2: the same global batch on 1 and on 2 GPUs, the seed noise, and 2 GPUs at
              # the one-GPU per-GPU batch (throughput scaling); then the comparison table and plot
              [ -d /tmp/rec/k2 ] || python -m quantune quantize /tmp/smollm2.gguf --bits 2 --out /tmp/rec/k2 --no-eval
@@ -130,5 +155,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, ddp)"; exit 2 ;;
 esac

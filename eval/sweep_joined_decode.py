@@ -1,6 +1,8 @@
 """Tiles of kashin's joined decode (quantune.kernels.decode_joined_bf16: the whole weight U + V Q^T in bf16 for
-prefill) on the GPU: rows a tile, warps and programs, per shape and group, CUDA-graph medians, next to a plain bf16
-fill of the same matrix (the write alone); each result's error against the module's weight. Writes
+prefill) on the GPU: rows a tile, warps, programs and the way codes become values (quantune.kernels.JOINED_DECODES),
+per shape and group, CUDA-graph medians, next to a plain bf16 fill of the same matrix (the write alone) and the bf16
+GEMM at --tokens tokens (prefill_vs_bf16_est: that GEMM's time over it plus the decode's, an estimate; eval/
+bench_kernels.py measures the whole prefill); each result's error against the module's weight. Writes
 $OUT/sweep_joined_decode.json and prints the best tile and the library default per case. Without a GPU (run
 under TRITON_INTERPRET=1) it checks one small case and times nothing useful.
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 
 import torch
 
@@ -1084,75 +1083,72 @@ if triton is not None:
             tl.store(v_ptr + out, v.to(tl.bfloat16), mask=smask)
 
     @triton.jit
-    def _decode_joined_kernel(w_ptr, cf_ptr, r_ptr, out_ptr, M, stride_w, rows_per_prog,
+    def _decode_joined_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, r_ptr, out_ptr, M, stride_w, groups, rows_per_prog,
                               K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BF16: tl.constexpr = True, SIGNS: tl.constexpr = False,
-                              EVEN: tl.constexpr = False, LUT: tl.constexpr = False):
+                              BLOCK_M: tl.constexpr, BF16: tl.constexpr = True, DECODE: tl.constexpr = 1,
+                              EVEN: tl.constexpr = False):
         """kashin's whole weight for prefill, one GEMM's worth: per group ``w = u + v R`` with ``u`` and ``v`` the
-        two factors (the sums of :func:`_decode_kernel`'s planes mode) and ``R`` ``(GROUP, GROUP)`` the seeded
-        transform's matrix (row i: ``(Q e_i)^T``, bf16), a bf16 tensor-core product with float32 sums (``v`` in
-        bf16 as the two-GEMM path stores it). One program: one group of ``rows_per_prog`` rows, BLOCK_M at a
-        time, ``R`` loaded once. BF16 False: ``R`` and the product in float32 (the CPU interpreter, whose bf16 dot
-        products are wrong).
+        two factors and ``R`` ``(GROUP, GROUP)`` the seeded transform's matrix (row i: ``(Q e_i)^T``, bf16), a bf16
+        tensor-core product with float32 sums (``v`` in bf16 as the two-GEMM path stores it). One program: one
+        group of ``rows_per_prog`` rows, BLOCK_M at a time, ``R`` loaded once. BF16 False: ``R`` and the product
+        in float32 (the CPU interpreter, whose bf16 dot products are wrong). EVEN: every tile is whole (no row
+        masks).
 
-        ``cf_ptr``: the coefficients as :func:`joined_coefficients` lays them out, ``(groups, 2 + BITS, M)``:
-        ``bx``, ``bq``, then ``a_t``, each group's rows contiguous, so a tile's coefficients are a few coalesced
-        row vectors. SIGNS: the planes as signs, ``u = bx' + sum_t +-c_t`` (``a_t`` there holds ``-c_t = -a_t /
-        2`` and ``bx'`` ``bx + sum c_t``, :func:`sign_form`): each term is ``-c_t`` with its sign bit flipped by
-        the code's bit (a shift and a logic op), no integer-to-float conversion. EVEN: every tile is whole (no
-        row masks). LUT: ``cf_ptr`` holds each (group, row)'s levels instead, ``(groups, rows, 2^KU + 2^(BITS -
-        KU))`` (:func:`joined_levels`: U's then V's), and each weight looks its two values up (``tl.gather``
-        within the warp) by its code's two fields."""
+        DECODE (:data:`JOINED_DECODES`), each reading a tile's coefficients as one 2-D load of the form's own
+        layout (each row's values for the group contiguous): 0 "bits", ``u = bx + sum_{t<KU} a_t bit_t`` and
+        ``v = bq + sum_{t>=KU} a_t bit_t`` from ``form.a``/``bx``/``bq``; 1 "signs", the same sums as ``bx +
+        sum_t c_t + sum_t +-c_t`` with ``c_t = a_t / 2``: each term ``-c_t`` with its sign bit flipped by the
+        code's bit (a shift and a logic op, no integer-to-float conversion); 2 "levels", each weight's two values
+        looked up (``tl.gather`` within the warp) in its (row, group)'s tables of :func:`level_tables`
+        (``a_ptr`` U's ``2^KU`` levels, ``bq_ptr`` V's ``2^(BITS - KU)``) by its code's two fields."""
         PER: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PER
+        NU: tl.constexpr = 1 << KU
+        NV: tl.constexpr = 1 << (BITS - KU)
         gi = tl.program_id(1)
         ri = tl.arange(0, GROUP)
         r = tl.load(r_ptr + ri[:, None] * GROUP + ri[None, :])
         widx = gi * WPG + tl.arange(0, WPG)
         jj = tl.arange(0, PER)
+        tt = tl.arange(0, BITS)
         cols = gi * GROUP + ri
-        cf = cf_ptr + gi * ((2 + BITS) * M)
         start = tl.program_id(0) * rows_per_prog
         for r0 in tl.range(start, tl.minimum(start + rows_per_prog, M), BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
-            if LUT:
-                NU: tl.constexpr = 1 << KU
-                NL: tl.constexpr = NU + (1 << (BITS - KU))
-                if EVEN:
-                    word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :])
-                else:
-                    rmask = rows < M
-                    word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+            rmask = rows < M
+            crow = tl.minimum(rows, M - 1) * groups + gi  # clamped: coefficient loads need no mask
+            if EVEN:
+                word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :])
+            else:
+                word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
+            if DECODE == 2:
                 code = tl.reshape((word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1),
                                   (BLOCK_M, GROUP))
-                lrow = cf_ptr + (gi * M + tl.minimum(rows, M - 1))[:, None] * NL
-                lu = tl.load(lrow + tl.arange(0, NU)[None, :])
-                lv = tl.load(lrow + NU + tl.arange(0, NL - NU)[None, :])
+                lu = tl.load(a_ptr + crow[:, None] * NU + tl.arange(0, NU)[None, :])
+                lv = tl.load(bq_ptr + crow[:, None] * NV + tl.arange(0, NV)[None, :])
                 u2 = tl.gather(lu, code & (NU - 1), 1)
                 v2 = tl.gather(lv, code >> KU, 1)
-            elif EVEN:
-                word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :])
-                u = tl.load(cf + rows)[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
-                v = tl.load(cf + M + rows)[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
             else:
-                rmask = rows < M
-                word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
-                u = tl.load(cf + rows, mask=rmask, other=0.0)[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
-                v = tl.load(cf + M + rows, mask=rmask, other=0.0)[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
-            if not LUT:
-                if SIGNS:
+                coef = tl.load(a_ptr + crow[:, None] * BITS + tt[None, :])  # (BLOCK_M, BITS)
+                bx = tl.load(bx_ptr + crow)
+                bq = tl.load(bq_ptr + crow)
+                if DECODE == 1:
+                    half = coef * 0.5
+                    bx += tl.sum(tl.where(tt[None, :] < KU, half, 0.0), axis=1)
+                    bq += tl.sum(tl.where(tt[None, :] < KU, 0.0, half), axis=1)
+                    negs = (-half).to(tl.uint32, bitcast=True)
                     wu = word.to(tl.uint32, bitcast=True)[:, :, None]
                 else:
                     code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
+                u = bx[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
+                v = bq[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
                 for t in tl.static_range(BITS):
-                    if EVEN:
-                        a_t = tl.load(cf + (2 + t) * M + rows)
-                    else:
-                        a_t = tl.load(cf + (2 + t) * M + rows, mask=rmask, other=0.0)
-                    if SIGNS:
+                    if DECODE == 1:
+                        n_t = tl.sum(tl.where(tt[None, :] == t, negs, 0), axis=1)
                         flip = (wu << (31 - jj * BITS - t)[None, None, :]) & 0x80000000
-                        term = (a_t.to(tl.uint32, bitcast=True)[:, None, None] ^ flip).to(tl.float32, bitcast=True)
+                        term = (n_t[:, None, None] ^ flip).to(tl.float32, bitcast=True)
                     else:
+                        a_t = tl.sum(tl.where(tt[None, :] == t, coef, 0.0), axis=1)
                         term = a_t[:, None, None] * ((code >> t) & 1).to(tl.float32)
                     if t < KU:
                         u += term
@@ -1226,7 +1222,7 @@ def prefill_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bi
     :func:`decode_joined_bf16`, then one GEMM (no transform of the input)."""
     dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     if factors is None and JOINED_PREFILL and joined_decode_supported(form, bits):
-        return x.to(dtype) @ decode_joined_bf16(packed, form, bits, x.shape[-1]).to(dtype).T
+        return x.to(dtype) @ decode_joined_bf16(packed, form, bits, x.shape[-1], tables=tables).to(dtype).T
     u, v = factors if factors is not None else decode_bf16(packed, form, bits, x.shape[-1], tables=tables)
     y = x.to(dtype) @ u.to(dtype).T
     if v is not None:
@@ -1260,50 +1256,21 @@ def group_basis(g: int, kind: str, seed: int, device: torch.device, dtype: torch
     return inverse_transform(torch.eye(g, dtype=torch.float64), kind, seed).to(device=device, dtype=dtype).contiguous()
 
 
-def sign_form(form: BitplaneForm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The planes as signs for :func:`_decode_joined_kernel`'s SIGNS: ``bx + sum_t a_t bit_t = bx' + sum_t
-    +-c_t`` with ``c_t = a_t / 2`` (plus when the bit is set) and ``bx' = bx + sum c_t`` over U's planes (``bq'``
-    likewise over V's). Returns ``(-c, bx', bq')``."""
-    c = form.a * 0.5
-    return (-c).contiguous(), (form.bx + c[..., :form.ku].sum(-1)).contiguous(), \
-        (form.bq + c[..., form.ku:].sum(-1)).contiguous()
-
-
-JOINED_DECODES = ("bits", "signs", "levels")  # how the joined decode turns codes into values (decode_joined_bf16)
+JOINED_DECODES = ("bits", "signs", "levels")  # how the joined decode turns codes into values (_decode_joined_kernel)
 JOINED_DECODE = "signs"
-_JOINED_COEFFICIENTS: dict[tuple[int, str], tuple] = {}
-
-
-def joined_coefficients(form: BitplaneForm, decode: str, bits: int | None = None) -> torch.Tensor:
-    """The form's coefficients as :func:`_decode_joined_kernel` reads them, kept while the form lives (a layer
-    keeps its form), so prefill builds them once. ``decode`` "bits" / "signs": ``(groups, 2 + bits, out)``
-    float32, ``bx``, ``bq``, then each plane's ``a_t`` (:func:`sign_form`'s for "signs"), one row vector per group
-    and coefficient; "levels": ``(groups, out, 2^ku + 2^(bits - ku))``, each (group, row)'s U levels then V
-    levels (:func:`level_tables`)."""
-    key = (id(form), decode)
-    hit = _JOINED_COEFFICIENTS.get(key)
-    if hit is not None and hit[0]() is form:
-        return hit[1]
-    if decode == "levels":
-        lut_u, lut_v, _ = level_tables(form, bits)
-        cf = torch.cat((lut_u, lut_v), dim=-1).float().transpose(0, 1).contiguous()
-    else:
-        a, bx, bq = sign_form(form) if decode == "signs" else (form.a, form.bx, form.bq)
-        cf = torch.cat((bx[..., None], bq[..., None], a), dim=-1).float().permute(1, 2, 0).contiguous()
-    for k in [k for k, (ref, _) in _JOINED_COEFFICIENTS.items() if ref() is None]:
-        del _JOINED_COEFFICIENTS[k]
-    _JOINED_COEFFICIENTS[key] = (weakref.ref(form), cf)
-    return cf
 
 
 def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int,
                        block_m: int | None = None, num_warps: int = 4,
-                       dtype: torch.dtype = torch.bfloat16, decode: str | None = None) -> torch.Tensor:
+                       dtype: torch.dtype = torch.bfloat16, decode: str | None = None,
+                       tables: tuple | None = None) -> torch.Tensor:
     """kashin's weight ``U + V Q^T`` as one bf16 ``(out, k)`` matrix (:func:`_decode_joined_kernel`), for the
     formats :func:`joined_decode_supported` serves. The transform's product runs on the tensor cores in bf16 with
     float32 sums: ``V`` rounded to bf16 as the two-GEMM path stores it, and ``R`` too. ``dtype``: the result's
     (float32 for checks). ``decode`` (:data:`JOINED_DECODES`, default :data:`JOINED_DECODE`): the planes' sums
-    from converted bits, from flipped signs (the kernel's SIGNS) or each weight's two levels looked up (LUT)."""
+    from converted bits, from flipped signs, or each weight's two levels looked up in ``tables``
+    (:func:`level_tables`, built here when not given). The kernel reads the form's coefficients (or the tables)
+    as they are: nothing is copied or kept."""
     if not joined_decode_supported(form, bits):
         raise ValueError(f"the joined decode needs kashin in groups of a power of two from 16 to {JOINED_MAX_GROUP} "
                          f"columns ({bits} bits, group {form.group}, {form.ku} planes on U)")
@@ -1319,9 +1286,14 @@ def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: i
     per = _cdiv(_cdiv(m, chunks), block_m) * block_m  # rows a program
     bf16 = os.environ.get("TRITON_INTERPRET", "0") != "1"
     basis = group_basis(g, form.transform, form.seed, packed.device, torch.bfloat16 if bf16 else torch.float32)
-    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, joined_coefficients(form, decode, bits), basis, out,
-           m, w.stride(0), per, K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, BF16=bf16,
-           SIGNS=decode == "signs", LUT=decode == "levels", EVEN=m % block_m == 0, num_warps=num_warps)
+    if decode == "levels":
+        lut_u, lut_v, _ = tables if tables is not None else level_tables(form, bits)
+        a, bx, bq = lut_u, lut_u, lut_v
+    else:
+        a, bx, bq = form.a, form.bx, form.bq
+    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, a, bx, bq, basis, out,
+           m, w.stride(0), groups, per, K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, BF16=bf16,
+           DECODE=JOINED_DECODES.index(decode), EVEN=m % block_m == 0, num_warps=num_warps)
     return out
 
 

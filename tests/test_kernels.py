@@ -620,9 +620,9 @@ def test_joined_decode_is_the_module_s_weight_and_prefill_takes_it(cfg, monkeypa
     assert float((joined - two).norm() / want.norm()) < 1e-2
 
 
-def test_joined_decode_whole_tiles_and_its_coefficients():
+def test_joined_decode_whole_tiles():
     """Rows a multiple of the tile (EVEN: no row masks) decode the module's weight too, several tiles a program and
-    one; the coefficient layout (groups, 2 + bits, rows) is built once per form and again for a new form."""
+    one, each way to the values; the levels way takes the layer's own tables when given."""
     pytest.importorskip("triton")
     from quantune import kernels
 
@@ -633,18 +633,9 @@ def test_joined_decode_whole_tiles_and_its_coefficients():
         for decode in kernels.JOINED_DECODES:
             w = kernels.decode_joined_bf16(q.codes, form, 4, 128, block_m=block_m, dtype=torch.float32, decode=decode)
             torch.testing.assert_close(w, ref, rtol=0, atol=float(ref.abs().max()) * 2 ** -8)
-    cf = kernels.joined_coefficients(form, "signs")
-    assert cf.shape == (4, 6, 64) and kernels.joined_coefficients(form, "signs") is cf
-    torch.testing.assert_close(cf[:, 2:].permute(2, 0, 1), -form.a / 2)
-    plain = kernels.joined_coefficients(form, "bits")
-    torch.testing.assert_close(plain[:, 0].T, form.bx)
-    torch.testing.assert_close(plain[:, 1].T, form.bq)
-    levels = kernels.joined_coefficients(form, "levels", 4)
-    lut_u, lut_v, _ = kernels.level_tables(form, 4)
-    assert levels.shape == (4, 64, 2 ** form.ku + 2 ** (4 - form.ku))
-    torch.testing.assert_close(levels[2, 5], torch.cat((lut_u[5, 2], lut_v[5, 2])).float())
-    fresh = _form(q)
-    assert fresh is not form and kernels.joined_coefficients(fresh, "signs") is not cf
+    tables = kernels.level_tables(form, 4)
+    w = kernels.decode_joined_bf16(q.codes, form, 4, 128, dtype=torch.float32, decode="levels", tables=tables)
+    torch.testing.assert_close(w, ref, rtol=0, atol=float(ref.abs().max()) * 2 ** -8)
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=4, group_size=256),
