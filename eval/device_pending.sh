@@ -117,7 +117,7 @@ PY
   joined)    python -m eval.bench_joined ;;   # issue 5: q/k/v and gate/up as one GEMV launch against a launch each
   decode-sweep) python -m eval.sweep_decode ;;  # issue 5: tiles of the bf16 decode for prefill
   joined-decode) # issue 5: the joined decode's three ways to values (bits, signs, levels) and tiles, then the
-             # kernel bench for kashin in groups of 128 at the tile and way with the lowest mean time relative to each
+             # kernel bench for kashin in groups of 128 and 64 at the tile and way with the lowest mean time relative to each
              # case's best (the library's defaults are set from it after review)
              mkdir -p "$out/joined"
              OUT="$out/joined" timeout 300 python -m eval.sweep_joined_decode \
@@ -136,9 +136,11 @@ for r in rows:
 tile = min((t for t in tiles if len(tiles[t]) == len(cases)), key=lambda t: sum(tiles[t]))
 print("bench at", tile, flush=True)
 kernels.JOINED_BLOCK_M, _, kernels.JOINED_PROGRAMS, kernels.JOINED_DECODE = tile
-sys.argv = ["bench_kernels", "--methods", "kashin-4,kashin-2", "--kashin-group", "128", "--configs", "gemv5:2x1x128",
-            "--out", sys.argv[2] + "/bench_kernels_kashin_g128"]
-runpy.run_module("eval.bench_kernels", run_name="__main__")
+out = sys.argv[2]
+for group in ("128", "64"):
+    sys.argv = ["bench_kernels", "--methods", "kashin-4,kashin-2", "--kashin-group", group, "--configs",
+                "gemv5:2x1x128", "--out", f"{out}/bench_kernels_kashin_g{group}"]
+    runpy.run_module("eval.bench_kernels", run_name="__main__")
 PY
              ;;
   ddp)       # issue 4 on nvidia-h200-x2: the same global batch on 1 and on 2 GPUs, the seed noise, and 2 GPUs at
