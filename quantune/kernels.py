@@ -1098,9 +1098,9 @@ if triton is not None:
         layout (each row's values for the group contiguous): 0 "bits", ``u = bx + sum_{t<KU} a_t bit_t`` and
         ``v = bq + sum_{t>=KU} a_t bit_t`` from ``form.a``/``bx``/``bq``; 1 "signs", the same sums as ``bx +
         sum_t c_t + sum_t +-c_t`` with ``c_t = a_t / 2``: each term ``-c_t`` with its sign bit flipped by the
-        code's bit (a shift and a logic op, no integer-to-float conversion); 2 "levels", each weight's two values
-        looked up (``tl.gather`` within the warp) in its (row, group)'s tables of :func:`level_tables`
-        (``a_ptr`` U's ``2^KU`` levels, ``bq_ptr`` V's ``2^(BITS - KU)``) by its code's two fields."""
+        code's bit (a shift and a logic op, no integer-to-float conversion). (Looking each weight's two levels up
+        with ``tl.gather`` compiled here with Triton 3.6 but failed an assertion in the H200's Triton 3.6 build,
+        OptimizeThreadLocality's ``isWarpLocal``: not kept.)"""
         PER: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PER
         NU: tl.constexpr = 1 << KU
@@ -1121,41 +1121,33 @@ if triton is not None:
                 word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :])
             else:
                 word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
-            if DECODE == 2:
-                code = tl.reshape((word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1),
-                                  (BLOCK_M, GROUP))
-                lu = tl.load(a_ptr + crow[:, None] * NU + tl.arange(0, NU)[None, :])
-                lv = tl.load(bq_ptr + crow[:, None] * NV + tl.arange(0, NV)[None, :])
-                u2 = tl.gather(lu, code & (NU - 1), 1)
-                v2 = tl.gather(lv, code >> KU, 1)
+            coef = tl.load(a_ptr + crow[:, None] * BITS + tt[None, :])  # (BLOCK_M, BITS)
+            bx = tl.load(bx_ptr + crow)
+            bq = tl.load(bq_ptr + crow)
+            if DECODE == 1:
+                half = coef * 0.5
+                bx += tl.sum(tl.where(tt[None, :] < KU, half, 0.0), axis=1)
+                bq += tl.sum(tl.where(tt[None, :] < KU, 0.0, half), axis=1)
+                negs = (-half).to(tl.uint32, bitcast=True)
+                wu = word.to(tl.uint32, bitcast=True)[:, :, None]
             else:
-                coef = tl.load(a_ptr + crow[:, None] * BITS + tt[None, :])  # (BLOCK_M, BITS)
-                bx = tl.load(bx_ptr + crow)
-                bq = tl.load(bq_ptr + crow)
+                code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
+            u = bx[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
+            v = bq[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
+            for t in tl.static_range(BITS):
                 if DECODE == 1:
-                    half = coef * 0.5
-                    bx += tl.sum(tl.where(tt[None, :] < KU, half, 0.0), axis=1)
-                    bq += tl.sum(tl.where(tt[None, :] < KU, 0.0, half), axis=1)
-                    negs = (-half).to(tl.uint32, bitcast=True)
-                    wu = word.to(tl.uint32, bitcast=True)[:, :, None]
+                    n_t = tl.sum(tl.where(tt[None, :] == t, negs, 0), axis=1)
+                    flip = (wu << (31 - jj * BITS - t)[None, None, :]) & 0x80000000
+                    term = (n_t[:, None, None] ^ flip).to(tl.float32, bitcast=True)
                 else:
-                    code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
-                u = bx[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
-                v = bq[:, None, None] + tl.zeros([BLOCK_M, WPG, PER], tl.float32)
-                for t in tl.static_range(BITS):
-                    if DECODE == 1:
-                        n_t = tl.sum(tl.where(tt[None, :] == t, negs, 0), axis=1)
-                        flip = (wu << (31 - jj * BITS - t)[None, None, :]) & 0x80000000
-                        term = (n_t[:, None, None] ^ flip).to(tl.float32, bitcast=True)
-                    else:
-                        a_t = tl.sum(tl.where(tt[None, :] == t, coef, 0.0), axis=1)
-                        term = a_t[:, None, None] * ((code >> t) & 1).to(tl.float32)
-                    if t < KU:
-                        u += term
-                    else:
-                        v += term
-                v2 = tl.reshape(v, (BLOCK_M, GROUP))
-                u2 = tl.reshape(u, (BLOCK_M, GROUP))
+                    a_t = tl.sum(tl.where(tt[None, :] == t, coef, 0.0), axis=1)
+                    term = a_t[:, None, None] * ((code >> t) & 1).to(tl.float32)
+                if t < KU:
+                    u += term
+                else:
+                    v += term
+            v2 = tl.reshape(v, (BLOCK_M, GROUP))
+            u2 = tl.reshape(u, (BLOCK_M, GROUP))
             if BF16:
                 v2 = v2.to(tl.bfloat16)
             w = u2 + tl.dot(v2, r)
@@ -1222,7 +1214,7 @@ def prefill_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bi
     :func:`decode_joined_bf16`, then one GEMM (no transform of the input)."""
     dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     if factors is None and JOINED_PREFILL and joined_decode_supported(form, bits):
-        return x.to(dtype) @ decode_joined_bf16(packed, form, bits, x.shape[-1], tables=tables).to(dtype).T
+        return x.to(dtype) @ decode_joined_bf16(packed, form, bits, x.shape[-1]).to(dtype).T
     u, v = factors if factors is not None else decode_bf16(packed, form, bits, x.shape[-1], tables=tables)
     y = x.to(dtype) @ u.to(dtype).T
     if v is not None:
@@ -1256,21 +1248,19 @@ def group_basis(g: int, kind: str, seed: int, device: torch.device, dtype: torch
     return inverse_transform(torch.eye(g, dtype=torch.float64), kind, seed).to(device=device, dtype=dtype).contiguous()
 
 
-JOINED_DECODES = ("bits", "signs", "levels")  # how the joined decode turns codes into values (_decode_joined_kernel)
+JOINED_DECODES = ("bits", "signs")  # how the joined decode turns codes into values (_decode_joined_kernel)
 JOINED_DECODE = "signs"
 
 
 def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int,
                        block_m: int | None = None, num_warps: int = 4,
-                       dtype: torch.dtype = torch.bfloat16, decode: str | None = None,
-                       tables: tuple | None = None) -> torch.Tensor:
+                       dtype: torch.dtype = torch.bfloat16, decode: str | None = None) -> torch.Tensor:
     """kashin's weight ``U + V Q^T`` as one bf16 ``(out, k)`` matrix (:func:`_decode_joined_kernel`), for the
     formats :func:`joined_decode_supported` serves. The transform's product runs on the tensor cores in bf16 with
     float32 sums: ``V`` rounded to bf16 as the two-GEMM path stores it, and ``R`` too. ``dtype``: the result's
     (float32 for checks). ``decode`` (:data:`JOINED_DECODES`, default :data:`JOINED_DECODE`): the planes' sums
-    from converted bits, from flipped signs, or each weight's two levels looked up in ``tables``
-    (:func:`level_tables`, built here when not given). The kernel reads the form's coefficients (or the tables)
-    as they are: nothing is copied or kept."""
+    from converted bits or from flipped signs. The kernel reads the form's coefficients as they are: nothing is
+    copied or kept."""
     if not joined_decode_supported(form, bits):
         raise ValueError(f"the joined decode needs kashin in groups of a power of two from 16 to {JOINED_MAX_GROUP} "
                          f"columns ({bits} bits, group {form.group}, {form.ku} planes on U)")
@@ -1286,12 +1276,7 @@ def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: i
     per = _cdiv(_cdiv(m, chunks), block_m) * block_m  # rows a program
     bf16 = os.environ.get("TRITON_INTERPRET", "0") != "1"
     basis = group_basis(g, form.transform, form.seed, packed.device, torch.bfloat16 if bf16 else torch.float32)
-    if decode == "levels":
-        lut_u, lut_v, _ = tables if tables is not None else level_tables(form, bits)
-        a, bx, bq = lut_u, lut_u, lut_v
-    else:
-        a, bx, bq = form.a, form.bx, form.bq
-    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, a, bx, bq, basis, out,
+    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, form.a, form.bx, form.bq, basis, out,
            m, w.stride(0), groups, per, K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, BF16=bf16,
            DECODE=JOINED_DECODES.index(decode), EVEN=m % block_m == 0, num_warps=num_warps)
     return out

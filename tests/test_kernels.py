@@ -602,7 +602,7 @@ def test_joined_decode_is_the_module_s_weight_and_prefill_takes_it(cfg, monkeypa
     ref = q.dequantize()
     w32 = kernels.decode_joined_bf16(q.codes, form, cfg.bits, 256, block_m=16, dtype=torch.float32)
     torch.testing.assert_close(w32, ref, rtol=0, atol=float(ref.abs().max()) * 2 ** -8)
-    for decode in kernels.JOINED_DECODES:  # converted bits, flipped signs, looked-up levels: the same sums
+    for decode in kernels.JOINED_DECODES:  # converted bits or flipped signs: the same sums
         other = kernels.decode_joined_bf16(q.codes, form, cfg.bits, 256, block_m=16, dtype=torch.float32,
                                            decode=decode)
         torch.testing.assert_close(other, w32, rtol=0, atol=float(ref.abs().max()) * 2 ** -20)
@@ -622,7 +622,7 @@ def test_joined_decode_is_the_module_s_weight_and_prefill_takes_it(cfg, monkeypa
 
 def test_joined_decode_whole_tiles():
     """Rows a multiple of the tile (EVEN: no row masks) decode the module's weight too, several tiles a program and
-    one, each way to the values; the levels way takes the layer's own tables when given."""
+    one, each way to the values."""
     pytest.importorskip("triton")
     from quantune import kernels
 
@@ -633,9 +633,6 @@ def test_joined_decode_whole_tiles():
         for decode in kernels.JOINED_DECODES:
             w = kernels.decode_joined_bf16(q.codes, form, 4, 128, block_m=block_m, dtype=torch.float32, decode=decode)
             torch.testing.assert_close(w, ref, rtol=0, atol=float(ref.abs().max()) * 2 ** -8)
-    tables = kernels.level_tables(form, 4)
-    w = kernels.decode_joined_bf16(q.codes, form, 4, 128, dtype=torch.float32, decode="levels", tables=tables)
-    torch.testing.assert_close(w, ref, rtol=0, atol=float(ref.abs().max()) * 2 ** -8)
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=4, group_size=256),
