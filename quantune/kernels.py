@@ -1226,9 +1226,12 @@ JOINED_PREFILL = True  # kashin in small groups: prefill decodes the whole weigh
 JOINED_MAX_GROUP = 128  # the transform's (G, G) matrix goes through shared memory (bf16: 32 KB at 128; 256 would not fit)
 JOINED_BLOCK_M = 64  # rows a program of the joined decode takes at a time
 JOINED_PROGRAMS = 1024  # about this many programs, each one group over a run of rows (R loaded once each)
-# Tile, programs and signs measured on the H200 (eval/results/kernel_sweeps/sweep_joined_decode_v2.json; kashin-4,
-# 4096x4096 g64 / g128, 8192x28672 g128, 14336x4096 g128): 64 rows, 4 warps, 1024 programs, signs 39.2 / 37.7 /
-# 413.9 / 114.0 us, within 4% of each case's best tile; 32 rows, 512 programs, no signs 51.7 / 39.9 / 503.1 / 172.4
+# Tile, programs and decode measured on the H200 (kashin-4; 4096x4096 g64 / g128, 8192x28672 g128, 14336x4096 g128):
+# 64 rows, 4 warps, 1024 programs, signs 32.5 / 37.8 / 414.2 / 118.5 us, bits 42.6 / 48.3 / 553.4 / 152.6, 32 rows with
+# signs 39.2 / 41.5 / 513.0 / 137.3 (kernel_sweeps/sweep_joined_decode_v3.json, this code); the wider sweep of
+# sweep_joined_decode_v2.json (coefficients then in a transposed copy) had the same tile within 4% of each case's
+# best of 24. kashin-2 decodes slower with this code than with that copy (4096x4096 g128 37.2 against 27.0 us,
+# bench_kernels_kashin_g128_v3 / _v2), not yet explained.
 
 
 def joined_decode_supported(form: BitplaneForm, bits: int) -> bool:
