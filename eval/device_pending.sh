@@ -116,7 +116,7 @@ PY
   chunks)    python -m eval.sweep_prep_columns ;;                                                  # issue 5
   joined)    python -m eval.bench_joined ;;   # issue 5: q/k/v and gate/up as one GEMV launch against a launch each
   decode-sweep) python -m eval.sweep_decode ;;  # issue 5: tiles of the bf16 decode for prefill
-  joined-decode) # issue 5: the joined decode's three ways to values (bits, signs, levels) and tiles, then the
+  joined-decode) # issue 5: the joined decode's two ways to values (bits, signs) and tiles, then the
              # kernel bench for kashin in groups of 128 and 64 at the tile and way with the lowest mean time relative to each
              # case's best (the library's defaults are set from it after review)
              mkdir -p "$out/joined"

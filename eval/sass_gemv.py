@@ -10,7 +10,10 @@ Prints one JSON object: ``registers``, ``stack`` (bytes per thread: spills show 
 of each loop, from a label to the branch back to it: the K loop's cost per tile), ``ptx_around_wait`` (each
 ``--ptx`` string's occurrences before and after the PTX's first ``griddepcontrol.wait``, the wait for the input's
 preparation under programmatic dependent launch). Run it with TRITON_INTERPRET unset (the interpreter's kernels do
-not compile)."""
+not compile). The code is the installed Triton's: the H200 runs Triton 3.6 and this machine may have a newer one,
+which can compile a kernel differently (the joined decode: 988 instructions a tile with 3.9 against 1550 with 3.6).
+For the device's code install its version aside (`pip download triton==3.6.0 --no-deps -d W; pip install --no-deps
+--target T W/*.whl`) and run with `PYTHONPATH=T`."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +25,8 @@ import tempfile
 from pathlib import Path
 
 
-POINTERS = {"w_ptr": "*i32", "xp_ptr": "*i32", "xqp_ptr": "*i32", "xp16_ptr": "*i16", "xqp16_ptr": "*i16"}  # else fp32
+POINTERS = {"w_ptr": "*i32", "xp_ptr": "*i32", "xqp_ptr": "*i32", "xp16_ptr": "*i16", "xqp16_ptr": "*i16",
+            "r_ptr": "*bf16", "out_ptr": "*bf16"}  # else fp32 (r_ptr, out_ptr: the joined decode's)
 
 
 def compile_gemv(const: dict, num_warps: int = 1, ptx: tuple[str, ...] = (), sass: tuple[str, ...] = (),

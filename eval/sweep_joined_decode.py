@@ -64,7 +64,8 @@ def main() -> None:
                 return kernels.decode_joined_bf16(q.codes, form, 4, k, block_m=bm, num_warps=warps, decode=dec)
             if args.once:
                 call()
-                torch.cuda.synchronize() if dev == "cuda" else None
+                if dev == "cuda":
+                    torch.cuda.synchronize()
                 continue
             try:
                 t = bench_kernels.bench(call) * 1e6

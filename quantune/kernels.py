@@ -1103,8 +1103,6 @@ if triton is not None:
         OptimizeThreadLocality's ``isWarpLocal``: not kept.)"""
         PER: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PER
-        NU: tl.constexpr = 1 << KU
-        NV: tl.constexpr = 1 << (BITS - KU)
         gi = tl.program_id(1)
         ri = tl.arange(0, GROUP)
         r = tl.load(r_ptr + ri[:, None] * GROUP + ri[None, :])
