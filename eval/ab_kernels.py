@@ -4,7 +4,9 @@ quantune/kernels.py side by side in one process: other versions' files (e.g. ``g
 run: cold L2 (the calls cycle through copies of the weights), CUDA graphs, each version timed ``--repeat`` times in
 alternation, so a difference is told from the machine's run-to-run spread. Writes $OUT/ab_kernels.json.
 
-    python -m eval.ab_kernels /tmp/kernels_a.py --methods rtn-2 --shapes 8192x28672,4096x14336 --group 64"""
+    python -m eval.ab_kernels /tmp/kernels_a.py --methods rtn-2 --shapes 8192x28672,4096x14336 --group 64
+
+``--kashin-group 128``: kashin with coefficients per 128 columns (per row by default)."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +33,7 @@ def main() -> None:
     p.add_argument("--methods", default="rtn-4,rtn-2")
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x28672")
     p.add_argument("--group", default="64", help="rtn's group size, or 'row'")
+    p.add_argument("--kashin-group", default="row", help="kashin's coefficient group, or 'row' (the default)")
     p.add_argument("--repeat", type=int, default=2)
     args = p.parse_args()
     from eval import bench_kernels
@@ -41,7 +44,8 @@ def main() -> None:
     group = bench_kernels.parse_group(args.group, "--group")
     out = []
     shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
-    for case in bench_kernels.rtn_cases(shapes, args.methods, group, time_bf16=False):
+    kashin_group = bench_kernels.parse_group(args.kashin_group, "--kashin-group")
+    for case in bench_kernels.rtn_cases(shapes, args.methods, group, time_bf16=False, kashin_group=kashin_group):
         k, n, x, spec, bits, copies, form, tables = (case.k, case.n, case.x, case.spec, case.bits, case.copies,
                                                       case.form, case.tables)
         row = dict(k=k, n=n, method=spec, group=case.group_label, us={name: [] for name in versions})

@@ -94,10 +94,10 @@ def kernel_bytes(codes: torch.Tensor, form, tables: tuple, affine: bool) -> int:
 
 
 def rtn_cases(shapes: list[tuple[int, int]], methods: str, group: int | None, tokens: int = 1,
-              time_bf16: bool = True):
+              time_bf16: bool = True, kashin_group: int | None = None):
     """The rtn probes' cases: per ``(k, n)`` shape a seeded bf16 Linear and input of ``tokens`` rows (timed as
     bf16 ``x @ W^T``, cold, where DEV is cuda and ``time_bf16``), then per method ("rtn-4,rtn-2"; kashin's too,
-    with the format's own groups: ``group`` is rtn's) its quantized layer. Yields namespaces with k, n, x, spec,
+    with ``kashin_group``, per row by default: ``group`` is rtn's) its quantized layer. Yields namespaces with k, n, x, spec,
     bits, q, form, tables, copies (:func:`layer_copies`, cold), bf16_s (None where not timed) and group_label
     (rtn's group as reports name it, "row" for one a row; None for kashin)."""
     from types import SimpleNamespace
@@ -118,12 +118,13 @@ def rtn_cases(shapes: list[tuple[int, int]], methods: str, group: int | None, to
             method, bits = spec.split("-")
             rtn = method == "rtn"
             q, _ = QuantLinear.from_linear(lin, QuantConfig(method=method, bits=int(bits),
-                                                            group_size=group if rtn else None))
+                                                            group_size=group if rtn else kashin_group))
             form, tables = q.bitplane_form(), q.level_tables()
             copies = layer_copies(q.codes, form, tables, cold_copies(kernel_bytes(q.codes, form, tables, True)))
             yield SimpleNamespace(k=k, n=n, x=x, spec=spec, bits=int(bits), q=q, form=form, tables=tables,
                                   copies=copies, bf16_s=bf16_s,
-                                  group_label=(str(group) if group else "row") if rtn else None)
+                                  group_label=(str(group) if group else "row") if rtn else
+                                  (str(kashin_group) if kashin_group else None))
 
 
 def library_call(x: torch.Tensor, bits: int, kernels=None, out_dtype: torch.dtype | None = None):

@@ -143,6 +143,14 @@ for group in ("128", "64"):
     runpy.run_module("eval.bench_kernels", run_name="__main__")
 PY
              ;;
+  kashin-group-sums) # issue 5: kashin's GEMV with groups shorter than a tile, plane dots summed per group before
+             # one coefficient (quantune.kernels.GEMV_GROUP_SUMS, off until this is measured) against a coefficient
+             # gathered per word, versions side by side in one process; then flip the default if it wins
+             sed 's/^GEMV_GROUP_SUMS = False/GEMV_GROUP_SUMS = True/' quantune/kernels.py > /tmp/kernels_gsum.py
+             for g in 128 64; do
+               OUT="$out/gsum_g$g" python -m eval.ab_kernels /tmp/kernels_gsum.py --methods kashin-4,kashin-2 \
+                 --kashin-group $g --repeat 3
+             done ;;
   ddp)       # issue 4 on nvidia-h200-x2: the same global batch on 1 and on 2 GPUs, the seed noise, and 2 GPUs at
              # the one-GPU per-GPU batch (throughput scaling); then the comparison table and plot
              [ -d /tmp/rec/k2 ] || python -m quantune quantize /tmp/smollm2.gguf --bits 2 --out /tmp/rec/k2 --no-eval
@@ -157,5 +165,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, ddp)"; exit 2 ;;
 esac

@@ -430,7 +430,8 @@ if triton is not None:
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
                      NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = "",
-                     UNROLL: tl.constexpr = 1, LATE: tl.constexpr = False, SUMG: tl.constexpr = 0):
+                     UNROLL: tl.constexpr = 1, LATE: tl.constexpr = False, SUMG: tl.constexpr = 0,
+                     GSUM5: tl.constexpr = False):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -460,7 +461,9 @@ if triton is not None:
           of 8 codes 2 LOP3, 1 shift and 4 ``dp2a``, then ``scale * xscale * dot + offset * xs`` per word
           when the tile lies in one group, else per group from the dots summed over the group's words
           and the group sums of x (``xg``), so the coefficients are never gathered per word.
-        Coefficients: one per row when a tile lies inside one group, else gathered per word.
+        Coefficients: one per row when a tile lies inside one group, else gathered per word (mode 5 with GSUM5
+        and groups of whole tiles' fractions: each plane's integer dots summed per group first, then one
+        coefficient per (row, group) from a (BLOCK_M, groups in the tile) load, as mode 6 does).
         UNROLL: the K loop's unroll factor (Triton's loop_unroll_factor).
         LATE (mode 5, kashin): two passes over the codes, the planes below KU (``x``'s) first, then those from KU
         (``xq``'s), so the transformed input may arrive while the first pass runs. With PDL the first pass
@@ -500,6 +503,12 @@ if triton is not None:
         tl.static_assert(not LATE or (MODE == 5 and KU < BITS and not PREFETCH), "LATE: mode 5 with xq, no prefetch")
         NPHASE: tl.constexpr = 2 if LATE else 1
         accg = tl.zeros([BLOCK_M, GPT], dtype=tl.float32)           # mode 6 across groups: per (row, group)
+        # mode 5 with GSUM5: groups shorter than the tile, each plane's dots summed per group before its coefficient
+        G5: tl.constexpr = GSUM5 and MODE == 5 and WPG < BLOCK_W
+        GPT5: tl.constexpr = BLOCK_W // WPG if G5 else 1
+        tl.static_assert(not G5 or BLOCK_W % WPG == 0, "GSUM5: whole groups a tile")
+        acc5 = tl.zeros([BLOCK_M, GPT5], dtype=tl.float32)
+        gl5 = tl.broadcast_to(tl.arange(0, GPT5)[None, :], (BLOCK_M, GPT5))  # a tile's groups
         ONE_GROUP: tl.constexpr = WPG % CHUNK == 0  # this program's codes share one group's coefficients
         CPB: tl.constexpr = 8 // BITS  # codes per byte (modes 5 and 6)
         # mode 5 gathers plane t of byte group k as (word >> k BITS) & (0x01010101 << t): bytes of 0 or 2^t, one
@@ -616,16 +625,30 @@ if triton is not None:
                                 dot = _dp2a(hi, b, dot, True, ASM)
                             if ONE_GROUP:  # stay in integers until the end (|sum| < K * 32767 < 2^31)
                                 d0, d1, d2, d3, d4, d5, d6, d7 = _set_plane(t, dot, d0, d1, d2, d3, d4, d5, d6, d7)
+                            elif G5:  # per group: the words' dots summed, then one coefficient each
+                                gdot = tl.sum(tl.reshape(dot, (BLOCK_M, GPT5, WPG)), axis=2).to(tl.float32)
+                                gcoef = tl.load(a_ptr + (rows[:, None] * groups + w0 // WPG + gl5) * BITS + t,
+                                                mask=rmask[:, None], other=0.0)
+                                acc5 += gcoef * (gdot * ((xscale if t < KU else qscale) / (1 << t)))
                             elif t < KU:
                                 acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32)
                                                                                    * (xscale / (1 << t)))
                             else:
                                 acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32)
                                                                                    * (qscale / (1 << t)))
-                    if (not LATE) or phase == 0:
-                        acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * tl.load(xs_ptr + tok * NW + offs)
-                    if KU < BITS and ((not LATE) or phase == 1):
-                        acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * tl.load(xqs_ptr + tok * NW + offs)
+                    if G5:
+                        gidx5 = rows[:, None] * groups + w0 // WPG + gl5
+                        if (not LATE) or phase == 0:
+                            xsg = tl.sum(tl.reshape(tl.load(xs_ptr + tok * NW + offs), (BLOCK_M, GPT5, WPG)), axis=2)
+                            acc5 += tl.load(bx_ptr + gidx5, mask=rmask[:, None], other=0.0) * xsg
+                        if KU < BITS and ((not LATE) or phase == 1):
+                            xqg = tl.sum(tl.reshape(tl.load(xqs_ptr + tok * NW + offs), (BLOCK_M, GPT5, WPG)), axis=2)
+                            acc5 += tl.load(bq_ptr + gidx5, mask=rmask[:, None], other=0.0) * xqg
+                    else:
+                        if (not LATE) or phase == 0:
+                            acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * tl.load(xs_ptr + tok * NW + offs)
+                        if KU < BITS and ((not LATE) or phase == 1):
+                            acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * tl.load(xqs_ptr + tok * NW + offs)
                 elif MODE == 6:
                     if PREFETCH == 2:  # this tile's inputs came with the last one; the next tile's leave now
                         i0, i1, i2, i3, i4, i5, i6, i7, sx, off = n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff
@@ -722,6 +745,8 @@ if triton is not None:
         if MODE == 5:
             if ONE_GROUP:
                 out += tl.sum(accn, axis=1)
+            if G5:
+                out += tl.sum(acc5, axis=1)
         if MODE == 6:
             if SWPG < BLOCK_W:
                 out = tl.sum(accg, axis=1)
@@ -1449,7 +1474,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                 prefetch: bool | int = False, prepared: tuple | None = None,
                 out_dtype: torch.dtype = torch.float32, share: bool = True,
                 outputs: tuple[int, ...] | None = None, evict: str | None = None,
-                unroll: int = 1, late: bool | None = None, span: bool = False) -> torch.Tensor | list[torch.Tensor]:
+                unroll: int = 1, late: bool | None = None, span: bool = False,
+                group_sums: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
@@ -1467,7 +1493,9 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     second, so the transformed input's last kernel runs beside the first pass (the kernel's LATE); None: where
     :func:`gemv_late` says. With ``prepared`` given and programmatic dependent launch, the caller guarantees that
     the kernel which wrote x's inputs has finished before the kernel right before this call. ``span`` (mode 6): a
-    word tile may cover two chunks of the input's 16-bit rounding (two input scales), else it is clamped to one."""
+    word tile may cover two chunks of the input's 16-bit rounding (two input scales), else it is clamped to one.
+    ``group_sums`` (mode 5, groups shorter than a tile; default :data:`GEMV_GROUP_SUMS`): each plane's integer dots
+    summed per group before one coefficient per (row, group), instead of a coefficient gathered per word."""
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
@@ -1520,6 +1548,9 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     if xg is None:
         xg = xs  # unused by the kernel
     asm = x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    wpg = form.group // (32 // bits)
+    gsum5 = bool(GEMV_GROUP_SUMS if group_sums is None else group_sums) and mode == 5 and wpg < tile \
+        and tile % wpg == 0
     w = packed.view(torch.int32)
     sym = False
     if mode in (0, 1, 6):  # scale and offset per (row, group)
@@ -1533,6 +1564,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         PREFETCH=int(prefetch), ASM=asm, XCH=rounding_columns(k, bits), PDL=pdl, NOUT=len(ys), SYM=sym,
         EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late), SUMG=sumg,
+        GSUM5=gsum5,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 
@@ -1540,6 +1572,11 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
 # The codes' loads are marked first to leave L2: a call reads each code once, and in a model the other layers'
 # weights come through L2 before this layer's are read again. H200, weights cycled so that none stays in L2
 # (eval/results/kernel_sweeps/sweep_gemv_cold.json): rtn-4 8192x28672 4x1x64 32.9 us against 33.8 without it.
+# kashin's GEMV (mode 5) with groups shorter than a word tile: plane dots summed per group, then one coefficient per
+# (row, group) (the kernel's GSUM5) instead of BITS + 2 coefficients gathered per word. Off until measured on the
+# H200: compiled for sm_90 with Triton 3.6 here, the 4096x4096 2 x 1 x 128 loop at groups of 128 takes 574
+# instructions with the gathers, 284 per row (eval/results/notes.md, twenty-second session).
+GEMV_GROUP_SUMS = False
 GEMV_EVICT = "evict_first"
 GEMV_PDL = True  # launch the GEMV with programmatic dependent launch where the GPU has it (see pdl_enabled)
 

@@ -801,6 +801,36 @@ def test_late_gemv_gives_the_one_pass_sums(cfg, block):
     assert float((two - want).norm() / want.norm()) < 2e-4
 
 
+GROUP_SUM_CASES = {"kashin4-g64": (QuantConfig(bits=4, group_size=64), (2, 32, 1)),
+                   "kashin2-g32-split": (QuantConfig(bits=2, group_size=32), (4, 8, 2)),
+                   "kashin8-g16": (QuantConfig(bits=8, group_size=16), (2, 16, 1)),
+                   "kashin4-g128-late": (QuantConfig(bits=4, group_size=128), (2, 64, 1))}
+
+
+@pytest.mark.parametrize("name", list(GROUP_SUM_CASES))
+def test_mode5_group_sums_give_the_per_word_sums(name):
+    """kashin's GEMV with groups shorter than a word tile: each plane's integer dots summed per group before one
+    coefficient per (row, group) (the kernel's GSUM5) computes what a coefficient gathered per word computes
+    (float32 rounding apart): several groups a tile, K split, a partial row block, two tokens, and the two-pass
+    (LATE) loop; where a group spans the tile the switch changes nothing."""
+    pytest.importorskip("triton")
+    from quantune.kernels import gemv_matmul
+
+    cfg, (block_m, block_w, split) = GROUP_SUM_CASES[name]
+    q = _layer(cfg, out=7, inp=256)
+    x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(9))
+    args = dict(block_m=block_m, block_w=block_w, num_warps=1, split=split, share=False, mode=5,
+                late=name.endswith("late"))
+    per_word = gemv_matmul(x, q.codes, _form(q), cfg.bits, group_sums=False, **args)
+    per_group = gemv_matmul(x, q.codes, _form(q), cfg.bits, group_sums=True, **args)
+    torch.testing.assert_close(per_group, per_word, rtol=1e-5, atol=1e-5)
+    want = x @ q.dequantize().T
+    assert float((per_group - want).norm() / want.norm()) < 2e-4
+    wide = dict(args, block_w=cfg.group_size // (32 // cfg.bits), split=1)  # a tile inside one group: no group sums
+    assert torch.equal(gemv_matmul(x, q.codes, _form(q), cfg.bits, group_sums=True, **wide),
+                       gemv_matmul(x, q.codes, _form(q), cfg.bits, group_sums=False, **wide))
+
+
 def test_late_gemv_is_refused_where_it_cannot_run_and_chosen_where_it_helps():
     pytest.importorskip("triton")
     from quantune import kernels
