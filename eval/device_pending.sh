@@ -116,33 +116,17 @@ PY
   chunks)    python -m eval.sweep_prep_columns ;;                                                  # issue 5
   joined)    python -m eval.bench_joined ;;   # issue 5: q/k/v and gate/up as one GEMV launch against a launch each
   decode-sweep) python -m eval.sweep_decode ;;  # issue 5: tiles of the bf16 decode for prefill
-  joined-decode) # issue 5: the joined decode's two ways to values (bits, signs) and tiles, then the
-             # kernel bench for kashin in groups of 128 and 64 at the tile and way with the lowest mean time relative to each
-             # case's best (the library's defaults are set from it after review)
-             mkdir -p "$out/joined"
-             OUT="$out/joined" timeout 300 python -m eval.sweep_joined_decode \
-               --cases 4096x4096:128,8192x28672:128,4096x4096:64,14336x4096:128 --block-m 32,64 --warps 4 \
-               --programs 1024 --decodes signs,bits > "$out/joined/sweep.log" 2>&1 || true
-             python - "$out/joined/sweep_joined_decode.json" "$out" <<'PY'
-import json, runpy, sys
-from quantune import kernels
-rows = json.load(open(sys.argv[1]))
-cases = {(r["k"], r["n"], r["group"]) for r in rows}
-best = {c: min(r["us"] for r in rows if (r["k"], r["n"], r["group"]) == c) for c in cases}
-tiles = {}
-for r in rows:
-    tiles.setdefault((r["block_m"], r["warps"], r["programs"], r["decode"]), []).append(
-        r["us"] / best[(r["k"], r["n"], r["group"])])
-tile = min((t for t in tiles if len(tiles[t]) == len(cases)), key=lambda t: sum(tiles[t]))
-print("bench at", tile, flush=True)
-kernels.JOINED_BLOCK_M, _, kernels.JOINED_PROGRAMS, kernels.JOINED_DECODE = tile
-out = sys.argv[2]
-for group in ("128", "64"):
-    sys.argv = ["bench_kernels", "--methods", "kashin-4,kashin-2", "--kashin-group", group, "--configs",
-                "gemv5:2x1x128", "--out", f"{out}/bench_kernels_kashin_g{group}"]
-    runpy.run_module("eval.bench_kernels", run_name="__main__")
-PY
-             ;;
+  joined-decode) # issue 5: the joined decode's pipelining depth (one stage: far fewer instructions at 2 bits when
+             # compiled with Triton 3.6) at 4 and 2 bits, both ways to values, the library's tile; then the kernel bench
+             # for kashin in groups of 128 at the library's defaults (set them from the sweep first)
+             for b in 4 2; do
+               mkdir -p "$out/joined_b$b"
+               OUT="$out/joined_b$b" timeout 200 python -m eval.sweep_joined_decode --bits $b \
+                 --cases 4096x4096:128,8192x28672:128,4096x4096:64,14336x4096:128 --block-m 64 --warps 4 \
+                 --programs 1024 --decodes signs,bits --stages 3,1 > "$out/joined_b$b/sweep.log" 2>&1 || true
+             done
+             python -m eval.bench_kernels --methods kashin-4,kashin-2 --kashin-group 128 --configs gemv5:2x1x128 \
+               --out "$out/bench_kernels_kashin_g128" ;;
   kashin-group-sums) # issue 5: kashin's GEMV with groups shorter than a tile, plane dots summed per group before
              # one coefficient (quantune.kernels.GEMV_GROUP_SUMS, off until this is measured) against a coefficient
              # gathered per word, versions side by side in one process; then flip the default if it wins

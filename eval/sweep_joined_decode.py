@@ -25,6 +25,8 @@ def main() -> None:
     p.add_argument("--warps", default="4,8")
     p.add_argument("--programs", default="256,512,2048")
     p.add_argument("--decodes", default="signs", help="quantune.kernels.JOINED_DECODES, comma-separated")
+    p.add_argument("--stages", default="3", help="the row loop's software-pipelining stages, comma-separated")
+    p.add_argument("--bits", type=int, default=4, help="kashin's bits")
     p.add_argument("--once", action="store_true", help="call each tile once, untimed (for a profiler)")
     p.add_argument("--tokens", type=int, default=2048, help="the bf16 GEMM timed beside each case (0: none)")
     args = p.parse_args()
@@ -37,15 +39,15 @@ def main() -> None:
     bench_kernels.DEV = dev
     if dev == "cpu":
         args.cases, args.block_m, args.warps, args.programs = "256x40:64", "16", "4", "4"
-        args.decodes = ",".join(kernels.JOINED_DECODES)
-    default = (kernels.JOINED_BLOCK_M, 4, kernels.JOINED_PROGRAMS, kernels.JOINED_DECODE)
+        args.decodes, args.stages = ",".join(kernels.JOINED_DECODES), "3,1"
+    default = (kernels.JOINED_BLOCK_M, 4, kernels.JOINED_PROGRAMS, kernels.JOINED_DECODE, kernels.JOINED_STAGES)
     rows = []
     for case in args.cases.split(","):
         shape, g = case.split(":")
         k, n = map(int, shape.split("x"))
         torch.manual_seed(0)
         lin = torch.nn.Linear(k, n, bias=False, device=dev)
-        q, _ = QuantLinear.from_linear(lin, QuantConfig(bits=4, group_size=int(g)))
+        q, _ = QuantLinear.from_linear(lin, QuantConfig(bits=args.bits, group_size=int(g)))
         form, ref = q.bitplane_form(), q.dequantize()
         fill = gemm = None
         if not args.once:
@@ -54,14 +56,15 @@ def main() -> None:
                 x = torch.randn(args.tokens, k, device=dev, dtype=torch.bfloat16)
                 wb = ref.to(torch.bfloat16)
                 gemm = bench_kernels.bench(lambda: x @ wb.T) * 1e6
-        tiles = [(bm, warps, progs, dec) for bm in map(int, args.block_m.split(","))
+        tiles = [(bm, warps, progs, dec, st) for bm in map(int, args.block_m.split(","))
                  for warps in map(int, args.warps.split(",")) for progs in map(int, args.programs.split(","))
-                 for dec in args.decodes.split(",")]
-        for bm, warps, progs, dec in tiles:
+                 for dec in args.decodes.split(",") for st in map(int, args.stages.split(","))]
+        for bm, warps, progs, dec, st in tiles:
             kernels.JOINED_PROGRAMS = progs
 
             def call():
-                return kernels.decode_joined_bf16(q.codes, form, 4, k, block_m=bm, num_warps=warps, decode=dec)
+                return kernels.decode_joined_bf16(q.codes, form, args.bits, k, block_m=bm, num_warps=warps,
+                                                  decode=dec, stages=st)
             if args.once:
                 call()
                 if dev == "cuda":
@@ -71,13 +74,14 @@ def main() -> None:
                 t = bench_kernels.bench(call) * 1e6
             except Exception as exc:  # a tile the compiler rejects: recorded, the sweep goes on
                 print(json.dumps(dict(k=k, n=n, group=int(g), block_m=bm, warps=warps, programs=progs, decode=dec,
-                                      error=str(exc).splitlines()[0][:200])), flush=True)
+                                      stages=st, error=str(exc).splitlines()[0][:200])), flush=True)
                 continue
             err = float((call().float() - ref).norm() / ref.norm())
-            row = dict(k=k, n=n, group=int(g), block_m=bm, warps=warps, programs=progs, decode=dec, us=t,
+            row = dict(k=k, n=n, group=int(g), bits=args.bits, block_m=bm, warps=warps, programs=progs, decode=dec,
+                       stages=st, us=t,
                        fill_bf16_us=fill, gemm_bf16_us=gemm, rel_err=err,
                        prefill_vs_bf16_est=gemm / (gemm + t) if gemm else None,
-                       default=(bm, warps, progs, dec) == default)
+                       default=(bm, warps, progs, dec, st) == default)
             print(json.dumps(row), flush=True)
             rows.append(row)
         kernels.JOINED_PROGRAMS = default[2]

@@ -1276,17 +1276,23 @@ def group_basis(g: int, kind: str, seed: int, device: torch.device, dtype: torch
 
 JOINED_DECODES = ("bits", "signs")  # how the joined decode turns codes into values (_decode_joined_kernel)
 JOINED_DECODE = "signs"
+# Software-pipelining stages of the joined decode's row loop (Triton's num_stages). Compiled for sm_90 with Triton
+# 3.6, one stage (no asynchronous copies ahead) takes the 2-bit 64 x 128 tile from 1479 instructions to 796 and the
+# 4-bit one from 1308 to 1263: kashin-2 decodes slower than kashin-4 at the default. Not yet measured on the H200
+# (`python -m eval.sweep_joined_decode --stages 3,1`), so the default stays Triton's.
+JOINED_STAGES = 3
 
 
 def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int,
                        block_m: int | None = None, num_warps: int = 4,
-                       dtype: torch.dtype = torch.bfloat16, decode: str | None = None) -> torch.Tensor:
+                       dtype: torch.dtype = torch.bfloat16, decode: str | None = None,
+                       stages: int | None = None) -> torch.Tensor:
     """kashin's weight ``U + V Q^T`` as one bf16 ``(out, k)`` matrix (:func:`_decode_joined_kernel`), for the
     formats :func:`joined_decode_supported` serves. The transform's product runs on the tensor cores in bf16 with
     float32 sums: ``V`` rounded to bf16 as the two-GEMM path stores it, and ``R`` too. ``dtype``: the result's
     (float32 for checks). ``decode`` (:data:`JOINED_DECODES`, default :data:`JOINED_DECODE`): the planes' sums
-    from converted bits or from flipped signs. The kernel reads the form's coefficients as they are: nothing is
-    copied or kept."""
+    from converted bits or from flipped signs. ``stages``: the row loop's pipelining stages (default
+    :data:`JOINED_STAGES`). The kernel reads the form's coefficients as they are: nothing is copied or kept."""
     if not joined_decode_supported(form, bits):
         raise ValueError(f"the joined decode needs kashin in groups of a power of two from 16 to {JOINED_MAX_GROUP} "
                          f"columns ({bits} bits, group {form.group}, {form.ku} planes on U)")
@@ -1304,7 +1310,8 @@ def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: i
     basis = group_basis(g, form.transform, form.seed, packed.device, torch.bfloat16 if bf16 else torch.float32)
     launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, form.a, form.bx, form.bq, basis, out,
            m, w.stride(0), groups, per, K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, BF16=bf16,
-           DECODE=JOINED_DECODES.index(decode), EVEN=m % block_m == 0, num_warps=num_warps)
+           DECODE=JOINED_DECODES.index(decode), EVEN=m % block_m == 0, num_warps=num_warps,
+           num_stages=JOINED_STAGES if stages is None else stages)
     return out
 
 

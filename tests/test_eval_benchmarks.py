@@ -163,13 +163,14 @@ def test_loop_bodies_count_from_the_label_to_the_branch_back():
 
 def test_joined_decode_sweep_smoke_checks_the_weight(tmp_path):
     """eval/sweep_joined_decode.py on the CPU (interpreter, one small case): a row per tile setting and way to the
-    values (quantune.kernels.JOINED_DECODES), each decode within bf16's precision of the module's weight."""
+    values (quantune.kernels.JOINED_DECODES) and pipelining depth, each decode within bf16's precision of the
+    module's weight."""
     pytest.importorskip("triton")
     from quantune.kernels import JOINED_DECODES
 
     _run(["eval.sweep_joined_decode"], tmp_path, 300, OUT=str(tmp_path))
     rows = json.loads((tmp_path / "sweep_joined_decode.json").read_text())
-    assert sorted(r["decode"] for r in rows) == sorted(JOINED_DECODES)
+    assert sorted((r["decode"], r["stages"]) for r in rows) == sorted((d, s) for d in JOINED_DECODES for s in (3, 1))
     assert all(r["group"] == 64 and r["rel_err"] < 4e-3 for r in rows)
 
 
