@@ -595,6 +595,8 @@ if triton is not None:
                             acc += tl.where(bit, src, -src) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
                 elif MODE == 5:
                     offs = w0 + wtile
+                    if G5:
+                        gidx5 = rows[:, None] * groups + w0 // WPG + gl5  # the tile's (row, group) coefficients
                     if (not LATE) or phase == 0:
                         xl0, xh0, xl1, xh1, xl2, xh2, xl3, xh3 = _pairs8(xp_ptr, tok, CPB, NW, offs)
                         xscale = tl.load(sc_ptr + tok)
@@ -627,8 +629,7 @@ if triton is not None:
                                 d0, d1, d2, d3, d4, d5, d6, d7 = _set_plane(t, dot, d0, d1, d2, d3, d4, d5, d6, d7)
                             elif G5:  # per group: the words' dots summed, then one coefficient each
                                 gdot = tl.sum(tl.reshape(dot, (BLOCK_M, GPT5, WPG)), axis=2).to(tl.float32)
-                                gcoef = tl.load(a_ptr + (rows[:, None] * groups + w0 // WPG + gl5) * BITS + t,
-                                                mask=rmask[:, None], other=0.0)
+                                gcoef = tl.load(a_ptr + gidx5 * BITS + t, mask=rmask[:, None], other=0.0)
                                 acc5 += gcoef * (gdot * ((xscale if t < KU else qscale) / (1 << t)))
                             elif t < KU:
                                 acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32)
@@ -637,7 +638,6 @@ if triton is not None:
                                 acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32)
                                                                                    * (qscale / (1 << t)))
                     if G5:
-                        gidx5 = rows[:, None] * groups + w0 // WPG + gl5
                         if (not LATE) or phase == 0:
                             xsg = tl.sum(tl.reshape(tl.load(xs_ptr + tok * NW + offs), (BLOCK_M, GPT5, WPG)), axis=2)
                             acc5 += tl.load(bx_ptr + gidx5, mask=rmask[:, None], other=0.0) * xsg
