@@ -127,6 +127,19 @@ PY
              done
              python -m eval.bench_kernels --methods kashin-4,kashin-2 --kashin-group 128 --configs gemv5:2x1x128 \
                --out "$out/bench_kernels_kashin_g128" ;;
+  long-dct)  # issue 5: kashin's two-launch input DCT for groups of up to 256 x 64 (quantune.kernels.DCT_MAX_N1, 64 until
+             # measured; stage two in steps of DCT_STAGE2_CHUNK rows), against the rfft path: the preparation alone,
+             # then the whole call of the two versions side by side (K = 14336: 224 x 64, 8192: 128 x 64)
+             mkdir -p "$out/long_dct"
+             OUT="$out/long_dct" timeout 240 python -m eval.sweep_prep_dct --widths 14336,8192,11008 --max-n1 256 \
+               --stage2-chunk 32,64,128 --stage2-k2 16,32 --warps 4x4 --precisions tf32x3 --prep-pdl 1 \
+               > "$out/long_dct/log.txt" 2>&1 || true
+             # v0: long groups in two launches; v1: the same without the GEMV's two passes (LATE, which the
+             # two launches switch on for up to 32 MB of codes: 14336x4096 at 4 bits)
+             sed 's/^DCT_MAX_N1 = 64/DCT_MAX_N1 = 256/' quantune/kernels.py > /tmp/kernels_longdct.py
+             sed 's/^GEMV_LATE = True/GEMV_LATE = False/' /tmp/kernels_longdct.py > /tmp/kernels_longdct_nolate.py
+             OUT="$out/long_dct_ab" python -m eval.ab_kernels /tmp/kernels_longdct.py /tmp/kernels_longdct_nolate.py \
+               --methods kashin-4,kashin-2 --shapes 14336x4096,8192x28672 --repeat 3 ;;
   kashin-group-sums) # issue 5: kashin's GEMV with groups shorter than a tile, plane dots summed per group before
              # one coefficient (quantune.kernels.GEMV_GROUP_SUMS, off until this is measured) against a coefficient
              # gathered per word, versions side by side in one process; then flip the default if it wins
@@ -149,5 +162,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, long-dct, ddp)"; exit 2 ;;
 esac

@@ -1003,7 +1003,7 @@ if triton is not None:
                            K: tl.constexpr, G: tl.constexpr, N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr,
                            PER: tl.constexpr, NGP: tl.constexpr, PRECISION: tl.constexpr,
                            TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False, BK2: tl.constexpr = 16,
-                           TRIGGER_LATE: tl.constexpr = False):
+                           TRIGGER_LATE: tl.constexpr = False, RCH: tl.constexpr = 0):
         """Second launch (:func:`_dct_stage1_kernel`): stage two, ``V[k2 + N2 k1] = sum_n1 w_N1^(n1 k1) A[n1,
         k2]`` for 16 k1 by BK2 k2 per program, the complex product as two real products over both planes of
         A (``f1``: the N1-point DFT matrix as ``[Re, -Im]`` and ``[Im, Re]`` rows, :func:`_dot3`); then the DCT ``xq_k =
@@ -1016,7 +1016,9 @@ if triton is not None:
         about 3.6x above the largest output at G = 4096, about 2 of the 16 bits (``||x||_2``, the plain bound,
         lies 18x above). The tables load before the wait, as in the first launch. TRIGGER_LATE: the next kernel
         may start only once this one has waited for the first launch (a GEMV with LATE reads x's inputs at its
-        start)."""
+        start). RCH: the product's reduction (A's 2 N1P stacked rows) in steps of RCH rows, after the wait (long
+        groups, :data:`DCT_MAX_N1`: the whole 16 x 2 N1P tables and a 2 N1P x BK2 slice of A spill registers
+        beyond N1P = 64); 0, or RCH >= 2 N1P: one step, the tables loaded before the wait."""
         if TRIGGER and not TRIGGER_LATE:
             _gdc_launch_dependents()
         tok = tl.program_id(0)
@@ -1033,19 +1035,36 @@ if triton is not None:
         t_im = tl.load(tw_ptr + k * 2 + 1, mask=km, other=0.0)
         spec_ptr = a_ptr + (tok * (K // G) + g) * 2 * N1P * N2  # both planes: (2 N1P, N2)
         PART: tl.constexpr = 2 * N1P * N1P  # one of the table's four parts: (hi, lo) x (Re row, Im row)
-        j = tl.arange(0, 2 * N1P)
-        fidx = k1[:, None] * (2 * N1P) + j[None, :]
-        re_hi = tl.load(f1_ptr + fidx)
-        im_hi = tl.load(f1_ptr + PART + fidx)
-        re_lo = tl.load(f1_ptr + 2 * PART + fidx)
-        im_lo = tl.load(f1_ptr + 3 * PART + fidx)
-        if WAIT:
-            _gdc_wait()
-        if TRIGGER and TRIGGER_LATE:
-            _gdc_launch_dependents()
-        spec = tl.load(spec_ptr + j[:, None] * N2 + k2[None, :])
-        v_re = _dot3(re_hi, re_lo, spec, True, PRECISION)
-        v_im = _dot3(im_hi, im_lo, spec, True, PRECISION)
+        if RCH == 0 or RCH >= 2 * N1P:
+            j = tl.arange(0, 2 * N1P)
+            fidx = k1[:, None] * (2 * N1P) + j[None, :]
+            re_hi = tl.load(f1_ptr + fidx)
+            im_hi = tl.load(f1_ptr + PART + fidx)
+            re_lo = tl.load(f1_ptr + 2 * PART + fidx)
+            im_lo = tl.load(f1_ptr + 3 * PART + fidx)
+            if WAIT:
+                _gdc_wait()
+            if TRIGGER and TRIGGER_LATE:
+                _gdc_launch_dependents()
+            spec = tl.load(spec_ptr + j[:, None] * N2 + k2[None, :])
+            v_re = _dot3(re_hi, re_lo, spec, True, PRECISION)
+            v_im = _dot3(im_hi, im_lo, spec, True, PRECISION)
+        else:
+            tl.static_assert(N1P % RCH == 0, "stage two: RCH divides N1P (a step stays in one plane of A)")
+            if WAIT:
+                _gdc_wait()
+            if TRIGGER and TRIGGER_LATE:
+                _gdc_launch_dependents()
+            v_re = tl.zeros([16, BK2], dtype=tl.float32)
+            v_im = tl.zeros([16, BK2], dtype=tl.float32)
+            NCP: tl.constexpr = (N1 + RCH - 1) // RCH  # steps a plane: the rows past N1 are zero (padding)
+            for r in tl.range(0, 2 * NCP):
+                j = (r // NCP) * N1P + (r % NCP) * RCH + tl.arange(0, RCH)
+                fidx = k1[:, None] * (2 * N1P) + j[None, :]
+                spec = tl.load(spec_ptr + j[:, None] * N2 + k2[None, :])
+                v_re += _dot3(tl.load(f1_ptr + fidx), tl.load(f1_ptr + 2 * PART + fidx), spec, True, PRECISION)
+                v_im += _dot3(tl.load(f1_ptr + PART + fidx), tl.load(f1_ptr + 3 * PART + fidx), spec, True,
+                              PRECISION)
         gi = tl.arange(0, NGP)[:, None, None]
         ei = tl.load(en_ptr + ((tok * (K // G) + gi) * NK1 + tl.arange(0, NK1)[None, :, None]) * N2
                      + tl.arange(0, N2)[None, None, :], mask=gi < K // G, other=0.0)
@@ -1678,19 +1697,31 @@ DCT_WARPS = (4, 4)  # warps per program of the two launches
 # (kernel_sweeps/sweep_prep_dct_k2.json): 4.53 us at 32 against 4.93 at 16 and 5.73 at 64 with DCT_WARPS (4, 4)
 # (stage two 2.62 against 3.12 and 4.03 us); with 2 warps in stage two 64 spilled (70 us)
 DCT_STAGE2_K2 = 32
+# The longest first factor N1 the two launches take (dft_split): 64 (4096-wide groups and shorter). Up to 256
+# (11008 = 172 x 64, 14336 = 224 x 64, 8192 = 128 x 64) stage two runs its product in DCT_STAGE2_CHUNK-row steps
+# of A. Not measured yet on the H200 (prepared in the twenty-third session: `bash eval/device_pending.sh long-dct`);
+# the single-step stage two at N1 = 112 spilled and lost to the rfft path (14.1 against 12.7 us at 14336).
+DCT_MAX_N1 = 64
+DCT_STAGE2_CHUNK = 64  # rows of A (of 2 N1P) per step of stage two's product when 2 N1P is longer
 
 
 def dft_split(g: int) -> tuple[int, int] | None:
-    """``(N1, 64)`` with ``g = 64 N1`` and N1 <= 64, for the two-launch DCT of a ``g``-long group (4096 = 64 x
-    64, 576 = 9 x 64, 1536 = 24 x 64), or None (the rfft path). Measured on the H200 (eval/results/
-    kernel_sweeps/sweep_prep_dct*.json, bench_kernels_kashin.md): at 4096 the two launches take 4.9-5.0 us
-    against the rfft path's 7.2 in the same run; with N1 = 112 or 128 (14336 = 112 x 128, 8192 = 128 x 64)
-    stage two's longer products made them slower than it (14.1 against 12.7 us at 14336: compiled for sm_90,
-    stage two with N1 = 112 keeps 3.8-5.5 KB a thread on the stack, python -m eval.sass_gemv --kernel
-    _dct_stage2_kernel)."""
-    if g % 64 == 0 and g // 64 <= 64:
+    """``(N1, 64)`` with ``g = 64 N1`` and N1 <= :data:`DCT_MAX_N1` (at most 256), for the two-launch DCT of
+    a ``g``-long group (4096 = 64 x 64, 576 = 9 x 64, 1536 = 24 x 64), or None (the rfft path). Measured on
+    the H200 (eval/results/kernel_sweeps/sweep_prep_dct*.json, bench_kernels_kashin.md): at 4096 the two
+    launches take 4.9-5.0 us against the rfft path's 7.2 in the same run; with N1 = 112 or 128 (14336 = 112 x
+    128, 8192 = 128 x 64) stage two's products in one step made them slower than it (14.1 against 12.7 us at
+    14336: compiled for sm_90, stage two with N1 = 112 kept 3.8-5.5 KB a thread on the stack, python -m
+    eval.sass_gemv --kernel _dct_stage2_kernel), hence the steps (:data:`DCT_STAGE2_CHUNK`) past 64."""
+    if g % 64 == 0 and g // 64 <= min(DCT_MAX_N1, 256):
         return g // 64, 64
     return None
+
+
+def stage2_chunk(n1p: int) -> int:
+    """Stage two's RCH for an N1P-row first factor: 0 (one step, the tables before the wait) up to N1P = 64,
+    else :data:`DCT_STAGE2_CHUNK` rows (at most N1P, so that a step stays in one plane of A)."""
+    return 0 if 2 * n1p <= 128 else min(DCT_STAGE2_CHUNK, n1p)
 
 
 @functools.lru_cache(maxsize=32)
@@ -1768,7 +1799,7 @@ def _two_stage_input(x: torch.Tensor, form: BitplaneForm, bits: int, trigger: bo
         launch(_dct_stage2_kernel, (t, (k // g) * (n2 // bk2) * (n1p // 16)),
             spectrum, f1, twiddle, energy, xqd, xqs, xqp.view(torch.int16), qsc, K=k, G=g, N1=n1, N1P=n1p, N2=n2,
             PER=per, NGP=_pow2(k // g), PRECISION=DCT_DOT_PRECISION, TRIGGER=trigger, WAIT=chain,
-            BK2=bk2, TRIGGER_LATE=late, num_warps=DCT_WARPS[1], **pdl)
+            BK2=bk2, TRIGGER_LATE=late, RCH=stage2_chunk(n1p), num_warps=DCT_WARPS[1], **pdl)
     return xd, xqd, xs, xqs, xp, xqp, sc, qsc, None
 
 

@@ -105,17 +105,22 @@ def test_prefill_dct_sweep_smoke_checks_each_pass(tmp_path):
     assert [r["rel_err_vs_torch"] for r in rows if r["pass"].startswith("whole")][0] < 1e-5
 
 
-def test_prep_probe_smoke_compares_the_two_preparations(tmp_path):
+@pytest.mark.parametrize("steps", [False, True], ids=["one-step", "long-groups"])
+def test_prep_probe_smoke_compares_the_two_preparations(tmp_path, steps):
     """eval/sweep_prep_dct.py on the CPU (one small width under the interpreter): a row for the rfft path, the
     two-launch path (stage two 16 and 64 outputs wide) and rtn's one-launch floor, and the two-launch path's
-    transformed input equal to the rfft path's."""
+    transformed input equal to the rfft path's. With --max-n1 and --stage2-chunk: a 72 x 64 group, stage two in
+    steps of 32 and 64 rows of A."""
     pytest.importorskip("triton")
-    _run(["eval.sweep_prep_dct"], tmp_path, 600, OUT=str(tmp_path))
+    extra = ["--max-n1", "256", "--stage2-chunk", "32,64"] if steps else []
+    _run(["eval.sweep_prep_dct", *extra], tmp_path, 600, OUT=str(tmp_path))
     rows = json.loads((tmp_path / "sweep_prep_dct.json").read_text())
     assert {r["path"] for r in rows} == {"rfft", "two-stage", "rtn prep (one launch)"}
     two = [r for r in rows if r["path"] == "two-stage"]
     assert two and all(r["xq_rel_diff_vs_rfft"] < 1e-5 for r in two)
     assert {r["stage2_k2"] for r in two} == {16, 64}  # stage two's two tile widths, both checked
+    assert {r["stage2_chunk"] for r in two} == ({32, 64} if steps else {0})
+    assert {r["n1"] for r in two} == ({72} if steps else {4})
 
 
 @pytest.mark.slow

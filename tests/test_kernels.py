@@ -719,7 +719,7 @@ def test_one_launch_for_layers_stored_back_to_back(cfg, rows):
 
 
 DCT_CASES = {"9x64-6tokens": (576, None, 4, 6), "28x64-2bit": (1792, None, 2, 1), "groups128-8bit": (512, 128, 8, 2),
-             "groups64": (256, 64, 4, 3)}
+             "groups64": (256, 64, 4, 3), "72x64-steps": (4608, None, 4, 2)}
 
 
 @pytest.mark.parametrize("inp,group,bits,tokens,k2", [
@@ -731,11 +731,15 @@ def test_two_launch_dct_equals_the_rfft_path(inp, group, bits, tokens, k2, monke
     """The two-launch preparation (stage one, then stage two, of a G = N1 x N2 FFT; N1 padded to a power of two)
     gives the rfft path's inputs: x's parts exactly, the transformed input to float32 rounding; its pairs are
     the transformed input rounded with the Parseval scale; and the GEMV on them stays within 2e-4. Stage two
-    with 16 or 64 outputs along k2 per program alike."""
+    with 16 or 64 outputs along k2 per program alike, and in steps along A's rows where N1 > 64 (N1 = 72:
+    padded to 128, two steps of 64 a plane, the second mostly padding)."""
     pytest.importorskip("triton")
     from quantune import kernels
 
     monkeypatch.setattr(kernels, "DCT_STAGE2_K2", k2)
+    monkeypatch.setattr(kernels, "DCT_MAX_N1", 256)
+    if inp // 64 > 64:
+        assert kernels.stage2_chunk(max(16, kernels._pow2(inp // 64))) == 64
 
     q = _layer(QuantConfig(bits=bits, group_size=group), out=24, inp=inp)
     form = _form(q)
