@@ -766,16 +766,19 @@ def test_two_launch_dct_equals_the_rfft_path(inp, group, bits, tokens, k2, monke
     assert float((got - want).norm() / want.norm()) < 2e-4
 
 
-def test_two_launch_dct_scale_holds_for_an_input_on_one_frequency():
+@pytest.mark.parametrize("inp", [512, 4608], ids=["8x64", "72x64-steps"])
+def test_two_launch_dct_scale_holds_for_an_input_on_one_frequency(inp, monkeypatch):
     """The worst input for the bound: all of x's energy in one DCT output. The scale must still cover it
-    (no 16-bit overflow) and the GEMV stay right."""
+    (no 16-bit overflow) and the GEMV stay right; also with a first factor past 64 (stage two in steps)."""
     pytest.importorskip("triton")
     from quantune import kernels
     from quantune.transforms import inverse_transform
 
-    q = _layer(QuantConfig(bits=4), out=16, inp=512)
+    monkeypatch.setattr(kernels, "DCT_MAX_N1", 256)
+    q = _layer(QuantConfig(bits=4), out=16, inp=inp)
     form = _form(q)
-    spike = torch.zeros(2, 512)
+    assert kernels.dct_two_stage(form, 4, True)
+    spike = torch.zeros(2, inp)
     spike[0, 5], spike[1, 0] = 3.0, -2.0  # the second token on frequency 0 (its twiddle is the smaller one)
     x = inverse_transform(spike, form.transform, form.seed)
     xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg = kernels.prepared_input(x, form, 4, pairs=True, share=False)
