@@ -59,15 +59,16 @@ def bitplane_matmul_reference(x: torch.Tensor, packed: torch.Tensor, form: Bitpl
     """``x W^T`` ``(T, out)`` through the bit-plane form, in float32 torch."""
     x = x.float()
     t, k = x.shape
-    m, groups = form.bx.shape
+    a, bx, bq = form.planes()
+    m, groups = bx.shape
     xq = transformed_input(x, form).float()
     planes = bit_planes(packed, bits, k).reshape(bits, m, groups, form.group)
     xg, xqg = x.reshape(t, groups, form.group), xq.reshape(t, groups, form.group)
-    y = torch.einsum("mg,tg->tm", form.bx, xg.sum(-1)) + torch.einsum("mg,tg->tm", form.bq, xqg.sum(-1))
+    y = torch.einsum("mg,tg->tm", bx, xg.sum(-1)) + torch.einsum("mg,tg->tm", bq, xqg.sum(-1))
     for plane in range(bits):
         src = xg if plane < form.ku else xqg
         dots = torch.einsum("mgk,tgk->tmg", planes[plane], src)
-        y = y + (dots * form.a[..., plane]).sum(-1)
+        y = y + (dots * a[..., plane]).sum(-1)
     return y
 
 
@@ -82,11 +83,12 @@ def level_tables(form: BitplaneForm, bits: int) -> tuple[torch.Tensor, torch.Ten
     and both in float16 where float16 holds them exactly (rtn's scales and minima are stored in
     float16): the kernels then read as many coefficient bytes as the format stores, not the four
     times as many of float32 offsets and scales."""
-    a = form.a.float()
+    a, bx, bq = form.planes()
+    a = a.float()
     ku, kv = form.ku, bits - form.ku
     powers = 2.0 ** torch.arange(ku, device=a.device)
     if kv == 0 and torch.allclose(a[..., :ku], a[..., :1] * powers, rtol=1e-6, atol=0):
-        scale, offset = a[..., 0].contiguous(), form.bx.float().contiguous()
+        scale, offset = a[..., 0].contiguous(), bx.float().contiguous()
         if torch.equal(offset, scale * -(1 << (bits - 1))):
             offset = None
         exact = [t for t in (scale, offset) if t is not None]
@@ -99,8 +101,8 @@ def level_tables(form: BitplaneForm, bits: int) -> tuple[torch.Tensor, torch.Ten
         b = ((j[:, None] >> torch.arange(k, device=a.device)) & 1).float()  # (2^k, k)
         return (offset[..., None] + coeffs @ b.T).contiguous()
 
-    lut_u = table(a[..., :ku], form.bx.float(), ku)
-    lut_v = table(a[..., ku:], form.bq.float(), kv) if kv else torch.zeros_like(form.bq.float())[..., None]
+    lut_u = table(a[..., :ku], bx.float(), ku)
+    lut_v = table(a[..., ku:], bq.float(), kv) if kv else torch.zeros_like(bq.float())[..., None]
     return lut_u, lut_v, False
 
 
@@ -1234,14 +1236,14 @@ def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, blo
     v = torch.empty_like(u) if form.ku < bits else None
     sym = False
     if mode == 0:
-        a, bx, bq = form.a, form.bx, form.bq
+        a, bx, bq = form.planes()
     elif mode == 1:
         a, bx, sym = affine_args(tables)
         bq = bx
     else:
         a, bx, bq = tables[0], tables[0], tables[1]
     launch(_decode_kernel, (_cdiv(m, block_m), words // tile),
-        w, a, bx, bq, u, u if v is None else v, m, w.stride(0), form.bx.shape[1], K=k,
+        w, a, bx, bq, u, u if v is None else v, m, w.stride(0), form.groups, K=k,
         GROUP=form.group, BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile,
         SYM=sym, num_warps=num_warps)
     return u, v
@@ -1327,7 +1329,7 @@ def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: i
     per = _cdiv(_cdiv(m, chunks), block_m) * block_m  # rows a program
     bf16 = os.environ.get("TRITON_INTERPRET", "0") != "1"
     basis = group_basis(g, form.transform, form.seed, packed.device, torch.bfloat16 if bf16 else torch.float32)
-    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, form.a, form.bx, form.bq, basis, out,
+    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, *form.planes(), basis, out,
            m, w.stride(0), groups, per, K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, BF16=bf16,
            DECODE=JOINED_DECODES.index(decode), EVEN=m % block_m == 0, num_warps=num_warps,
            num_stages=JOINED_STAGES if stages is None else stages)
@@ -1372,7 +1374,7 @@ def prefill_dct_post(spectrum: torch.Tensor, form: BitplaneForm, dtype: torch.dt
                      warps: int) -> torch.Tensor:
     """Prefill DCT's last pass: ``xq`` ``(T, K)`` in ``dtype`` from the groups' half spectra (:func:`_dct_out_kernel`)."""
     g = form.group
-    k = form.bx.shape[1] * g
+    k = form.groups * g
     t = spectrum.shape[0] // (k // g)
     xq = torch.empty(t, k, device=spectrum.device, dtype=dtype)
     twiddle = torch.view_as_real(dct_twiddle(g, spectrum.device, torch.float32))
@@ -1420,8 +1422,8 @@ def bitplane_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, b
     block_k, x32, xq, y = _launch_setup(x, packed, form, bits, block_k, xq)
     (t, k), m = x.shape, packed.shape[0]
     launch(_bitplane_kernel, (_cdiv(m, block_m), t),
-        packed, x32, xq, form.a.contiguous(), form.bx.contiguous(), form.bq.contiguous(), y,
-        m, packed.stride(0), form.bx.shape[1], form.group, K=k,
+        packed, x32, xq, *(t.contiguous() for t in form.planes()), y,
+        m, packed.stride(0), form.groups, form.group, K=k,
         BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
     return y
 
@@ -1439,7 +1441,7 @@ def levels_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bit
     if affine:  # u = offset + scale * code: the kernel's lu_ptr offsets, lv_ptr scales
         lv, lu, sym = affine_args(tables)
     launch(_levels_kernel, (_cdiv(m, block_m), t),
-        packed, x32, xq, lu, lv, y, m, packed.stride(0), form.bx.shape[1], form.group, K=k,
+        packed, x32, xq, lu, lv, y, m, packed.stride(0), form.groups, form.group, K=k,
         BITS=bits, KU=form.ku, AFFINE=affine, BLOCK_M=block_m, BLOCK_K=block_k, SYM=sym, num_warps=num_warps)
     return y
 
@@ -1452,7 +1454,7 @@ def gemv_block_w(form: BitplaneForm, bits: int, block_w: int, split: int = 1) ->
     if 32 % bits or form.group % (32 // bits):
         return None
     wpg = form.group // (32 // bits)
-    words = form.group * form.bx.shape[1] // (32 // bits)
+    words = form.group * form.groups // (32 // bits)
     if words % split:
         return None
     chunk = words // split
@@ -1583,10 +1585,10 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         a, bx, sym = affine_args(tables)
         bq = bx
     else:
-        a, bx, bq = form.a, form.bx, form.bq
+        a, bx, bq = form.planes()
     launch(_gemv_kernel, (_cdiv(m, block_m), split, t),
         w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, ys[1 % len(ys)], ys[-1], m, bounds[0], bounds[1],
-        w.stride(0), form.bx.shape[1], K=k, GROUP=form.group,
+        w.stride(0), form.groups, K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         PREFETCH=int(prefetch), ASM=asm, XCH=rounding_columns(k, bits), PDL=pdl, NOUT=len(ys), SYM=sym,
         EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late), SUMG=sumg,

@@ -44,13 +44,29 @@ class BitplaneForm:
     keeps ``bits`` running dot products per row; nothing is decoded to a float weight.
     """
 
-    a: torch.Tensor    # (out, G, bits) float32
-    bx: torch.Tensor   # (out, G) float32
-    bq: torch.Tensor   # (out, G) float32 (zero without a transformed factor)
+    a: torch.Tensor | None    # (out, G, bits) float32; None: see below
+    bx: torch.Tensor | None   # (out, G) float32
+    bq: torch.Tensor | None   # (out, G) float32 (zero without a transformed factor)
     ku: int            # planes applied to x; the rest to xq
     group: int
     transform: str | None
     seed: int
+    groups: int = -1   # G (taken from bx when not given)
+
+    # A form without a/bx/bq is what the kernels of an affine format (rtn) are given: they read its level tables
+    # (the stored float16 scales, quantune.kernels.level_tables), so a layer on the GPU keeps no float32 copy of
+    # them (QuantLinear.kernel_form). Kernels that need the planes' coefficients ask for them with planes().
+
+    def __post_init__(self):
+        if self.groups < 0:
+            self.groups = self.bx.shape[1]
+
+    def planes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(a, bx, bq)``, or a clear error for a form that carries none."""
+        if self.a is None:
+            raise ValueError("this form carries no plane coefficients (an affine format's kernel form, whose "
+                             "kernels read its level tables); QuantLinear.bitplane_form() has them")
+        return self.a, self.bx, self.bq
 
 
 class Method:
@@ -72,6 +88,12 @@ class Method:
     def extra_bits(self, cfg: QuantConfig) -> int:
         """Bits stored outside the buffers (e.g. a seed), counted in bits per weight."""
         return 0
+
+    def affine_tables(self, buffers: dict, cfg: QuantConfig) -> tuple | None:
+        """For a format whose codes decode affinely (``offset + scale * code`` per (row, group)): the level
+        tables :func:`quantune.kernels.level_tables` would compute from the form, as the stored tensors
+        themselves (no copy); else None."""
+        return None
 
     def factors(self, buffers: dict, out_features: int, in_features: int, cfg: QuantConfig) -> dict:
         """Named factor matrices ``(out, in)`` the weight is built from (none for scalar methods)."""
@@ -157,6 +179,11 @@ class RTNMethod(Method):
     def dequantize(self, buffers, out_features, in_features, cfg):
         codes = unpack_codes(buffers["codes"], cfg.bits, in_features)
         return rtn_dequantize(codes, buffers["scales"], buffers.get("mins"), cfg.bits)
+
+    def affine_tables(self, buffers, cfg):
+        # level_tables of the form below: (offset, scale, True), the offset None on the symmetric grid (the
+        # kernels derive it from the scale); both float16 as stored
+        return buffers.get("mins"), buffers["scales"], True
 
     def bitplane_form(self, buffers, out_features, in_features, cfg):
         # symmetric: w = s (code - 2^(b-1)); asymmetric: w = s code + min; code = sum_t 2^t bit_t

@@ -40,10 +40,34 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device),
                                  requires_grad=False) if bias else None
         self._weight_cache: torch.Tensor | None = None
-        self._bitplane = None  # BitplaneForm for the fused decode kernel, built on first use
-        self._levels = None    # its level tables (quantune.kernels.level_tables), likewise
-        self._support = None   # which kernels serve it, with the form it was read from: see _kernel_support
+        self._reset_kernel_caches()
         self._register()
+
+    def _reset_kernel_caches(self):
+        self._bitplane = None  # BitplaneForm (float32 plane coefficients), built on first use
+        self._levels = None    # its level tables (quantune.kernels.level_tables), likewise
+        self._kform = None     # what the kernel path passes: see kernel_form / kernel_tables
+        self._ktables = None
+        self._support = None   # which kernels serve it, with the form it was read from: see _kernel_support
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the stored buffers; dtype casts do not. ``model.to(torch.bfloat16)``,
+        ``.half()`` or ``.float()`` would otherwise round the float16 scales and coefficients (changing
+        the quantized weights) or double their memory; the bias follows the cast like any parameter.
+        The buffers go through ``fn`` as integers of their width, so every bit is kept."""
+        floats = {}
+        for name in self.buffer_names:
+            t = self._buffers.get(name)
+            if t is not None and t.is_floating_point():
+                floats[name] = t.dtype
+                self._buffers[name] = t.view(_SAME_WIDTH_INT[t.element_size()])
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, dtype in floats.items():
+                self._buffers[name] = self._buffers[name].view(dtype)
+        self._reset_kernel_caches()  # the kernels' copies and views belong to the old buffers
+        return self
 
     def _register(self):
         """A handle through which torch.compile'd code reaches this module (see :func:`_linear_op`)."""
@@ -100,10 +124,11 @@ class QuantLinear(nn.Module):
         return w.to(dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._bitplane = self._levels = None  # new codes: rebuild the kernel's form on next use
+        self._reset_kernel_caches()  # new codes: rebuild the kernels' forms on next use
         return super()._load_from_state_dict(*args, **kwargs)
 
     def bitplane_form(self):
+        """The layer as :class:`quantune.methods.BitplaneForm`, with its float32 plane coefficients."""
         if self._bitplane is None or self._bitplane.a.device != self.codes.device:
             self._bitplane = self.method.bitplane_form(self.buffers_dict(), self.out_features, self.in_features,
                                                        self.qconfig)
@@ -111,18 +136,52 @@ class QuantLinear(nn.Module):
         return self._bitplane
 
     def level_tables(self):
-        form = self.bitplane_form()
+        """:func:`quantune.kernels.level_tables`: an affine format's stored scales (and offsets) themselves,
+        else each (row, group)'s float32 table of the values each factor's code field decodes to."""
         if self._levels is None:
-            from quantune.kernels import level_tables
+            self._levels = self.method.affine_tables(self.buffers_dict(), self.qconfig)
+            if self._levels is None:
+                from quantune.kernels import level_tables
 
-            self._levels = level_tables(form, self.qconfig.bits)
+                self._levels = level_tables(self.bitplane_form(), self.qconfig.bits)
         return self._levels
+
+    def _affine(self) -> bool:
+        return self.method.affine_tables(self.buffers_dict(), self.qconfig) is not None
+
+    def kernel_form(self):
+        """The form the kernel path passes: with its plane coefficients where the kernels read them (kashin),
+        without them for an affine format (rtn: the kernels read its level tables, the stored float16 scales),
+        so a layer on the GPU keeps no float32 copy that its kernels never read (3 bits per weight for rtn at
+        groups of 64)."""
+        if self._kform is None or (self._kform.a is not None and self._kform.a.device != self.codes.device):
+            if self._affine():  # the planes built once to be dropped: the form keeps its layout only
+                form = self.method.bitplane_form(self.buffers_dict(), self.out_features, self.in_features,
+                                                 self.qconfig)
+                self._kform = dataclasses.replace(form, a=None, bx=None, bq=None)
+            else:
+                self._kform = self.bitplane_form()
+        return self._kform
+
+    def kernel_tables(self) -> tuple:
+        """The level tables the kernel path passes: an affine format's (the stored scales); for kashin, whose
+        word-reading kernels take the planes' coefficients, ``(None, None, False)``, the tables being built
+        only for code widths those kernels do not serve (the level-table kernel reads them: 2.5 bits per
+        weight at groups of 128 and 4 bits, 5 at 64, so not kept where unread)."""
+        if self._ktables is None:
+            from quantune.kernels import gemv_supported
+
+            if self._affine() or not gemv_supported(self.kernel_form(), self.qconfig.bits, self.codes.shape[1]):
+                self._ktables = self.level_tables()
+            else:
+                self._ktables = (None, None, False)
+        return self._ktables
 
     def _kernel_support(self) -> tuple[bool, bool, int]:
         """Whether Triton kernels serve this layer's format, (few tokens, many tokens, the most tokens the
         few-token kernel takes), kept with the form they were read from (a new form, after a load or
         :func:`colocate`, is read again)."""
-        form = self.bitplane_form()
+        form = self.kernel_form()
         if self._support is None or self._support[0] is not form:
             from quantune import kernels
 
@@ -158,11 +217,11 @@ class QuantLinear(nn.Module):
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, self.in_features)
         if path == "fused":
-            y = fused_matmul(x2, self.codes, self.bitplane_form(), self.qconfig.bits, self.level_tables(),
+            y = fused_matmul(x2, self.codes, self.kernel_form(), self.qconfig.bits, self.kernel_tables(),
                              out_dtype=dtype, share=share)
         else:
-            y = prefill_matmul(x2.to(dtype), self.codes, self.bitplane_form(), self.qconfig.bits,
-                               tables=self.level_tables())
+            y = prefill_matmul(x2.to(dtype), self.codes, self.kernel_form(), self.qconfig.bits,
+                               tables=self.kernel_tables())
         if y.dtype != dtype:
             y = y.to(dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -259,15 +318,21 @@ def colocate(modules: list[QuantLinear]) -> None:
     with torch.no_grad():
         for m, c in zip(modules, split(torch.cat([m.codes for m in modules]))):
             m.codes = c  # a registered buffer: setattr replaces it
-        forms = [m.bitplane_form() for m in modules]
-        tables = [m.level_tables() for m in modules]
-        parts = {f: split(torch.cat([getattr(fm, f) for fm in forms])) for f in ("a", "bx", "bq")}
-        # rtn's symmetric grid has no offset table (None): the layers share the format, so all or none do
+        for m in modules:
+            m._reset_kernel_caches()  # forms and tables of the new codes' views
+        forms = [m.kernel_form() for m in modules]
+        tables = [m.kernel_tables() for m in modules]
+        if forms[0].a is not None:  # the kernels read the planes' coefficients (kashin): back to back as well
+            parts = {f: split(torch.cat([getattr(fm, f) for fm in forms])) for f in ("a", "bx", "bq")}
+            for i, m in enumerate(modules):
+                m._bitplane = m._kform = dataclasses.replace(forms[i], a=parts["a"][i], bx=parts["bx"][i],
+                                                             bq=parts["bq"][i])
+        # tables the kernels read (rtn's scales, and offsets unless the grid is symmetric: None), back to back;
+        # the layers share the format, so all or none have each
         tparts = [[None] * len(modules) if tables[0][i] is None else split(torch.cat([t[i] for t in tables]))
                   for i in (0, 1)]
         for i, m in enumerate(modules):
-            m._bitplane = dataclasses.replace(forms[i], a=parts["a"][i], bx=parts["bx"][i], bq=parts["bq"][i])
-            m._levels = (tparts[0][i], tparts[1][i], tables[i][2])
+            m._ktables = (tparts[0][i], tparts[1][i], tables[i][2])
 
 
 def colocate_siblings(model: nn.Module) -> int:
@@ -285,6 +350,9 @@ def colocate_siblings(model: nn.Module) -> int:
                 colocate(group)
                 runs += 1
     return runs
+
+
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _back_to_back(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -311,19 +379,20 @@ def _joined_forward(modules: list[QuantLinear], x: torch.Tensor) -> list[torch.T
     if x.device.index is not None and x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):  # Triton launches on the current device (see QuantLinear._kernel_forward)
             return _joined_forward(modules, x)
-    forms = [m.bitplane_form() for m in modules]
-    tables = [m.level_tables() for m in modules]
+    forms = [m.kernel_form() for m in modules]
+    tables = [m.kernel_tables() for m in modules]
     codes = _back_to_back([m.codes for m in modules])
-    joined = {f: _back_to_back([getattr(fm, f) for fm in forms]) for f in ("a", "bx", "bq")}
+    joined = {f: None if forms[0].a is None else _back_to_back([getattr(fm, f) for fm in forms])
+              for f in ("a", "bx", "bq")}
     jt = [None if tables[0][i] is None else _back_to_back([t[i] for t in tables]) for i in (0, 1)]
-    if codes is None or any(v is None for v in joined.values()) or jt[1] is None or \
-            (jt[0] is None) != (tables[0][0] is None):
+    if codes is None or (forms[0].a is not None and any(v is None for v in joined.values())) or \
+            any((jt[i] is None) != (tables[0][i] is None) for i in (0, 1)):
         return None
     from quantune.kernels import fused_matmul
 
     dtype = _compute_dtype(x)
     x2 = x.reshape(-1, modules[0].in_features)
-    form = dataclasses.replace(forms[0], **joined)
+    form = dataclasses.replace(forms[0], **joined, groups=forms[0].groups)
     ys = fused_matmul(x2, codes, form, modules[0].qconfig.bits, (jt[0], jt[1], tables[0][2]), out_dtype=dtype,
                       share=True, outputs=tuple(m.out_features for m in modules))
     if ys is None:

@@ -166,6 +166,71 @@ def test_half_precision_linear():
     assert torch.equal(out, F.linear(x, q.dequantize().to(torch.bfloat16), q.bias))
 
 
+@pytest.mark.parametrize("cfg", [QuantConfig(method="rtn", bits=4, group_size=64),
+                                 QuantConfig(method="rtn", bits=2, group_size=32, symmetric=False),
+                                 QuantConfig(bits=4, group_size=64)], ids=["rtn4", "rtn2-asym", "kashin4"])
+@pytest.mark.parametrize("cast", ["bf16", "half", "float", "double"])
+def test_dtype_casts_keep_the_stored_buffers(cfg, cast):
+    """A model-wide cast (``model.to(torch.bfloat16)``, ``.half()``, ``.float()``, ``.double()``) leaves the
+    format's float16 scales and coefficients as stored, bit for bit (bf16 would round them: a different
+    quantized weight), and casts the bias like any parameter."""
+    q, _ = QuantLinear.from_linear(_linear(128, 24), cfg)
+    stored = {k: v.clone() for k, v in q.buffers_dict().items()}
+    w = q.dequantize()
+    model = nn.Sequential(q)
+    dtype = {"bf16": torch.bfloat16, "half": torch.float16, "float": torch.float32, "double": torch.float64}[cast]
+    model = model.to(torch.bfloat16) if cast == "bf16" else getattr(model, cast)()
+    for name, t in q.buffers_dict().items():
+        assert t.dtype == stored[name].dtype and torch.equal(t, stored[name]), name
+    assert q.bias.dtype == dtype
+    torch.testing.assert_close(q.dequantize(), w, rtol=0, atol=0)
+    q.to("cpu")  # a device move still applies
+    assert all(torch.equal(t, stored[k]) for k, t in q.buffers_dict().items())
+
+
+@pytest.mark.parametrize("cfg,form_bits,has_tables", [
+    (QuantConfig(method="rtn", bits=4, group_size=64), 0.0, True),
+    (QuantConfig(method="rtn", bits=2, group_size=32, symmetric=False), 0.0, True),
+    (QuantConfig(bits=4, group_size=64), 3.0, False),   # a, bx, bq in float32: 6 per 64 weights
+    (QuantConfig(bits=2), 4 * 32 / 256, False),         # per row: 4 floats a row of 256
+    (QuantConfig(bits=3, group_size=64), 2.5, True)],   # 3-bit codes: the level-table kernel
+    ids=["rtn4-g64", "rtn2-asym", "kashin4-g64", "kashin2-row", "kashin3-g64"])
+def test_kernel_path_keeps_only_what_its_kernels_read(cfg, form_bits, has_tables, monkeypatch):
+    """What a layer keeps for its kernels: rtn's level tables are its stored scales (and minima) themselves and
+    its kernel form carries no float32 planes (3 bits per weight at groups of 64 before); kashin keeps the float32
+    planes its kernels read and builds level tables only for widths the word-reading kernels do not serve (5
+    bits per weight at 4 bits and groups of 64 before). The kernel path's outputs (few tokens and prefill, forced
+    on the CPU interpreter) match the decoded weight, also after a bf16 cast of the model."""
+    pytest.importorskip("triton")
+    q, _ = QuantLinear.from_linear(_linear(256, 8), cfg)
+    form, tables = q.kernel_form(), q.kernel_tables()
+    planes = [t for t in (form.a, form.bx, form.bq) if t is not None]
+    assert sum(t.numel() * t.element_size() * 8 for t in planes) / (256 * 8) == pytest.approx(form_bits)
+    if cfg.method == "rtn":
+        assert tables[1].data_ptr() == q.scales.data_ptr()
+        assert (tables[0] is None) == cfg.symmetric
+        if tables[0] is not None:
+            assert tables[0].data_ptr() == q.mins.data_ptr()
+        assert q._bitplane is None  # the float32 form was built only to be dropped
+    elif has_tables:
+        assert tables[0] is not None and not tables[2]
+    else:
+        assert tables == (None, None, False) and q._levels is None
+    x = _inputs(256, rows=1).reshape(-1, 256)  # two tokens
+    for cast in (False, True):
+        if cast:
+            q.to(torch.bfloat16)
+            x = x.to(torch.bfloat16)
+        want = F.linear(x.float(), q.dequantize(), q.bias.float())
+        serves_prefill = not has_tables or cfg.method == "rtn"
+        for path in ("fused", "prefill") if serves_prefill and not cast else ("fused",):
+            monkeypatch.setattr(QuantLinear, "_kernel_path", lambda self, x, path=path: path)
+            with torch.no_grad():  # the path a CUDA input takes in forward
+                got = q._kernel_forward(x, share=False).float() + q.bias.float()
+            tol = 2e-4 if path == "fused" and not cast else 1e-2  # the prefill decodes to bf16 and multiplies in it
+            assert float((got - want).norm() / want.norm()) < tol, (path, cast)
+
+
 # ---------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("method", ["kashin", "rtn"])
