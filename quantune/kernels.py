@@ -1422,7 +1422,7 @@ def bitplane_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, b
     block_k, x32, xq, y = _launch_setup(x, packed, form, bits, block_k, xq)
     (t, k), m = x.shape, packed.shape[0]
     launch(_bitplane_kernel, (_cdiv(m, block_m), t),
-        packed, x32, xq, *(t.contiguous() for t in form.planes()), y,
+        packed, x32, xq, *(p.contiguous() for p in form.planes()), y,
         m, packed.stride(0), form.groups, form.group, K=k,
         BITS=bits, KU=form.ku, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
     return y
