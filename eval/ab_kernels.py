@@ -6,7 +6,13 @@ alternation, so a difference is told from the machine's run-to-run spread. Write
 
     python -m eval.ab_kernels /tmp/kernels_a.py --methods rtn-2 --shapes 8192x28672,4096x14336 --group 64
 
-``--kashin-group 128``: kashin with coefficients per 128 columns (per row by default)."""
+``--kashin-group 128``: kashin with coefficients per 128 columns (per row by default). ``--forms``: what each
+version's call gets, ``library`` (default) what QuantLinear's kernel path passes (``kernel_form``: kashin's stored
+float16 coefficients where quantune.kernels.HALF_COEFFS; versions before the twenty-third session cannot read
+them), ``planes`` the float32 planes (``bitplane_form``, which every version reads), ``both`` each version each way
+("NAME/planes"): the A/B of HALF_COEFFS, for which no other version is needed.
+
+    python -m eval.ab_kernels --forms both --methods kashin-4,kashin-2 --kashin-group 128"""
 from __future__ import annotations
 
 import argparse
@@ -29,17 +35,23 @@ def load(path: str, name: str = "quantune.kernels_a"):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("others", nargs="+", help="other versions' kernels.py files")
+    p.add_argument("others", nargs="*", help="other versions' kernels.py files")
     p.add_argument("--methods", default="rtn-4,rtn-2")
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x28672")
     p.add_argument("--group", default="64", help="rtn's group size, or 'row'")
     p.add_argument("--kashin-group", default="row", help="kashin's coefficient group, or 'row' (the default)")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--forms", choices=("library", "planes", "both"), default="library",
+                   help="the kernel path's forms, the float32 planes, or both for each version (NAME/planes)")
     args = p.parse_args()
     from eval import bench_kernels
 
-    versions = {f"v{i}": load(path, f"quantune.kernels_v{i}") for i, path in enumerate(args.others)}
-    versions["tree"] = kernels
+    modules = {f"v{i}": load(path, f"quantune.kernels_v{i}") for i, path in enumerate(args.others)}
+    modules["tree"] = kernels
+    versions = {name + suffix: mod for name, mod in modules.items()
+                for suffix in {"library": ("",), "planes": ("/planes",), "both": ("", "/planes")}[args.forms]}
+    if len(versions) < 2:
+        p.error("nothing to compare: give other versions' files or --forms both")
     bench_kernels.DEV = "cuda"
     group = bench_kernels.parse_group(args.group, "--group")
     out = []
@@ -50,8 +62,11 @@ def main() -> None:
                                                       case.form, case.tables)
         row = dict(k=k, n=n, method=spec, group=case.group_label, us={name: [] for name in versions})
         results = {}
+        # what QuantLinear's kernel path passes, or (NAME/planes) the float32 planes
+        lib = bench_kernels.layer_copies(case.q.codes, case.q.kernel_form(), case.q.kernel_tables(), len(copies))
+        layers = {name: copies if name.endswith("/planes") else lib for name in versions}
         for name, mod in versions.items():
-            results[name] = bench_kernels.library_call(x, bits, mod)(copies[0]).float()
+            results[name] = bench_kernels.library_call(x, bits, mod)(layers[name][0]).float()
             affine = tables[2]
             try:  # versions from the sixteenth session on take the group size
                 tile = mod.gemv_tile(n, affine, k, bits, form.group)
@@ -60,15 +75,17 @@ def main() -> None:
                 tile = mod.gemv_tile(n, affine, k, bits)
                 unroll = mod.gemv_unroll(tile, affine, bits, k, n)
             row[f"tile_{name}"] = [*tile, unroll]
-        row["max_diff"] = max(float((results["tree"] - r).abs().max()) for r in results.values())
+        first = next(iter(results.values()))
+        row["max_diff"] = max(float((first - r).abs().max()) for r in results.values())
         for _ in range(args.repeat):
             for name, mod in versions.items():
                 call = bench_kernels.library_call(x, bits, mod)
                 row["us"][name].append(bench_kernels.bench(
-                    bench_kernels.rotating([lambda c=c: call(c) for c in copies])) * 1e6)
+                    bench_kernels.rotating([lambda c=c, call=call: call(c) for c in layers[name]])) * 1e6)
         print(json.dumps(row), flush=True)
         out.append(row)
-    bench_kernels.save_sweep([dict(r, us_tree=min(r["us"]["tree"])) for r in out], "ab_kernels",
+    tree = "tree" if "tree" in versions else "tree/planes"
+    bench_kernels.save_sweep([dict(r, us_tree=min(r["us"][tree])) for r in out], "ab_kernels",
                              ("k", "n", "method"), "us_tree")
 
 

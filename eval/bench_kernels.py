@@ -57,13 +57,17 @@ def rotating(calls: list):
     return lambda: next(turn)()
 
 
+FORM_TENSORS = ("a", "bx", "bq", "c")  # what a BitplaneForm may carry (c: kashin's float16 coefficients)
+
+
 def layer_copies(codes: torch.Tensor, form, tables: tuple, n: int) -> list[tuple]:
-    """``n`` copies (the first the original) of what the few-token kernels read: codes, bit-plane form,
-    level tables."""
+    """``n`` copies (the first the original) of what the few-token kernels read: codes, bit-plane form (the
+    tensors it carries), level tables."""
     def clone(t):
         return t.clone() if isinstance(t, torch.Tensor) else t
     return [(codes, form, tables)] + [
-        (codes.clone(), dataclasses.replace(form, a=form.a.clone(), bx=form.bx.clone(), bq=form.bq.clone()),
+        (codes.clone(), dataclasses.replace(form, **{f: clone(getattr(form, f, None)) for f in FORM_TENSORS
+                                                     if getattr(form, f, None) is not None}),
          tuple(clone(t) for t in tables)) for _ in range(n - 1)]
 
 
@@ -89,7 +93,8 @@ def save_sweep(rows: list, name: str, key: tuple, metric: str) -> None:
 def kernel_bytes(codes: torch.Tensor, form, tables: tuple, affine: bool) -> int:
     """Bytes one few-token call reads from its weights: codes, and rtn's scale (offset) tables or
     kashin's coefficients."""
-    coeff = [t for t in tables[:2] if t is not None] if affine else [form.a, form.bx, form.bq]
+    coeff = [t for t in tables[:2] if t is not None] if affine else \
+        [getattr(form, f) for f in FORM_TENSORS if getattr(form, f, None) is not None]
     return codes.numel() * codes.element_size() + sum(t.numel() * t.element_size() for t in coeff)
 
 
@@ -274,8 +279,8 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_gro
          "kernel us", "kernel GB/s",
          "torch transform us", "floor us", "read-only us", "bound x bf16",
          "bf16 us", "bf16 read-only us", "NF4 us", "x bf16", "x NF4", "prefill ms", "bf16 prefill ms", "prefill x bf16",
-         "prefill rel. err", "bf16 rel. err", "decode to bf16 us", "prefill DCT us (torch DCT us)",
-         "prefill ms, torch DCT", "joined decode us", "prefill ms, two GEMMs", "old prefill ms"],
+         "prefill rel. err", "bf16 rel. err", "decode to bf16 us (float32 planes)", "prefill DCT us (torch DCT us)",
+         "prefill ms, torch DCT", "joined decode us (float32 planes)", "prefill ms, two GEMMs", "old prefill ms"],
         [[f"{r['in']}x{r['out']}", r["method"],
           f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else "-", "{kernel}:{block_m}x{num_warps}x{block_w}".format(**r["best_config"]),
           r["rel_err_vs_reference"], r["decode_s"] * us,
@@ -298,11 +303,14 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_gro
           r["bf16_decode_s"] * us, f"{r['bf16_read_only_s'] * us:.3f}" if "bf16_read_only_s" in r else "-",
           r["nf4_decode_s"] * us,
           r["speedup_vs_bf16"], r["speedup_vs_nf4"], r["prefill_s"] * 1e3, r["bf16_prefill_s"] * 1e3,
-          r["prefill_vs_bf16"], r["prefill_rel_err"], r["bf16_prefill_rel_err"], r["decode_bf16_s"] * us,
+          r["prefill_vs_bf16"], r["prefill_rel_err"], r["bf16_prefill_rel_err"],
+          f"{r['decode_bf16_s'] * us:.3f} ({r['decode_bf16_planes_s'] * us:.3f})" if "decode_bf16_planes_s" in r
+          else r["decode_bf16_s"] * us,
           f"{r['prefill_dct_s'] * us:.1f} ({r['prefill_torch_dct_s'] * us:.1f}), rel. err "
           f"{r['prefill_dct_rel_err']:.1e}" if "prefill_dct_s" in r else "-",
           f"{r['prefill_with_torch_dct_s'] * 1e3:.3f}" if "prefill_with_torch_dct_s" in r else "-",
-          f"{r['decode_joined_s'] * us:.3f}" if "decode_joined_s" in r else "-",
+          f"{r['decode_joined_s'] * us:.3f} ({r['decode_joined_planes_s'] * us:.3f})" if "decode_joined_planes_s" in r
+          else f"{r['decode_joined_s'] * us:.3f}" if "decode_joined_s" in r else "-",
           f"{r['prefill_two_gemm_s'] * 1e3:.3f}" if "prefill_two_gemm_s" in r else "-",
           r["old_prefill_s"] * 1e3] for r in rows])
     kashin_setting = (f"coefficients per {kashin_group} columns (prefill decodes the whole weight U + V Q^T, "
@@ -322,8 +330,10 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_gro
             f"loads codes while the preparation runs (kashin on 4096-wide inputs: in two passes over the codes, "
             f"x's planes while the transform's last launch runs, then xq's, quantune.kernels.gemv_late; 'one pass': "
             f"the GEMV after the whole preparation, same run); 'library us': the same call through the module's own "
-            f"dispatch (quantune.kernels.fused_matmul: the library's tile, K-loop unroll and split; the 'x bf16, "
-            f"library' and 'x NF4, library' columns are this call's); 'no PDL': launched plainly, same run, outputs "
+            f"dispatch (quantune.kernels.fused_matmul: the library's tile, K-loop unroll and split, with what "
+            f"QuantLinear's kernel path passes, kashin's stored float16 coefficients where quantune.kernels.HALF_COEFFS; "
+            f"the 'x bf16, library' and 'x NF4, library' columns are this call's; the other columns read kashin's "
+            f"float32 planes); 'no PDL': launched plainly, same run, outputs "
             f"checked equal; "
             f"'rfft prep': kashin's earlier preparation, same run (prep kernel, cuFFT rfft, post and pairs kernels), "
             f"its error against the reference), "
@@ -523,8 +533,11 @@ def main() -> None:
             def library(layer):  # the module's own dispatch (tile, unroll, split, late), preparation included
                 kernels._PREPARED.clear()
                 return kernels.fused_matmul(x1, layer[0], layer[1], bits, layer[2], out_dtype=x1.dtype)
-            got_lib = library(copies[0])
-            t_lib = bench(rotating([lambda c=c: library(c) for c in copies]))
+            # what QuantLinear's kernel path passes (kashin: the stored float16 coefficients, quantune.kernels.
+            # HALF_COEFFS; rtn: its stored scales), as many copies as the planes' for the same cold reads
+            lib_copies = layer_copies(q.codes, q.kernel_form(), q.kernel_tables(), len(copies))
+            got_lib = library(lib_copies[0])
+            t_lib = bench(rotating([lambda c=c: library(c) for c in lib_copies]))
             lib_tile = kernels.gemv_tile(n, tables[2], k, bits, form.group)
             lib = {"decode_library_s": t_lib,
                    "library_rel_err_vs_reference": float((got_lib.float() - ref).norm() / ref.norm()),
@@ -547,17 +560,19 @@ def main() -> None:
             with torch.no_grad():
                 t_module = t_module_eager = bench_eager(lambda: (kernels._PREPARED.clear(), q(x1))[1])  # from Python
                 t_old_prefill = bench_eager(lambda: xp @ q.dequantize().to(torch.bfloat16).T)
-                t_decode = bench(lambda: decode_bf16(q.codes, form, bits, k, tables=tables))
-                t_decode_planes = bench(lambda: decode_bf16(q.codes, form, bits, k, mode=0))
-                t_q_prefill = bench(lambda: prefill_matmul(xp, q.codes, form, bits, tables=tables))
-                got_p = prefill_matmul(xp[:64], q.codes, form, bits, tables=tables).float()
+                kform, ktables = q.kernel_form(), q.kernel_tables()  # the library's (kashin: float16 coefficients)
+                t_decode = bench(lambda: decode_bf16(q.codes, kform, bits, k, tables=ktables))
+                t_decode_planes = bench(lambda: decode_bf16(q.codes, form, bits, k, mode=0))  # float32 planes
+                t_q_prefill = bench(lambda: prefill_matmul(xp, q.codes, kform, bits, tables=ktables))
+                got_p = prefill_matmul(xp[:64], q.codes, kform, bits, tables=ktables).float()
                 joined = {}
                 if kernels.joined_decode_supported(form, bits):  # kashin in small groups: one GEMM, against two
-                    joined["decode_joined_s"] = bench(lambda: kernels.decode_joined_bf16(q.codes, form, bits, k))
+                    joined["decode_joined_s"] = bench(lambda: kernels.decode_joined_bf16(q.codes, kform, bits, k))
+                    joined["decode_joined_planes_s"] = bench(lambda: kernels.decode_joined_bf16(q.codes, form, bits, k))
                     kernels.JOINED_PREFILL = False
                     try:
-                        joined["prefill_two_gemm_s"] = bench(lambda: prefill_matmul(xp, q.codes, form, bits,
-                                                                                    tables=tables))
+                        joined["prefill_two_gemm_s"] = bench(lambda: prefill_matmul(xp, q.codes, kform, bits,
+                                                                                    tables=ktables))
                     finally:
                         kernels.JOINED_PREFILL = True
                 prefill_dct = {}

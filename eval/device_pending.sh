@@ -127,6 +127,15 @@ PY
              done
              python -m eval.bench_kernels --methods kashin-4,kashin-2 --kashin-group 128 --configs gemv5:2x1x128 \
                --out "$out/bench_kernels_kashin_g128" ;;
+  half-coeffs) # issue 5: kashin's kernels reading the stored float16 coefficients (quantune.kernels.HALF_COEFFS, on
+             # since the twenty-third session from sm_90 code read here: loops equal or shorter) against the float32
+             # planes, in one process: the few-token call per row and at groups of 128 and 64, then the joined decode
+             for g in row 128 64; do
+               OUT="$out/half_$g" timeout 150 python -m eval.ab_kernels --forms both --methods kashin-4,kashin-2 \
+                 --kashin-group $g --repeat 3 > "$out/half_$g.log" 2>&1 || true
+             done
+             OUT="$out/half_joined" timeout 120 python -m eval.sweep_joined_decode --cases 4096x4096:128,8192x28672:128,4096x4096:64 \
+               --block-m 64 --warps 4 --programs 1024 --decodes signs --forms library,planes --tokens 0 ;;
   long-dct)  # issue 5: kashin's two-launch input DCT for groups of up to 256 x 64 (quantune.kernels.DCT_MAX_N1, 64 until
              # measured; stage two in steps of DCT_STAGE2_CHUNK rows), against the rfft path: the preparation alone,
              # then the whole call of the two versions side by side (K = 14336: 224 x 64, 8192: 128 x 64)
@@ -162,5 +171,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, long-dct, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, long-dct, half-coeffs, ddp)"; exit 2 ;;
 esac

@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4, help="kashin's bits")
     p.add_argument("--once", action="store_true", help="call each tile once, untimed (for a profiler)")
     p.add_argument("--tokens", type=int, default=2048, help="the bf16 GEMM timed beside each case (0: none)")
+    p.add_argument("--forms", default="library", help="library (QuantLinear's kernel form: the stored float16 "
+                   "coefficients where quantune.kernels.HALF_COEFFS) and/or planes (the float32 planes)")
     args = p.parse_args()
     from eval import bench_kernels
     from quantune import kernels
@@ -39,8 +41,9 @@ def main() -> None:
     bench_kernels.DEV = dev
     if dev == "cpu":
         args.cases, args.block_m, args.warps, args.programs = "256x40:64", "16", "4", "4"
-        args.decodes, args.stages = ",".join(kernels.JOINED_DECODES), "3,1"
-    default = (kernels.JOINED_BLOCK_M, 4, kernels.JOINED_PROGRAMS, kernels.JOINED_DECODE, kernels.JOINED_STAGES)
+        args.decodes, args.stages, args.forms = ",".join(kernels.JOINED_DECODES), "3,1", "library,planes"
+    default = (kernels.JOINED_BLOCK_M, 4, kernels.JOINED_PROGRAMS, kernels.JOINED_DECODE, kernels.JOINED_STAGES,
+               "library")
     rows = []
     for case in args.cases.split(","):
         shape, g = case.split(":")
@@ -48,7 +51,7 @@ def main() -> None:
         torch.manual_seed(0)
         lin = torch.nn.Linear(k, n, bias=False, device=dev)
         q, _ = QuantLinear.from_linear(lin, QuantConfig(bits=args.bits, group_size=int(g)))
-        form, ref = q.bitplane_form(), q.dequantize()
+        forms, ref = {"library": q.kernel_form(), "planes": q.bitplane_form()}, q.dequantize()
         fill = gemm = None
         if not args.once:
             fill = bench_kernels.bench(lambda: torch.empty(n, k, device=dev, dtype=torch.bfloat16).fill_(1)) * 1e6
@@ -56,14 +59,15 @@ def main() -> None:
                 x = torch.randn(args.tokens, k, device=dev, dtype=torch.bfloat16)
                 wb = ref.to(torch.bfloat16)
                 gemm = bench_kernels.bench(lambda: x @ wb.T) * 1e6
-        tiles = [(bm, warps, progs, dec, st) for bm in map(int, args.block_m.split(","))
+        tiles = [(bm, warps, progs, dec, st, fm) for bm in map(int, args.block_m.split(","))
                  for warps in map(int, args.warps.split(",")) for progs in map(int, args.programs.split(","))
-                 for dec in args.decodes.split(",") for st in map(int, args.stages.split(","))]
-        for bm, warps, progs, dec, st in tiles:
+                 for dec in args.decodes.split(",") for st in map(int, args.stages.split(","))
+                 for fm in args.forms.split(",")]
+        for bm, warps, progs, dec, st, fm in tiles:
             kernels.JOINED_PROGRAMS = progs
 
             def call():
-                return kernels.decode_joined_bf16(q.codes, form, args.bits, k, block_m=bm, num_warps=warps,
+                return kernels.decode_joined_bf16(q.codes, forms[fm], args.bits, k, block_m=bm, num_warps=warps,
                                                   decode=dec, stages=st)
             if args.once:
                 call()
@@ -74,14 +78,14 @@ def main() -> None:
                 t = bench_kernels.bench(call) * 1e6
             except Exception as exc:  # a tile the compiler rejects: recorded, the sweep goes on
                 print(json.dumps(dict(k=k, n=n, group=int(g), block_m=bm, warps=warps, programs=progs, decode=dec,
-                                      stages=st, error=str(exc).splitlines()[0][:200])), flush=True)
+                                      stages=st, form=fm, error=str(exc).splitlines()[0][:200])), flush=True)
                 continue
             err = float((call().float() - ref).norm() / ref.norm())
             row = dict(k=k, n=n, group=int(g), bits=args.bits, block_m=bm, warps=warps, programs=progs, decode=dec,
-                       stages=st, us=t,
+                       stages=st, form=fm, us=t,
                        fill_bf16_us=fill, gemm_bf16_us=gemm, rel_err=err,
                        prefill_vs_bf16_est=gemm / (gemm + t) if gemm else None,
-                       default=(bm, warps, progs, dec, st) == default)
+                       default=(bm, warps, progs, dec, st, fm) == default)
             print(json.dumps(row), flush=True)
             rows.append(row)
         kernels.JOINED_PROGRAMS = default[2]

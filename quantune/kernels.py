@@ -113,6 +113,24 @@ def affine_args(tables: tuple) -> tuple[torch.Tensor, torch.Tensor, bool]:
     return scale, scale if offset is None else offset, offset is None
 
 
+# kashin's word-reading kernels (the GEMV's mode 5, the planes decode, the joined decode) read the stored float16
+# coefficients (BitplaneForm.c) instead of a float32 copy of a, bx and bq, when the layer's kernel form carries them
+# (QuantLinear.kernel_form): 1.5 / 3.0 bits per weight less on the GPU at groups of 128 / 64, 0.19 per row. sm_90 code
+# compiled here with Triton 3.6, loop instructions float32 planes -> float16: GEMV per row 276 -> 263 (two passes 208
+# -> 205), 14336-long rows 527 -> 496, groups of 128 576 -> 535, of 64 585 -> 553, with group sums 384 -> 384; joined
+# decode 4-bit 1302 -> 1170, 2-bit 1479 -> 1051; the planes decode (straight-line) 2911 -> 3011. Not yet timed on the
+# H200: `bash eval/device_pending.sh half-coeffs`.
+HALF_COEFFS = True
+
+
+def coef_args(form: BitplaneForm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """A kernel's three coefficient pointers and its HALF flag: the float16 ``c`` three times (HALF) where the
+    form carries only that, else the float32 ``a``, ``bx``, ``bq``."""
+    if form.a is None and form.c is not None:
+        return form.c, form.c, form.c, True
+    return (*form.planes(), False)
+
+
 def block_k_for(group: int) -> int | None:
     """The kernel's K tile: the largest power of two <= 256 dividing ``group`` (None below 16)."""
     block = group & (-group)
@@ -246,6 +264,36 @@ if triton is not None:
             return tl.load(ptr + idx * stride + t, mask=mask, other=0.0)
         else:
             return tl.zeros_like(idx).to(tl.float32)
+
+    @triton.jit
+    def _coefh(ptr, idx, mask, t: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr):
+        """Plane t's coefficient ``a_t`` at (row, group) ``idx``: from ``form.a`` (float32), or with HALF from
+        the stored float16 coefficients ``c`` (``a_t = 2 c_t``, exact)."""
+        if HALF and t < BITS:
+            return tl.load(ptr + idx * BITS + t, mask=mask, other=0.0).to(tl.float32) * 2.0
+        else:
+            return _coef(ptr, idx, mask, BITS, t, BITS)
+
+    @triton.jit
+    def _coefh8(ptr, idx, mask, BITS: tl.constexpr):
+        """``a_t = 2 c_t`` for t = 0..7 from the float16 coefficients at ``idx`` (zeros past BITS)."""
+        return (_coefh(ptr, idx, mask, 0, BITS, True), _coefh(ptr, idx, mask, 1, BITS, True),
+                _coefh(ptr, idx, mask, 2, BITS, True), _coefh(ptr, idx, mask, 3, BITS, True),
+                _coefh(ptr, idx, mask, 4, BITS, True), _coefh(ptr, idx, mask, 5, BITS, True),
+                _coefh(ptr, idx, mask, 6, BITS, True), _coefh(ptr, idx, mask, 7, BITS, True))
+
+    @triton.jit
+    def _offset(ptr, b_ptr, idx, mask, T0: tl.constexpr, T1: tl.constexpr, BITS: tl.constexpr,
+                HALF: tl.constexpr):
+        """``bx`` (planes T0 = 0 to T1 = KU) or ``bq`` (KU to BITS) at ``idx``: loaded from ``b_ptr``, or with
+        HALF ``-sum c_t`` over those planes of the float16 coefficients at ``ptr`` (as the form sums them)."""
+        if HALF:
+            s = tl.zeros_like(idx).to(tl.float32)
+            for t in tl.static_range(T0, T1):
+                s += tl.load(ptr + idx * BITS + t, mask=mask, other=0.0).to(tl.float32)
+            return -s
+        else:
+            return tl.load(b_ptr + idx, mask=mask, other=0.0)
 
     @triton.jit
     def _zeros8(z):
@@ -433,7 +481,7 @@ if triton is not None:
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
                      NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = "",
                      UNROLL: tl.constexpr = 1, LATE: tl.constexpr = False, SUMG: tl.constexpr = 0,
-                     GSUM5: tl.constexpr = False):
+                     GSUM5: tl.constexpr = False, HALF: tl.constexpr = False):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -503,6 +551,7 @@ if triton is not None:
         SWPG: tl.constexpr = (SUMG if SUMG > 0 else GROUP) // PER
         GPT: tl.constexpr = BLOCK_W // SWPG if SWPG < BLOCK_W else 1  # input sums per tile (mode 6)
         tl.static_assert(not LATE or (MODE == 5 and KU < BITS and not PREFETCH), "LATE: mode 5 with xq, no prefetch")
+        tl.static_assert(not HALF or MODE == 5, "HALF (float16 coefficients): mode 5")
         NPHASE: tl.constexpr = 2 if LATE else 1
         accg = tl.zeros([BLOCK_M, GPT], dtype=tl.float32)           # mode 6 across groups: per (row, group)
         # mode 5 with GSUM5: groups shorter than the tile, each plane's dots summed per group before its coefficient
@@ -529,6 +578,10 @@ if triton is not None:
             n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff = _mode6_tile(
                 xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, part * CHUNK, wtile, groups,
                 K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS, SWPG)
+        if MODE == 5 and HALF and ONE_GROUP:  # the row's offsets, summed from c once (no kernel writes c)
+            cidx1 = (rows * groups + (part * CHUNK) // WPG)[:, None]
+            bx1 = _offset(a_ptr, bx_ptr, cidx1, rmask[:, None], 0, KU, BITS, HALF)
+            bq1 = _offset(a_ptr, bq_ptr, cidx1, rmask[:, None], KU, BITS, BITS, HALF)
         # LATE (mode 5): x's planes (pass 0), then the wait, then xq's (pass 1); else one pass over all planes.
         # Whether a pass reads x (the planes below KU): (not LATE) or phase == 0; xq (the planes from KU):
         # KU < BITS and ((not LATE) or phase == 1), written out where used (constexprs cannot be reassigned)
@@ -597,6 +650,15 @@ if triton is not None:
                             acc += tl.where(bit, src, -src) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
                 elif MODE == 5:
                     offs = w0 + wtile
+                    if HALF and not ONE_GROUP and not G5:  # each word's c_t loaded once: a_t = 2 c_t, bx, bq
+                        h0, h1, h2, h3, h4, h5, h6, h7 = _coefh8(a_ptr, cidx, cmask, BITS)
+                        hx = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+                        hq = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+                        for t in tl.static_range(BITS):
+                            if t < KU:
+                                hx += _pick(t, h0, h1, h2, h3, h4, h5, h6, h7)
+                            else:
+                                hq += _pick(t, h0, h1, h2, h3, h4, h5, h6, h7)
                     if G5:
                         gidx5 = rows[:, None] * groups + w0 // WPG + gl5  # the tile's (row, group) coefficients
                     if (not LATE) or phase == 0:
@@ -631,26 +693,35 @@ if triton is not None:
                                 d0, d1, d2, d3, d4, d5, d6, d7 = _set_plane(t, dot, d0, d1, d2, d3, d4, d5, d6, d7)
                             elif G5:  # per group: the words' dots summed, then one coefficient each
                                 gdot = tl.sum(tl.reshape(dot, (BLOCK_M, GPT5, WPG)), axis=2).to(tl.float32)
-                                gcoef = tl.load(a_ptr + gidx5 * BITS + t, mask=rmask[:, None], other=0.0)
+                                gcoef = _coefh(a_ptr, gidx5, rmask[:, None], t, BITS, HALF)
                                 acc5 += gcoef * (gdot * ((xscale if t < KU else qscale) / (1 << t)))
-                            elif t < KU:
-                                acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32)
-                                                                                   * (xscale / (1 << t)))
                             else:
-                                acc += _coef(a_ptr, cidx, cmask, BITS, t, BITS) * (dot.to(tl.float32)
-                                                                                   * (qscale / (1 << t)))
+                                if HALF:
+                                    a_t = _pick(t, h0, h1, h2, h3, h4, h5, h6, h7)
+                                else:
+                                    a_t = _coef(a_ptr, cidx, cmask, BITS, t, BITS)
+                                acc += a_t * (dot.to(tl.float32) * ((xscale if t < KU else qscale) / (1 << t)))
                     if G5:
                         if (not LATE) or phase == 0:
                             xsg = tl.sum(tl.reshape(tl.load(xs_ptr + tok * NW + offs), (BLOCK_M, GPT5, WPG)), axis=2)
-                            acc5 += tl.load(bx_ptr + gidx5, mask=rmask[:, None], other=0.0) * xsg
+                            acc5 += _offset(a_ptr, bx_ptr, gidx5, rmask[:, None], 0, KU, BITS, HALF) * xsg
                         if KU < BITS and ((not LATE) or phase == 1):
                             xqg = tl.sum(tl.reshape(tl.load(xqs_ptr + tok * NW + offs), (BLOCK_M, GPT5, WPG)), axis=2)
-                            acc5 += tl.load(bq_ptr + gidx5, mask=rmask[:, None], other=0.0) * xqg
+                            acc5 += _offset(a_ptr, bq_ptr, gidx5, rmask[:, None], KU, BITS, BITS, HALF) * xqg
                     else:
+                        if HALF and ONE_GROUP:
+                            bxt = bx1
+                            bqt = bq1
+                        elif HALF:  # -sum c_t = -sum a_t / 2
+                            bxt = hx * -0.5
+                            bqt = hq * -0.5
+                        else:
+                            bxt = _offset(a_ptr, bx_ptr, cidx, cmask, 0, KU, BITS, HALF)
+                            bqt = _offset(a_ptr, bq_ptr, cidx, cmask, KU, BITS, BITS, HALF)
                         if (not LATE) or phase == 0:
-                            acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * tl.load(xs_ptr + tok * NW + offs)
+                            acc += bxt * tl.load(xs_ptr + tok * NW + offs)
                         if KU < BITS and ((not LATE) or phase == 1):
-                            acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * tl.load(xqs_ptr + tok * NW + offs)
+                            acc += bqt * tl.load(xqs_ptr + tok * NW + offs)
                 elif MODE == 6:
                     if PREFETCH == 2:  # this tile's inputs came with the last one; the next tile's leave now
                         i0, i1, i2, i3, i4, i5, i6, i7, sx, off = n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff
@@ -727,21 +798,21 @@ if triton is not None:
                     d6 = _unscaled(d6, 6)
                     d7 = _unscaled(d7, 7)
                 accn = tl.zeros([BLOCK_M, 1], dtype=tl.float32)  # each plane summed along the row, then scaled once
-                accn += _coef(a_ptr, gidx, gmask, BITS, 0, BITS) * (tl.sum(d0, axis=1)[:, None].to(tl.float32)
+                accn += _coefh(a_ptr, gidx, gmask, 0, BITS, HALF) * (tl.sum(d0, axis=1)[:, None].to(tl.float32)
                                                                       * (xscale if 0 < KU else qscale))
-                accn += _coef(a_ptr, gidx, gmask, BITS, 1, BITS) * (tl.sum(d1, axis=1)[:, None].to(tl.float32)
+                accn += _coefh(a_ptr, gidx, gmask, 1, BITS, HALF) * (tl.sum(d1, axis=1)[:, None].to(tl.float32)
                                                                       * (xscale if 1 < KU else qscale))
-                accn += _coef(a_ptr, gidx, gmask, BITS, 2, BITS) * (tl.sum(d2, axis=1)[:, None].to(tl.float32)
+                accn += _coefh(a_ptr, gidx, gmask, 2, BITS, HALF) * (tl.sum(d2, axis=1)[:, None].to(tl.float32)
                                                                       * (xscale if 2 < KU else qscale))
-                accn += _coef(a_ptr, gidx, gmask, BITS, 3, BITS) * (tl.sum(d3, axis=1)[:, None].to(tl.float32)
+                accn += _coefh(a_ptr, gidx, gmask, 3, BITS, HALF) * (tl.sum(d3, axis=1)[:, None].to(tl.float32)
                                                                       * (xscale if 3 < KU else qscale))
-                accn += _coef(a_ptr, gidx, gmask, BITS, 4, BITS) * (tl.sum(d4, axis=1)[:, None].to(tl.float32)
+                accn += _coefh(a_ptr, gidx, gmask, 4, BITS, HALF) * (tl.sum(d4, axis=1)[:, None].to(tl.float32)
                                                                       * (xscale if 4 < KU else qscale))
-                accn += _coef(a_ptr, gidx, gmask, BITS, 5, BITS) * (tl.sum(d5, axis=1)[:, None].to(tl.float32)
+                accn += _coefh(a_ptr, gidx, gmask, 5, BITS, HALF) * (tl.sum(d5, axis=1)[:, None].to(tl.float32)
                                                                       * (xscale if 5 < KU else qscale))
-                accn += _coef(a_ptr, gidx, gmask, BITS, 6, BITS) * (tl.sum(d6, axis=1)[:, None].to(tl.float32)
+                accn += _coefh(a_ptr, gidx, gmask, 6, BITS, HALF) * (tl.sum(d6, axis=1)[:, None].to(tl.float32)
                                                                       * (xscale if 6 < KU else qscale))
-                accn += _coef(a_ptr, gidx, gmask, BITS, 7, BITS) * (tl.sum(d7, axis=1)[:, None].to(tl.float32)
+                accn += _coefh(a_ptr, gidx, gmask, 7, BITS, HALF) * (tl.sum(d7, axis=1)[:, None].to(tl.float32)
                                                                       * (xscale if 7 < KU else qscale))
         out = tl.sum(acc, axis=1)
         if MODE == 5:
@@ -1084,7 +1155,8 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, u_ptr, v_ptr, M, stride_w, groups,
                        K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
-                       MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SYM: tl.constexpr = False):
+                       MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SYM: tl.constexpr = False,
+                       HALF: tl.constexpr = False):
         """Decode the factors to bf16 at memory speed for prefill: ``u = bx + sum_{t<KU} a_t bit_t``
         (the weight itself when there is no transformed factor) and ``v = bq + sum_{t>=KU} a_t bit_t``
         (kashin's factor in the transformed basis). One program: BLOCK_M rows x BLOCK_W words, decoded
@@ -1094,7 +1166,8 @@ if triton is not None:
         MODE (DECODE_MODES): 0 planes (the sums above, from ``form.a``/``bx``/``bq``); 1 affine (rtn:
         ``u = offset + scale * code`` from ``level_tables``: ``bx_ptr`` offsets, ``a_ptr`` scales);
         2 tables (``u = lut_u[code & (2^KU - 1)]``, ``v = lut_v[code >> KU]`` per (row, group) from
-        ``level_tables``: ``a_ptr`` lut_u, ``bq_ptr`` lut_v)."""
+        ``level_tables``: ``a_ptr`` lut_u, ``bq_ptr`` lut_v). HALF (mode 0): ``a_ptr`` holds the stored float16
+        coefficients ``c`` (:func:`_coefh`, :func:`_offset`)."""
         PER: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PER
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1114,10 +1187,25 @@ if triton is not None:
             u = tl.load(a_ptr + coef[:, :, None] * (1 << KU) + (code & ((1 << KU) - 1)), mask=smask, other=0.0)
             v = tl.load(bq_ptr + coef[:, :, None] * (1 << (BITS - KU)) + (code >> KU), mask=smask, other=0.0)
         else:
-            u = tl.load(bx_ptr + coef, mask=cmask, other=0.0)[:, :, None] + tl.zeros([BLOCK_M, BLOCK_W, PER], tl.float32)
-            v = tl.load(bq_ptr + coef, mask=cmask, other=0.0)[:, :, None] + tl.zeros([BLOCK_M, BLOCK_W, PER], tl.float32)
+            if HALF:  # each c_t loaded once: a_t = 2 c_t, bx = -sum_{t<KU} c_t, bq = -sum_{t>=KU} c_t
+                h0, h1, h2, h3, h4, h5, h6, h7 = _coefh8(a_ptr, coef, cmask, BITS)
+                bx = tl.zeros([BLOCK_M, BLOCK_W], tl.float32)
+                bq = tl.zeros([BLOCK_M, BLOCK_W], tl.float32)
+                for t in tl.static_range(BITS):
+                    if t < KU:
+                        bx -= _pick(t, h0, h1, h2, h3, h4, h5, h6, h7) * 0.5
+                    else:
+                        bq -= _pick(t, h0, h1, h2, h3, h4, h5, h6, h7) * 0.5
+            else:
+                bx = tl.load(bx_ptr + coef, mask=cmask, other=0.0)
+                bq = tl.load(bq_ptr + coef, mask=cmask, other=0.0)
+            u = bx[:, :, None] + tl.zeros([BLOCK_M, BLOCK_W, PER], tl.float32)
+            v = bq[:, :, None] + tl.zeros([BLOCK_M, BLOCK_W, PER], tl.float32)
             for t in tl.static_range(BITS):
-                a_t = tl.load(a_ptr + coef * BITS + t, mask=cmask, other=0.0)[:, :, None]
+                if HALF:
+                    a_t = _pick(t, h0, h1, h2, h3, h4, h5, h6, h7)[:, :, None]
+                else:
+                    a_t = tl.load(a_ptr + coef * BITS + t, mask=cmask, other=0.0)[:, :, None]
                 bit = ((code >> t) & 1).to(tl.float32)
                 if t < KU:
                     u += a_t * bit
@@ -1132,7 +1220,7 @@ if triton is not None:
     def _decode_joined_kernel(w_ptr, a_ptr, bx_ptr, bq_ptr, r_ptr, out_ptr, M, stride_w, groups, rows_per_prog,
                               K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                               BLOCK_M: tl.constexpr, BF16: tl.constexpr = True, DECODE: tl.constexpr = 1,
-                              EVEN: tl.constexpr = False):
+                              EVEN: tl.constexpr = False, HALF: tl.constexpr = False):
         """kashin's whole weight for prefill, one GEMM's worth: per group ``w = u + v R`` with ``u`` and ``v`` the
         two factors and ``R`` ``(GROUP, GROUP)`` the seeded transform's matrix (row i: ``(Q e_i)^T``, bf16), a bf16
         tensor-core product with float32 sums (``v`` in bf16 as the two-GEMM path stores it). One program: one
@@ -1146,7 +1234,8 @@ if triton is not None:
         sum_t c_t + sum_t +-c_t`` with ``c_t = a_t / 2``: each term ``-c_t`` with its sign bit flipped by the
         code's bit (a shift and a logic op, no integer-to-float conversion). (Looking each weight's two levels up
         with ``tl.gather`` compiled here with Triton 3.6 but failed an assertion in the H200's Triton 3.6 build,
-        OptimizeThreadLocality's ``isWarpLocal``: not kept.)"""
+        OptimizeThreadLocality's ``isWarpLocal``: not kept.) HALF: ``a_ptr`` holds the stored float16 ``c``
+        (``a_t = 2 c_t``, ``bx = -sum_{t<KU} c_t``): "signs" then starts from zero, ``u = sum_t +-c_t``."""
         PER: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PER
         gi = tl.program_id(1)
@@ -1165,13 +1254,24 @@ if triton is not None:
                 word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :])
             else:
                 word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
-            coef = tl.load(a_ptr + crow[:, None] * BITS + tt[None, :])  # (BLOCK_M, BITS)
-            bx = tl.load(bx_ptr + crow)
-            bq = tl.load(bq_ptr + crow)
-            if DECODE == 1:
+            if HALF:  # the stored float16 coefficients c: a_t = 2 c_t, bx = -sum_{t<KU} c_t, bq likewise
+                half = tl.load(a_ptr + crow[:, None] * BITS + tt[None, :]).to(tl.float32)  # (BLOCK_M, BITS)
+                coef = half * 2.0
+                if DECODE == 1:  # u = sum_t c_t s_t from zero: the bases and the halves cancel
+                    bx = tl.zeros([BLOCK_M], tl.float32)
+                    bq = tl.zeros([BLOCK_M], tl.float32)
+                else:
+                    bx = -tl.sum(tl.where(tt[None, :] < KU, half, 0.0), axis=1)
+                    bq = -tl.sum(tl.where(tt[None, :] < KU, 0.0, half), axis=1)
+            else:
+                coef = tl.load(a_ptr + crow[:, None] * BITS + tt[None, :])  # (BLOCK_M, BITS)
+                bx = tl.load(bx_ptr + crow)
+                bq = tl.load(bq_ptr + crow)
                 half = coef * 0.5
-                bx += tl.sum(tl.where(tt[None, :] < KU, half, 0.0), axis=1)
-                bq += tl.sum(tl.where(tt[None, :] < KU, 0.0, half), axis=1)
+                if DECODE == 1:
+                    bx += tl.sum(tl.where(tt[None, :] < KU, half, 0.0), axis=1)
+                    bq += tl.sum(tl.where(tt[None, :] < KU, 0.0, half), axis=1)
+            if DECODE == 1:
                 negs = (-half).to(tl.uint32, bitcast=True)
                 wu = word.to(tl.uint32, bitcast=True)[:, :, None]
             else:
@@ -1234,9 +1334,9 @@ def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, blo
     w = packed.view(torch.int32)
     u = torch.empty(m, k, device=packed.device, dtype=torch.bfloat16)
     v = torch.empty_like(u) if form.ku < bits else None
-    sym = False
+    sym, half = False, False
     if mode == 0:
-        a, bx, bq = form.planes()
+        a, bx, bq, half = coef_args(form)
     elif mode == 1:
         a, bx, sym = affine_args(tables)
         bq = bx
@@ -1245,7 +1345,7 @@ def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, blo
     launch(_decode_kernel, (_cdiv(m, block_m), words // tile),
         w, a, bx, bq, u, u if v is None else v, m, w.stride(0), form.groups, K=k,
         GROUP=form.group, BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile,
-        SYM=sym, num_warps=num_warps)
+        SYM=sym, HALF=half, num_warps=num_warps)
     return u, v
 
 
@@ -1329,9 +1429,10 @@ def decode_joined_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: i
     per = _cdiv(_cdiv(m, chunks), block_m) * block_m  # rows a program
     bf16 = os.environ.get("TRITON_INTERPRET", "0") != "1"
     basis = group_basis(g, form.transform, form.seed, packed.device, torch.bfloat16 if bf16 else torch.float32)
-    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, *form.planes(), basis, out,
+    a, bx, bq, half = coef_args(form)
+    launch(_decode_joined_kernel, (_cdiv(m, per), groups), w, a, bx, bq, basis, out,
            m, w.stride(0), groups, per, K=k, GROUP=g, BITS=bits, KU=form.ku, BLOCK_M=block_m, BF16=bf16,
-           DECODE=JOINED_DECODES.index(decode), EVEN=m % block_m == 0, num_warps=num_warps,
+           DECODE=JOINED_DECODES.index(decode), EVEN=m % block_m == 0, HALF=half, num_warps=num_warps,
            num_stages=JOINED_STAGES if stages is None else stages)
     return out
 
@@ -1580,10 +1681,12 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     gsum5 = bool(GEMV_GROUP_SUMS if group_sums is None else group_sums) and mode == 5 and wpg < tile \
         and tile % wpg == 0
     w = packed.view(torch.int32)
-    sym = False
+    sym, half = False, False
     if mode in (0, 1, 6):  # scale and offset per (row, group)
         a, bx, sym = affine_args(tables)
         bq = bx
+    elif mode == 5:
+        a, bx, bq, half = coef_args(form)
     else:
         a, bx, bq = form.planes()
     launch(_gemv_kernel, (_cdiv(m, block_m), split, t),
@@ -1592,7 +1695,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         PREFETCH=int(prefetch), ASM=asm, XCH=rounding_columns(k, bits), PDL=pdl, NOUT=len(ys), SYM=sym,
         EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late), SUMG=sumg,
-        GSUM5=gsum5,
+        GSUM5=gsum5, HALF=half,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 

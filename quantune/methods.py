@@ -51,22 +51,29 @@ class BitplaneForm:
     group: int
     transform: str | None
     seed: int
-    groups: int = -1   # G (taken from bx when not given)
+    groups: int = -1   # G (taken from bx or c when not given)
+    c: torch.Tensor | None = None  # (out, G, bits) float16: kashin's stored coefficients, a = 2 c
 
-    # A form without a/bx/bq is what the kernels of an affine format (rtn) are given: they read its level tables
-    # (the stored float16 scales, quantune.kernels.level_tables), so a layer on the GPU keeps no float32 copy of
-    # them (QuantLinear.kernel_form). Kernels that need the planes' coefficients ask for them with planes().
+    # The kernel path (QuantLinear.kernel_form) passes forms without a/bx/bq, so that a layer on the GPU keeps no
+    # float32 copy of what is stored: an affine format's (rtn) kernels read its level tables (the stored float16
+    # scales, quantune.kernels.level_tables); kashin's word-reading kernels read c, the stored float16
+    # coefficients themselves (a_t = 2 c_t, bx = -sum_{t<ku} c_t, bq = -sum_{t>=ku} c_t). Code that needs the
+    # float32 planes asks for them with planes().
 
     def __post_init__(self):
         if self.groups < 0:
-            self.groups = self.bx.shape[1]
+            self.groups = (self.bx if self.bx is not None else self.c).shape[1]
 
     def planes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(a, bx, bq)``, or a clear error for a form that carries none."""
-        if self.a is None:
-            raise ValueError("this form carries no plane coefficients (an affine format's kernel form, whose "
-                             "kernels read its level tables); QuantLinear.bitplane_form() has them")
-        return self.a, self.bx, self.bq
+        """``(a, bx, bq)`` in float32 (computed from ``c`` when the form carries only that), or a clear error for
+        a form that carries neither."""
+        if self.a is not None:
+            return self.a, self.bx, self.bq
+        if self.c is not None:
+            c = self.c.float()
+            return 2 * c, -c[..., :self.ku].sum(-1), -c[..., self.ku:].sum(-1)
+        raise ValueError("this form carries no plane coefficients (an affine format's kernel form, whose "
+                         "kernels read its level tables); QuantLinear.bitplane_form() has them")
 
 
 class Method:

@@ -140,25 +140,36 @@ class QuantLinear(nn.Module):
         else each (row, group)'s float32 table of the values each factor's code field decodes to."""
         if self._levels is None:
             self._levels = self.method.affine_tables(self.buffers_dict(), self.qconfig)
-            if self._levels is None:
+            if self._levels is None:  # from a float32 form built for this only (not kept)
                 from quantune.kernels import level_tables
 
-                self._levels = level_tables(self.bitplane_form(), self.qconfig.bits)
+                form = self._bitplane or self.method.bitplane_form(self.buffers_dict(), self.out_features,
+                                                                   self.in_features, self.qconfig)
+                self._levels = level_tables(form, self.qconfig.bits)
         return self._levels
 
     def _affine(self) -> bool:
         return self.method.affine_tables(self.buffers_dict(), self.qconfig) is not None
 
     def kernel_form(self):
-        """The form the kernel path passes: with its plane coefficients where the kernels read them (kashin),
-        without them for an affine format (rtn: the kernels read its level tables, the stored float16 scales),
-        so a layer on the GPU keeps no float32 copy that its kernels never read (3 bits per weight for rtn at
-        groups of 64)."""
+        """The form the kernel path passes, holding no float32 copy of what is stored where the kernels can do
+        without: for an affine format (rtn) no planes (its kernels read the level tables, the stored float16
+        scales); for kashin the stored float16 coefficients as ``c`` (:data:`quantune.kernels.HALF_COEFFS`),
+        except at 1 or 2 bits in partial words, whose kernel takes the float32 planes (:meth:`bitplane_form`).
+        Before, every layer kept the float32 planes: 3 bits per weight at groups of 64."""
         if self._kform is None or (self._kform.a is not None and self._kform.a.device != self.codes.device):
-            if self._affine():  # the planes built once to be dropped: the form keeps its layout only
-                form = self.method.bitplane_form(self.buffers_dict(), self.out_features, self.in_features,
-                                                 self.qconfig)
+            from quantune import kernels
+
+            form = self._bitplane or self.method.bitplane_form(self.buffers_dict(), self.out_features,
+                                                               self.in_features, self.qconfig)
+            if self._affine():  # the form keeps its layout only
                 self._kform = dataclasses.replace(form, a=None, bx=None, bq=None)
+            elif (kernels.HALF_COEFFS and "coeffs" in self.buffer_names
+                  and (self.qconfig.bits > 2 or kernels.gemv_supported(form, self.qconfig.bits, self.codes.shape[1]))):
+                # the word-reading kernels read c; other widths' kernel reads the level tables (the bit-plane
+                # kernel of 1 and 2 bits in partial words takes the float32 planes: those keep them)
+                c = self.coeffs.view(self.out_features, form.groups, self.qconfig.bits)
+                self._kform = dataclasses.replace(form, a=None, bx=None, bq=None, c=c)
             else:
                 self._kform = self.bitplane_form()
         return self._kform
@@ -298,7 +309,8 @@ def _linear_shared_op_fake(x, codes, bias, handles, out_features):
 
 def colocate(modules: list[QuantLinear]) -> None:
     """Store the codes of layers with the same input width and format back to back, one row block
-    each (and likewise the coefficients and level tables the kernels read), so that layers which
+    each (and likewise their stored scales or coefficients, and any float32 planes or level tables the
+    kernels read), so that layers which
     read the same input (q/k/v, gate/up) run as one GEMV launch with one result each (see
     :func:`_joined_forward`). The modules keep their own tensors, now views into shared storage:
     the same values, the same memory. Modules that do not match the first are refused."""
@@ -316,21 +328,24 @@ def colocate(modules: list[QuantLinear]) -> None:
         return list(torch.split(joined, rows))
 
     with torch.no_grad():
-        for m, c in zip(modules, split(torch.cat([m.codes for m in modules]))):
-            m.codes = c  # a registered buffer: setattr replaces it
+        for name in first.buffer_names:  # codes, and the scales or coefficients the kernels read in place
+            parts = [getattr(m, name) for m in modules]
+            for m, t in zip(modules, torch.split(torch.cat(parts), [p.shape[0] for p in parts])):
+                setattr(m, name, t)  # a registered buffer: setattr replaces it
         for m in modules:
-            m._reset_kernel_caches()  # forms and tables of the new codes' views
+            m._reset_kernel_caches()  # forms and tables of the new views
         forms = [m.kernel_form() for m in modules]
         tables = [m.kernel_tables() for m in modules]
-        if forms[0].a is not None:  # the kernels read the planes' coefficients (kashin): back to back as well
+        if forms[0].a is not None:  # the kernels read float32 planes: back to back as well
             parts = {f: split(torch.cat([getattr(fm, f) for fm in forms])) for f in ("a", "bx", "bq")}
             for i, m in enumerate(modules):
                 m._bitplane = m._kform = dataclasses.replace(forms[i], a=parts["a"][i], bx=parts["bx"][i],
                                                              bq=parts["bq"][i])
-        # tables the kernels read (rtn's scales, and offsets unless the grid is symmetric: None), back to back;
-        # the layers share the format, so all or none have each
-        tparts = [[None] * len(modules) if tables[0][i] is None else split(torch.cat([t[i] for t in tables]))
-                  for i in (0, 1)]
+        # tables the kernels read, back to back: rtn's are its scales and minima (or None: the symmetric grid's
+        # offsets), joined above; level tables of other widths are joined here. The layers share the format, so
+        # all or none have each
+        tparts = [[t[i] for t in tables] if tables[0][i] is None or _back_to_back([t[i] for t in tables]) is not None
+                  else split(torch.cat([t[i] for t in tables])) for i in (0, 1)]
         for i, m in enumerate(modules):
             m._ktables = (tparts[0][i], tparts[1][i], tables[i][2])
 
@@ -382,10 +397,10 @@ def _joined_forward(modules: list[QuantLinear], x: torch.Tensor) -> list[torch.T
     forms = [m.kernel_form() for m in modules]
     tables = [m.kernel_tables() for m in modules]
     codes = _back_to_back([m.codes for m in modules])
-    joined = {f: None if forms[0].a is None else _back_to_back([getattr(fm, f) for fm in forms])
-              for f in ("a", "bx", "bq")}
+    joined = {f: _back_to_back([getattr(fm, f) for fm in forms]) for f in ("a", "bx", "bq", "c")
+              if getattr(forms[0], f) is not None}
     jt = [None if tables[0][i] is None else _back_to_back([t[i] for t in tables]) for i in (0, 1)]
-    if codes is None or (forms[0].a is not None and any(v is None for v in joined.values())) or \
+    if codes is None or any(v is None for v in joined.values()) or \
             any((jt[i] is None) != (tables[0][i] is None) for i in (0, 1)):
         return None
     from quantune.kernels import fused_matmul

@@ -167,15 +167,16 @@ def test_loop_bodies_count_from_the_label_to_the_branch_back():
 
 
 def test_joined_decode_sweep_smoke_checks_the_weight(tmp_path):
-    """eval/sweep_joined_decode.py on the CPU (interpreter, one small case): a row per tile setting and way to the
-    values (quantune.kernels.JOINED_DECODES) and pipelining depth, each decode within bf16's precision of the
-    module's weight."""
+    """eval/sweep_joined_decode.py on the CPU (interpreter, one small case): a row per tile setting, way to the
+    values (quantune.kernels.JOINED_DECODES), pipelining depth and form (the kernel path's float16 coefficients,
+    the float32 planes), each decode within bf16's precision of the module's weight."""
     pytest.importorskip("triton")
     from quantune.kernels import JOINED_DECODES
 
     _run(["eval.sweep_joined_decode"], tmp_path, 300, OUT=str(tmp_path))
     rows = json.loads((tmp_path / "sweep_joined_decode.json").read_text())
-    assert sorted((r["decode"], r["stages"]) for r in rows) == sorted((d, s) for d in JOINED_DECODES for s in (3, 1))
+    assert sorted((r["decode"], r["stages"], r["form"]) for r in rows) == \
+        sorted((d, s, f) for d in JOINED_DECODES for s in (3, 1) for f in ("library", "planes"))
     assert all(r["group"] == 64 and r["rel_err"] < 4e-3 for r in rows)
 
 

@@ -905,3 +905,63 @@ def test_late_gemv_compiles_with_its_wait_between_the_passes():
     assert got["gemv_True"]["dp2a"] == [24, 8] and got["gemv_False"]["dp2a"] == [0, 32]
     assert got["stage2_True"]["griddepcontrol.launch_dependents"] == [0, 1]
     assert got["stage2_False"]["griddepcontrol.launch_dependents"] == [1, 0]
+
+
+def _half_form(q):
+    """The layer's form as the kernel path gives it to kashin's word-reading kernels: the stored float16
+    coefficients ``c`` instead of float32 ``a``, ``bx``, ``bq``."""
+    import dataclasses
+
+    form = _form(q)
+    return dataclasses.replace(form, a=None, bx=None, bq=None,
+                               c=q.coeffs.view(q.out_features, form.groups, q.qconfig.bits))
+
+
+HALF_CASES = {"kashin4-row": (QuantConfig(bits=4), (2, 16, 1), False, False),
+              "kashin2-row-split": (QuantConfig(bits=2), (2, 8, 2), False, False),
+              "kashin4-row-late": (QuantConfig(bits=4), (2, 16, 1), True, False),
+              "kashin4-g64-words": (QuantConfig(bits=4, group_size=64), (2, 32, 1), False, False),
+              "kashin4-g64-sums": (QuantConfig(bits=4, group_size=64), (2, 32, 1), False, True),
+              "kashin8-g16-sums-late": (QuantConfig(bits=8, group_size=16), (2, 16, 1), True, True),
+              "kashin2-g32-split": (QuantConfig(bits=2, group_size=32), (4, 8, 2), False, False)}
+
+
+@pytest.mark.parametrize("name", list(HALF_CASES))
+def test_half_coefficients_give_the_float32_planes_results(name):
+    """kashin's GEMV (mode 5) reading the stored float16 coefficients (a_t = 2 c_t, bx and bq summed from them:
+    HALF) computes what it computes from the float32 planes: a row's one group (the integer sums scaled at the
+    end), a coefficient per word, per group sums, the two-pass loop, K split."""
+    pytest.importorskip("triton")
+    from quantune.kernels import gemv_matmul
+
+    cfg, (block_m, block_w, split), late, sums = HALF_CASES[name]
+    q = _layer(cfg, out=7, inp=256)
+    x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(5))
+    args = dict(block_m=block_m, block_w=block_w, num_warps=1, split=split, share=False, mode=5, late=late,
+                group_sums=sums)
+    half = gemv_matmul(x, q.codes, _half_form(q), cfg.bits, **args)
+    torch.testing.assert_close(half, gemv_matmul(x, q.codes, _form(q), cfg.bits, **args), rtol=1e-6, atol=1e-6)
+    want = x @ q.dequantize().T
+    assert float((half - want).norm() / want.norm()) < 2e-4
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=2, group_size=64),
+                                 QuantConfig(bits=4, group_size=32)], ids=["kashin4-row", "kashin2-g64", "kashin4-g32"])
+def test_half_coefficients_decode_the_same_factors(cfg):
+    """The prefill decodes from the stored float16 coefficients: the planes decode's U and V, and the joined
+    decode's whole weight both ways (bits, signs), equal those from the float32 planes (the signs way from
+    zero instead of from the bases: float32 rounding apart)."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    q = _layer(cfg, out=16, inp=128)
+    got = kernels.decode_bf16(q.codes, _half_form(q), cfg.bits, 128, mode=0)
+    for g, w in zip(got, kernels.decode_bf16(q.codes, _form(q), cfg.bits, 128, mode=0)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    if kernels.joined_decode_supported(_form(q), cfg.bits):
+        for decode in kernels.JOINED_DECODES:
+            half = kernels.decode_joined_bf16(q.codes, _half_form(q), cfg.bits, 128, decode=decode,
+                                              dtype=torch.float32)
+            full = kernels.decode_joined_bf16(q.codes, _form(q), cfg.bits, 128, decode=decode, dtype=torch.float32)
+            torch.testing.assert_close(half, full, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(half, q.dequantize(), rtol=1e-4, atol=1e-5)

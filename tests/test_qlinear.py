@@ -188,32 +188,45 @@ def test_dtype_casts_keep_the_stored_buffers(cfg, cast):
     assert all(torch.equal(t, stored[k]) for k, t in q.buffers_dict().items())
 
 
-@pytest.mark.parametrize("cfg,form_bits,has_tables", [
+@pytest.mark.parametrize("cfg,copies_bits,has_tables", [
     (QuantConfig(method="rtn", bits=4, group_size=64), 0.0, True),
     (QuantConfig(method="rtn", bits=2, group_size=32, symmetric=False), 0.0, True),
-    (QuantConfig(bits=4, group_size=64), 3.0, False),   # a, bx, bq in float32: 6 per 64 weights
-    (QuantConfig(bits=2), 4 * 32 / 256, False),         # per row: 4 floats a row of 256
-    (QuantConfig(bits=3, group_size=64), 2.5, True)],   # 3-bit codes: the level-table kernel
+    (QuantConfig(bits=4, group_size=64), 0.0, False),
+    (QuantConfig(bits=2), 0.0, False),
+    (QuantConfig(bits=3, group_size=64), 3.0, True)],  # 3-bit codes: the level-table kernel's 4 + 2 floats a group
     ids=["rtn4-g64", "rtn2-asym", "kashin4-g64", "kashin2-row", "kashin3-g64"])
-def test_kernel_path_keeps_only_what_its_kernels_read(cfg, form_bits, has_tables, monkeypatch):
-    """What a layer keeps for its kernels: rtn's level tables are its stored scales (and minima) themselves and
-    its kernel form carries no float32 planes (3 bits per weight at groups of 64 before); kashin keeps the float32
-    planes its kernels read and builds level tables only for widths the word-reading kernels do not serve (5
-    bits per weight at 4 bits and groups of 64 before). The kernel path's outputs (few tokens and prefill, forced
-    on the CPU interpreter) match the decoded weight, also after a bf16 cast of the model."""
+@pytest.mark.parametrize("half", [True, False], ids=["half", "float32-planes"])
+def test_kernel_path_keeps_only_what_its_kernels_read(cfg, copies_bits, has_tables, half, monkeypatch):
+    """What a layer keeps for its kernels beyond its stored tensors: nothing for rtn (its level tables are the
+    stored scales and minima themselves, its kernel form has no float32 planes: 3 bits per weight at groups of
+    64 before) and for kashin in whole words (the kernels read the stored float16 coefficients; before, 3 bits
+    per weight of float32 planes and 5 of level tables at 4 bits and groups of 64); level tables only for widths
+    the word-reading kernels do not serve. With HALF_COEFFS off kashin keeps its float32 planes instead. The
+    kernel path's outputs (few tokens and prefill, forced on the CPU interpreter) match the decoded weight, also
+    after a bf16 cast of the model."""
     pytest.importorskip("triton")
+    from quantune import kernels
+
+    monkeypatch.setattr(kernels, "HALF_COEFFS", half)
     q, _ = QuantLinear.from_linear(_linear(256, 8), cfg)
     form, tables = q.kernel_form(), q.kernel_tables()
-    planes = [t for t in (form.a, form.bx, form.bq) if t is not None]
-    assert sum(t.numel() * t.element_size() * 8 for t in planes) / (256 * 8) == pytest.approx(form_bits)
+    stored = {t.untyped_storage().data_ptr() for t in q.buffers_dict().values()}
+    held = [t for t in (form.a, form.bx, form.bq, form.c, *tables[:2])
+            if t is not None and t.untyped_storage().data_ptr() not in stored]
+    planes = 0.0 if half or cfg.method == "rtn" else 6 * 32 / 64 if cfg.group_size else 4 * 32 / 256
+    if not half and cfg.bits == 3:
+        planes = 5 * 32 / 64
+    assert sum(t.numel() * t.element_size() * 8 for t in held) / (256 * 8) == pytest.approx(copies_bits + planes)
     if cfg.method == "rtn":
         assert tables[1].data_ptr() == q.scales.data_ptr()
         assert (tables[0] is None) == cfg.symmetric
         if tables[0] is not None:
             assert tables[0].data_ptr() == q.mins.data_ptr()
-        assert q._bitplane is None  # the float32 form was built only to be dropped
-    elif has_tables:
-        assert tables[0] is not None and not tables[2]
+    elif half:
+        assert form.c.data_ptr() == q.coeffs.data_ptr()
+    assert q._bitplane is None or not half  # no float32 form kept
+    if has_tables:
+        assert tables[1] is not None
     else:
         assert tables == (None, None, False) and q._levels is None
     x = _inputs(256, rows=1).reshape(-1, 256)  # two tokens
