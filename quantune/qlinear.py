@@ -175,10 +175,10 @@ class QuantLinear(nn.Module):
         return self._kform
 
     def kernel_tables(self) -> tuple:
-        """The level tables the kernel path passes: an affine format's (the stored scales); for kashin, whose
-        word-reading kernels take the planes' coefficients, ``(None, None, False)``, the tables being built
-        only for code widths those kernels do not serve (the level-table kernel reads them: 2.5 bits per
-        weight at groups of 128 and 4 bits, 5 at 64, so not kept where unread)."""
+        """The level tables the kernel path passes: an affine format's (its stored scales and minima); for
+        kashin in whole 32-bit words ``(None, None, False)``, since its kernels read the coefficients through
+        :meth:`kernel_form`; float32 tables only for the other widths, whose level-table kernel reads them (at 4
+        bits they would hold 2.5 bits per weight at groups of 128, 5 at 64)."""
         if self._ktables is None:
             from quantune.kernels import gemv_supported
 
