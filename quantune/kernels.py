@@ -1176,7 +1176,10 @@ if triton is not None:
         rmask = rows < M
         word = tl.load(w_ptr + rows[:, None] * stride_w + widx[None, :], mask=rmask[:, None], other=0)
         code = (word[:, :, None] >> (jj * BITS)[None, None, :]) & ((1 << BITS) - 1)
-        coef = rows[:, None] * groups + widx[None, :] // WPG
+        if WPG % BLOCK_W == 0:  # the tile lies in one group: one coefficient index per row, broadcast
+            coef = (rows * groups + (tl.program_id(1) * BLOCK_W) // WPG)[:, None]
+        else:
+            coef = rows[:, None] * groups + widx[None, :] // WPG
         cmask = rmask[:, None]
         smask = rmask[:, None, None]
         if MODE == 1:
