@@ -129,7 +129,9 @@ PY
                --out "$out/bench_kernels_kashin_g128" ;;
   half-coeffs) # issue 5: kashin's kernels reading the stored float16 coefficients (quantune.kernels.HALF_COEFFS, on
              # since the twenty-third session from sm_90 code read here: loops equal or shorter) against the float32
-             # planes, in one process: the few-token call per row and at groups of 128 and 64, then the joined decode
+             # planes, in one process: what a layer holds on the GPU after its calls, the few-token call per row and
+             # at groups of 128 and 64, then the joined decode
+             OUT="$out" timeout 120 python -m eval.bench_layer_memory > "$out/bench_layer_memory.log" 2>&1 || true
              for g in row 128 64; do
                OUT="$out/half_$g" timeout 150 python -m eval.ab_kernels --forms both --methods kashin-4,kashin-2 \
                  --kashin-group $g --repeat 3 > "$out/half_$g.log" 2>&1 || true

@@ -327,3 +327,15 @@ def test_hf_generate_benchmark_smoke_compiles_the_loaded_folder(tmp_path):
     assert row["graphs"] == 1 and row["graph_breaks"] == 0
     assert row["logits_rel_diff"] < 0.05  # the compiled forward computes the same, up to rounding
     assert "static = eager tokens" in out.with_suffix(".md").read_text()
+
+
+def test_layer_memory_benchmark_counts_what_the_kernel_path_keeps(tmp_path):
+    """eval/bench_layer_memory.py on the CPU: per format and HALF_COEFFS setting the stored bits per weight and the
+    kernel path's copies beside them (none with float16 coefficients; kashin's float32 planes without)."""
+    pytest.importorskip("triton")
+    _run(["eval.bench_layer_memory", "--formats", "rtn-4 g64,kashin-4 g64"], tmp_path, 300, OUT=str(tmp_path))
+    rows = {(r["format"], r["half_coeffs"]): r for r in json.loads((tmp_path / "bench_layer_memory.json").read_text())}
+    assert rows[("rtn-4 g64", True)]["stored_bits_per_weight"] == pytest.approx(4.25)
+    assert rows[("kashin-4 g64", True)]["kernel_path_copies_bits_per_weight"] == 0
+    assert rows[("kashin-4 g64", False)]["kernel_path_copies_bits_per_weight"] == pytest.approx(3.0)
+    assert rows[("rtn-4 g64", False)]["kernel_path_copies_bits_per_weight"] == 0
