@@ -390,6 +390,11 @@ def test_colocated_siblings_run_as_one_launch_with_each_layers_outputs(cfg, monk
         assert colocate_siblings(block) == 1
         assert len({m.codes.untyped_storage().data_ptr() for m in layers}) == 1
         assert block.o.codes.untyped_storage().data_ptr() != block.q.codes.untyped_storage().data_ptr()
+        for name in layers[0].buffer_names:  # the scales or coefficients too, read in place by the kernels
+            assert len({getattr(m, name).untyped_storage().data_ptr() for m in layers}) == 1, name
+        for m in layers:  # the kernel path keeps no copy of them
+            kept, stored = (m.kernel_form().c, m.coeffs) if cfg.method == "kashin" else (m.kernel_tables()[1], m.scales)
+            assert kept.data_ptr() == stored.data_ptr()
         for m, w in zip(layers, before):
             torch.testing.assert_close(m.dequantize(), w, rtol=0, atol=0)
         joined = qlinear._joined_forward(layers, x)
