@@ -131,12 +131,12 @@ PY
              # since the twenty-third session from sm_90 code read here: loops equal or shorter) against the float32
              # planes, in one process: what a layer holds on the GPU after its calls, the few-token call per row and
              # at groups of 128 and 64, then the joined decode
-             OUT="$out" timeout 120 python -m eval.bench_layer_memory > "$out/bench_layer_memory.log" 2>&1 || true
+             OUT="$out" timeout 60 python -m eval.bench_layer_memory > "$out/bench_layer_memory.log" 2>&1 || true
              for g in row 128 64; do
-               OUT="$out/half_$g" timeout 150 python -m eval.ab_kernels --forms both --methods kashin-4,kashin-2 \
-                 --kashin-group $g --repeat 3 > "$out/half_$g.log" 2>&1 || true
+               OUT="$out/half_$g" timeout 140 python -m eval.ab_kernels --forms both --methods kashin-4,kashin-2 \
+                 --kashin-group $g --repeat 2 > "$out/half_$g.log" 2>&1 || true  # rows also in the log
              done
-             OUT="$out/half_joined" timeout 120 python -m eval.sweep_joined_decode --cases 4096x4096:128,8192x28672:128,4096x4096:64 \
+             OUT="$out/half_joined" timeout 100 python -m eval.sweep_joined_decode --cases 4096x4096:128,8192x28672:128,4096x4096:64 \
                --block-m 64 --warps 4 --programs 1024 --decodes signs --forms library,planes --tokens 0 ;;
   long-dct)  # issue 5: kashin's two-launch input DCT for groups of up to 256 x 64 (quantune.kernels.DCT_MAX_N1, 64 until
              # measured; stage two in steps of DCT_STAGE2_CHUNK rows), against the rfft path: the preparation alone,
