@@ -1270,8 +1270,8 @@ if triton is not None:
                 coef = tl.load(a_ptr + crow[:, None] * BITS + tt[None, :])  # (BLOCK_M, BITS)
                 bx = tl.load(bx_ptr + crow)
                 bq = tl.load(bq_ptr + crow)
-                half = coef * 0.5
                 if DECODE == 1:
+                    half = coef * 0.5
                     bx += tl.sum(tl.where(tt[None, :] < KU, half, 0.0), axis=1)
                     bq += tl.sum(tl.where(tt[None, :] < KU, 0.0, half), axis=1)
             if DECODE == 1:

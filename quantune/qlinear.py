@@ -143,10 +143,13 @@ class QuantLinear(nn.Module):
             if self._levels is None:  # from a float32 form built for this only (not kept)
                 from quantune.kernels import level_tables
 
-                form = self._bitplane or self.method.bitplane_form(self.buffers_dict(), self.out_features,
-                                                                   self.in_features, self.qconfig)
-                self._levels = level_tables(form, self.qconfig.bits)
+                self._levels = level_tables(self._planes(), self.qconfig.bits)
         return self._levels
+
+    def _planes(self):
+        """The float32 form: :meth:`bitplane_form`'s if already built, else one built for this use only."""
+        return self._bitplane or self.method.bitplane_form(self.buffers_dict(), self.out_features,
+                                                           self.in_features, self.qconfig)
 
     def _affine(self) -> bool:
         return self.method.affine_tables(self.buffers_dict(), self.qconfig) is not None
@@ -160,8 +163,7 @@ class QuantLinear(nn.Module):
         if self._kform is None or (self._kform.a is not None and self._kform.a.device != self.codes.device):
             from quantune import kernels
 
-            form = self._bitplane or self.method.bitplane_form(self.buffers_dict(), self.out_features,
-                                                               self.in_features, self.qconfig)
+            form = self._planes()
             if self._affine():  # the form keeps its layout only
                 self._kform = dataclasses.replace(form, a=None, bx=None, bq=None)
             elif (kernels.HALF_COEFFS and "coeffs" in self.buffer_names
@@ -407,7 +409,7 @@ def _joined_forward(modules: list[QuantLinear], x: torch.Tensor) -> list[torch.T
 
     dtype = _compute_dtype(x)
     x2 = x.reshape(-1, modules[0].in_features)
-    form = dataclasses.replace(forms[0], **joined, groups=forms[0].groups)
+    form = dataclasses.replace(forms[0], **joined)
     ys = fused_matmul(x2, codes, form, modules[0].qconfig.bits, (jt[0], jt[1], tables[0][2]), out_dtype=dtype,
                       share=True, outputs=tuple(m.out_features for m in modules))
     if ys is None:
