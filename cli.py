@@ -58,6 +58,9 @@ def _default_out(model: str, method: str, bits: int) -> Path:
 @click.option("--transform", type=click.Choice(["dct", "hadamard"]), default="dct", show_default=True,
               help="kashin: seeded orthogonal transform.")
 @click.option("--u-steps", type=int, default=None, help="kashin: sign steps on U (default: bits - 1, i.e. one V step).")
+@click.option("--tied-steps", type=int, default=2, show_default=True,
+              help="kashin: U's smallest sign steps sharing one doubling coefficient (read as one plane by the GPU "
+                   "kernel; U's first step stays free, so 4-bit codes tie 2, narrower none); 0 ties none.")
 @click.option("--sweeps", type=int, default=6, show_default=True, help="kashin: refinement sweeps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the transform's random signs.")
 @click.option("--skip", multiple=True, help="Keep this module (name or suffix) in full precision; repeatable.")
@@ -77,7 +80,7 @@ def _default_out(model: str, method: str, bits: int) -> Path:
                    "(local folders and built-in models).")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the quantization (cpu, cuda).")
 @_one_line_errors
-def quantize(model, bits, method, group_size, symmetric, transform, u_steps, sweeps, seed, skip, out_dir,
+def quantize(model, bits, method, group_size, symmetric, transform, u_steps, tied_steps, sweeps, seed, skip, out_dir,
              overwrite, eval_data, eval_seq_len, eval_windows, no_eval, dtype, trust_remote_code, stream, device):
     """Quantize MODEL (built-in name, hub id, local folder or .gguf file) and save it."""
     import torch
@@ -89,7 +92,7 @@ def quantize(model, bits, method, group_size, symmetric, transform, u_steps, swe
     target_bits = None if bits == int(bits) else bits
     bits = int(bits)
     cfg = QuantConfig(method=method, bits=bits, target_bits=target_bits, group_size=group_size, symmetric=symmetric, transform=transform,
-                      u_steps=u_steps, sweeps=sweeps, seed=seed, skip_modules=tuple(skip))
+                      u_steps=u_steps, tied_steps=tied_steps, sweeps=sweeps, seed=seed, skip_modules=tuple(skip))
     out_dir = out_dir or _default_out(model, method, target_bits or bits)
     report = run_quantize(model, cfg, out_dir, eval_data=None if no_eval else eval_data, seq_len=eval_seq_len,
                           windows=eval_windows, overwrite=overwrite, trust_remote_code=trust_remote_code,

@@ -10,12 +10,16 @@ alternation, so a difference is told from the machine's run-to-run spread. Write
 version's call gets, ``library`` (default) what QuantLinear's kernel path passes (``kernel_form``: kashin's stored
 float16 coefficients where quantune.kernels.HALF_COEFFS; versions before the twenty-third session cannot read
 them), ``planes`` the float32 planes (``bitplane_form``, which every version reads), ``both`` each version each way
-("NAME/planes"): the A/B of HALF_COEFFS, for which no other version is needed.
+("NAME/planes"): the A/B of HALF_COEFFS, for which no other version is needed; ``folds`` each version with the
+kernel path's form and with that form's tied planes unfolded ("NAME/unfolded": every plane read alone), the A/B of
+reading kashin's tied steps as one field (QuantConfig.tied_steps; the layers are quantized at the default, 2).
 
-    python -m eval.ab_kernels --forms both --methods kashin-4,kashin-2 --kashin-group 128"""
+    python -m eval.ab_kernels --forms both --methods kashin-4,kashin-2 --kashin-group 128
+    python -m eval.ab_kernels --forms folds --methods kashin-4"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -41,15 +45,17 @@ def main() -> None:
     p.add_argument("--group", default="64", help="rtn's group size, or 'row'")
     p.add_argument("--kashin-group", default="row", help="kashin's coefficient group, or 'row' (the default)")
     p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--forms", choices=("library", "planes", "both"), default="library",
-                   help="the kernel path's forms, the float32 planes, or both for each version (NAME/planes)")
+    p.add_argument("--forms", choices=("library", "planes", "both", "folds"), default="library",
+                   help="the kernel path's forms, the float32 planes, or both for each version (NAME/planes); "
+                        "folds: the kernel path's forms with and without their tied planes folded (NAME/unfolded)")
     args = p.parse_args()
     from eval import bench_kernels
 
     modules = {f"v{i}": load(path, f"quantune.kernels_v{i}") for i, path in enumerate(args.others)}
     modules["tree"] = kernels
     versions = {name + suffix: mod for name, mod in modules.items()
-                for suffix in {"library": ("",), "planes": ("/planes",), "both": ("", "/planes")}[args.forms]}
+                for suffix in {"library": ("",), "planes": ("/planes",), "both": ("", "/planes"),
+                               "folds": ("", "/unfolded")}[args.forms]}
     if len(versions) < 2:
         p.error("nothing to compare: give other versions' files or --forms both")
     bench_kernels.DEV = "cuda"
@@ -64,7 +70,10 @@ def main() -> None:
         results = {}
         # what QuantLinear's kernel path passes, or (NAME/planes) the float32 planes
         lib = bench_kernels.layer_copies(case.q.codes, case.q.kernel_form(), case.q.kernel_tables(), len(copies))
-        layers = {name: copies if name.endswith("/planes") else lib for name in versions}
+        unfolded = [(c, dataclasses.replace(f, folds=0), t) for c, f, t in lib]
+        layers = {name: copies if name.endswith("/planes") else unfolded if name.endswith("/unfolded") else lib
+                  for name in versions}
+        row["folds"] = case.q.kernel_form().folds
         for name, mod in versions.items():
             results[name] = bench_kernels.library_call(x, bits, mod)(layers[name][0]).float()
             affine = tables[2]
@@ -84,7 +93,7 @@ def main() -> None:
                     bench_kernels.rotating([lambda c=c, call=call: call(c) for c in layers[name]])) * 1e6)
         print(json.dumps(row), flush=True)
         out.append(row)
-    tree = "tree" if "tree" in versions else "tree/planes"
+    tree = "tree" if "tree" in versions else next(iter(versions))
     bench_kernels.save_sweep([dict(r, us_tree=min(r["us"][tree])) for r in out], "ab_kernels",
                              ("k", "n", "method"), "us_tree")
 

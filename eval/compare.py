@@ -4,8 +4,8 @@
         --methods kashin-4,rtn-4-sym,rtn-4-sym-g128,bnb-nf4-dq,hqq-4-g64 --out eval/results/compare_smollm2
 
 Method names:
-* ``kashin-<bits>[-g<group>][-u<u steps>][-had][-rel|-abs]``: quantune kashin (real QuantLinear
-  format); a fractional width (``kashin-3.5``) mixes the two neighbouring widths across layers,
+* ``kashin-<bits>[-g<group>][-u<u steps>][-t<tied steps>][-had][-rel|-abs]``: quantune kashin (real
+  QuantLinear format; ``-t0``: every coefficient free, see QuantConfig.tied_steps); a fractional width (``kashin-3.5``) mixes the two neighbouring widths across layers,
   ranked by relative weight error (the default, ``-rel``) or absolute error (``-abs``) -- see
   quantune.quantize.allocate_bits;
 * ``rtn-<bits>-<sym|asym>[-g<group>]``: quantune's round-to-nearest (per-channel without -g);
@@ -40,13 +40,14 @@ from quantune.report import markdown_table
 
 def quantune_config(name: str) -> QuantConfig | None:
     """QuantConfig for a quantune method name, or None for a peer name."""
-    m = re.fullmatch(r"kashin-(\d(?:\.\d+)?)(?:-g(\d+))?(?:-u(\d))?(-had)?(-rel|-abs)?", name)
+    m = re.fullmatch(r"kashin-(\d(?:\.\d+)?)(?:-g(\d+))?(?:-u(\d))?(?:-t(\d))?(-had)?(-rel|-abs)?", name)
     if m:
         width = float(m.group(1))
         return QuantConfig(method="kashin", bits=int(width), target_bits=None if width == int(width) else width,
                            group_size=int(m.group(2)) if m.group(2) else None,
                            u_steps=int(m.group(3)) if m.group(3) else None,
-                           transform="hadamard" if m.group(4) else "dct")
+                           tied_steps=int(m.group(4)) if m.group(4) else QuantConfig.tied_steps,
+                           transform="hadamard" if m.group(5) else "dct")
     m = re.fullmatch(r"rtn-(\d)-(sym|asym)(?:-g(\d+))?", name)
     if m:
         return QuantConfig(method="rtn", bits=int(m.group(1)), symmetric=m.group(2) == "sym",

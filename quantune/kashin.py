@@ -24,6 +24,14 @@ The fit:
 The objective never increases, and its value after each sweep is returned as the
 convergence history. Coefficients are stored in float16 and the codes are re-fitted to the
 rounded coefficients, so the recorded error is the error of the stored format.
+
+Tied steps (``tied``, QuantConfig.tied_steps): the ``tied`` smallest u steps may share one
+coefficient that doubles from step to step, stored as the last u planes smallest first
+(``c_{t+1} = 2 c_t``, exact in float16). Their ``2**tied`` sums then lie on a uniform grid
+and their bits decode as one integer, so the GPU's few-token kernel reads them as one plane
+instead of one each. The least-squares refit solves for the shared coefficient (the normal
+equations through :func:`tie_matrix`); nothing else changes, and the stored format is the
+same (any reader decodes it; the kernels find the doubling in the stored values).
 """
 from __future__ import annotations
 
@@ -103,13 +111,29 @@ def _sign_gram(s: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def tie_matrix(ku: int, kv: int, tied: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """``(ku + kv, ku + kv - tied + 1)``: the coefficients as a product with the free parameters, where the last
+    ``tied`` u steps share one, doubling from step to step (``c_{t+1} = 2 c_t``); the identity for ``tied < 2``."""
+    tied = tied if tied >= 2 else 0
+    free = ku - tied
+    m = torch.zeros(ku + kv, ku + kv - max(tied - 1, 0), dtype=dtype, device=device)
+    for t in range(free):
+        m[t, t] = 1
+    for j in range(tied):
+        m[free + j, free] = 2.0 ** j
+    for j in range(kv):
+        m[ku + j, m.shape[1] - kv + j] = 1
+    return m
+
+
 def _refit(x: torch.Tensor, xt: torch.Tensor, su: torch.Tensor, sv: torch.Tensor,
-           transform: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+           transform: str, seed: int, tied: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares coefficients ``(B, ku+kv)`` for fixed signs, and the squared norm each
     vector's fit removes (``||x||^2`` minus it is the squared residual).
 
     Columns of the design matrix: ``s_t`` (``u`` steps) and ``Q sigma_t`` (``v`` steps);
     Gram entries use ``<s, Q sigma> = <Q^T s, sigma>`` and ``<Q sigma, Q sigma'> = <sigma, sigma'>``.
+    ``tied`` >= 2: the last ``tied`` u coefficients are fitted as one, ``c_{t+1} = 2 c_t`` (:func:`tie_matrix`).
     """
     ku, kv = su.shape[-1], sv.shape[-1]
     blocks_r = []
@@ -132,20 +156,28 @@ def _refit(x: torch.Tensor, xt: torch.Tensor, su: torch.Tensor, sv: torch.Tensor
             cross = torch.einsum("bkg,bgj->bkj", su_t, sv).double()
         gram[:, :ku, ku:] = cross
         gram[:, ku:, :ku] = cross.transpose(1, 2)
-    ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1e-30)
-    coeffs = torch.linalg.solve(gram + ridge[:, None, None] * torch.eye(ku + kv, dtype=gram.dtype, device=x.device), rhs)
+    tie = tie_matrix(ku, kv, tied, device=x.device)
+    gram_p, rhs_p = tie.T @ gram @ tie, rhs @ tie  # the normal equations in the free parameters
+    ridge = 1e-9 * gram_p.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1e-30)
+    eye = torch.eye(tie.shape[1], dtype=gram.dtype, device=x.device)
+    coeffs = torch.linalg.solve(gram_p + ridge[:, None, None] * eye, rhs_p) @ tie.T
     # squared residual of the fit, per vector: ||x||^2 - 2 c.rhs + c^T G c (no transform needed)
     fit = (coeffs * rhs).sum(-1) * 2 - torch.einsum("bi,bij,bj->b", coeffs, gram, coeffs)
     return coeffs.float(), fit
 
 
 def kashin_decompose(x: torch.Tensor, ku: int, kv: int, transform: str = "dct",
-                     seed: int = 0, sweeps: int = 6) -> KashinFactors:
-    """Decompose every row of ``x`` ``(B, g)``; see the module docstring for the math."""
+                     seed: int = 0, sweeps: int = 6, tied: int = 0) -> KashinFactors:
+    """Decompose every row of ``x`` ``(B, g)``; see the module docstring for the math. ``tied`` >= 2: the
+    ``tied`` smallest u steps share one coefficient, doubling from plane to plane (stored as the last u planes,
+    smallest first: ``c_{t+1} = 2 c_t`` exactly in float16), so their bits read as one integer field."""
     if x.dim() != 2:
         raise ValueError(f"kashin_decompose expects (B, g) vectors, got shape {tuple(x.shape)}")
     if ku < 0 or kv < 0 or not 1 <= ku + kv <= 8:
         raise ValueError(f"need 1 <= ku + kv <= 8 sign steps, got ku={ku}, kv={kv}")
+    if not 0 <= tied <= ku:
+        raise ValueError(f"tied must lie in [0, ku={ku}], got {tied}")
+    tied = tied if tied >= 2 else 0
     x = x.float()
     norm = x.norm().clamp(min=1e-30)
     x_sq = x.double().square().sum()
@@ -169,9 +201,14 @@ def kashin_decompose(x: torch.Tensor, ku: int, kv: int, transform: str = "dct",
         d = rt.abs().mean(-1, keepdim=True)
         rt -= d * s
         coeff_list.append(d), sv_list.append(s)
+    if tied:  # the tied run stored smallest first, so that its planes weigh 1, 2, 4, ... (an integer field)
+        order = list(range(ku - tied)) + list(range(ku - 1, ku - tied - 1, -1))
+        coeff_list[:ku], su_list = [coeff_list[t] for t in order], [su_list[t] for t in order]
     coeffs = torch.cat(coeff_list, dim=-1)
     su = torch.stack(su_list, -1) if ku else x.new_zeros(*x.shape, 0)
     sv = torch.stack(sv_list, -1) if kv else x.new_zeros(*x.shape, 0)
+    if tied and not sweeps:  # coefficients that keep the tie (with sweeps, the first sweep's refit ties them)
+        coeffs, _ = _refit(x, xt, su, sv, transform, seed, tied)
     u_hat = (su * coeffs[:, None, :ku]).sum(-1)
     v_hat = (sv * coeffs[:, None, ku:]).sum(-1)
     history = [rel_err(u_hat, v_hat)]
@@ -196,13 +233,16 @@ def kashin_decompose(x: torch.Tensor, ku: int, kv: int, transform: str = "dct",
     for _ in range(sweeps):
         iu, iv, u_hat, v_hat = assign(coeffs, v_hat)
         su, sv = table_u[iu], table_v[iv]
-        coeffs, fit = _refit(x, xt, su, sv, transform, seed)
+        coeffs, fit = _refit(x, xt, su, sv, transform, seed, tied)
         u_hat = (su * coeffs[:, None, :ku]).sum(-1)
         v_hat = (sv * coeffs[:, None, ku:]).sum(-1)
         history.append(float((x_sq - fit.sum()).clamp(min=0).sqrt() / norm))
 
     # 3. store coefficients in float16 and fit the codes to the rounded values
     coeffs16 = coeffs.half()
+    if tied:  # the run from its float16 base times powers of two: exact, so the kernels can read it as one field
+        base = ku - tied
+        coeffs16[:, base:ku] = coeffs16[:, base:base + 1] * (2.0 ** torch.arange(tied, device=x.device)).half()
     iu, iv, u_hat, v_hat = assign(coeffs16.float(), v_hat)
     history.append(rel_err(u_hat, v_hat))
     codes = (iu | (iv << ku)).to(torch.uint8)

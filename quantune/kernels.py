@@ -131,6 +131,22 @@ def coef_args(form: BitplaneForm) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return (*form.planes(), False)
 
 
+def plane_masks(form: BitplaneForm, bits: int) -> int:
+    """The GEMV's PLANES for ``form`` (mode 5): 0 where no plane folds, else byte t the bits plane t reads, a run
+    of doubling planes (``form.folds``) read by its first plane as one integer field, 0 for the planes folded."""
+    if not form.folds:
+        return 0
+    masks = 0
+    for t in range(bits):
+        if form.folds >> t & 1:
+            continue
+        run = 1
+        while t + run < bits and form.folds >> (t + run) & 1:
+            run += 1
+        masks |= ((1 << run) - 1) << t << (8 * t)
+    return masks
+
+
 def block_k_for(group: int) -> int | None:
     """The kernel's K tile: the largest power of two <= 256 dividing ``group`` (None below 16)."""
     block = group & (-group)
@@ -481,7 +497,7 @@ if triton is not None:
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
                      NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = "",
                      UNROLL: tl.constexpr = 1, LATE: tl.constexpr = False, SUMG: tl.constexpr = 0,
-                     GSUM5: tl.constexpr = False, HALF: tl.constexpr = False):
+                     GSUM5: tl.constexpr = False, HALF: tl.constexpr = False, PLANES: tl.constexpr = 0):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -514,6 +530,10 @@ if triton is not None:
         Coefficients: one per row when a tile lies inside one group, else gathered per word (mode 5 with GSUM5
         and groups of whole tiles' fractions: each plane's integer dots summed per group first, then one
         coefficient per (row, group) from a (BLOCK_M, groups in the tile) load, as mode 6 does).
+        PLANES (mode 5): 0, plane t reads bit t of each code; else byte t of PLANES is the mask of the bits plane t
+        reads (:func:`plane_masks`): a run of planes whose coefficients double from one to the next
+        (``c_{t+1} = 2 c_t``, kashin's tied steps) is read as one integer field with the first one's coefficient,
+        and a plane so folded into the one below has the byte 0 and is skipped.
         UNROLL: the K loop's unroll factor (Triton's loop_unroll_factor).
         LATE (mode 5, kashin): two passes over the codes, the planes below KU (``x``'s) first, then those from KU
         (``xq``'s), so the transformed input may arrive while the first pass runs. With PDL the first pass
@@ -668,19 +688,18 @@ if triton is not None:
                         ql0, qh0, ql1, qh1, ql2, qh2, ql3, qh3 = _pairs8(xqp_ptr, tok, CPB, NW, offs)
                         qscale = tl.load(qsc_ptr + tok)
                     for t in tl.static_range(BITS):
-                        if (not LATE) or (phase == 0 and t < KU) or (phase == 1 and t >= KU):
+                        pm = (PLANES >> (8 * t)) & 255 if PLANES else 1 << t  # the bits plane t reads (0: folded)
+                        if pm and ((not LATE) or (phase == 0 and t < KU) or (phase == 1 and t >= KU)):
                             if ONE_GROUP:  # dp2a adds straight into the plane's running integer sum
                                 dot = _pick(t, d0, d1, d2, d3, d4, d5, d6, d7)
                             else:
                                 dot = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)
                             for k in tl.static_range(CPB):
-                                if SCALED:
-                                    if t == 7:  # 0x80808080 as a signed 32-bit constant
-                                        b = (word >> (k * BITS)) & -2139062144
-                                    else:
-                                        b = (word >> (k * BITS)) & (0x01010101 << t)
+                                if SCALED:  # pm in every byte, as a signed 32-bit constant (0x80808080 at t = 7)
+                                    b = (word >> (k * BITS)) & ((pm * 0x010101) | ((pm - (pm >> 7 << 8)) << 24))
                                 else:
-                                    b = (word >> (t + k * BITS)) & 0x01010101
+                                    b = (word >> (t + k * BITS)) & (((pm >> t) * 0x010101)
+                                                                    | (((pm >> t) - ((pm >> t) >> 7 << 8)) << 24))
                                 if t < KU:
                                     lo = _pick(k, xl0, xl1, xl2, xl3, xl0, xl0, xl0, xl0)
                                     hi = _pick(k, xh0, xh1, xh2, xh3, xh0, xh0, xh0, xh0)
@@ -798,22 +817,11 @@ if triton is not None:
                     d6 = _unscaled(d6, 6)
                     d7 = _unscaled(d7, 7)
                 accn = tl.zeros([BLOCK_M, 1], dtype=tl.float32)  # each plane summed along the row, then scaled once
-                accn += _coefh(a_ptr, gidx, gmask, 0, BITS, HALF) * (tl.sum(d0, axis=1)[:, None].to(tl.float32)
-                                                                      * (xscale if 0 < KU else qscale))
-                accn += _coefh(a_ptr, gidx, gmask, 1, BITS, HALF) * (tl.sum(d1, axis=1)[:, None].to(tl.float32)
-                                                                      * (xscale if 1 < KU else qscale))
-                accn += _coefh(a_ptr, gidx, gmask, 2, BITS, HALF) * (tl.sum(d2, axis=1)[:, None].to(tl.float32)
-                                                                      * (xscale if 2 < KU else qscale))
-                accn += _coefh(a_ptr, gidx, gmask, 3, BITS, HALF) * (tl.sum(d3, axis=1)[:, None].to(tl.float32)
-                                                                      * (xscale if 3 < KU else qscale))
-                accn += _coefh(a_ptr, gidx, gmask, 4, BITS, HALF) * (tl.sum(d4, axis=1)[:, None].to(tl.float32)
-                                                                      * (xscale if 4 < KU else qscale))
-                accn += _coefh(a_ptr, gidx, gmask, 5, BITS, HALF) * (tl.sum(d5, axis=1)[:, None].to(tl.float32)
-                                                                      * (xscale if 5 < KU else qscale))
-                accn += _coefh(a_ptr, gidx, gmask, 6, BITS, HALF) * (tl.sum(d6, axis=1)[:, None].to(tl.float32)
-                                                                      * (xscale if 6 < KU else qscale))
-                accn += _coefh(a_ptr, gidx, gmask, 7, BITS, HALF) * (tl.sum(d7, axis=1)[:, None].to(tl.float32)
-                                                                      * (xscale if 7 < KU else qscale))
+                for t in tl.static_range(8):
+                    if t < BITS and ((PLANES >> (8 * t)) & 255 if PLANES else 1):  # folded planes' sums stay 0
+                        accn += _coefh(a_ptr, gidx, gmask, t, BITS, HALF) * (
+                            tl.sum(_pick(t, d0, d1, d2, d3, d4, d5, d6, d7), axis=1)[:, None].to(tl.float32)
+                            * (xscale if t < KU else qscale))
         out = tl.sum(acc, axis=1)
         if MODE == 5:
             if ONE_GROUP:
@@ -1684,12 +1692,13 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     gsum5 = bool(GEMV_GROUP_SUMS if group_sums is None else group_sums) and mode == 5 and wpg < tile \
         and tile % wpg == 0
     w = packed.view(torch.int32)
-    sym, half = False, False
+    sym, half, planes = False, False, 0
     if mode in (0, 1, 6):  # scale and offset per (row, group)
         a, bx, sym = affine_args(tables)
         bq = bx
     elif mode == 5:
         a, bx, bq, half = coef_args(form)
+        planes = plane_masks(form, bits)
     else:
         a, bx, bq = form.planes()
     launch(_gemv_kernel, (_cdiv(m, block_m), split, t),
@@ -1698,7 +1707,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         PREFETCH=int(prefetch), ASM=asm, XCH=rounding_columns(k, bits), PDL=pdl, NOUT=len(ys), SYM=sym,
         EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late), SUMG=sumg,
-        GSUM5=gsum5, HALF=half,
+        GSUM5=gsum5, HALF=half, PLANES=planes,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 

@@ -53,6 +53,7 @@ class BitplaneForm:
     seed: int
     groups: int = -1   # G (taken from bx or c when not given)
     c: torch.Tensor | None = None  # (out, G, bits) float16: kashin's stored coefficients, a = 2 c
+    folds: int = 0     # bit t set: a[..., t] == 2 a[..., t-1] everywhere, both below ku (see doubling_folds)
 
     # The kernel path (QuantLinear.kernel_form) passes forms without a/bx/bq, so that a layer on the GPU keeps no
     # float32 copy of what is stored: an affine format's (rtn) kernels read its level tables (the stored float16
@@ -74,6 +75,18 @@ class BitplaneForm:
             return 2 * c, -c[..., :self.ku].sum(-1), -c[..., self.ku:].sum(-1)
         raise ValueError("this form carries no plane coefficients (an affine format's kernel form, whose "
                          "kernels read its level tables); QuantLinear.bitplane_form() has them")
+
+
+def doubling_folds(c: torch.Tensor, ku: int) -> int:
+    """A bitmask of the planes t (0 < t < ku) whose coefficients are exactly twice the plane's below in every
+    (row, group) of ``c`` ``(..., bits)``: kashin's tied steps (QuantConfig.tied_steps). Each such run of planes
+    decodes as one integer field, so the few-token GEMV reads it as one plane (kernels.plane_masks). Read from
+    the stored values, never from the config, so a folder's settings cannot make a kernel misread it."""
+    folds = 0
+    for t in range(1, ku):
+        if bool((c[..., t].float() == 2 * c[..., t - 1].float()).all()):
+            folds |= 1 << t
+    return folds
 
 
 class Method:
@@ -131,7 +144,7 @@ class KashinMethod(Method):
         vectors = w.reshape(m * n // g, g)
         # vectors are independent: decompose them a block at a time, so the working memory (some
         # tens of bytes per weight) stays bounded by the block, not the layer
-        parts = [kashin_decompose(v, cfg.ku, cfg.kv, cfg.transform, cfg.seed, cfg.sweeps)
+        parts = [kashin_decompose(v, cfg.ku, cfg.kv, cfg.transform, cfg.seed, cfg.sweeps, cfg.tied)
                  for v in vectors.split(max(1, KASHIN_BLOCK_ELEMENTS // g))]
         sq = [float(v.float().square().sum()) for v in vectors.split(max(1, KASHIN_BLOCK_ELEMENTS // g))]
         history = [(sum(p.history[i] ** 2 * q for p, q in zip(parts, sq)) / max(sum(sq), 1e-60)) ** 0.5
@@ -159,7 +172,8 @@ class KashinMethod(Method):
         g = effective_group_size(in_features, cfg.group_size)
         c = buffers["coeffs"].float().reshape(out_features, in_features // g, cfg.bits)
         return BitplaneForm(a=2 * c, bx=-c[..., :cfg.ku].sum(-1), bq=-c[..., cfg.ku:].sum(-1), ku=cfg.ku, group=g,
-                            transform=cfg.transform if cfg.kv else None, seed=cfg.seed)
+                            transform=cfg.transform if cfg.kv else None, seed=cfg.seed,
+                            folds=doubling_folds(c, cfg.ku))
 
 
 class RTNMethod(Method):

@@ -409,7 +409,10 @@ def _joined_forward(modules: list[QuantLinear], x: torch.Tensor) -> list[torch.T
 
     dtype = _compute_dtype(x)
     x2 = x.reshape(-1, modules[0].in_features)
-    form = dataclasses.replace(forms[0], **joined)
+    folds = forms[0].folds  # a plane folds in the joined launch only where it folds in every layer
+    for fm in forms[1:]:
+        folds &= fm.folds
+    form = dataclasses.replace(forms[0], **joined, folds=folds)
     ys = fused_matmul(x2, codes, form, modules[0].qconfig.bits, (jt[0], jt[1], tables[0][2]), out_dtype=dtype,
                       share=True, outputs=tuple(m.out_features for m in modules))
     if ys is None:

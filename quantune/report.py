@@ -1,6 +1,8 @@
 """Plain-text rendering of reports: Markdown tables for report.md and the console."""
 from __future__ import annotations
 
+from quantune.config import QuantConfig
+
 
 def fmt(value, digits: int = 3) -> str:
     if value is None:
@@ -45,8 +47,10 @@ def quantize_markdown(report: dict) -> str:
                                                        f"({cfg['bits'] + 1}-bit; the rest {cfg['bits']}-bit)"])
     if cfg["method"] == "kashin":
         for bits in sorted({cfg["bits"], *module_bits.values()}):
-            ku = bits - 1 if cfg["u_steps"] is None else cfg["u_steps"]
-            settings.append([f"sign steps (U + V), {bits}-bit layers", f"{ku} + {bits - ku}"])
+            layer = QuantConfig.from_dict({**cfg, "bits": bits, "module_bits": {}, "target_bits": None,
+                                           "modules_in_full_precision": {}})
+            tied = f", the {layer.tied} smallest of U tied (one doubling coefficient)" if layer.tied else ""
+            settings.append([f"sign steps (U + V), {bits}-bit layers", f"{layer.ku} + {layer.kv}{tied}"])
     out.append(markdown_table(["setting", "value"], settings))
     out += ["", "## Summary", "", markdown_table(["quantity", "value"], [
         ["quantized layers", s["quantized_layers"]],

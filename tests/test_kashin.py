@@ -177,6 +177,29 @@ def test_deterministic():
     assert torch.equal(a.codes, b.codes) and torch.equal(a.coeffs, b.coeffs) and a.history == b.history
 
 
+@pytest.mark.parametrize("ku, kv, tied, sweeps", [(3, 1, 2, 6), (3, 1, 3, 6), (5, 2, 4, 2), (3, 1, 2, 0)])
+def test_tied_steps_double_exactly_and_cost_little(ku, kv, tied, sweeps):
+    """The last ``tied`` u planes store one coefficient doubling from plane to plane, exactly in float16 (so a
+    kernel may read their bits as one integer), also without sweeps; tying the two smallest of three u steps
+    costs little against free coefficients (Gaussian rows: relative error within 2%)."""
+    x = _gaussian(32, 256, seed=7)
+    f = kashin_decompose(x, ku, kv, "dct", sweeps=sweeps, tied=tied)
+    c, base = f.coeffs.float(), ku - tied
+    for j in range(1, tied):
+        assert torch.equal(c[:, base + j], c[:, base] * 2 ** j)
+    assert not torch.equal(c[:, base - 1], c[:, base] * 2 ** tied) if base else True  # the free step is free
+    x_hat = kashin_decode(f.codes, f.coeffs, ku, kv, "dct", 0)
+    assert f.history[-1] == pytest.approx(_rel_error(x, x_hat), rel=1e-4, abs=1e-6)
+    free = kashin_decompose(x, ku, kv, "dct", sweeps=sweeps)
+    if tied == 2 and sweeps:
+        assert f.history[-1] < 1.02 * free.history[-1]
+
+
+def test_tied_steps_out_of_range_raise():
+    with pytest.raises(ValueError, match="tied"):
+        kashin_decompose(_gaussian(2, 96, 0), 3, 1, tied=4)
+
+
 def test_zero_sweeps_is_greedy_only():
     x = _gaussian(8, 96, seed=2)
     f0 = kashin_decompose(x, 2, 2, "dct", sweeps=0)

@@ -945,6 +945,54 @@ def test_half_coefficients_give_the_float32_planes_results(name):
     assert float((half - want).norm() / want.norm()) < 2e-4
 
 
+# (config, input width, (block_m, block_w, split), late, group sums): a row's one group with the integer sums scaled
+# at the end, the float16 coefficients per word, per-group sums, the two-pass loop, a K split, 8 bits with a run of
+# five tied planes, and 8 bits on rows so long that each plane is gathered with a shift of its own (not SCALED)
+FOLD_CASES = {"kashin4-row": (QuantConfig(bits=4), 256, (2, 16, 1), False, False),
+              "kashin4-row-late-split": (QuantConfig(bits=4), 256, (2, 8, 2), True, False),
+              "kashin4-g64-words": (QuantConfig(bits=4, group_size=64), 256, (2, 32, 1), False, False),
+              "kashin4-g64-sums": (QuantConfig(bits=4, group_size=64), 256, (2, 32, 1), False, True),
+              "kashin8-t5-g16-sums": (QuantConfig(bits=8, group_size=16, tied_steps=5), 128, (2, 16, 1), False, True),
+              "kashin8-t5-long-rows": (QuantConfig(bits=8, tied_steps=5), 1024, (1, 1, 1), False, False)}
+FOLD_SLOW = {"kashin8-t5-long-rows"}  # 256 one-word steps a row under the interpreter (two rows)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in FOLD_SLOW else n for n in FOLD_CASES])
+def test_tied_planes_read_as_one_field_give_every_planes_results(name):
+    """kashin's tied steps (coefficients doubling from plane to plane, QuantConfig.tied_steps) are found in the
+    stored coefficients, and the GEMV (mode 5) reading each run as one integer field (PLANES) computes what it
+    computes reading every plane alone, on the float16 coefficients and on the float32 planes."""
+    pytest.importorskip("triton")
+    import dataclasses
+
+    from quantune import kernels
+    from quantune.kernels import gemv_matmul
+
+    cfg, inp, (block_m, block_w, split), late, sums = FOLD_CASES[name]
+    q = _layer(cfg, out=2 if name in FOLD_SLOW else 6, inp=inp)
+    tied = cfg.tied
+    assert tied >= 2 and _form(q).folds == ((1 << tied) - 1 - 1) << (cfg.ku - tied)  # the run's planes but its first
+    planes = kernels.plane_masks(_form(q), cfg.bits)
+    assert (planes >> 8 * (cfg.ku - tied)) & 255 == ((1 << tied) - 1) << (cfg.ku - tied)
+    x = torch.randn(2, inp, generator=torch.Generator().manual_seed(5))
+    args = dict(block_m=block_m, block_w=block_w, num_warps=1, split=split, share=False, mode=5, late=late,
+                group_sums=sums)
+    want = x @ q.dequantize().T
+    for form in (_half_form(q), _form(q)):
+        folded = gemv_matmul(x, q.codes, form, cfg.bits, **args)
+        torch.testing.assert_close(folded, gemv_matmul(x, q.codes, dataclasses.replace(form, folds=0), cfg.bits,
+                                                       **args), rtol=1e-6, atol=1e-6)
+        assert float((folded - want).norm() / want.norm()) < 2e-4
+
+
+def test_free_coefficients_fold_nothing():
+    """Coefficients fitted free (tied_steps=0, and every folder written before the setting) fold no plane."""
+    from quantune import kernels
+
+    q = _layer(QuantConfig(bits=4, tied_steps=0), out=6, inp=128)
+    assert _form(q).folds == 0 and kernels.plane_masks(_form(q), 4) == 0
+
+
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=2, group_size=64),
                                  QuantConfig(bits=4, group_size=32)], ids=["kashin4-row", "kashin2-g64", "kashin4-g32"])
 def test_half_coefficients_decode_the_same_factors(cfg):
