@@ -58,9 +58,9 @@ def _default_out(model: str, method: str, bits: int) -> Path:
 @click.option("--transform", type=click.Choice(["dct", "hadamard"]), default="dct", show_default=True,
               help="kashin: seeded orthogonal transform.")
 @click.option("--u-steps", type=int, default=None, help="kashin: sign steps on U (default: bits - 1, i.e. one V step).")
-@click.option("--tied-steps", type=int, default=2, show_default=True,
-              help="kashin: U's smallest sign steps sharing one doubling coefficient (read as one plane by the GPU "
-                   "kernel; U's first step stays free, so 4-bit codes tie 2, narrower none); 0 ties none.")
+@click.option("--tied-steps", type=int, default=0, show_default=True,
+              help="kashin: U's smallest sign steps sharing one doubling coefficient, read as one plane by the GPU "
+                   "kernel (4 bits: 2 ties two of U's three steps; U's first step stays free); costs some accuracy.")
 @click.option("--sweeps", type=int, default=6, show_default=True, help="kashin: refinement sweeps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the transform's random signs.")
 @click.option("--skip", multiple=True, help="Keep this module (name or suffix) in full precision; repeatable.")

@@ -12,10 +12,10 @@ float16 coefficients where quantune.kernels.HALF_COEFFS; versions before the twe
 them), ``planes`` the float32 planes (``bitplane_form``, which every version reads), ``both`` each version each way
 ("NAME/planes"): the A/B of HALF_COEFFS, for which no other version is needed; ``folds`` each version with the
 kernel path's form and with that form's tied planes unfolded ("NAME/unfolded": every plane read alone), the A/B of
-reading kashin's tied steps as one field (QuantConfig.tied_steps; the layers are quantized at the default, 2).
+reading kashin's tied steps as one field (QuantConfig.tied_steps; the layers are quantized with ``--kashin-tied``).
 
     python -m eval.ab_kernels --forms both --methods kashin-4,kashin-2 --kashin-group 128
-    python -m eval.ab_kernels --forms folds --methods kashin-4"""
+    python -m eval.ab_kernels --forms folds --methods kashin-4 --kashin-tied 2"""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x28672")
     p.add_argument("--group", default="64", help="rtn's group size, or 'row'")
     p.add_argument("--kashin-group", default="row", help="kashin's coefficient group, or 'row' (the default)")
+    p.add_argument("--kashin-tied", type=int, default=0, help="kashin's tied steps (QuantConfig.tied_steps)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--forms", choices=("library", "planes", "both", "folds"), default="library",
                    help="the kernel path's forms, the float32 planes, or both for each version (NAME/planes); "
@@ -59,6 +60,7 @@ def main() -> None:
     if len(versions) < 2:
         p.error("nothing to compare: give other versions' files or --forms both")
     bench_kernels.DEV = "cuda"
+    bench_kernels.KASHIN_TIED = args.kashin_tied
     group = bench_kernels.parse_group(args.group, "--group")
     out = []
     shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]

@@ -28,6 +28,7 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 
 
 DEV = "cuda"
+KASHIN_TIED = 0  # kashin's QuantConfig.tied_steps in the bench's layers (--kashin-tied)
 COLD_BYTES = 512 << 20  # what the timed calls of a case read in turn: ten times the H200's 50 MB L2
 
 
@@ -123,7 +124,8 @@ def rtn_cases(shapes: list[tuple[int, int]], methods: str, group: int | None, to
             method, bits = spec.split("-")
             rtn = method == "rtn"
             q, _ = QuantLinear.from_linear(lin, QuantConfig(method=method, bits=int(bits),
-                                                            group_size=group if rtn else kashin_group))
+                                                            group_size=group if rtn else kashin_group,
+                                                            tied_steps=0 if rtn else KASHIN_TIED))
             form, tables = q.bitplane_form(), q.level_tables()
             copies = layer_copies(q.codes, form, tables, cold_copies(kernel_bytes(q.codes, form, tables, True)))
             yield SimpleNamespace(k=k, n=n, x=x, spec=spec, bits=int(bits), q=q, form=form, tables=tables,
@@ -229,7 +231,8 @@ def quantune_layer(w: torch.Tensor, method: str, bits: int, rtn_group: int | Non
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=DEV)
     with torch.no_grad():
         lin.weight.copy_(w)
-    cfg = QuantConfig(method=method, bits=bits, group_size=rtn_group if method == "rtn" else kashin_group)
+    cfg = QuantConfig(method=method, bits=bits, group_size=rtn_group if method == "rtn" else kashin_group,
+                      tied_steps=KASHIN_TIED if method == "kashin" else 0)
     q, _ = QuantLinear.from_linear(lin, cfg)
     return q
 
@@ -317,6 +320,8 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_gro
                       f"quantune.kernels.decode_joined_bf16, then one GEMM: 'joined decode us' that decode alone, "
                       f"'prefill ms, two GEMMs' the two-GEMM path in the same run)" if kashin_group else
                       "its own per-row codebooks")
+    if KASHIN_TIED:
+        kashin_setting += f", U's {KASHIN_TIED} smallest steps tied (QuantConfig.tied_steps)"
     return (f"# Low-bit matmul kernels\n\nDevice: {device}. Formats: kashin with {kashin_setting}; rtn "
             f"symmetric round-to-nearest, {rtn_setting}; 'bits/weight' counts the codes and every scale or "
             f"coefficient the layer stores. Times are medians with the calls captured in a CUDA "
@@ -396,6 +401,7 @@ def main() -> None:
                                                       "(the library's default; the generation benchmark's)")
     p.add_argument("--kashin-group", default="row", help="kashin's coefficient group in columns, or 'row' (the "
                                                           "library's default)")
+    p.add_argument("--kashin-tied", type=int, default=0, help="kashin's tied steps (QuantConfig.tied_steps)")
     p.add_argument("--out", default="eval/results/bench_kernels")
     p.add_argument("--smoke", action="store_true", help="CPU check of the script under TRITON_INTERPRET=1 "
                                                         "(small shape, no NF4); measures nothing")
@@ -403,6 +409,8 @@ def main() -> None:
     args = p.parse_args()
     rtn_group = parse_group(args.rtn_group)
     kashin_group = parse_group(args.kashin_group, "--kashin-group")
+    global KASHIN_TIED
+    KASHIN_TIED = args.kashin_tied
     if args.render:
         saved = json.loads(Path(args.render).read_text())
         n = len(saved["rows"][0]["config_seconds"]) if saved["rows"] else 0

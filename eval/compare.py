@@ -5,7 +5,8 @@
 
 Method names:
 * ``kashin-<bits>[-g<group>][-u<u steps>][-t<tied steps>][-had][-rel|-abs]``: quantune kashin (real
-  QuantLinear format; ``-t0``: every coefficient free, see QuantConfig.tied_steps); a fractional width (``kashin-3.5``) mixes the two neighbouring widths across layers,
+  QuantLinear format; ``-t2``: U's two smallest steps tied, see QuantConfig.tied_steps); a fractional
+  width (``kashin-3.5``) mixes the two neighbouring widths across layers,
   ranked by relative weight error (the default, ``-rel``) or absolute error (``-abs``) -- see
   quantune.quantize.allocate_bits;
 * ``rtn-<bits>-<sym|asym>[-g<group>]``: quantune's round-to-nearest (per-channel without -g);
@@ -46,7 +47,7 @@ def quantune_config(name: str) -> QuantConfig | None:
         return QuantConfig(method="kashin", bits=int(width), target_bits=None if width == int(width) else width,
                            group_size=int(m.group(2)) if m.group(2) else None,
                            u_steps=int(m.group(3)) if m.group(3) else None,
-                           tied_steps=int(m.group(4)) if m.group(4) else QuantConfig.tied_steps,
+                           tied_steps=int(m.group(4)) if m.group(4) else 0,
                            transform="hadamard" if m.group(5) else "dct")
     m = re.fullmatch(r"rtn-(\d)-(sym|asym)(?:-g(\d+))?", name)
     if m:

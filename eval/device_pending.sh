@@ -138,14 +138,16 @@ PY
              done
              OUT="$out/half_joined" timeout 100 python -m eval.sweep_joined_decode --cases 4096x4096:128,8192x28672:128,4096x4096:64 \
                --block-m 64 --warps 4 --programs 1024 --decodes signs --forms library,planes --tokens 0 ;;
-  tied-steps) # issue 5: kashin-4's GEMV reading the two tied U planes (QuantConfig.tied_steps, the default 2 since
-             # the twenty-fourth session) as one integer field against every plane alone, same layers, one process:
-             # per row, then coefficients per 128 and 64 columns (sm_90 loops with Triton 3.6: 255 -> 207, 533 -> 458,
-             # 550 -> 471 instructions)
+  tied-steps) # issue 5: kashin-4's GEMV reading two tied U planes (QuantConfig.tied_steps 2, an option since the
+             # twenty-fourth session) as one integer field against every plane alone, same layers, one process: per
+             # row, then coefficients per 128 and 64 columns (sm_90 loops with Triton 3.6: 255 -> 207, 533 -> 458,
+             # 550 -> 471 instructions); then the whole bench with tied layers (kashin's rows against the last run's)
              for g in row 128 64; do
                OUT="$out/tied_$g" timeout 150 python -m eval.ab_kernels --forms folds --methods kashin-4 \
-                 --kashin-group $g --repeat 3 > "$out/tied_$g.log" 2>&1 || true
-             done ;;
+                 --kashin-tied 2 --kashin-group $g --repeat 3 > "$out/tied_$g.log" 2>&1 || true
+             done
+             timeout 150 python -m eval.bench_kernels --methods kashin-4 --kashin-tied 2 --configs gemv5:2x1x128 \
+               --out "$out/bench_kernels_kashin4_tied" ;;
   long-dct)  # issue 5: kashin's two-launch input DCT for groups of up to 256 x 64 (quantune.kernels.DCT_MAX_N1, 64 until
              # measured; stage two in steps of DCT_STAGE2_CHUNK rows), against the rfft path: the preparation alone,
              # then the whole call of the two versions side by side (K = 14336: 224 x 64, 8192: 128 x 64)

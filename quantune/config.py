@@ -38,11 +38,12 @@ class QuantConfig:
                  dropping V entirely is catastrophic (4u+0v ppl 2.6e5).
     tied_steps:  kashin only: U's smallest sign steps that share one coefficient, doubling from step to step
                  (``c_{t+1} = 2 c_t``), so their bits decode as one integer and the GPU's few-token kernel
-                 reads them as one plane. U's first (largest) step always keeps its own coefficient, so a
-                 layer ties min(tied_steps, u_steps - 1) steps, and fewer than 2 tie nothing: with the default
-                 2, 4-bit codes (3u+1v) tie two steps and 2- and 3-bit codes none. Folders written before
-                 this field read as 0. (SmolLM2-135M at 4 bits: ppl 43.9 with two tied against 44.2 free;
-                 all three of U's steps tied: 51.5. eval/results/notes.md, twenty-fourth session.)
+                 reads them as one plane (4-bit codes: three planes' arithmetic instead of four). U's first
+                 (largest) step always keeps its own coefficient, so a layer ties min(tied_steps, u_steps - 1)
+                 steps, and fewer than 2 tie nothing. 0 (the default) ties none: at 4 bits the tie of two
+                 changed perplexity by -1.8% / +2.5% on SmolLM2-135M (per row / groups of 128) and by +5.8% /
+                 +2.2% on gemma-3-270m, KL -6% to +14% (eval/results/notes.md, twenty-fourth session), so it is a
+                 speed option, not timed on the GPU yet. Folders written before this field read as 0.
     sweeps:      kashin only: block-coordinate refinement sweeps after the greedy steps.
     seed:        seed of the random signs of the transform.
     skip_modules: module-name suffixes kept in full precision in addition to the output head.
@@ -57,7 +58,7 @@ class QuantConfig:
     symmetric: bool = True
     transform: str = "dct"
     u_steps: int | None = None
-    tied_steps: int = 2
+    tied_steps: int = 0
     sweeps: int = 6
     seed: int = 0
     skip_modules: tuple[str, ...] = ()

@@ -423,7 +423,7 @@ def test_colocate_refuses_layers_of_different_formats():
     dict(bits=1), dict(bits=9), dict(bits=0), dict(bits=4.0), dict(method="gptq"), dict(method="RTN"),
     dict(transform="fft"), dict(transform="walsh"), dict(format_version=FORMAT_VERSION + 1), dict(format_version=0),
     dict(group_size=1), dict(group_size=0), dict(group_size=64.0), dict(u_steps=-1), dict(bits=4, u_steps=5),
-    dict(sweeps=-1), dict(tied_steps=-1), dict(tied_steps=9), dict(tied_steps=2.0), dict(tied_steps=None),
+    dict(sweeps=-1), dict(tied_steps=-1), dict(tied_steps=9), dict(tied_steps=2.0),
 ])
 def test_config_validation(changes):
     with pytest.raises(QuantuneError):
@@ -450,26 +450,26 @@ def test_u_v_split(bits):
 
 
 @pytest.mark.parametrize("bits, u_steps, tied_steps, tied", [
-    (4, None, 2, 2), (3, None, 2, 0), (2, None, 2, 0), (8, None, 2, 2), (8, None, 5, 5), (8, None, 8, 6),
-    (4, None, 0, 0), (4, None, 1, 0), (4, 2, 2, 0), (6, 4, 3, 3)])
+    (4, None, 0, 0), (8, None, 0, 0), (4, None, 2, 2), (3, None, 2, 0), (5, None, 2, 2), (8, None, 5, 5),
+    (8, None, 8, 6), (4, None, 1, 0), (4, 2, 2, 0), (6, 4, 3, 3)])
 def test_tied_steps_leave_u_first_step_free(bits, u_steps, tied_steps, tied):
     """A layer ties at most u_steps - 1 of U's steps (the first, largest, keeps its coefficient), and fewer than
-    two tie nothing: the default 2 ties 4-bit codes' two smallest U steps, and nothing at 2 or 3 bits."""
+    two tie nothing (the default, 0, ties none)."""
     assert QuantConfig(bits=bits, u_steps=u_steps, tied_steps=tied_steps).tied == tied
 
 
 def test_folders_written_before_tied_steps_read_as_free():
     """A quantization_config without tied_steps (every folder written before the setting) reads as 0, what
-    those folders' quantizer did, while a new config records the tie it was made with."""
-    d = QuantConfig().to_dict()
-    assert d["tied_steps"] == 2
+    those folders' quantizer did, while a new config records the setting it was made with."""
+    d = QuantConfig(tied_steps=2).to_dict()
+    assert d["tied_steps"] == 2 and QuantConfig.from_dict(d).tied == 2
     del d["tied_steps"]
     assert QuantConfig.from_dict(d).tied_steps == 0 and QuantConfig.from_dict(d).tied == 0
 
 
 @pytest.mark.parametrize("cfg", [
     QuantConfig(),
-    QuantConfig(tied_steps=0),
+    QuantConfig(tied_steps=2),
     QuantConfig(method="rtn", bits=3, group_size=128, symmetric=False),
     QuantConfig(method="kashin", bits=8, transform="hadamard", u_steps=3, sweeps=2, seed=12345,
                 skip_modules=("mlp.down_proj", "o_proj"), modules_in_full_precision={"lm_head": "output head"}),
