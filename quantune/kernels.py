@@ -585,7 +585,9 @@ if triton is not None:
         # mode 5 gathers plane t of byte group k as (word >> k BITS) & (0x01010101 << t): bytes of 0 or 2^t, one
         # LOP3 per plane and group after one shift per group, 2^t divided out with the coefficient; one shift per
         # (t, k) instead where a row's integer sums could pass 2^31 (very long rows at 8 bits)
-        SCALED: tl.constexpr = (not ONE_GROUP) or (CHUNK // BLOCK_W) * CPB * 4 * 32767 * (1 << (BITS - 1)) < 2147483648
+        # (a byte is at most 2^(BITS-1) for one plane, below 2^BITS for a field of folded planes, see PLANES)
+        SCALED: tl.constexpr = (not ONE_GROUP) or (CHUNK // BLOCK_W) * CPB * 4 * 32767 * (
+            (1 << BITS) if PLANES else (1 << (BITS - 1))) < 2147483648
         # mode 5, ONE_GROUP: integer plane sums over K
         d0, d1, d2, d3, d4, d5, d6, d7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32))
         if PREFETCH:

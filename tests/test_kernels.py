@@ -947,12 +947,14 @@ def test_half_coefficients_give_the_float32_planes_results(name):
 
 # (config, input width, (block_m, block_w, split), late, group sums): a row's one group with the integer sums scaled
 # at the end, the float16 coefficients per word, per-group sums, the two-pass loop, a K split, 8 bits with a run of
-# five tied planes, and 8 bits on rows so long that each plane is gathered with a shift of its own (not SCALED)
+# five tied planes, no V factor (a field of three planes reaching the code's top bit), and 8 bits on rows so long
+# that each plane is gathered with a shift of its own (not SCALED)
 FOLD_CASES = {"kashin4-row": (QuantConfig(bits=4, tied_steps=2), 256, (2, 16, 1), False, False),
               "kashin4-row-late-split": (QuantConfig(bits=4, tied_steps=2), 256, (2, 8, 2), True, False),
               "kashin4-g64-words": (QuantConfig(bits=4, group_size=64, tied_steps=2), 256, (2, 32, 1), False, False),
               "kashin4-g64-sums": (QuantConfig(bits=4, group_size=64, tied_steps=2), 256, (2, 32, 1), False, True),
               "kashin8-t5-g16-sums": (QuantConfig(bits=8, group_size=16, tied_steps=5), 128, (2, 16, 1), False, True),
+              "kashin4-u4-t3-row": (QuantConfig(bits=4, u_steps=4, tied_steps=3), 256, (2, 16, 1), False, False),
               "kashin8-t5-long-rows": (QuantConfig(bits=8, tied_steps=5), 1024, (1, 1, 1), False, False)}
 FOLD_SLOW = {"kashin8-t5-long-rows"}  # 256 one-word steps a row under the interpreter (two rows)
 
