@@ -127,7 +127,7 @@ PY
              done
              python -m eval.bench_kernels --methods kashin-4,kashin-2 --kashin-group 128 --configs gemv5:2x1x128 \
                --out "$out/bench_kernels_kashin_g128" ;;
-  half-coeffs) # issue 5: kashin's kernels reading the stored float16 coefficients (quantune.kernels.HALF_COEFFS, on
+  half-coeffs) # issue 5 (run in the twenty-fourth session but for groups of 64, kernel_sweeps/half_coeffs/): kashin's kernels reading the stored float16 coefficients (quantune.kernels.HALF_COEFFS, on
              # since the twenty-third session from sm_90 code read here: loops equal or shorter) against the float32
              # planes, in one process: what a layer holds on the GPU after its calls, the few-token call per row and
              # at groups of 128 and 64, then the joined decode
@@ -148,16 +148,16 @@ PY
              done
              timeout 150 python -m eval.bench_kernels --methods kashin-4 --kashin-tied 2 --configs gemv5:2x1x128 \
                --out "$out/bench_kernels_kashin4_tied" ;;
-  long-dct)  # issue 5: kashin's two-launch input DCT for groups of up to 256 x 64 (quantune.kernels.DCT_MAX_N1, 64 until
-             # measured; stage two in steps of DCT_STAGE2_CHUNK rows), against the rfft path: the preparation alone,
-             # then the whole call of the two versions side by side (K = 14336: 224 x 64, 8192: 128 x 64)
+  long-dct)  # issue 5 (run in the twenty-fourth session, kernel_sweeps/long_dct/; now on for N1 of 129-256): kashin's
+             # two-launch input DCT for groups of up to 256 x 64 (stage two in steps of DCT_STAGE2_CHUNK rows), against
+             # the rfft path: the preparation alone, then the whole call of the two versions side by side
              mkdir -p "$out/long_dct"
              OUT="$out/long_dct" timeout 240 python -m eval.sweep_prep_dct --widths 14336,8192,11008 --max-n1 256 \
                --stage2-chunk 32,64,128 --stage2-k2 16,32 --warps 4x4 --precisions tf32x3 --prep-pdl 1 \
                > "$out/long_dct/log.txt" 2>&1 || true
              # v0: long groups in two launches; v1: the same without the GEMV's two passes (LATE, which the
              # two launches switch on for up to 32 MB of codes: 14336x4096 at 4 bits)
-             sed 's/^DCT_MAX_N1 = 64/DCT_MAX_N1 = 256/' quantune/kernels.py > /tmp/kernels_longdct.py
+             sed 's/^DCT_LONG_MIN_N1 = 129/DCT_LONG_MIN_N1 = 65/' quantune/kernels.py > /tmp/kernels_longdct.py
              sed 's/^GEMV_LATE = True/GEMV_LATE = False/' /tmp/kernels_longdct.py > /tmp/kernels_longdct_nolate.py
              OUT="$out/long_dct_ab" python -m eval.ab_kernels /tmp/kernels_longdct.py /tmp/kernels_longdct_nolate.py \
                --methods kashin-4,kashin-2 --shapes 14336x4096,8192x28672 --repeat 3 ;;

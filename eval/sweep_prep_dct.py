@@ -41,9 +41,9 @@ def main() -> None:
     rows = []
     k2s = [int(v) for v in args.stage2_k2.split(",")] if dev == "cuda" else [16, 64]
     saved = (kernels.DCT_TWO_STAGE, kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.PREP_PDL,
-             kernels.DCT_STAGE2_K2, kernels.DCT_MAX_N1, kernels.DCT_STAGE2_CHUNK)
-    if args.max_n1 is not None:
-        kernels.DCT_MAX_N1 = args.max_n1
+             kernels.DCT_STAGE2_K2, kernels.DCT_MAX_N1, kernels.DCT_STAGE2_CHUNK, kernels.DCT_LONG_MIN_N1)
+    if args.max_n1 is not None:  # every first factor up to it (the library skips 65 to DCT_LONG_MIN_N1 - 1)
+        kernels.DCT_MAX_N1, kernels.DCT_LONG_MIN_N1 = args.max_n1, 65
     if dev != "cuda" and args.stage2_chunk:
         widths = [72 * 64]  # N1 = 72: padded to 128, stage two in steps
     chunks = [int(v) for v in args.stage2_chunk.split(",")] if args.stage2_chunk else [kernels.DCT_STAGE2_CHUNK]
@@ -96,7 +96,7 @@ def main() -> None:
                                xq_rel_diff_vs_rfft=err)
     finally:
         (kernels.DCT_TWO_STAGE, kernels.DCT_WARPS, kernels.DCT_DOT_PRECISION, kernels.PREP_PDL,
-         kernels.DCT_STAGE2_K2, kernels.DCT_MAX_N1, kernels.DCT_STAGE2_CHUNK) = saved
+         kernels.DCT_STAGE2_K2, kernels.DCT_MAX_N1, kernels.DCT_STAGE2_CHUNK, kernels.DCT_LONG_MIN_N1) = saved
     bench_kernels.save_sweep(rows, "sweep_prep_dct", ("k", "path", "prep_pdl"), "us")
 
 

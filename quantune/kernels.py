@@ -1816,24 +1816,30 @@ DCT_WARPS = (4, 4)  # warps per program of the two launches
 # (kernel_sweeps/sweep_prep_dct_k2.json): 4.53 us at 32 against 4.93 at 16 and 5.73 at 64 with DCT_WARPS (4, 4)
 # (stage two 2.62 against 3.12 and 4.03 us); with 2 warps in stage two 64 spilled (70 us)
 DCT_STAGE2_K2 = 32
-# The longest first factor N1 the two launches take (dft_split): 64 (4096-wide groups and shorter). Up to 256
-# (11008 = 172 x 64, 14336 = 224 x 64, 8192 = 128 x 64) stage two runs its product in DCT_STAGE2_CHUNK-row steps
-# of A. Not measured yet on the H200 (prepared in the twenty-third session: `bash eval/device_pending.sh long-dct`);
-# the single-step stage two at N1 = 112 spilled and lost to the rfft path (14.1 against 12.7 us at 14336).
-DCT_MAX_N1 = 64
+# The first factors N1 the two launches take (dft_split): up to 64 (4096-wide groups and shorter), and from
+# DCT_LONG_MIN_N1 to DCT_MAX_N1 (at most 256), where stage two runs its product in DCT_STAGE2_CHUNK-row steps of A.
+# H200, twenty-fourth session (kernel_sweeps/long_dct/): the preparation alone 10.8 against the rfft path's 12.2 us
+# at 14336 (224 x 64), 11.9 against 14.4 at 11008 (172 x 64), 7.7 against 8.4 at 8192 (128 x 64); whole calls, the
+# versions side by side: 14336x4096 kashin-4 23.6-24.3 against 27.9-28.1 us, kashin-2 20.9-21.0 against 23.4, but
+# 8192x28672 kashin-4 73.4 against 68.8 (kashin-2 38.5 against 39.3-40.2), so 8192 stays on the rfft path. (The
+# single-step stage two at N1 = 112 spilled and lost to the rfft path: 14.1 against 12.7 us at 14336.)
+DCT_MAX_N1 = 256
+DCT_LONG_MIN_N1 = 129
 DCT_STAGE2_CHUNK = 64  # rows of A (of 2 N1P) per step of stage two's product when 2 N1P is longer
 
 
 def dft_split(g: int) -> tuple[int, int] | None:
-    """``(N1, 64)`` with ``g = 64 N1`` and N1 <= :data:`DCT_MAX_N1` (at most 256), for the two-launch DCT of
+    """``(N1, 64)`` with ``g = 64 N1`` and N1 <= 64 or from :data:`DCT_LONG_MIN_N1` to :data:`DCT_MAX_N1` (at
+    most 256), for the two-launch DCT of
     a ``g``-long group (4096 = 64 x 64, 576 = 9 x 64, 1536 = 24 x 64), or None (the rfft path). Measured on
     the H200 (eval/results/kernel_sweeps/sweep_prep_dct*.json, bench_kernels_kashin.md): at 4096 the two
     launches take 4.9-5.0 us against the rfft path's 7.2 in the same run; with N1 = 112 or 128 (14336 = 112 x
     128, 8192 = 128 x 64) stage two's products in one step made them slower than it (14.1 against 12.7 us at
     14336: compiled for sm_90, stage two with N1 = 112 kept 3.8-5.5 KB a thread on the stack, python -m
     eval.sass_gemv --kernel _dct_stage2_kernel), hence the steps (:data:`DCT_STAGE2_CHUNK`) past 64."""
-    if g % 64 == 0 and g // 64 <= min(DCT_MAX_N1, 256):
-        return g // 64, 64
+    n1 = g // 64
+    if g % 64 == 0 and (n1 <= 64 or DCT_LONG_MIN_N1 <= n1 <= min(DCT_MAX_N1, 256)):
+        return n1, 64
     return None
 
 

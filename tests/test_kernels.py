@@ -738,6 +738,7 @@ def test_two_launch_dct_equals_the_rfft_path(inp, group, bits, tokens, k2, monke
 
     monkeypatch.setattr(kernels, "DCT_STAGE2_K2", k2)
     monkeypatch.setattr(kernels, "DCT_MAX_N1", 256)
+    monkeypatch.setattr(kernels, "DCT_LONG_MIN_N1", 65)
     if inp // 64 > 64:
         assert kernels.stage2_chunk(max(16, kernels._pow2(inp // 64))) == 64
 
@@ -775,6 +776,7 @@ def test_two_launch_dct_scale_holds_for_an_input_on_one_frequency(inp, monkeypat
     from quantune.transforms import inverse_transform
 
     monkeypatch.setattr(kernels, "DCT_MAX_N1", 256)
+    monkeypatch.setattr(kernels, "DCT_LONG_MIN_N1", 65)
     q = _layer(QuantConfig(bits=4), out=16, inp=inp)
     form = _form(q)
     assert kernels.dct_two_stage(form, 4, True)
