@@ -1679,7 +1679,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         # only the two-launch preparation holds the GEMV back until x's inputs are written (TRIGGER_LATE); after
         # the other paths' kernels, which let it start at once, its first pass would read them too early
         raise ValueError(f"late under programmatic dependent launch needs the two-launch input preparation "
-                         f"(DCT groups of 64 N1 columns, N1 <= 64; group {form.group})")
+                         f"(DCT groups of 64 N1 columns, N1 <= 64 or from DCT_LONG_MIN_N1 to DCT_MAX_N1; "
+                         f"group {form.group})")
     if prepared is None:
         prepared = prepared_input(x, form, bits, xq, pairs=gemv_pairs(mode), trigger=pdl, share=share,
                                   late=late and pdl)
