@@ -150,12 +150,13 @@ PY
                --out "$out/bench_kernels_kashin4_tied" ;;
   long-dct)  # issue 5 (run in the twenty-fourth session, kernel_sweeps/long_dct/; now on for N1 of 129-256): kashin's
              # two-launch input DCT for groups of up to 256 x 64 (stage two in steps of DCT_STAGE2_CHUNK rows), against
-             # the rfft path: the preparation alone, then the whole call of the two versions side by side
+             # the rfft path: the preparation alone, then whole calls of the library (8192 = 128 x 64 on the rfft path)
+             # beside versions that take every N1 up to 256, with and without the GEMV's two passes
              mkdir -p "$out/long_dct"
              OUT="$out/long_dct" timeout 240 python -m eval.sweep_prep_dct --widths 14336,8192,11008 --max-n1 256 \
                --stage2-chunk 32,64,128 --stage2-k2 16,32 --warps 4x4 --precisions tf32x3 --prep-pdl 1 \
                > "$out/long_dct/log.txt" 2>&1 || true
-             # v0: long groups in two launches; v1: the same without the GEMV's two passes (LATE, which the
+             # v0: every long group in two launches; v1: the same without the GEMV's two passes (LATE, which the
              # two launches switch on for up to 32 MB of codes: 14336x4096 at 4 bits)
              sed 's/^DCT_LONG_MIN_N1 = 129/DCT_LONG_MIN_N1 = 65/' quantune/kernels.py > /tmp/kernels_longdct.py
              sed 's/^GEMV_LATE = True/GEMV_LATE = False/' /tmp/kernels_longdct.py > /tmp/kernels_longdct_nolate.py

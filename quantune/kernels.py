@@ -134,14 +134,17 @@ def coef_args(form: BitplaneForm) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def plane_masks(form: BitplaneForm, bits: int) -> int:
     """The GEMV's PLANES for ``form`` (mode 5): 0 where no plane folds, else byte t the bits plane t reads, a run
     of doubling planes (``form.folds``) read by its first plane as one integer field, 0 for the planes folded."""
-    if not form.folds:
-        return 0
+    return _plane_masks(form.folds, bits) if form.folds else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _plane_masks(folds: int, bits: int) -> int:  # once per (folds, bits), not on every call
     masks = 0
     for t in range(bits):
-        if form.folds >> t & 1:
+        if folds >> t & 1:
             continue
         run = 1
-        while t + run < bits and form.folds >> (t + run) & 1:
+        while t + run < bits and folds >> (t + run) & 1:
             run += 1
         masks |= ((1 << run) - 1) << t << (8 * t)
     return masks
