@@ -170,6 +170,19 @@ PY
                OUT="$out/gsum_g$g" python -m eval.ab_kernels /tmp/kernels_gsum.py --methods kashin-4,kashin-2 \
                  --kashin-group $g --repeat 3
              done ;;
+  half-row)  # issue 5: kashin per row, the stored float16 coefficients (HALF_COEFFS) against the float32 planes on more
+             # shapes and three repeats (the twenty-fourth session's two: HALF 13% slower at 8192x28672 kashin-4, 6%
+             # faster at 14336x4096), to set which per-row layers keep the planes
+             OUT="$out/half_row3" timeout 240 python -m eval.ab_kernels --forms both --methods kashin-4,kashin-2 \
+               --kashin-group row --repeat 3 \
+               --shapes 4096x4096,4096x14336,14336x4096,8192x28672,4096x28672,11008x4096,4096x11008 \
+               > "$out/half_row3.log" 2>&1 || true ;;
+  kashin-tiles-4096) # issue 5: kashin-4 at 4096x4096 (level with NF4 in the last bench run), the GEMV's tile, unroll
+             # and two passes (LATE) swept on the whole call
+             OUT="$out/kashin_tiles_4096" timeout 200 python -m eval.sweep_gemv --methods kashin-4,kashin-2 \
+               --shapes 4096x4096 --configs 2x1x128 --splits 1 --late 0,1 \
+               --whole-configs default,1x1x128,1x1x64,2x1x64,4x1x64,2x1x128u2,1x1x128u2,default \
+               > "$out/kashin_tiles_4096.log" 2>&1 || true ;;
   ddp)       # issue 4 on nvidia-h200-x2: the same global batch on 1 and on 2 GPUs, the seed noise, and 2 GPUs at
              # the one-GPU per-GPU batch (throughput scaling); then the comparison table and plot
              [ -d /tmp/rec/k2 ] || python -m quantune quantize /tmp/smollm2.gguf --bits 2 --out /tmp/rec/k2 --no-eval
@@ -184,5 +197,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, long-dct, half-coeffs, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, long-dct, half-coeffs, half-row, kashin-tiles-4096, ddp)"; exit 2 ;;
 esac

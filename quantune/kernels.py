@@ -123,6 +123,24 @@ def affine_args(tables: tuple) -> tuple[torch.Tensor, torch.Tensor, bool]:
 HALF_COEFFS = True
 
 
+# ... except where a layer's GEMV runs in one pass (not LATE, see gemv_late) at 4 bits with one coefficient group a
+# row: there the float32 planes measured faster. H200, whole call, cold L2, three repeats in one process
+# (kernel_sweeps/session25/ab_kernels_half_row3.json), float16 c against the planes: kashin-4 8192x28672 69.4 us
+# against 61.2, 4096x28672 39.4 against 34.5 (both one pass); the layers with two passes were level or faster on c
+# (4096x4096 10.0 / 9.9, 4096x14336 21.4 / 21.0, 14336x4096 24.2 / 25.8, 11008x4096 25.9 / 25.2, 4096x11008 18.8 /
+# 18.6), and kashin-2 faster on c everywhere but 14336x4096 (20.8 / 20.2). The cause is not known: moving the row's
+# offsets (the only loads before the loop) after it changed nothing (69.1 against 68.8; half_fix). The planes
+# cost 6 floats a row on the GPU (0.047 bits per weight at 4096 columns).
+HALF_ONE_PASS_PLANES = True
+
+
+def keeps_planes(form: BitplaneForm, bits: int, nbytes: int) -> bool:
+    """Whether a kashin layer's kernel path takes the float32 planes although it stores float16 coefficients
+    (:data:`HALF_ONE_PASS_PLANES`): 4-bit codes, one coefficient group a row, a GEMV in one pass over ``nbytes``
+    of codes (the layer's, or those of the layers launched with it)."""
+    return HALF_ONE_PASS_PLANES and bits == 4 and form.groups == 1 and not _late_rule(form, bits, nbytes)
+
+
 def coef_args(form: BitplaneForm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """A kernel's three coefficient pointers and its HALF flag: the float16 ``c`` three times (HALF) where the
     form carries only that, else the float32 ``a``, ``bx``, ``bq``."""
@@ -1722,10 +1740,13 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
 # weights come through L2 before this layer's are read again. H200, weights cycled so that none stays in L2
 # (eval/results/kernel_sweeps/sweep_gemv_cold.json): rtn-4 8192x28672 4x1x64 32.9 us against 33.8 without it.
 # kashin's GEMV (mode 5) with groups shorter than a word tile: plane dots summed per group, then one coefficient per
-# (row, group) (the kernel's GSUM5) instead of BITS + 2 coefficients gathered per word. Off until measured on the
-# H200: compiled for sm_90 with Triton 3.6 here, the 4096x4096 2 x 1 x 128 loop at groups of 128 takes 574
-# instructions with the gathers, 284 per row (eval/results/notes.md, twenty-second session).
-GEMV_GROUP_SUMS = False
+# (row, group) (the kernel's GSUM5) instead of BITS + 2 coefficients gathered per word (574 -> 284 sm_90 loop
+# instructions at groups of 128, Triton 3.6). H200, whole call, cold L2, versions side by side, three repeats
+# (kernel_sweeps/session25/ab_kernels_group_sums_g{128,64}.json), 4096x4096 / 4096x14336 / 14336x4096 / 8192x28672:
+# groups of 128 kashin-4 11.9 / 23.6 / 30.3 / 78.7 us against 14.6 / 31.1 / 52.4 / 99.7, kashin-2 8.8 / 14.5 / 17.8
+# / 38.4 against 10.9 / 19.3 / 21.7 / 57.8; groups of 64 kashin-4 12.2 / 22.4 / 40.2 / 67.3 against 14.8 / 33.3 /
+# 41.6 / 105.4, kashin-2 9.2 / 14.9 / 23.9 / 40.1 against 11.3 / 20.0 / 26.8 / 59.3.
+GEMV_GROUP_SUMS = True
 GEMV_EVICT = "evict_first"
 GEMV_PDL = True  # launch the GEMV with programmatic dependent launch where the GPU has it (see pdl_enabled)
 
@@ -1746,8 +1767,11 @@ def gemv_late(form: BitplaneForm, bits: int, mode: int, packed: torch.Tensor, pd
     with a transformed factor, the two-launch input transform (:func:`dct_two_stage`) under programmatic
     dependent launch (the only case where the transform's last kernel can overlap the GEMV), and codes of at
     most :data:`LATE_MAX_BYTES`."""
-    return (GEMV_LATE and pdl and mode == 5 and form.ku < bits and dct_two_stage(form, bits, True)
-            and packed.numel() * packed.element_size() <= LATE_MAX_BYTES)
+    return pdl and mode == 5 and _late_rule(form, bits, packed.numel() * packed.element_size())
+
+
+def _late_rule(form: BitplaneForm, bits: int, nbytes: int) -> bool:
+    return GEMV_LATE and form.ku < bits and dct_two_stage(form, bits, True) and nbytes <= LATE_MAX_BYTES
 
 
 def pdl_enabled(x: torch.Tensor) -> bool:

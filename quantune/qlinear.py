@@ -40,6 +40,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device),
                                  requires_grad=False) if bias else None
         self._weight_cache: torch.Tensor | None = None
+        self._launch_bytes: int | None = None  # codes of the layers launched with this one (colocate)
         self._reset_kernel_caches()
         self._register()
 
@@ -56,6 +57,7 @@ class QuantLinear(nn.Module):
         the quantized weights) or double their memory; the bias follows the cast like any parameter.
         The buffers go through ``fn`` as integers of their width, so every bit is kept."""
         floats = {}
+        codes = self._buffers.get("codes")
         for name in self.buffer_names:
             t = self._buffers.get(name)
             if t is not None and t.is_floating_point():
@@ -67,6 +69,8 @@ class QuantLinear(nn.Module):
             for name, dtype in floats.items():
                 self._buffers[name] = self._buffers[name].view(dtype)
         self._reset_kernel_caches()  # the kernels' copies and views belong to the old buffers
+        if self._buffers.get("codes") is not codes:  # moved one by one: no longer back to back (see colocate)
+            self._launch_bytes = None
         return self
 
     def _register(self):
@@ -125,6 +129,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._reset_kernel_caches()  # new codes: rebuild the kernels' forms on next use
+        self._launch_bytes = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def bitplane_form(self):
@@ -158,7 +163,9 @@ class QuantLinear(nn.Module):
         """The form the kernel path passes, holding no float32 copy of what is stored where the kernels can do
         without: for an affine format (rtn) no planes (its kernels read the level tables, the stored float16
         scales); for kashin the stored float16 coefficients as ``c`` (:data:`quantune.kernels.HALF_COEFFS`),
-        except at 1 or 2 bits in partial words, whose kernel takes the float32 planes (:meth:`bitplane_form`).
+        except at 1 or 2 bits in partial words, whose kernel takes the float32 planes (:meth:`bitplane_form`), and
+        at 4 bits with one group a row where the GEMV runs in one pass over this layer's codes, or over those of
+        the layers :func:`colocate` launches with it (:func:`quantune.kernels.keeps_planes`: measured faster).
         Before, every layer kept the float32 planes: 3 bits per weight at groups of 64."""
         if self._kform is None or (self._kform.a is not None and self._kform.a.device != self.codes.device):
             from quantune import kernels
@@ -167,7 +174,9 @@ class QuantLinear(nn.Module):
             if self._affine():  # the form keeps its layout only
                 self._kform = dataclasses.replace(form, a=None, bx=None, bq=None)
             elif (kernels.HALF_COEFFS and "coeffs" in self.buffer_names
-                  and (self.qconfig.bits > 2 or kernels.gemv_supported(form, self.qconfig.bits, self.codes.shape[1]))):
+                  and (self.qconfig.bits > 2 or kernels.gemv_supported(form, self.qconfig.bits, self.codes.shape[1]))
+                  and not kernels.keeps_planes(form, self.qconfig.bits, self._launch_bytes
+                                               or self.codes.numel() * self.codes.element_size())):
                 # the word-reading kernels read c; other widths' kernel reads the level tables (the bit-plane
                 # kernel of 1 and 2 bits in partial words takes the float32 planes: those keep them)
                 c = self.coeffs.view(self.out_features, form.groups, self.qconfig.bits)
@@ -334,8 +343,10 @@ def colocate(modules: list[QuantLinear]) -> None:
             parts = [getattr(m, name) for m in modules]
             for m, t in zip(modules, torch.split(torch.cat(parts), [p.shape[0] for p in parts])):
                 setattr(m, name, t)  # a registered buffer: setattr replaces it
+        launch_bytes = sum(m.codes.numel() * m.codes.element_size() for m in modules)
         for m in modules:
             m._reset_kernel_caches()  # forms and tables of the new views
+            m._launch_bytes = launch_bytes  # the joined launch's codes decide its form (kernels.keeps_planes)
         forms = [m.kernel_form() for m in modules]
         tables = [m.kernel_tables() for m in modules]
         if forms[0].a is not None:  # the kernels read float32 planes: back to back as well

@@ -408,6 +408,42 @@ def test_colocated_siblings_run_as_one_launch_with_each_layers_outputs(cfg, monk
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cfg,planes", [(QuantConfig(bits=4), True), (QuantConfig(bits=2), False),
+                                        (QuantConfig(bits=4, group_size=64), False)],
+                         ids=["kashin4-row", "kashin2-row", "kashin4-g64"])
+def test_one_pass_4bit_rows_keep_the_float32_planes_decided_by_the_joined_launch(cfg, planes, monkeypatch):
+    """kashin at 4 bits with one coefficient group a row passes the float32 planes to a GEMV that runs in one
+    pass (codes beyond LATE_MAX_BYTES), the stored float16 coefficients otherwise (kernels.keeps_planes); for
+    colocated layers the joined launch's codes decide, for all of them alike, and the one-launch GEMV (forced on
+    the CPU interpreter) still gives each layer's result. 2 bits and groups keep reading c."""
+    pytest.importorskip("triton")
+    from quantune import kernels, qlinear
+    from quantune.qlinear import colocate
+
+    layers = [QuantLinear.from_linear(_linear(256, rows, seed=rows), cfg)[0] for rows in (37, 13, 13)]
+    one = layers[0].codes.numel() * layers[0].codes.element_size()
+    monkeypatch.setattr(kernels, "LATE_MAX_BYTES", one)  # each layer alone fits; the three together do not
+    assert all(m.kernel_form().c is not None and m.kernel_form().a is None for m in layers)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(9))
+    monkeypatch.setattr(QuantLinear, "_kernel_path", lambda self, x: "fused")
+    with torch.no_grad():
+        alone = [m._kernel_forward(x, share=False) + m.bias for m in layers] if planes else None
+        colocate(layers)
+        for m in layers:
+            form = m.kernel_form()
+            assert (form.a is not None, form.c is None) == (planes, planes)
+        if planes:  # the one-launch GEMV over the planes joined back to back (the other cases: the test above)
+            joined = qlinear._joined_forward(layers, x)
+            assert joined is not None
+            for got, want in zip(joined, alone):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        layers[0].to(torch.bfloat16)  # a cast keeps the buffers back to back, and the joined launch's form
+        assert (layers[0].kernel_form().a is not None) == planes
+        monkeypatch.setattr(kernels, "HALF_ONE_PASS_PLANES", False)
+        layers[1]._reset_kernel_caches()
+        assert layers[1].kernel_form().c is not None
+
+
 def test_colocate_refuses_layers_of_different_formats():
     from quantune.qlinear import colocate
 
