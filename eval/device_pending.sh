@@ -127,7 +127,7 @@ PY
              done
              python -m eval.bench_kernels --methods kashin-4,kashin-2 --kashin-group 128 --configs gemv5:2x1x128 \
                --out "$out/bench_kernels_kashin_g128" ;;
-  half-coeffs) # issue 5 (run in the twenty-fourth session but for groups of 64, kernel_sweeps/half_coeffs/): kashin's kernels reading the stored float16 coefficients (quantune.kernels.HALF_COEFFS, on
+  half-coeffs) # issue 5 (run in the twenty-fourth session, groups of 64 in the twenty-fifth: kernel_sweeps/half_coeffs/, session25/): kashin's kernels reading the stored float16 coefficients (quantune.kernels.HALF_COEFFS, on
              # since the twenty-third session from sm_90 code read here: loops equal or shorter) against the float32
              # planes, in one process: what a layer holds on the GPU after its calls, the few-token call per row and
              # at groups of 128 and 64, then the joined decode
@@ -138,7 +138,7 @@ PY
              done
              OUT="$out/half_joined" timeout 100 python -m eval.sweep_joined_decode --cases 4096x4096:128,8192x28672:128,4096x4096:64 \
                --block-m 64 --warps 4 --programs 1024 --decodes signs --forms library,planes --tokens 0 ;;
-  tied-steps) # issue 5: kashin-4's GEMV reading two tied U planes (QuantConfig.tied_steps 2, an option since the
+  tied-steps) # issue 5 (run in the twenty-fourth and twenty-fifth sessions, kernel_sweeps/tied_steps/, session25/): kashin-4's GEMV reading two tied U planes (QuantConfig.tied_steps 2, an option since the
              # twenty-fourth session) as one integer field against every plane alone, same layers, one process: per
              # row, then coefficients per 128 and 64 columns (sm_90 loops with Triton 3.6: 255 -> 207, 533 -> 458,
              # 550 -> 471 instructions); then the whole bench with tied layers (kashin's rows against the last run's)
@@ -162,22 +162,22 @@ PY
              sed 's/^GEMV_LATE = True/GEMV_LATE = False/' /tmp/kernels_longdct.py > /tmp/kernels_longdct_nolate.py
              OUT="$out/long_dct_ab" python -m eval.ab_kernels /tmp/kernels_longdct.py /tmp/kernels_longdct_nolate.py \
                --methods kashin-4,kashin-2 --shapes 14336x4096,8192x28672 --repeat 3 ;;
-  kashin-group-sums) # issue 5: kashin's GEMV with groups shorter than a tile, plane dots summed per group before
-             # one coefficient (quantune.kernels.GEMV_GROUP_SUMS, off until this is measured) against a coefficient
-             # gathered per word, versions side by side in one process; then flip the default if it wins
-             sed 's/^GEMV_GROUP_SUMS = False/GEMV_GROUP_SUMS = True/' quantune/kernels.py > /tmp/kernels_gsum.py
+  kashin-group-sums) # issue 5 (run in the twenty-fifth session, kernel_sweeps/session25/: 1.03-1.73x faster, now on):
+             # kashin's GEMV with groups shorter than a tile, plane dots summed per group before one coefficient
+             # (quantune.kernels.GEMV_GROUP_SUMS) against a coefficient gathered per word, versions side by side
+             sed 's/^GEMV_GROUP_SUMS = True/GEMV_GROUP_SUMS = False/' quantune/kernels.py > /tmp/kernels_gsum.py
              for g in 128 64; do
                OUT="$out/gsum_g$g" python -m eval.ab_kernels /tmp/kernels_gsum.py --methods kashin-4,kashin-2 \
                  --kashin-group $g --repeat 3
              done ;;
-  half-row)  # issue 5: kashin per row, the stored float16 coefficients (HALF_COEFFS) against the float32 planes on more
+  half-row)  # issue 5 (run in the twenty-fifth session, kernel_sweeps/session25/): kashin per row, the stored float16 coefficients (HALF_COEFFS) against the float32 planes on more
              # shapes and three repeats (the twenty-fourth session's two: HALF 13% slower at 8192x28672 kashin-4, 6%
              # faster at 14336x4096), to set which per-row layers keep the planes
              OUT="$out/half_row3" timeout 240 python -m eval.ab_kernels --forms both --methods kashin-4,kashin-2 \
                --kashin-group row --repeat 3 \
                --shapes 4096x4096,4096x14336,14336x4096,8192x28672,4096x28672,11008x4096,4096x11008 \
                > "$out/half_row3.log" 2>&1 || true ;;
-  kashin-tiles-4096) # issue 5: kashin-4 at 4096x4096 (level with NF4 in the last bench run), the GEMV's tile, unroll
+  kashin-tiles-4096) # issue 5 (run in the twenty-fifth session: no change): kashin-4 at 4096x4096 (level with NF4 in the last bench run), the GEMV's tile, unroll
              # and two passes (LATE) swept on the whole call
              OUT="$out/kashin_tiles_4096" timeout 200 python -m eval.sweep_gemv --methods kashin-4,kashin-2 \
                --shapes 4096x4096 --configs 2x1x128 --splits 1 --late 0,1 \
