@@ -43,7 +43,9 @@ class QuantConfig:
                  steps, and fewer than 2 tie nothing. 0 (the default) ties none: at 4 bits the tie of two
                  changed perplexity by -1.8% / +2.5% on SmolLM2-135M (per row / groups of 128) and by +5.8% /
                  +2.2% on gemma-3-270m, KL -6% to +14% (eval/results/notes.md, twenty-fourth session), so it is a
-                 speed option, not timed on the GPU yet. Folders written before this field read as 0.
+                 speed option: the H200's GEMV ran 4-25% faster with two tied on the large shapes, per row and in
+                 groups, but 6% slower at 4096x4096 per row (twenty-fourth and twenty-fifth sessions). Folders
+                 written before this field read as 0.
     sweeps:      kashin only: block-coordinate refinement sweeps after the greedy steps.
     seed:        seed of the random signs of the transform.
     skip_modules: module-name suffixes kept in full precision in addition to the output head.

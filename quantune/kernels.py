@@ -1858,9 +1858,9 @@ DCT_STAGE2_CHUNK = 64  # rows of A (of 2 N1P) per step of stage two's product wh
 
 def dft_split(g: int) -> tuple[int, int] | None:
     """``(N1, 64)`` with ``g = 64 N1`` and N1 <= 64 or from :data:`DCT_LONG_MIN_N1` to :data:`DCT_MAX_N1` (at
-    most 256), for the two-launch DCT of
-    a ``g``-long group (4096 = 64 x 64, 576 = 9 x 64, 1536 = 24 x 64), or None (the rfft path). Measured on
-    the H200 (eval/results/kernel_sweeps/sweep_prep_dct*.json, bench_kernels_kashin.md): at 4096 the two
+    most 256), for the two-launch DCT of a ``g``-long group (4096 = 64 x 64, 576 = 9 x 64, 1536 = 24 x 64), or
+    None (the rfft path). Measured on the H200 (eval/results/kernel_sweeps/sweep_prep_dct*.json,
+    bench_kernels_kashin.md): at 4096 the two
     launches take 4.9-5.0 us against the rfft path's 7.2 in the same run; with N1 = 112 or 128 (14336 = 112 x
     128, 8192 = 128 x 64) stage two's products in one step made them slower than it (14.1 against 12.7 us at
     14336: compiled for sm_90, stage two with N1 = 112 kept 3.8-5.5 KB a thread on the stack, python -m

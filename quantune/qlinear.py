@@ -128,8 +128,7 @@ class QuantLinear(nn.Module):
         return w.to(dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._reset_kernel_caches()  # new codes: rebuild the kernels' forms on next use
-        self._launch_bytes = None
+        self._reset_kernel_caches()  # new codes (copied in place: colocated layers stay back to back)
         return super()._load_from_state_dict(*args, **kwargs)
 
     def bitplane_form(self):

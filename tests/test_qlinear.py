@@ -437,6 +437,8 @@ def test_one_pass_4bit_rows_keep_the_float32_planes_decided_by_the_joined_launch
             assert joined is not None
             for got, want in zip(joined, alone):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        layers[2].load_state_dict(layers[2].state_dict())  # copied in place: still back to back, same form
+        assert (layers[2].kernel_form().a is not None) == planes
         layers[0].to(torch.bfloat16)  # a cast keeps the buffers back to back, and the joined launch's form
         assert (layers[0].kernel_form().a is not None) == planes
         monkeypatch.setattr(kernels, "HALF_ONE_PASS_PLANES", False)
