@@ -7,6 +7,16 @@ out=${OUT:-/tmp/out}
 case "$1" in
   kernels)   python -m eval.bench_kernels --configs gemv5:2x1x128,gemv6:4x1x64,gemv6p:4x1x64,gemv6:2x1x128,gemv6:1x1x128,gemv6:8x1x64 \
                --out "$out/bench_kernels" ;;                                                       # issue 5
+  defaults)  # issue 5: the whole kernel bench at the library's own defaults (rtn one scale a row, kashin per row with
+             # the one-pass planes rule of the twenty-fifth session)
+             timeout 330 python -m eval.bench_kernels --rtn-group row \
+               --configs gemv5:2x1x128,gemv6:4x1x64,gemv6:2x1x128,gemv6:1x1x128,gemv6:8x1x64 \
+               --out "$out/bench_kernels_defaults" > "$out/bench_kernels_defaults.log" 2>&1 || true ;;
+  kashin-groups) # issue 5: kashin in groups of 128 and 64 at the library's defaults (group sums on since the twenty-fifth)
+             for g in 128 64; do
+               timeout 200 python -m eval.bench_kernels --methods kashin-4,kashin-2 --kashin-group $g \
+                 --configs gemv5:2x1x128 --out "$out/bench_kernels_kashin_g$g" > "$out/bench_kernels_kashin_g$g.log" 2>&1 || true
+             done ;;
   sweep-gemv) python -m eval.sweep_gemv --splits 1,2 --evict ",evict_first" ;;  # issue 5: GEMV tiles, cold L2
   prep-dct)  python -m eval.sweep_prep_dct --prep-pdl 1 --precisions tf32x3 ;;  # issue 5: kashin's input preparation alone
   generate-eager-repeat) # issue 5: the eager column of bench_generate read 9.2 tokens/s for rtn-4 once (13-19 before)
@@ -197,5 +207,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, long-dct, half-coeffs, half-row, kashin-tiles-4096, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (defaults, kashin-groups, kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, long-dct, half-coeffs, half-row, kashin-tiles-4096, ddp)"; exit 2 ;;
 esac
