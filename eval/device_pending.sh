@@ -5,6 +5,21 @@
 set -euo pipefail
 out=${OUT:-/tmp/out}
 case "$1" in
+  hold)      # issue 5: kashin's two-pass GEMV keeping each row block's codes in registers for the second pass
+             # (quantune.kernels.GEMV_HOLD, off: rows of at most four 128-word tiles, 4096 columns at 4 bits; 128
+             # registers in Triton 3.6's sm_90 code against 84) against reading them again from L2, versions side by
+             # side on the layers it serves (4096 columns: o, q/k/v joined, k/v, gate/up alone)
+             sed 's/^GEMV_HOLD = False/GEMV_HOLD = True/' quantune/kernels.py > /tmp/kernels_hold.py
+             OUT="$out/hold" timeout 330 python -m eval.ab_kernels /tmp/kernels_hold.py --methods kashin-4,kashin-2 \
+               --shapes 4096x4096,4096x6144,4096x14336,4096x1024 --repeat 3 > "$out/hold.log" 2>&1 || true ;;
+  hold-generate) # issue 5: kashin-4's 8B generation, compiled + CUDA graph, with GEMV_HOLD on (a copy of the tree)
+             # against the tree (o and the joined q/k/v run two-pass GEMVs: HOLD serves them)
+             rm -rf /tmp/alt && mkdir -p /tmp/alt && cp -r quantune eval /tmp/alt/
+             sed -i 's/^GEMV_HOLD = False/GEMV_HOLD = True/' /tmp/alt/quantune/kernels.py
+             (cd /tmp/alt && PYTHONPATH=/tmp/alt:${PYTHONPATH:-} timeout 280 python -m eval.bench_generate \
+               --contenders kashin-4 --new-tokens 64 --compile --out "$out/bench_generate_hold_on") || true
+             timeout 280 python -m eval.bench_generate --contenders kashin-4 --new-tokens 64 --compile \
+               --out "$out/bench_generate_hold_off" || true ;;
   kernels)   python -m eval.bench_kernels --configs gemv5:2x1x128,gemv6:4x1x64,gemv6p:4x1x64,gemv6:2x1x128,gemv6:1x1x128,gemv6:8x1x64 \
                --out "$out/bench_kernels" ;;                                                       # issue 5
   defaults)  # issue 5: the whole kernel bench at the library's own defaults (rtn one scale a row, kashin per row with
@@ -207,5 +222,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (defaults, kashin-groups, kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, long-dct, half-coeffs, half-row, kashin-tiles-4096, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (hold, hold-generate, defaults, kashin-groups, kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, long-dct, half-coeffs, half-row, kashin-tiles-4096, ddp)"; exit 2 ;;
 esac

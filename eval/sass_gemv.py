@@ -30,7 +30,7 @@ POINTERS = {"w_ptr": "*i32", "xp_ptr": "*i32", "xqp_ptr": "*i32", "xp16_ptr": "*
 
 
 def compile_gemv(const: dict, num_warps: int = 1, ptx: tuple[str, ...] = (), sass: tuple[str, ...] = (),
-                 kernel="_gemv_kernel", dump: str | None = None) -> dict:
+                 kernel="_gemv_kernel", dump: str | None = None, maxnreg: int | None = None) -> dict:
     """``kernel`` (the name of a Triton kernel of quantune.kernels, the GEMV by default, or a Triton kernel)
     compiled for sm_90 with the compile-time arguments ``const`` (the others at their defaults); the report
     described above. ``dump``: a file to write the disassembly to."""
@@ -48,7 +48,7 @@ def compile_gemv(const: dict, num_warps: int = 1, ptx: tuple[str, ...] = (), sas
     sig = {n: POINTERS.get(n, "*fp32") if n in ptrs else "constexpr" if n in const else "i32" for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptrs + ["stride_w"] if n in names}
     compiled = triton.compile(ASTSource(fn, sig, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps})
+                              options={"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})})
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "gemv.cubin"
@@ -94,10 +94,11 @@ def main() -> None:
     p.add_argument("--ptx", default="griddepcontrol.wait,dp2a", help="comma-separated PTX strings to count")
     p.add_argument("--sass", default="ACQBULK,IDP", help="comma-separated SASS strings to count")
     p.add_argument("--dump", help="write the disassembly to this file")
+    p.add_argument("--maxnreg", type=int, help="the registers a thread may use at most (Triton's maxnreg option)")
     args = p.parse_args()
     print(json.dumps(compile_gemv(json.loads(args.constexprs), args.warps, tuple(filter(None, args.ptx.split(","))),
                                   tuple(filter(None, args.sass.split(","))), args.kernel,
-                                  args.dump)))
+                                  args.dump, args.maxnreg)))
 
 
 if __name__ == "__main__":

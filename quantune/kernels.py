@@ -518,7 +518,8 @@ if triton is not None:
                      PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
                      NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = "",
                      UNROLL: tl.constexpr = 1, LATE: tl.constexpr = False, SUMG: tl.constexpr = 0,
-                     GSUM5: tl.constexpr = False, HALF: tl.constexpr = False, PLANES: tl.constexpr = 0):
+                     GSUM5: tl.constexpr = False, HALF: tl.constexpr = False, PLANES: tl.constexpr = 0,
+                     HOLD: tl.constexpr = False):
         """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
         loads), decoded with register arithmetic only, inputs de-interleaved by code position
         (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
@@ -562,6 +563,9 @@ if triton is not None:
         one starts (:func:`_dct_stage2_kernel` with TRIGGER_LATE lets it start only after its own wait for the
         kernel that prepares ``x``); the wait comes before the second pass. The first pass's code loads keep
         the default L2 policy, so the second finds them there on layers that fit.
+        HOLD (with LATE, rows of at most four word tiles): the first pass keeps the row block's words in registers
+        (the K loop unrolled whole) and the second pass reads them there instead of from L2; the first pass's
+        loads then leave L2 first (EVICT), as a one-pass call's do.
         PREFETCH: 1, the next tile's words are loaded before this tile's arithmetic (two tiles in flight);
         2 (mode 6), everything the next tile reads (words, input pairs, coefficients) is, so no load of a
         tile waits behind the arithmetic of the one before.
@@ -594,6 +598,12 @@ if triton is not None:
         tl.static_assert(not LATE or (MODE == 5 and KU < BITS and not PREFETCH), "LATE: mode 5 with xq, no prefetch")
         tl.static_assert(not HALF or MODE == 5, "HALF (float16 coefficients): mode 5")
         NPHASE: tl.constexpr = 2 if LATE else 1
+        NT: tl.constexpr = CHUNK // BLOCK_W  # word tiles a program reads
+        tl.static_assert(not HOLD or (LATE and SPLIT == 1 and CHUNK % BLOCK_W == 0 and NT <= 4),
+                         "HOLD: LATE over at most four whole word tiles, no K split")
+        LOOP_UNROLL: tl.constexpr = NT if HOLD else UNROLL  # HOLD: the tile's index is a constant in each copy
+        hw0, hw1, hw2, hw3 = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32), tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32), \
+            tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32), tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32)  # HOLD's words
         accg = tl.zeros([BLOCK_M, GPT], dtype=tl.float32)           # mode 6 across groups: per (row, group)
         # mode 5 with GSUM5: groups shorter than the tile, each plane's dots summed per group before its coefficient
         G5: tl.constexpr = GSUM5 and MODE == 5 and WPG < BLOCK_W
@@ -632,7 +642,7 @@ if triton is not None:
             if LATE and phase == 1:
                 if PDL:
                     _gdc_wait()  # the transformed input's kernel (the last one before) has finished
-            for i in tl.range(0, CHUNK, BLOCK_W, loop_unroll_factor=UNROLL):
+            for i in tl.range(0, CHUNK, BLOCK_W, loop_unroll_factor=LOOP_UNROLL):
                 w0 = part * CHUNK + i
                 widx = w0 + wcols
                 xin = xd_ptr + tok * K + w0 + wtile    # code position j: + j * NW
@@ -641,6 +651,18 @@ if triton is not None:
                     word = ahead
                     ahead = tl.load(w_ptr + rows[:, None] * stride_w + w0 + BLOCK_W + wtile,
                                     mask=rmask[:, None] & (i + BLOCK_W < CHUNK), other=0, eviction_policy=EVICT)
+                elif HOLD and phase == 1:  # the first pass's words, kept in registers
+                    word = tl.where(i == 0, hw0, tl.where(i == BLOCK_W, hw1, tl.where(i == 2 * BLOCK_W, hw2, hw3)))
+                elif HOLD:  # the first pass: each tile's words kept for the second
+                    word = tl.load(w_ptr + rows[:, None] * stride_w + w0 + wtile, mask=rmask[:, None], other=0,
+                                   eviction_policy=EVICT)
+                    hw0 = tl.where(i == 0, word, hw0)
+                    if NT > 1:
+                        hw1 = tl.where(i == BLOCK_W, word, hw1)
+                    if NT > 2:
+                        hw2 = tl.where(i == 2 * BLOCK_W, word, hw2)
+                    if NT > 3:
+                        hw3 = tl.where(i == 3 * BLOCK_W, word, hw3)
                 elif LATE and phase == 0:  # read again by the second pass: left in L2
                     word = tl.load(w_ptr + rows[:, None] * stride_w + w0 + wtile, mask=rmask[:, None], other=0)
                 else:
@@ -1638,7 +1660,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                 out_dtype: torch.dtype = torch.float32, share: bool = True,
                 outputs: tuple[int, ...] | None = None, evict: str | None = None,
                 unroll: int = 1, late: bool | None = None, span: bool = False,
-                group_sums: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
+                group_sums: bool | None = None, hold: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
@@ -1658,7 +1680,9 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     the kernel which wrote x's inputs has finished before the kernel right before this call. ``span`` (mode 6): a
     word tile may cover two chunks of the input's 16-bit rounding (two input scales), else it is clamped to one.
     ``group_sums`` (mode 5, groups shorter than a tile; default :data:`GEMV_GROUP_SUMS`): each plane's integer dots
-    summed per group before one coefficient per (row, group), instead of a coefficient gathered per word."""
+    summed per group before one coefficient per (row, group), instead of a coefficient gathered per word.
+    ``hold`` (with ``late``): the first pass keeps the codes in registers for the second (rows of at most
+    :data:`HOLD_MAX_TILES` word tiles, no K split); None: :data:`GEMV_HOLD` where it applies."""
     if tables is None and (affine is None or affine):
         tables = level_tables(form, bits)
     if affine is None:
@@ -1693,6 +1717,12 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     pdl = pdl_enabled(x)
     if late is None:
         late = prepared is None and xq is None and not prefetch and gemv_late(form, bits, mode, packed, pdl)
+    fits = split == 1 and (k // (32 // bits)) % tile == 0 and k // (32 // bits) // tile <= HOLD_MAX_TILES
+    if hold is None:
+        hold = GEMV_HOLD and bool(late) and fits
+    if hold and not (late and fits):
+        raise ValueError(f"hold needs late and rows of at most {HOLD_MAX_TILES} whole word tiles with split 1 "
+                         f"(late {late}, {k} columns at {bits} bits, tile {tile} words, split {split})")
     if late and (mode != 5 or form.ku >= bits or prefetch):
         raise ValueError(f"late serves mode 5 on formats with a transformed factor, without prefetch (mode {mode}, "
                          f"{form.ku} of {bits} bits in the first factor, prefetch {prefetch})")
@@ -1731,7 +1761,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         PREFETCH=int(prefetch), ASM=asm, XCH=rounding_columns(k, bits), PDL=pdl, NOUT=len(ys), SYM=sym,
         EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late), SUMG=sumg,
-        GSUM5=gsum5, HALF=half, PLANES=planes,
+        GSUM5=gsum5, HALF=half, PLANES=planes, HOLD=bool(hold),
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return ys if outputs else y
 
@@ -1760,6 +1790,13 @@ GEMV_PDL = True  # launch the GEMV with programmatic dependent launch where the 
 # against 22.5, kashin-2 14.6 against 14.8, 4096x4096 kashin-4 10.62 against 11.05, kashin-2 9.32 against 9.84
 GEMV_LATE = True
 LATE_MAX_BYTES = 32 << 20
+# With LATE on rows of at most HOLD_MAX_TILES word tiles (4096 columns at 4 bits on the two-row 128-word tile), the
+# first pass may keep the row block's codes in registers for the second instead of reading them again from L2 (the
+# kernel's HOLD: the K loop unrolled whole; sm_90 code with Triton 3.6, 4096x4096 kashin-4: 128 registers against
+# 84, no spills, so 16 one-warp programs an SM, one wave of 2048). Off until timed on the device
+# (`bash eval/device_pending.sh hold`).
+GEMV_HOLD = False
+HOLD_MAX_TILES = 4
 
 
 def gemv_late(form: BitplaneForm, bits: int, mode: int, packed: torch.Tensor, pdl: bool) -> bool:

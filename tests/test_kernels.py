@@ -810,6 +810,48 @@ def test_late_gemv_gives_the_one_pass_sums(cfg, block):
     assert float((two - want).norm() / want.norm()) < 2e-4
 
 
+@pytest.mark.parametrize("cfg,block", [(QuantConfig(bits=4), (2, 16)), (QuantConfig(bits=4), (2, 8)),
+                                       (QuantConfig(bits=2), (4, 4)), (QuantConfig(bits=4, group_size=64), (2, 16))],
+                         ids=["kashin4-two-tiles", "kashin4-four-tiles", "kashin2-four-tiles", "kashin4-g64-group-sums"])
+def test_hold_gemv_gives_the_two_pass_sums(cfg, block):
+    """kashin's two-pass GEMV keeping the first pass's codes in registers for the second (the kernel's HOLD: the K
+    loop unrolled whole, each tile's words selected by its index) computes exactly what reading them again does:
+    two and four tiles a row, 2 and 4 bits, groups shorter than a tile, a partial row block, two tokens."""
+    pytest.importorskip("triton")
+    from quantune.kernels import gemv_matmul
+
+    q = _layer(cfg, out=9, inp=256)
+    x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(10))
+    block_m, block_w = block
+    args = dict(block_m=block_m, block_w=block_w, num_warps=1, share=False, late=True)
+    again = gemv_matmul(x, q.codes, _form(q), cfg.bits, hold=False, **args)
+    held = gemv_matmul(x, q.codes, _form(q), cfg.bits, hold=True, **args)
+    assert torch.equal(held, again)
+    want = x @ q.dequantize().T
+    assert float((held - want).norm() / want.norm()) < 2e-4
+
+
+def test_hold_gemv_is_refused_where_it_cannot_run(monkeypatch):
+    """HOLD needs the two-pass loop and a row of at most HOLD_MAX_TILES whole word tiles without a K split; asked
+    for otherwise the call says why before any launch. Where GEMV_HOLD is on, the library takes it only there."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    q = _layer(QuantConfig(bits=4), out=8, inp=256)  # 32 words a row
+    x = torch.randn(1, 256)
+    for bad in (dict(late=False, block_w=16), dict(late=True, block_w=4), dict(late=True, block_w=8, split=2)):
+        with pytest.raises(ValueError, match="hold needs late"):
+            kernels.gemv_matmul(x, q.codes, _form(q), 4, hold=True, share=False, block_m=2, num_warps=1, **bad)
+    calls = []
+    real = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda fn, grid, *a, **kw: calls.append(kw.get("HOLD")) or real(
+        fn, grid, *a, **kw))
+    monkeypatch.setattr(kernels, "GEMV_HOLD", True)
+    for block_w, late in ((8, True), (4, True), (8, False)):
+        kernels.gemv_matmul(x, q.codes, _form(q), 4, share=False, block_m=2, block_w=block_w, num_warps=1, late=late)
+    assert [c for c in calls if c is not None] == [True, False, False]
+
+
 GROUP_SUM_CASES = {"kashin4-g64": (QuantConfig(bits=4, group_size=64), (2, 32, 1)),
                    "kashin2-g32-split": (QuantConfig(bits=2, group_size=32), (4, 8, 2)),
                    "kashin8-g16": (QuantConfig(bits=8, group_size=16), (2, 16, 1)),
@@ -884,6 +926,9 @@ for late in (False, True):
                                               TRIGGER=True, WAIT=True, BK2=32, TRIGGER_LATE=late), num_warps=4,
                                          ptx=("griddepcontrol.launch_dependents",),
                                          kernel="_dct_stage2_kernel")["ptx_around_wait"]
+held = compile_gemv(dict(K=512, GROUP=512, BITS=4, KU=3, MODE=5, BLOCK_M=2, BLOCK_W=16, SPLIT=1, PREFETCH=0, ASM=True,
+                         PDL=True, LATE=True, HOLD=True), ptx=("dp2a",))
+out["hold"] = dict(held["ptx_around_wait"], loops=held["loop_bodies"], stack=held["stack"])
 print(json.dumps(out))
 """
 
@@ -891,7 +936,8 @@ print(json.dumps(out))
 def test_late_gemv_compiles_with_its_wait_between_the_passes():
     """Compiled for the H200 (sm_90, in a child process: the interpreter runs no PTX): with LATE the GEMV's one wait
     for the preparation comes after x's three planes and before xq's one (dp2a instructions 24 before, 8 after; in
-    one pass all 32 after), and the DCT's second launch lets the GEMV start only after its own wait."""
+    one pass all 32 after), and the DCT's second launch lets the GEMV start only after its own wait. With HOLD the K
+    loop is unrolled whole (the words kept in registers for the second pass) and nothing spills."""
     pytest.importorskip("triton")
     import json
     import subprocess
@@ -907,6 +953,10 @@ def test_late_gemv_compiles_with_its_wait_between_the_passes():
     assert got["gemv_True"]["dp2a"] == [24, 8] and got["gemv_False"]["dp2a"] == [0, 32]
     assert got["stage2_True"]["griddepcontrol.launch_dependents"] == [0, 1]
     assert got["stage2_False"]["griddepcontrol.launch_dependents"] == [1, 0]
+    # HOLD, four 16-word tiles a row: no K loop left and no spills; x's three planes of all four tiles before the wait
+    # (4 tiles x 3 planes x 2 byte groups x 2 dp2a), xq's plane after it (4 x 1 x 2 x 2)
+    hold = got["hold"]
+    assert hold["loops"] == [] and hold["stack"] == 0 and hold["dp2a"] == [48, 16]
 
 
 def _half_form(q):
