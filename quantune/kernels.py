@@ -33,7 +33,7 @@ import torch
 
 from quantune.launch import launch
 from quantune.methods import BitplaneForm
-from quantune.transforms import dct_twiddle, forward_transform, random_signs
+from quantune.transforms import dct_twiddle, forward_transform, hadamard_block_size, random_signs
 
 MAX_TOKENS = 16
 
@@ -888,10 +888,11 @@ if triton is not None:
             tl.atomic_add(y_ptr + tok * M + rows, out, mask=rmask)
 
     @triton.jit
-    def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, amax_ptr, xp16_ptr, sc_ptr, xg_ptr, K: tl.constexpr,
-                     G: tl.constexpr, PER: tl.constexpr, HAS_V: tl.constexpr, PAIRS: tl.constexpr, CH: tl.constexpr,
-                     GS: tl.constexpr = 0, TRIGGER: tl.constexpr = False, WAIT: tl.constexpr = False,
-                     XD: tl.constexpr = True, SCH: tl.constexpr = 0):
+    def _prep_kernel(x_ptr, xd_ptr, xs_ptr, signs_ptr, v_ptr, amax_ptr, xp16_ptr, sc_ptr, xg_ptr, xqd_ptr, xqs_ptr,
+                     K: tl.constexpr, G: tl.constexpr, PER: tl.constexpr, HAS_V: tl.constexpr, PAIRS: tl.constexpr,
+                     CH: tl.constexpr, GS: tl.constexpr = 0, TRIGGER: tl.constexpr = False,
+                     WAIT: tl.constexpr = False, XD: tl.constexpr = True, SCH: tl.constexpr = 0,
+                     LOGB: tl.constexpr = 0):
         """CH columns of one token: the input in float32, de-interleaved for the GEMV (``xd[t, j, w] =
         x[t, w * PER + j]``) and summed per word (``xs[t, w]``); with HAS_V the DCT's FFT input ``v`` of
         each G-long group (signs applied, even entries in order, odd entries reversed behind them:
@@ -904,7 +905,10 @@ if triton is not None:
         and waits for that kernel before it reads or writes memory. XD False: ``xd`` is not written (mode 6
         reads the pairs and sums only). SCH > CH (PAIRS 2): the scale's chunk is SCH columns, shared by
         SCH / CH programs; each reads the whole chunk for its maximum and rounds its own CH columns (the
-        chunk's first program stores the scale)."""
+        chunk's first program stores the scale). LOGB > 0: the transformed input of the Hadamard transform too
+        (blocks of ``2^LOGB`` columns, whole blocks a program, the signs of each G-long group: :func:`_fwht`),
+        written de-interleaved and summed per word into ``xqd``/``xqs`` like ``xd``/``xs``, its chunk's
+        ``max |xq|`` with PAIRS 1."""
         _pdl_start(TRIGGER, WAIT)
         tok = tl.program_id(0)
         c = tl.program_id(1) * CH + tl.arange(0, CH)
@@ -938,6 +942,37 @@ if triton is not None:
             tl.store(xg_ptr + tok * (K // GS) + gl, tl.sum(tl.reshape(xv, (CH // GS, GS)), axis=1), mask=gl < K // GS)
         if HAS_V:
             _makhoul_store(v_ptr + tok * K, signs_ptr, xv, c, m, G)
+        if LOGB > 0:
+            xh = _fwht(xv * tl.load(signs_ptr + c % G, mask=m, other=0.0), CH, LOGB)
+            tl.store(xqd_ptr + tok * K + (c % PER) * (K // PER) + c // PER, xh, mask=m)
+            tl.store(xqs_ptr + tok * (K // PER) + wl, tl.sum(tl.reshape(xh, (CH // PER, PER)), axis=1),
+                     mask=wl < K // PER)
+            if PAIRS == 1:
+                tl.store(amax_ptr + (tok * 2 + 1) * tl.num_programs(1) + tl.program_id(1), tl.max(tl.abs(xh), axis=0))
+
+    @triton.jit
+    def _fwht(v, CH: tl.constexpr, LOGB: tl.constexpr):
+        """The normalised Walsh-Hadamard transform of each ``2^LOGB``-long block of the CH values ``v`` (blocks
+        aligned to CH, which they divide): butterflies ``(a, b) -> (a + b, a - b)`` at strides 1, 2, ...,
+        ``2^(LOGB-1)``, the stages and float32 operations of :func:`quantune.transforms._fwht`, then the division
+        by ``sqrt(2^LOGB)``."""
+        for st in tl.static_range(LOGB):  # stride 2^st: (segments, 2, stride) viewed as (segments, stride, 2)
+            pairs = tl.permute(tl.reshape(v, (CH // (2 << st), 2, 1 << st)), (0, 2, 1))
+            a, b = tl.split(pairs)
+            v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (CH,))
+        return v / ((1 << (LOGB // 2)) * (1.4142135623730951 if LOGB % 2 else 1.0))  # sqrt(2^LOGB), as torch's
+
+    @triton.jit
+    def _fwht_kernel(x_ptr, signs_ptr, out_ptr, K: tl.constexpr, G: tl.constexpr, CH: tl.constexpr,
+                     LOGB: tl.constexpr):
+        """Many tokens' Hadamard-transformed input (prefill): CH columns (whole ``2^LOGB`` blocks) of one token,
+        the signs of each G-long group, :func:`_fwht`, stored in ``out``'s dtype."""
+        tok = tl.program_id(0)
+        c = tl.program_id(1) * CH + tl.arange(0, CH)
+        m = c < K
+        xv = tl.load(x_ptr + tok * K + c, mask=m, other=0.0).to(tl.float32)
+        xh = _fwht(xv * tl.load(signs_ptr + c % G, mask=m, other=0.0), CH, LOGB)
+        tl.store(out_ptr + tok * K + c, xh, mask=m)
 
     @triton.jit
     def _makhoul_store(v_row, signs_ptr, xv, c, m, G: tl.constexpr):
@@ -1500,12 +1535,55 @@ PREFILL_DCT = True  # prefill's DCT as two Triton passes around one batched rfft
 PREFILL_DCT_TILES = ((2048, 4, False), (512, 8))
 
 
+# kashin's Hadamard transform (QuantConfig.transform "hadamard") of the GEMV's and the prefill's input in Triton
+# (_fwht: butterflies in registers, one program per token and whole blocks) instead of quantune.transforms' torch
+# butterflies (a few torch launches a stage: 12 stages at 4096 columns); blocks of up to HADAMARD_MAX_BLOCK columns
+# (a program holds a block: 64 KB of float32 at 16384), longer ones take the torch path. Not yet timed on the device.
+HADAMARD_KERNEL = True
+HADAMARD_MAX_BLOCK = 16384
+
+
+def hadamard_log_block(form: BitplaneForm) -> int:
+    """``log2`` of the Hadamard block the Triton kernels transform ``form``'s input with (the largest power of two
+    dividing its group, :func:`quantune.transforms.hadamard_block_size`), or 0 where they do not: another
+    transform, no Triton, :data:`HADAMARD_KERNEL` off, blocks of one column or longer than
+    :data:`HADAMARD_MAX_BLOCK`."""
+    if form.transform != "hadamard" or triton is None or not HADAMARD_KERNEL:
+        return 0
+    block = hadamard_block_size(form.group)
+    return block.bit_length() - 1 if 2 <= block <= HADAMARD_MAX_BLOCK else 0
+
+
+def hadamard_input(x: torch.Tensor, form: BitplaneForm, dtype: torch.dtype) -> torch.Tensor:
+    """``xq`` ``(T, K)`` in ``dtype`` for the Hadamard transform (:func:`_fwht_kernel`), for any number of tokens;
+    where :func:`hadamard_log_block` gives 0, the torch transform."""
+    logb = hadamard_log_block(form)
+    if not logb:
+        return transformed_input(x.float(), form).to(dtype)
+    t, k = x.shape
+    ch = max(min(PREP_COLUMNS, _pow2(k)), 1 << logb)
+    out = torch.empty(t, k, device=x.device, dtype=dtype)
+    launch(_fwht_kernel, (t, _cdiv(k, ch)), x.contiguous(),
+           random_signs(form.group, form.seed, device=x.device, dtype=torch.float32), out, K=k, G=form.group, CH=ch,
+           LOGB=logb, num_warps=hadamard_warps(ch))
+    return out
+
+
+def hadamard_warps(columns: int) -> int:
+    """Warps for a program that transforms ``columns`` values (:func:`_fwht`): about 8 values a thread, 4 to 16
+    warps. Compiled for sm_90 (Triton 3.6), the preparation kernel with a 4096-column block takes 6065 instructions
+    at 4 warps, 3559 at 8 and 2291 at 16 (1458 / 1032 / 813 without the transform)."""
+    return min(16, max(PREP_WARPS, columns // 256))
+
+
 def prefill_transformed_input(x: torch.Tensor, form: BitplaneForm, dtype: torch.dtype) -> torch.Tensor:
     """``xq`` ``(T, K)`` in ``dtype`` for many tokens. The DCT (with triton, PREFILL_DCT): one pass
     casting and reordering into the FFT's float32 input (signs applied), one batched cuFFT ``rfft``,
     one pass taking the real part against the twiddles into ``dtype``: three passes over the data where
     the torch transform (:func:`transformed_input`: a complex FFT of the upcast input between
     cat/flip/multiply passes) makes about eight. Other transforms: the torch one."""
+    if form.transform == "hadamard":
+        return hadamard_input(x, form, dtype)
     if form.transform != "dct" or triton is None or not PREFILL_DCT:
         return transformed_input(x.float(), form).to(dtype)
     pre, post = PREFILL_DCT_TILES
@@ -2062,9 +2140,10 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     xd = torch.empty(t, per, k // per, device=x.device, dtype=torch.float32)
     xs = torch.empty(t, k // per, device=x.device, dtype=torch.float32)
     fused_dct = needs_xq and not given and form.transform == "dct"
-    fused_pairs = pairs is True and (fused_dct or not needs_xq)  # both inputs' pairs from the kernels below
-    g = form.group if fused_dct else k
-    ch = xch = rounding_columns(k, bits) if chunked else prep_columns(k, per)
+    logb = hadamard_log_block(form) if needs_xq and not given else 0  # the Hadamard transform in the kernel
+    fused_pairs = pairs is True and (fused_dct or logb > 0 or not needs_xq)  # both inputs' pairs from the kernels
+    g = form.group if fused_dct or logb else k
+    ch = xch = rounding_columns(k, bits) if chunked else max(prep_columns(k, per), 1 << logb)
     if chunked and xch > PREP_COLUMNS:  # PREP_SPLIT programs share each chunk's scale, unless that would cut
         ch = max(xch // PREP_SPLIT, per)  # a group's sum
         if form.group < k and xch % form.group == 0 and ch % form.group:
@@ -2072,7 +2151,8 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     grid = (t, _cdiv(k, ch))
     x = x.contiguous()
     v = torch.empty(t, k, device=x.device, dtype=torch.float32) if fused_dct else xd
-    signs = random_signs(g, form.seed, device=x.device, dtype=torch.float32) if fused_dct else xd
+    signs = random_signs(g, form.seed, device=x.device, dtype=torch.float32) if fused_dct or logb else xd
+    xqd, xqs = (torch.empty_like(xd), torch.empty_like(xs)) if logb else (xd, xs)
     amax = torch.empty(t, 2, grid[1], device=x.device, dtype=torch.float32) if fused_pairs else xd  # per chunk
     xp = torch.empty(t, 8 // bits, 2, k // per, device=x.device, dtype=torch.int32) if chunked or fused_pairs else None
     xqp = sc = qsc = xg = None
@@ -2086,10 +2166,11 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         if gs:
             xg = torch.empty(t, k // gs, device=x.device, dtype=torch.float32)
     launch(_prep_kernel, grid, x, xd, xs, signs, v, amax, xp.view(torch.int16) if chunked else xd,
-           sc if chunked else xd, xd if xg is None else xg, K=k, G=g, PER=per, HAS_V=fused_dct,
+           sc if chunked else xd, xd if xg is None else xg, xqd, xqs, K=k, G=g, PER=per, HAS_V=fused_dct,
            PAIRS=2 if chunked else int(fused_pairs), CH=ch, GS=gs,
-           TRIGGER=trigger and not needs_xq and not (pairs is True and not fused_pairs),
-           WAIT=chain, XD=PREP_XD or not chunked, SCH=xch if chunked else 0, num_warps=PREP_WARPS,
+           TRIGGER=trigger and (not needs_xq or logb > 0) and not (pairs is True and not fused_pairs),
+           WAIT=chain, XD=PREP_XD or not chunked, SCH=xch if chunked else 0, LOGB=logb,
+           num_warps=hadamard_warps(ch) if logb else PREP_WARPS,
            **({"launch_pdl": True} if chain else {}))
     if fused_dct:  # cast, de-interleave and DCT pre-step in one kernel, then one rfft and one post kernel
         spectrum = torch.view_as_real(torch.fft.rfft(v.view(t * (k // g), g), dim=-1))
@@ -2097,12 +2178,10 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
         xqd, xqs = torch.empty_like(xd), torch.empty_like(xs)
         launch(_dct_post_kernel, grid, spectrum, twiddle, xqd, xqs, amax, K=k, G=g, PER=per, PAIRS=fused_pairs, CH=ch,
                TRIGGER=chain, WAIT=chain, **({"launch_pdl": True} if chain else {}))
-    elif needs_xq:
+    elif needs_xq and not logb:
         xq = transformed_input(x.float(), form) if xq is None else xq
         xqd = deinterleave(xq.float(), bits)
         xqs = xqd.sum(1)
-    else:
-        xqd, xqs = xd, xs
     if chunked:
         xqp, qsc = xp, sc
     if fused_pairs:

@@ -339,3 +339,20 @@ def test_layer_memory_benchmark_counts_what_the_kernel_path_keeps(tmp_path):
     assert rows[("kashin-4 g64", True)]["kernel_path_copies_bits_per_weight"] == 0
     assert rows[("kashin-4 g64", False)]["kernel_path_copies_bits_per_weight"] == pytest.approx(3.0)
     assert rows[("rtn-4 g64", False)]["kernel_path_copies_bits_per_weight"] == 0
+
+
+def test_transform_benchmark_smoke(tmp_path):
+    """The transforms bench runs end to end on the CPU: both transforms, the library's decode preparation, the one
+    before it and the prefill path, each checked against the float64 transform."""
+    pytest.importorskip("triton")
+    out = tmp_path / "t"
+    _run(["eval.bench_transforms", "--smoke", "--out", str(out)], tmp_path, 300)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["in"], r["transform"]) for r in rows] == [(256, "dct"), (256, "hadamard"), (384, "dct"),
+                                                         (384, "hadamard")]
+    assert [r["block"] for r in rows if r["transform"] == "hadamard"] == [256, 128]
+    assert all(r["hadamard_kernel"] for r in rows if r["transform"] == "hadamard")
+    for r in rows:
+        assert r["decode_err"] < 1e-6 and r["decode_before_err"] < 1e-6  # float32 xq
+        assert r["prefill_err"] < 8e-3 and r["prefill_torch_err"] < 4e-3  # bf16 xq (the interpreter truncates)
+    assert "kashin's input transform" in out.with_suffix(".md").read_text()

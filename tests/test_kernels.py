@@ -659,8 +659,8 @@ def test_joined_decode_refuses_what_it_does_not_serve(cfg):
 def test_prefill_dct_passes_equal_the_torch_transform(inp, group, dtype, monkeypatch):
     """Prefill's DCT (two Triton passes around one rfft, the first storing or loading out of order): the
     torch transform's ``xq`` for rows of any length (576: an odd half), groups inside a row, a chunk of
-    columns spanning several groups or a group spanning several chunks; and a transform it does not serve
-    (hadamard) through the torch one."""
+    columns spanning several groups or a group spanning several chunks; and the Hadamard transform through its
+    own kernel."""
     pytest.importorskip("triton")
     from quantune import kernels
 
@@ -681,6 +681,78 @@ def test_prefill_dct_passes_equal_the_torch_transform(inp, group, dtype, monkeyp
     h = _form(_layer(QuantConfig(bits=4, transform="hadamard"), out=8, inp=inp))
     torch.testing.assert_close(kernels.prefill_transformed_input(x, h, torch.float32),
                                kernels.transformed_input(x.float(), h))
+
+
+HADAMARD_CASES = {"row-4096": (4096, None), "row-384": (384, None), "row-14336-blocks": (14336, None),
+                  "g48-blocks-of-16": (192, 48), "g128": (512, 128), "row-8192": (8192, None)}
+
+
+@pytest.mark.parametrize("name", list(HADAMARD_CASES))
+def test_hadamard_kernel_gives_the_torch_transform(name):
+    """The Triton Hadamard transform (butterflies in registers, :func:`quantune.kernels._fwht`) gives the torch
+    transform's ``xq`` bit for bit (the same float32 stages in the same order): a row-long block (4096, 8192), a
+    row of 14336 = 7 blocks of 2048 a program each, 384 = 3 blocks of 128 in one 512-column program, groups of 48
+    (blocks of 16, a group's signs), groups of 128; from bf16 inputs too, and rounded into bf16."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    inp, group = HADAMARD_CASES[name]
+    q = _layer(QuantConfig(bits=4, transform="hadamard", **({"group_size": group} if group else {})), out=4, inp=inp)
+    form = _form(q)
+    assert kernels.hadamard_log_block(form) == (form.group & -form.group).bit_length() - 1
+    x = torch.randn(3, inp, generator=torch.Generator().manual_seed(12))
+    want = kernels.transformed_input(x, form)
+    assert torch.equal(kernels.hadamard_input(x, form, torch.float32), want)
+    xb = x.bfloat16()
+    got = kernels.hadamard_input(xb, form, torch.bfloat16)
+    assert got.dtype == torch.bfloat16  # rounded once from float32 (the interpreter truncates: within 2^-7)
+    torch.testing.assert_close(got.float(), kernels.transformed_input(xb.float(), form), rtol=2 ** -7, atol=1e-6)
+
+
+def test_hadamard_kernel_stands_aside_where_it_does_not_serve(monkeypatch):
+    """Blocks longer than HADAMARD_MAX_BLOCK, the DCT and the switch off: the torch transform."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    h = _form(_layer(QuantConfig(bits=4, transform="hadamard"), out=4, inp=256))
+    assert kernels.hadamard_log_block(h) == 8
+    x = torch.randn(2, 256)
+    monkeypatch.setattr(kernels, "HADAMARD_MAX_BLOCK", 128)
+    assert kernels.hadamard_log_block(h) == 0
+    calls = []
+    monkeypatch.setattr(kernels, "launch", lambda *a, **kw: calls.append(a[0]))
+    assert torch.equal(kernels.hadamard_input(x, h, torch.float32), kernels.transformed_input(x, h))
+    assert calls == []  # no kernel launched
+    monkeypatch.setattr(kernels, "HADAMARD_MAX_BLOCK", 16384)
+    monkeypatch.setattr(kernels, "HADAMARD_KERNEL", False)
+    assert kernels.hadamard_log_block(h) == 0
+    monkeypatch.setattr(kernels, "HADAMARD_KERNEL", True)
+    assert kernels.hadamard_log_block(_form(_layer(QuantConfig(bits=4), out=4, inp=256))) == 0
+
+
+@pytest.mark.parametrize("inp,group", [(4096, None), (384, None), (512, 128)], ids=["row-4096", "row-384", "g128"])
+def test_hadamard_preparation_in_the_kernel_gives_the_torch_one(inp, group):
+    """The GEMV's input preparation for a Hadamard layer, the transform inside the preparation kernel: the same
+    de-interleaved ``xq``, word sums, 16-bit pairs and scales as the torch transform's ``xq`` given to it, and
+    the x side unchanged; the GEMV's result on it matches the decoded product."""
+    pytest.importorskip("triton")
+    from quantune import kernels
+
+    cfg = QuantConfig(bits=4, transform="hadamard", **({"group_size": group} if group else {}))
+    q = _layer(cfg, out=6, inp=inp)
+    form = _form(q)
+    x = torch.randn(2, inp, generator=torch.Generator().manual_seed(13))
+    fused = kernels.prepared_input(x, form, 4, pairs=True, share=False)
+    torch_path = kernels.prepared_input(x, form, 4, xq=kernels.transformed_input(x, form), pairs=True, share=False)
+    names = ("xd", "xqd", "xs", "xqs", "xp", "xqp", "sc", "qsc")
+    for name, a, b in zip(names, fused, torch_path):
+        if a.dtype == torch.int32:  # 16-bit pairs: the kernels round halves away from zero, torch to even
+            torch.testing.assert_close(a.view(torch.int16), b.view(torch.int16), rtol=0, atol=1, msg=name)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    got = kernels.gemv_matmul(x, q.codes, form, 4, share=False)
+    want = x @ q.dequantize().T
+    assert float((got - want).norm() / want.norm()) < 2e-4
 
 
 def test_gemv_splits_k_at_most_in_two_so_results_are_reproducible():
