@@ -5,6 +5,9 @@
 set -euo pipefail
 out=${OUT:-/tmp/out}
 case "$1" in
+  transforms) # issue 5: kashin's input transforms, decode preparation and prefill, library against torch and the
+             # copy bandwidth (the Hadamard kernel of the twenty-sixth session: before it, the torch transform)
+             timeout 300 python -m eval.bench_transforms --out "$out/bench_transforms" > "$out/bench_transforms.log" 2>&1 || true ;;
   hold)      # issue 5: kashin's two-pass GEMV keeping each row block's codes in registers for the second pass
              # (quantune.kernels.GEMV_HOLD, off: rows of at most four 128-word tiles, 4096 columns at 4 bits; 128
              # registers in Triton 3.6's sm_90 code against 84) against reading them again from L2, versions side by
@@ -222,5 +225,5 @@ PY
                > "$out/logs/ddp-g2-b32.log" 2>&1
              python -m eval.ddp_compare "1 GPU, batch 16=/tmp/rec/ddp-g1" "2 GPUs, 8 each=/tmp/rec/ddp-g2" \
                "2 GPUs, 16 each=/tmp/rec/ddp-g2-b32" --noise /tmp/rec/ddp-g1-seed1 --out "$out/finetune_ddp" ;;
-  *) echo "unknown step $1 (hold, hold-generate, defaults, kashin-groups, kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, long-dct, half-coeffs, half-row, kashin-tiles-4096, ddp)"; exit 2 ;;
+  *) echo "unknown step $1 (transforms, hold, hold-generate, defaults, kashin-groups, kernels, rtn-groups, chunk-split, round-probe, fused-prep, long-rows, prep-sweep, sweep-gemv, prep-dct, generate-eager-repeat, quantize, recovery3, finetune, memory, generate, generate-noshare, generate-kashin, chunks, joined, decode-sweep, joined-decode, kashin-group-sums, long-dct, half-coeffs, half-row, kashin-tiles-4096, ddp)"; exit 2 ;;
 esac
