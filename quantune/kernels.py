@@ -1581,7 +1581,7 @@ def prefill_transformed_input(x: torch.Tensor, form: BitplaneForm, dtype: torch.
     casting and reordering into the FFT's float32 input (signs applied), one batched cuFFT ``rfft``,
     one pass taking the real part against the twiddles into ``dtype``: three passes over the data where
     the torch transform (:func:`transformed_input`: a complex FFT of the upcast input between
-    cat/flip/multiply passes) makes about eight. Other transforms: the torch one."""
+    cat/flip/multiply passes) makes about eight. The Hadamard transform: :func:`hadamard_input`."""
     if form.transform == "hadamard":
         return hadamard_input(x, form, dtype)
     if form.transform != "dct" or triton is None or not PREFILL_DCT:
