@@ -2,6 +2,8 @@
 # What the next device session should measure, in order of priority, each writing under $OUT.
 # Assumes the set-up of the device notes: wheels in /tmp/site (PYTHONPATH), /tmp/smollm2.gguf
 # and /tmp/austen (see ../shared/data/README.md). Usage: bash eval/device_pending.sh STEP
+# Next session, in this order (one call each, all under the 10-minute limit): transforms, hold, defaults,
+# kashin-groups, joined-decode, hold-generate (if hold wins). None of them ran in the twenty-sixth session (no device).
 set -euo pipefail
 out=${OUT:-/tmp/out}
 case "$1" in
