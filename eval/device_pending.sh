@@ -9,7 +9,9 @@ out=${OUT:-/tmp/out}
 case "$1" in
   transforms) # issue 5: kashin's input transforms, decode preparation and prefill, library against torch and the
              # copy bandwidth (the Hadamard kernel of the twenty-sixth session: before it, the torch transform)
-             timeout 300 python -m eval.bench_transforms --out "$out/bench_transforms" > "$out/bench_transforms.log" 2>&1 || true ;;
+             timeout 300 python -m eval.bench_transforms --out "$out/bench_transforms" > "$out/bench_transforms.log" 2>&1 || true
+             # then a Hadamard model on the GPU: graph and compiled steps against the eager tokens and transformers'
+             timeout 200 python -m pytest -q -m gpu tests/test_generate.py -k hadamard > "$out/pytest_gpu_hadamard.log" 2>&1 || true ;;
   hold)      # issue 5: kashin's two-pass GEMV keeping each row block's codes in registers for the second pass
              # (quantune.kernels.GEMV_HOLD, off: rows of at most four 128-word tiles, 4096 columns at 4 bits; 128
              # registers in Triton 3.6's sm_90 code against 84) against reading them again from L2, versions side by

@@ -77,8 +77,9 @@ def test_bad_generation_requests_are_clear_errors():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("cfg", [None, QuantConfig(method="rtn", bits=4), QuantConfig(method="kashin", bits=4)],
-                         ids=["bf16", "rtn4", "kashin4"])
+@pytest.mark.parametrize("cfg", [None, QuantConfig(method="rtn", bits=4), QuantConfig(method="kashin", bits=4),
+                                 QuantConfig(method="kashin", bits=4, transform="hadamard")],
+                         ids=["bf16", "rtn4", "kashin4", "kashin4-hadamard"])
 def test_graph_and_compiled_steps_give_the_eager_tokens_on_the_gpu(cfg):
     """A larger tiny Llama (the fused kernels' shapes) in bf16 on the GPU: the CUDA-graph replay and the
     compiled graph give the eager static-cache tokens and transformers' own greedy tokens."""
