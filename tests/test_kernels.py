@@ -750,6 +750,8 @@ def test_hadamard_preparation_in_the_kernel_gives_the_torch_one(inp, group):
             torch.testing.assert_close(a.view(torch.int16), b.view(torch.int16), rtol=0, atol=1, msg=name)
         else:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    plain = kernels.prepared_input(x, form, 4, share=False)  # no 16-bit pairs (the float32 kernels' input)
+    assert plain[4] is None and torch.equal(plain[1], fused[1]) and torch.equal(plain[3], fused[3])
     got = kernels.gemv_matmul(x, q.codes, form, 4, share=False)
     want = x @ q.dequantize().T
     assert float((got - want).norm() / want.norm()) < 2e-4
