@@ -1561,7 +1561,7 @@ def hadamard_input(x: torch.Tensor, form: BitplaneForm, dtype: torch.dtype) -> t
     if not logb:
         return transformed_input(x.float(), form).to(dtype)
     t, k = x.shape
-    ch = max(min(PREP_COLUMNS, _pow2(k)), 1 << logb)
+    ch = max(prep_columns(k, 1), 1 << logb)  # whole blocks a program, as in prepared_input
     out = torch.empty(t, k, device=x.device, dtype=dtype)
     launch(_fwht_kernel, (t, _cdiv(k, ch)), x.contiguous(),
            random_signs(form.group, form.seed, device=x.device, dtype=torch.float32), out, K=k, G=form.group, CH=ch,
@@ -1795,10 +1795,9 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     pdl = pdl_enabled(x)
     if late is None:
         late = prepared is None and xq is None and not prefetch and gemv_late(form, bits, mode, packed, pdl)
-    fits = split == 1 and (k // (32 // bits)) % tile == 0 and k // (32 // bits) // tile <= HOLD_MAX_TILES
     if hold is None:
-        hold = GEMV_HOLD and bool(late) and fits
-    if hold and not (late and fits):
+        hold = GEMV_HOLD and bool(late) and _hold_fits(k, bits, tile, split)
+    elif hold and not (late and _hold_fits(k, bits, tile, split)):
         raise ValueError(f"hold needs late and rows of at most {HOLD_MAX_TILES} whole word tiles with split 1 "
                          f"(late {late}, {k} columns at {bits} bits, tile {tile} words, split {split})")
     if late and (mode != 5 or form.ku >= bits or prefetch):
@@ -1875,6 +1874,12 @@ LATE_MAX_BYTES = 32 << 20
 # (`bash eval/device_pending.sh hold`).
 GEMV_HOLD = False
 HOLD_MAX_TILES = 4
+
+
+def _hold_fits(k: int, bits: int, tile: int, split: int) -> bool:
+    """Whether a ``k``-long row of ``bits``-bit codes is at most HOLD_MAX_TILES whole ``tile``-word tiles, unsplit."""
+    words = k // (32 // bits)
+    return split == 1 and words % tile == 0 and words // tile <= HOLD_MAX_TILES
 
 
 def gemv_late(form: BitplaneForm, bits: int, mode: int, packed: torch.Tensor, pdl: bool) -> bool:
