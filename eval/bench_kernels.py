@@ -254,11 +254,10 @@ def parse_group(text: str, option: str = "--rtn-group") -> int | None:
 # (kernel, rows per program, warps, words per tile) tried per case: "planes" = bit-plane dot products,
 # "levels" = per-row level tables (kashin) or the affine grid (rtn), both reading a byte per code;
 # "gemvN" = codes read as 32-bit words, decoded by register arithmetic in mode N
-# (quantune.kernels.GEMV_MODES: 0/1 rtn's affine grid per weight / per word, 2/3/4/5 kashin's sign planes
-# per weight / plane sums / plane sums by the mantissa trick / plane sums as int16 dp2a dot products, 6 rtn's
-# whole codes as int16 dp2a dot products), the K split chosen by quantune.kernels.gemv_split; a "p" suffix
-# prefetches the next tile in registers (Triton's loop pipelining, "gemv6s3", measured 2.5-4x slower and was
-# removed: eval/results/kernel_sweeps/bench_kernels_stages.md)
+# (quantune.kernels.GEMV_MODES: 1 rtn's affine grid per word, 3/5 kashin's plane sums in float / as int16 dp2a dot
+# products, 6 rtn's whole codes as int16 dp2a dot products), the K split chosen by quantune.kernels.gemv_split; a
+# "uN" suffix unrolls the K loop N times. Triton's loop pipelining ("gemv6s3") measured 2.5-4x slower and was
+# removed (eval/results/kernel_sweeps/bench_kernels_stages.md)
 CONFIGS = [("gemv1", 4, 4, 128),
            ("gemv5", 16, 4, 64), ("gemv5", 8, 8, 128), ("gemv5", 8, 4, 64), ("gemv5", 16, 4, 32), ("gemv5", 32, 4, 32),
            ("gemv5", 4, 4, 128), ("gemv5", 4, 1, 128), ("gemv5", 8, 1, 64), ("gemv5", 4, 1, 64), ("gemv5", 8, 2, 128),
@@ -266,7 +265,8 @@ CONFIGS = [("gemv1", 4, 4, 128),
            ("gemv6", 4, 1, 128), ("gemv6", 2, 1, 128), ("gemv6", 8, 1, 128), ("gemv6", 4, 4, 128), ("gemv6", 8, 8, 128),
            ("gemv6", 16, 8, 128), ("gemv6", 32, 4, 64), ("gemv6", 8, 2, 128)]
 # earlier sweeps (eval/results/kernel_sweeps/): "planes"/"levels" kernels, gemv modes 0, 2, 3, 4 (on the formats
-# that have modes 5 or 6) and prefetching never won
+# that have modes 5 or 6) and prefetching the next tile ("p", "p2") never won; modes 0, 2 and 4 and prefetching
+# were removed from the kernel in the twenty-seventh session
 
 
 def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_group: int | None = 64,
@@ -361,17 +361,16 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_gro
             f"float32 (x W^T).\n\n{table}\n")
 
 
-def gemv_variant(kind: str) -> tuple[int | None, int, int]:
-    """``gemvMODE[p|p2][uN]`` -> (mode, prefetch, unroll): "gemv3" -> (3, 0, 1), "gemv6p" (prefetching the next
-    tile's words) -> (6, 1, 1), "gemv6p2u2" (prefetching all the next tile reads, the K loop unrolled twice) ->
-    (6, 2, 2), "gemv" -> (None, 0, 1) (the format's default mode)."""
+def gemv_variant(kind: str) -> tuple[int | None, int]:
+    """``gemvMODE[uN]`` -> (mode, unroll): "gemv3" -> (3, 1), "gemv6u2" (the K loop unrolled twice) -> (6, 2),
+    "gemv" -> (None, 1) (the format's default mode)."""
     import re
 
-    found = re.fullmatch(r"gemv(\d*)(p2|p)?(?:u(\d+))?", kind)
+    found = re.fullmatch(r"gemv(\d*)(?:u(\d+))?", kind)
     if found is None:
-        raise ValueError(f"unknown kernel {kind!r}: gemvMODE[p|p2][uN], e.g. gemv6, gemv6p, gemv6p2u2")
-    mode, prefetch, unroll = found.groups()
-    return (int(mode) if mode else None), {"p": 1, "p2": 2}.get(prefetch, 0), int(unroll or 1)
+        raise ValueError(f"unknown kernel {kind!r}: gemvMODE[uN], e.g. gemv6, gemv6u2")
+    mode, unroll = found.groups()
+    return (int(mode) if mode else None), int(unroll or 1)
 
 
 def gemv_mode(kind: str) -> int | None:
@@ -474,7 +473,7 @@ def main() -> None:
                                                    block_k=args.block_k)
                 if kind.startswith("gemv"):
                     split = gemv_split(codes.shape[0], form, bits, bm, tw)
-                    mode, prefetch, unroll = gemv_variant(kind)
+                    mode, unroll = gemv_variant(kind)
                     # xq given: the kernel alone (inputs prepared once, outside the timing)
                     pairs = kernels.gemv_pairs(kernels.gemv_default_mode(tables[2], bits) if mode is None else mode)
                     prepared = None if xq_arg is None else kernels.prepared_input(x1, form, bits, xq_arg, pairs=pairs)
@@ -484,7 +483,7 @@ def main() -> None:
                             kernels._PREPARED.clear()
                         return gemv_matmul(x1, codes, form, bits, block_m=bm, block_w=tw, num_warps=nw,
                                            split=split, xq=xq_arg, affine=tables[2], mode=mode, tables=tables,
-                                           prefetch=prefetch, prepared=prepared, unroll=unroll)
+                                           prepared=prepared, unroll=unroll)
                     return call
                 return lambda: levels_matmul(x1, codes, form, bits, tables=tables, block_m=bm, num_warps=nw,
                                              xq=xq_arg, block_k=args.block_k)
@@ -497,9 +496,9 @@ def main() -> None:
                 if kind.startswith("gemv") and not gemv_supported(form, bits, q.codes.shape[1]):
                     continue
                 mode = gemv_mode(kind) if kind.startswith("gemv") else None
-                if mode in (0, 1, 6) and not tables[2]:  # rtn's affine modes on kashin
+                if mode in (1, 6) and not tables[2]:  # rtn's affine modes on kashin
                     continue
-                if mode in (2, 3, 4) and tables[2]:  # kashin's float plane modes: never faster on rtn
+                if mode == 3 and tables[2]:  # kashin's float plane sums: never faster on rtn
                     continue
                 if mode == 5 and tables[2]:  # kashin's planes on rtn: slower than mode 6 (kernel_sweeps/)
                     continue

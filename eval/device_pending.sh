@@ -88,24 +88,6 @@ sys.argv = ["sweep_gemv", "--methods", "kashin-4,kashin-2", "--shapes", "4096x40
 runpy.run_module("eval.sweep_gemv", run_name="__main__")
 PY
              done ;;
-  generate-tiles-ab) # issue 5: rtn-4 generation with the library's 4-bit GEMV defaults ("plain": the 4x1x64 tile,
-             # rolled long rows) against the ninth session's ("prefetch-unroll": 4x1x64 prefetching and unrolled twice,
-             # long rows unrolled 4x), and each change alone ("rows-prefetch", "long-unroll"), or against 1024-column
-             # rounding chunks on long rows ("chunk1024", AB_VARIANTS="chunk1024 plain"); one process each
-             for v in ${AB_VARIANTS:-plain prefetch-unroll plain rows-prefetch long-unroll}; do
-               python - "$v" "$out/bench_generate_$v" <<'PY'
-import runpy, sys
-from quantune import kernels
-if sys.argv[1] in ("prefetch-unroll", "rows-prefetch"):
-    kernels.GEMV_TILES_AFFINE = ((4, 1, 64, True), (2, 1, 128, False))
-if sys.argv[1] in ("prefetch-unroll", "long-unroll"):
-    kernels.GEMV_UNROLL_LONG_ROWS = {2: 2, 4: 4}
-if sys.argv[1] == "chunk1024":  # the fifteenth session's default before: 1024-column chunks and 128 words on long rows
-    kernels.ROUNDING_COLUMNS_LONG = {}
-sys.argv = ["bench_generate", "--contenders", "rtn-4", "--new-tokens", "64", "--compile", "--out", sys.argv[2]]
-runpy.run_module("eval.bench_generate", run_name="__main__")
-PY
-             done ;;
   chunk-split) # issue 5: why the 256-word tile runs faster with 2048-column chunks than over two 1024-column ones
              # (ncu, same process), then 2048-column chunks with 1, 2 or 4 preparation programs each (PREP_SPLIT)
              mkdir -p "$out/ncu" "$out/long" "$out/many"

@@ -213,7 +213,7 @@ def sass_report(bits: int, group: int, xc: int, k: int, block_m: int, block_w: i
                           "SYM": True, "PDL": True, "ASM": True}, num_warps=warps, kernel=_a8_gemv_kernel,
                          sass=("IDP", "LDG", "I2F", "FFMA"))
     lib = compile_gemv({"K": k, "GROUP": group, "BITS": bits, "KU": bits, "MODE": 6, "BLOCK_M": block_m,
-                        "BLOCK_W": block_w, "SPLIT": 1, "PREFETCH": 0, "ASM": True, "PDL": True, "SYM": True,
+                        "BLOCK_W": block_w, "SPLIT": 1, "ASM": True, "PDL": True, "SYM": True,
                         "XCH": 2048 if k >= 8192 else 1024, "EVICT": "evict_first"}, num_warps=warps,
                        sass=("IDP", "LDG", "I2F", "FFMA"))
     return {"probe": probe, "library": lib}

@@ -161,7 +161,7 @@ class Fused:
         (t, k), m = x.shape, codes.shape[0]
         affine = tables[2]
         tile = kernels.gemv_tile(m, affine, k, bits, form.group)
-        self.block_m, self.warps, block_w, _ = tile
+        self.block_m, self.warps, block_w = tile
         self.unroll = kernels.gemv_unroll(tile, affine, bits, k, m, form.group)
         span = kernels.gemv_span(m, affine, bits, k, form.group)
         self.xch = kernels.rounding_columns(k, bits)

@@ -142,7 +142,7 @@ def sass_report(bits: int, group: int, k: int, block_m: int, block_w: int, warps
                           "PDL": True, "ASM": True}, num_warps=warps, kernel=_gemv6_round_kernel,
                          sass=("IDP", "LDG", "I2F", "F2I"))
     lib = compile_gemv({"K": k, "GROUP": group, "BITS": bits, "KU": bits, "MODE": 6, "BLOCK_M": block_m,
-                        "BLOCK_W": block_w, "SPLIT": 1, "PREFETCH": 0, "ASM": True, "PDL": True, "XCH": 1024,
+                        "BLOCK_W": block_w, "SPLIT": 1, "ASM": True, "PDL": True, "XCH": 1024,
                         "EVICT": "evict_first"}, num_warps=warps, sass=("IDP", "LDG", "I2F", "F2I"))
     return {"probe": probe, "library": lib}
 

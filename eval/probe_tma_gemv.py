@@ -134,13 +134,13 @@ def main() -> None:
         k, n, x, spec, bits, copies, t_bf16 = case.k, case.n, case.x, case.spec, case.bits, case.copies, case.bf16_s
         form = case.form
         prep = kernels.prepared_input(x, form, bits, pairs="chunk", share=False)
-        bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, True, k, bits)
+        bm0, nw0, bw0 = kernels.gemv_tile(n, True, k, bits)
         split0 = kernels.gemv_split(n, form, bits, bm0, bw0)
-        unroll0 = kernels.gemv_unroll((bm0, nw0, bw0, pre0), True, bits, k, n)
+        unroll0 = kernels.gemv_unroll((bm0, nw0, bw0), True, bits, k, n)
 
         def lib(layer, prepared=prep):
             return kernels.gemv_matmul(x, layer[0], layer[1], bits, block_m=bm0, block_w=bw0, num_warps=nw0,
-                                       split=split0, tables=layer[2], prepared=prepared, prefetch=pre0,
+                                       split=split0, tables=layer[2], prepared=prepared,
                                        unroll=unroll0)
         want = lib(copies[0])
         t_lib = bench(rotating([lambda c=c: lib(c) for c in copies])) if dev == "cuda" else None
@@ -148,7 +148,7 @@ def main() -> None:
         whole_lib = bench_kernels.library_call(x, bits)
         t_whole_lib = bench(rotating([lambda c=c: whole_lib(c) for c in copies])) if dev == "cuda" else None
         base = dict(k=k, n=n, method=spec, bf16_us=t_bf16 and t_bf16 * 1e6, library_kernel_us=t_lib and t_lib * 1e6,
-                    library_whole_us=t_whole_lib and t_whole_lib * 1e6, library_tile=[bm0, nw0, bw0, pre0, unroll0])
+                    library_whole_us=t_whole_lib and t_whole_lib * 1e6, library_tile=[bm0, nw0, bw0, unroll0])
         print("library", json.dumps(base), flush=True)
         for bm, nw, bw, st, per_sm in configs:
             def call(layer, prepared=prep):

@@ -1,7 +1,7 @@
 """Driver for Nsight Compute: runs the few-token GEMV (quantune.kernels.gemv_matmul, one token, input prepared
 beforehand) and bf16 cuBLAS on the given shapes and formats, a few calls each, so that ``ncu`` can profile the
 kernels (each call reads a fresh copy of the weights; ncu itself flushes the caches between its replays).
-Configs as in eval/sweep_gemv.py (rows x warps x words, 'p' to prefetch). Example, on the GPU:
+Configs as in eval/sweep_gemv.py (rows x warps x words). Example, on the GPU:
 
     ncu --clock-control none -k regex:'_gemv_kernel|gemv|gemm' --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section MemoryWorkloadAnalysis python -m eval.profile_gemv \
@@ -39,7 +39,7 @@ def main() -> None:
         method, bits = spec.split("-")
         bits = int(bits)
         k, n = map(int, shape.split("x")) if gpu else (256, 64)
-        bm, nw, bw = map(int, config.rstrip("p").split("x"))
+        bm, nw, bw = map(int, config.split("x"))
         torch.manual_seed(0)
         lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
@@ -51,7 +51,7 @@ def main() -> None:
         copies = [q.codes.clone() for _ in range(args.calls)]
         for codes in copies:
             y = kernels.gemv_matmul(x, codes, form, bits, block_m=bm, block_w=bw, num_warps=nw, tables=tables,
-                                    prepared=prepared, prefetch=config.endswith("p"), span=span)
+                                    prepared=prepared, span=span)
         kernels.PREP_COLUMNS, kernels.ROUNDING_COLUMNS_LONG = saved_cols
         if args.bf16 and gpu:
             ws = [lin.weight.detach().clone() for _ in range(args.calls)]

@@ -3,7 +3,7 @@ its registers, stack frame, instruction count and the PTX/SASS instructions aske
 compile-time arguments. Reading this costs no device time (the device notes: read the compiler's output first).
 
     python -m eval.sass_gemv '{"K": 4096, "GROUP": 4096, "BITS": 4, "KU": 3, "MODE": 5, "BLOCK_M": 2,
-                              "BLOCK_W": 128, "SPLIT": 1, "PREFETCH": 0, "ASM": true, "PDL": true, "LATE": true}'
+                              "BLOCK_W": 128, "SPLIT": 1, "ASM": true, "PDL": true, "LATE": true}'
 
 Prints one JSON object: ``registers``, ``stack`` (bytes per thread: spills show here), ``sass_instructions``,
 ``ptx_count`` / ``sass_count`` (occurrences of each ``--ptx`` / ``--sass`` string), ``loop_bodies`` (the instructions

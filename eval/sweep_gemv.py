@@ -22,22 +22,21 @@ CONFIGS = [(1, 1, 128), (1, 1, 256), (2, 1, 128), (2, 1, 256), (4, 1, 128), (4, 
 
 
 def parse_config(c: str) -> tuple:
-    """"4x1x64" -> (4, 1, 64, 0); a "p" suffix prefetches the next tile's words (1), "p2" everything it reads
-    (2, rtn's mode 6); then "uN" unrolls the K loop N times: "1x1x128p2u2" -> (1, 1, 128, 2, 2)."""
-    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)(p2|p)?(?:u(\d+))?", c)
+    """"4x1x64" -> (4, 1, 64); a "uN" suffix unrolls the K loop N times: "1x1x128u2" -> (1, 1, 128, 2).
+    (The "p" and "p2" suffixes, prefetching, went with the kernel's PREFETCH in the twenty-seventh session.)"""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:u(\d+))?", c)
     if m is None:
-        raise SystemExit(f"bad config {c!r}: rows x warps x words, then p or p2, then uN (e.g. 1x1x128p2u2)")
-    pre = {"p": 1, "p2": 2}.get(m.group(4), 0)
-    tile = (int(m.group(1)), int(m.group(2)), int(m.group(3)), pre)
-    return tile + (int(m.group(5)),) if m.group(5) else tile
+        raise SystemExit(f"bad config {c!r}: rows x warps x words, then uN (e.g. 1x1x128u2)")
+    tile = (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    return tile + (int(m.group(4)),) if m.group(4) else tile
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="rtn-4,rtn-2")
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x28672")
-    p.add_argument("--configs", default=None, help="rows x warps x words per tile, 'p' to prefetch the next tile, "
-                                                   "e.g. 4x1x64,2x1x128p")
+    p.add_argument("--configs", default=None, help="rows x warps x words per tile, 'uN' to unroll the K loop, "
+                                                   "e.g. 4x1x64,2x1x128u2")
     p.add_argument("--whole-configs", default=None, help="tiles (as --configs) to time the module's whole call "
                                                          "with, in place of the library's choice (gemv_tile); 'default': "
                                                          "the library's")
@@ -78,12 +77,12 @@ def main() -> None:
     bench_kernels.DEV = dev
     rotating = bench_kernels.rotating
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if dev == "cuda" else [(128, 32)]
-    configs = [parse_config(c) for c in args.configs.split(",")] if args.configs else [(*c, False) for c in CONFIGS]
+    configs = [parse_config(c) for c in args.configs.split(",")] if args.configs else list(CONFIGS)
     wholes = [None if c == "default" else parse_config(c) for c in args.whole_configs.split(",")] \
         if args.whole_configs else [None]
     if dev != "cuda":
-        configs = [(2, 1, 4, 0), (1, 1, 8, 1), (2, 1, 8, 2), (1, 1, 4, 0, 2)]
-        wholes = [None, (1, 1, 8, 2, 2)]
+        configs = [(2, 1, 4), (1, 1, 8), (1, 1, 4, 2)]
+        wholes = [None, (1, 1, 8, 2)]
     bench = bench_kernels.bench if dev == "cuda" else (lambda f: 0.0)  # seconds, CUDA-graph medians; none on the CPU
     out = []
     for k, n in shapes:
@@ -112,23 +111,23 @@ def main() -> None:
                      for md in {mode0, *modes}}
             read = bench_kernels.kernel_bytes(q.codes, form, tables, affine)
             copies = bench_kernels.layer_copies(q.codes, form, tables, bench_kernels.cold_copies(read))
-            bm0, nw0, bw0, pre0 = kernels.gemv_tile(n, affine, k, bits, form.group)
+            bm0, nw0, bw0 = kernels.gemv_tile(n, affine, k, bits, form.group)
             split0 = kernels.gemv_split(n, form, bits, bm0, bw0)
             want = kernels.gemv_matmul(x, q.codes, form, bits, block_m=bm0, block_w=bw0, num_warps=nw0, split=split0,
-                                       tables=tables, prepared=preps[mode0], prefetch=pre0)
+                                       tables=tables, prepared=preps[mode0])
             spans = [bool(int(v)) for v in args.span.split(",")] if args.span else [None]
             variants = [(c, s, e, md, sp) for md in modes for c in configs for s in map(int, args.splits.split(","))
                         for e in args.evict.split(",") for sp in spans]
             for config, split, evict, mode, span in variants:
-                bm, nw, bw, pre, unroll = (*config, 1)[:5]
-                if kernels.gemv_block_w(form, bits, bw, split) is None or (pre == 2 and mode != 6):  # p2: mode 6's
+                bm, nw, bw, unroll = (*config, 1)[:4]
+                if kernels.gemv_block_w(form, bits, bw, split) is None:
                     continue
 
                 def call(layer=copies[0]):
                     codes, form_, tables_ = layer
                     return kernels.gemv_matmul(x, codes, form_, bits, block_m=bm, block_w=bw, num_warps=nw,
                                                split=split, tables=tables_, prepared=preps[mode], evict=evict,
-                                               prefetch=pre, unroll=unroll, mode=mode, span=bool(span))
+                                               unroll=unroll, mode=mode, span=bool(span))
                 try:
                     got = call()
                     t = bench(rotating([lambda c=c: call(c) for c in copies]))
@@ -137,11 +136,11 @@ def main() -> None:
                     continue
                 err = float((got - want).norm() / want.norm())
                 row = dict(k=k, n=n, method=spec, group=args.group, prep_columns=cols, mode=mode, block_m=bm, warps=nw, block_w=bw,
-                           prefetch=pre, unroll=unroll, span=bool(span), split=split, evict=evict,
+                           unroll=unroll, span=bool(span), split=split, evict=evict,
                            kernel_us=t * 1e6 if t else None, read_GBps=read / t / 1e9 if t else None,
                            bf16_us=t_bf16 * 1e6, kernel_x_bf16=t_bf16 / t if t else None,
                            equal=bool(torch.equal(got, want)), rel_diff=err,
-                           default=(mode, bm, nw, bw, pre, split) == (mode0, bm0, nw0, bw0, pre0, split0))
+                           default=(mode, bm, nw, bw, split) == (mode0, bm0, nw0, bw0, split0))
                 print(json.dumps(row), flush=True)
                 out.append(row)
 
@@ -155,7 +154,6 @@ def main() -> None:
             lates = [bool(int(v)) for v in args.late.split(",")] if args.late else [None]
             settings = [(v, w, pw, xd, md, lt, sp, ps) for md in modes for v in pdls for w in wholes
                         for pw in warps_list for xd in xds for lt in lates for sp in spans for ps in splits_list]
-            settings = [s for s in settings if s[4] == 6 or s[1] is None or s[1][3] != 2]  # prefetch 2: mode 6 only
             for prep_pdl, tile, prep_warps, prep_xd, mode, late, span, prep_split in settings:
                 saved = (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
                          kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES,
@@ -172,8 +170,8 @@ def main() -> None:
                 else:
                     kernels.GEMV_MODE_DOTS = mode
                 if tile is not None:  # the tile as named: unrolled only where it says so
-                    kernels.gemv_tile = lambda *a, tile=tile, **kw: tile[:4]
-                    kernels.gemv_unroll = lambda *a, tile=tile, **kw: (*tile, 1)[4]
+                    kernels.gemv_tile = lambda *a, tile=tile, **kw: tile[:3]
+                    kernels.gemv_unroll = lambda *a, tile=tile, **kw: (*tile, 1)[3]
                 try:
                     got = whole(copies[0])
                     t_whole = bench(rotating([lambda c=c: whole(c) for c in copies]))
@@ -181,8 +179,8 @@ def main() -> None:
                     (kernels.PREP_PDL, kernels.gemv_tile, kernels.gemv_unroll, kernels.PREP_WARPS, kernels.PREP_XD,
                      kernels.GEMV_MODE_CODES, kernels.GEMV_MODE_DOTS, kernels.GEMV_LATE, kernels.LATE_MAX_BYTES,
                      kernels.gemv_span, kernels.PREP_SPLIT) = saved
-                used = list((*tile, 1)[:5]) if tile is not None else \
-                    [bm0, nw0, bw0, pre0, kernels.gemv_unroll((bm0, nw0, bw0, pre0), affine, bits, k, n, form.group)]
+                used = list((*tile, 1)[:4]) if tile is not None else \
+                    [bm0, nw0, bw0, kernels.gemv_unroll((bm0, nw0, bw0), affine, bits, k, n, form.group)]
                 row = dict(k=k, n=n, method=spec, group=args.group, prep_columns=cols, mode=mode, span=span,
                            whole_call_us=t_whole * 1e6 if t_whole else None,
                            late=late_used, prep_pdl=prep_pdl, prep_warps=prep_warps, prep_xd=prep_xd,

@@ -7,7 +7,7 @@ so ``y = x W^T`` is, per output row, ``bits`` dot products of 0/1 bit planes wit
 
 - :func:`gemv_matmul` (up to ``MAX_TOKENS`` tokens): codes read as 32-bit words, decoded in
   registers (:data:`GEMV_MODES`: rtn's whole codes and kashin's bit planes as int16 ``dp2a`` dot
-  products with the input rounded to 16 bits, and the slower alternatives kept for comparison),
+  products with the input rounded to 16 bits; float sums for the widths those do not serve),
   inputs prepared once per input tensor by :func:`prepared_input` (cast, de-interleave, rounding,
   kashin's DCT via one rfft).
 - :func:`decode_bf16` + :func:`prefill_matmul` (more tokens): the factors decoded to bf16 at
@@ -450,15 +450,6 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _plane_sum(p, xs, xqs, t: tl.constexpr, KU: tl.constexpr, BITS: tl.constexpr):
-        """``sum_j bit_j src_j`` from ``p = sum_j (1 + bit_j / 2) src_j`` (MODE 4)."""
-        if t < KU:
-            p = 2.0 * (p - xs)
-        elif t < BITS:
-            p = 2.0 * (p - xqs)
-        return p
-
-    @triton.jit
     def _mode6_tile(xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, w0, wtile, groups,
                     K: tl.constexpr, NW: tl.constexpr, CPB: tl.constexpr, PER: tl.constexpr, XCH: tl.constexpr,
                     WPG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, GPT: tl.constexpr,
@@ -515,7 +506,7 @@ if triton is not None:
                      a_ptr, bx_ptr, bq_ptr, y_ptr, y1_ptr, y2_ptr, M, M1, M2, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
-                     PREFETCH: tl.constexpr, ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
+                     ASM: tl.constexpr, XCH: tl.constexpr = 1024, PDL: tl.constexpr = False,
                      NOUT: tl.constexpr = 1, SYM: tl.constexpr = False, EVICT: tl.constexpr = "",
                      UNROLL: tl.constexpr = 1, LATE: tl.constexpr = False, SUMG: tl.constexpr = 0,
                      GSUM5: tl.constexpr = False, HALF: tl.constexpr = False, PLANES: tl.constexpr = 0,
@@ -528,17 +519,13 @@ if triton is not None:
         with a barrier, once per code position). SPLIT programs share a row block along K (atomic
         adds into y = 0).
 
-        MODE (how a word's codes meet the input; see GEMV_MODES):
-        - 0, affine per weight (rtn): ``n | 0x4B000000`` read as float is ``2^23 + n``, so
-          ``w = scale * n + offset`` per weight and one FMA with x. ``a_ptr``/``bx_ptr``: scale and
-          offset per (row, group), contiguous.
-        - 1, affine per word (rtn): the code as ``f = 1 + n / 2^BITS`` (:func:`_mantissa_field`), one
-          FMA ``f * x`` per weight; per word ``scale * 2^BITS * (sum f x - xs) + offset * xs``.
-        - 2, signs per weight (kashin): ``w = sum_t c_t s_t`` with signs ``s_t = 2 bit_t - 1``
-          (``a_t = 2 c_t``), per plane a select of +x or -x (xq for t >= KU) and an FMA with ``c_t``.
-        - 3, plane sums (kashin): per word and plane ``sum_j bit_t x_j`` (a select and an add, no
-          coefficient), then ``a_t`` times it plus ``bx * xs + bq * xqs``.
-        - 4, plane sums through the mantissa trick (kashin): ``f = 1 + bit_t / 2`` times x, FMAs only.
+        MODE (how a word's codes meet the input; see GEMV_MODES; modes 0, 2 and 4, float alternatives never
+        faster, were removed in the twenty-seventh session):
+        - 1, affine per word (rtn; the default at 1 bit): the code as ``f = 1 + n / 2^BITS`` (:func:`_mantissa_field`),
+          one FMA ``f * x`` per weight; per word ``scale * 2^BITS * (sum f x - xs) + offset * xs``.
+          ``a_ptr``/``bx_ptr``: scale and offset per (row, group), contiguous.
+        - 3, plane sums (kashin; the default at 1 bit): per word and plane ``sum_j bit_t x_j`` (a select and an add,
+          no coefficient), then ``a_t`` times it plus ``bx * xs + bq * xqs``.
         - 5, plane sums as integer dot products (kashin, 2/4/8 bits): the input rounded to 16 bits per
           token (``xp``: int16 pairs, ``sc``: the token's scale, :func:`quantized_pairs`); one shift and
           mask puts plane t's bits of four codes into the four bytes of a register, and two ``dp2a``
@@ -566,9 +553,6 @@ if triton is not None:
         HOLD (with LATE, rows of at most four word tiles): the first pass keeps the row block's words in registers
         (the K loop unrolled whole) and the second pass reads them there instead of from L2; the first pass's
         loads then leave L2 first (EVICT), as a one-pass call's do.
-        PREFETCH: 1, the next tile's words are loaded before this tile's arithmetic (two tiles in flight);
-        2 (mode 6), everything the next tile reads (words, input pairs, coefficients) is, so no load of a
-        tile waits behind the arithmetic of the one before.
         EVICT: the codes' loads' L2 eviction policy ("" or "evict_first": each code is read once).
         PDL: launched with programmatic dependent launch (Hopper): the program loads its first words of
         codes, which no earlier kernel writes, while the input-preparation kernel before it still runs,
@@ -595,7 +579,7 @@ if triton is not None:
         # mode 6: the input's sums per SUMG columns (xg) where given (SUMG < GROUP: parts of a group), else per group
         SWPG: tl.constexpr = (SUMG if SUMG > 0 else GROUP) // PER
         GPT: tl.constexpr = BLOCK_W // SWPG if SWPG < BLOCK_W else 1  # input sums per tile (mode 6)
-        tl.static_assert(not LATE or (MODE == 5 and KU < BITS and not PREFETCH), "LATE: mode 5 with xq, no prefetch")
+        tl.static_assert(not LATE or (MODE == 5 and KU < BITS), "LATE: mode 5 with xq")
         tl.static_assert(not HALF or MODE == 5, "HALF (float16 coefficients): mode 5")
         NPHASE: tl.constexpr = 2 if LATE else 1
         NT: tl.constexpr = CHUNK // BLOCK_W  # word tiles a program reads
@@ -621,16 +605,6 @@ if triton is not None:
             (1 << BITS) if PLANES else (1 << (BITS - 1))) < 2147483648
         # mode 5, ONE_GROUP: integer plane sums over K
         d0, d1, d2, d3, d4, d5, d6, d7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.int32))
-        if PREFETCH:
-            ahead = tl.load(w_ptr + rows[:, None] * stride_w + part * CHUNK + wtile, mask=rmask[:, None], other=0,
-                            eviction_policy=EVICT)
-            if PDL:
-                _gdc_wait()
-        if PREFETCH == 2:
-            tl.static_assert(MODE == 6, "PREFETCH 2 serves mode 6")
-            n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff = _mode6_tile(
-                xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, part * CHUNK, wtile, groups,
-                K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS, SWPG)
         if MODE == 5 and HALF and ONE_GROUP:  # the row's offsets, summed from c once (no kernel writes c)
             cidx1 = (rows * groups + (part * CHUNK) // WPG)[:, None]
             bx1 = _offset(a_ptr, bx_ptr, cidx1, rmask[:, None], 0, KU, BITS, HALF)
@@ -647,11 +621,7 @@ if triton is not None:
                 widx = w0 + wcols
                 xin = xd_ptr + tok * K + w0 + wtile    # code position j: + j * NW
                 xqin = xqd_ptr + tok * K + w0 + wtile
-                if PREFETCH:
-                    word = ahead
-                    ahead = tl.load(w_ptr + rows[:, None] * stride_w + w0 + BLOCK_W + wtile,
-                                    mask=rmask[:, None] & (i + BLOCK_W < CHUNK), other=0, eviction_policy=EVICT)
-                elif HOLD and phase == 1:  # the first pass's words, kept in registers
+                if HOLD and phase == 1:  # the first pass's words, kept in registers
                     word = tl.where(i == 0, hw0, tl.where(i == BLOCK_W, hw1, tl.where(i == 2 * BLOCK_W, hw2, hw3)))
                 elif HOLD:  # the first pass: each tile's words kept for the second
                     word = tl.load(w_ptr + rows[:, None] * stride_w + w0 + wtile, mask=rmask[:, None], other=0,
@@ -676,43 +646,13 @@ if triton is not None:
                 else:
                     cidx = rows[:, None] * groups + (widx // WPG)[None, :]
                 cmask = rmask[:, None]
-                if MODE == 0:
-                    scale, offset = _affine(a_ptr, bx_ptr, cidx, cmask, SYM, BITS)
-                    for j in tl.static_range(PER):
-                        xj = tl.load(xin + j * NW)
-                        field = ((word >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
-                        n = field.to(tl.float32, bitcast=True) - 8388608.0
-                        acc += (n * scale + offset) * xj
-                elif MODE == 1:
+                if MODE == 1:
                     fx = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
                     for j in tl.static_range(PER):
                         fx += _mantissa_field(word, j * BITS, BITS) * tl.load(xin + j * NW)
                     xs = tl.load(xs_ptr + tok * NW + w0 + wtile)
                     scale, offset = _affine(a_ptr, bx_ptr, cidx, cmask, SYM, BITS)
                     acc += (scale * (1 << BITS)) * (fx - xs) + offset * xs
-                elif MODE == 2:
-                    c0 = _coef(a_ptr, cidx, cmask, BITS, 0, BITS) * 0.5
-                    c1 = _coef(a_ptr, cidx, cmask, BITS, 1, BITS) * 0.5
-                    c2 = _coef(a_ptr, cidx, cmask, BITS, 2, BITS) * 0.5
-                    c3 = _coef(a_ptr, cidx, cmask, BITS, 3, BITS) * 0.5
-                    c4 = _coef(a_ptr, cidx, cmask, BITS, 4, BITS) * 0.5
-                    c5 = _coef(a_ptr, cidx, cmask, BITS, 5, BITS) * 0.5
-                    c6 = _coef(a_ptr, cidx, cmask, BITS, 6, BITS) * 0.5
-                    c7 = _coef(a_ptr, cidx, cmask, BITS, 7, BITS) * 0.5
-                    for j in tl.static_range(PER):
-                        xj = tl.load(xin + j * NW)
-                        if KU < BITS:
-                            xqj = tl.load(xqin + j * NW)
-                        for t in tl.static_range(BITS):
-                            if j * BITS + t == 31:
-                                bit = word < 0
-                            else:
-                                bit = (word & (1 << (j * BITS + t))) != 0
-                            if t < KU:
-                                src = xj
-                            else:
-                                src = xqj
-                            acc += tl.where(bit, src, -src) * _pick(t, c0, c1, c2, c3, c4, c5, c6, c7)
                 elif MODE == 5:
                     offs = w0 + wtile
                     if HALF and not ONE_GROUP and not G5:  # each word's c_t loaded once: a_t = 2 c_t, bx, bq
@@ -787,22 +727,15 @@ if triton is not None:
                         if KU < BITS and ((not LATE) or phase == 1):
                             acc += bqt * tl.load(xqs_ptr + tok * NW + offs)
                 elif MODE == 6:
-                    if PREFETCH == 2:  # this tile's inputs came with the last one; the next tile's leave now
-                        i0, i1, i2, i3, i4, i5, i6, i7, sx, off = n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff
-                        n0, n1, n2, n3, n4, n5, n6, n7, nsx, noff = _mode6_tile(
-                            xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask,
-                            w0 + BLOCK_W * (i + BLOCK_W < CHUNK), wtile, groups,  # the last tile reloads itself
-                            K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS, SWPG)
-                    else:
-                        i0, i1, i2, i3, i4, i5, i6, i7, sx, off = _mode6_tile(
-                            xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, w0, wtile, groups,
-                            K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS, SWPG)
+                    i0, i1, i2, i3, i4, i5, i6, i7, sx, off = _mode6_tile(
+                        xp_ptr, sc_ptr, xs_ptr, xg_ptr, a_ptr, bx_ptr, tok, rows, rmask, w0, wtile, groups,
+                        K, NW, CPB, PER, XCH, WPG, BLOCK_M, BLOCK_W, GPT, GROUP, SYM, BITS, SWPG)
                     dot = _mode6_dot(word, i0, i1, i2, i3, i4, i5, i6, i7, CPB, BITS, ASM)
                     if SWPG >= BLOCK_W:  # one group: coefficients per row, broadcast along the words
                         acc += sx * dot.to(tl.float32) + off
                     else:  # integer sums per group (or part) first, then one coefficient each (no per-word gather)
                         accg += sx * tl.sum(tl.reshape(dot, (BLOCK_M, GPT, SWPG)), axis=2).to(tl.float32) + off
-                else:
+                else:  # mode 3
                     p0, p1, p2, p3, p4, p5, p6, p7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32))
                     for j in tl.static_range(PER):
                         xj = tl.load(xin + j * NW)
@@ -813,29 +746,17 @@ if triton is not None:
                                 src = xj
                             else:
                                 src = xqj
-                            if MODE == 3:
-                                if j * BITS + t == 31:
-                                    bit = word < 0
-                                else:
-                                    bit = (word & (1 << (j * BITS + t))) != 0
-                                v = tl.where(bit, src, 0.0)
+                            if j * BITS + t == 31:
+                                bit = word < 0
                             else:
-                                v = _mantissa_field(word, j * BITS + t, 1) * src
+                                bit = (word & (1 << (j * BITS + t))) != 0
+                            v = tl.where(bit, src, 0.0)
                             p0, p1, p2, p3, p4, p5, p6, p7 = _set_plane(t, _pick(t, p0, p1, p2, p3, p4, p5, p6, p7) + v,
                                                                         p0, p1, p2, p3, p4, p5, p6, p7)
                     xs = tl.load(xs_ptr + tok * NW + w0 + wtile)
                     xqs = xs
                     if KU < BITS:
                         xqs = tl.load(xqs_ptr + tok * NW + w0 + wtile)
-                    if MODE == 4:  # sum (1 + b/2) src = sum src + (sum b src) / 2
-                        p0 = _plane_sum(p0, xs, xqs, 0, KU, BITS)
-                        p1 = _plane_sum(p1, xs, xqs, 1, KU, BITS)
-                        p2 = _plane_sum(p2, xs, xqs, 2, KU, BITS)
-                        p3 = _plane_sum(p3, xs, xqs, 3, KU, BITS)
-                        p4 = _plane_sum(p4, xs, xqs, 4, KU, BITS)
-                        p5 = _plane_sum(p5, xs, xqs, 5, KU, BITS)
-                        p6 = _plane_sum(p6, xs, xqs, 6, KU, BITS)
-                        p7 = _plane_sum(p7, xs, xqs, 7, KU, BITS)
                     acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * xs
                     if KU < BITS:
                         acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * xqs
@@ -1713,9 +1634,12 @@ def deinterleave(x: torch.Tensor, bits: int) -> torch.Tensor:
     return x.float().reshape(t, k // per, per).transpose(1, 2).contiguous()
 
 
-GEMV_MODES = {0: "affine per weight", 1: "affine per word", 2: "signs per weight", 3: "plane sums",
-              4: "plane sums (mantissa)", 5: "plane sums (int16 dot products)", 6: "codes (int16 dot products)"}
-# defaults: rtn at 2/4/8 bits (codes), other rtn (affine), kashin at 2/4/8 bits (dots), other kashin (planes)
+GEMV_MODES = {1: "affine per word", 3: "plane sums", 5: "plane sums (int16 dot products)",
+              6: "codes (int16 dot products)"}
+# defaults: rtn at 2/4/8 bits (codes), other rtn (affine), kashin at 2/4/8 bits (dots), other kashin (planes).
+# Modes 0 (affine per weight), 2 (signs per weight) and 4 (plane sums through the mantissa) and prefetching the next
+# tile (words, or everything a mode 6 tile reads) were measured and never won (eval/results/kernel_sweeps/); they
+# were removed in the twenty-seventh session.
 GEMV_MODE_CODES, GEMV_MODE_AFFINE, GEMV_MODE_DOTS, GEMV_MODE_PLANES = 6, 1, 5, 3
 
 
@@ -1734,7 +1658,7 @@ def gemv_default_mode(affine: bool, bits: int) -> int:
 def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_m: int = 8,
                 block_w: int = 64, num_warps: int = 4, split: int = 1, xq: torch.Tensor | None = None,
                 affine: bool | None = None, mode: int | None = None, tables: tuple | None = None,
-                prefetch: bool | int = False, prepared: tuple | None = None,
+                prepared: tuple | None = None,
                 out_dtype: torch.dtype = torch.float32, share: bool = True,
                 outputs: tuple[int, ...] | None = None, evict: str | None = None,
                 unroll: int = 1, late: bool | None = None, span: bool = False,
@@ -1742,10 +1666,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
     groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
     format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
-    are decoded (:data:`GEMV_MODES`; 0 and 1 need an affine grid), default per format. ``tables``:
-    :func:`level_tables` of the form when the caller has them. ``prefetch``: keep two word tiles in flight
-    (True or 1), or (2, mode 6 only) everything two tiles read: words, input pairs and coefficients.
-    ``prepared``: :func:`prepared_input`'s result for ``x`` when the caller has it (benchmarks time the
+    are decoded (:data:`GEMV_MODES`; 1 and 6 need an affine grid), default per format. ``tables``:
+    :func:`level_tables` of the form when the caller has them. ``prepared``: :func:`prepared_input`'s result for ``x`` when the caller has it (benchmarks time the
     kernel alone). ``out_dtype``: of the result, rounded once from the float32 sums (float32 where
     ``split`` > 1: the programs add their parts atomically). ``share``: see :func:`prepared_input`.
     ``outputs``: the row counts of two or three layers whose codes and coefficients lie back to back in
@@ -1776,10 +1698,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                          f"({bits} bits, group {form.group}, {packed.shape[1]} bytes per row, split {split})")
     if mode not in GEMV_MODES:
         raise ValueError(f"unknown GEMV mode {mode}; choose one of {sorted(GEMV_MODES)}")
-    if mode in (0, 1, 6) and not affine:
+    if mode in (1, 6) and not affine:
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) needs an affine grid (rtn)")
-    if int(prefetch) not in (0, 1, 2) or (int(prefetch) == 2 and mode != 6):
-        raise ValueError(f"prefetch must be 0, 1 or 2 (2: mode 6 only), got {prefetch} with mode {mode}")
     if mode in (5, 6) and bits not in (2, 4, 8):
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) serves 2, 4 and 8-bit codes, not {bits}")
     (t, k), m = x.shape, packed.shape[0]
@@ -1794,15 +1714,15 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         y.zero_()  # preparation stays the kernel right before the GEMV, see pdl_enabled)
     pdl = pdl_enabled(x)
     if late is None:
-        late = prepared is None and xq is None and not prefetch and gemv_late(form, bits, mode, packed, pdl)
+        late = prepared is None and xq is None and gemv_late(form, bits, mode, packed, pdl)
     if hold is None:
         hold = GEMV_HOLD and bool(late) and _hold_fits(k, bits, tile, split)
     elif hold and not (late and _hold_fits(k, bits, tile, split)):
         raise ValueError(f"hold needs late and rows of at most {HOLD_MAX_TILES} whole word tiles with split 1 "
                          f"(late {late}, {k} columns at {bits} bits, tile {tile} words, split {split})")
-    if late and (mode != 5 or form.ku >= bits or prefetch):
-        raise ValueError(f"late serves mode 5 on formats with a transformed factor, without prefetch (mode {mode}, "
-                         f"{form.ku} of {bits} bits in the first factor, prefetch {prefetch})")
+    if late and (mode != 5 or form.ku >= bits):
+        raise ValueError(f"late serves mode 5 on formats with a transformed factor (mode {mode}, "
+                         f"{form.ku} of {bits} bits in the first factor)")
     if late and pdl and prepared is None and (xq is not None or not dct_two_stage(form, bits, True)):
         # only the two-launch preparation holds the GEMV back until x's inputs are written (TRIGGER_LATE); after
         # the other paths' kernels, which let it start at once, its first pass would read them too early
@@ -1824,7 +1744,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         and tile % wpg == 0
     w = packed.view(torch.int32)
     sym, half, planes = False, False, 0
-    if mode in (0, 1, 6):  # scale and offset per (row, group)
+    if mode in (1, 6):  # scale and offset per (row, group)
         a, bx, sym = affine_args(tables)
         bq = bx
     elif mode == 5:
@@ -1836,7 +1756,7 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, ys[1 % len(ys)], ys[-1], m, bounds[0], bounds[1],
         w.stride(0), form.groups, K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
-        PREFETCH=int(prefetch), ASM=asm, XCH=rounding_columns(k, bits), PDL=pdl, NOUT=len(ys), SYM=sym,
+        ASM=asm, XCH=rounding_columns(k, bits), PDL=pdl, NOUT=len(ys), SYM=sym,
         EVICT=GEMV_EVICT if evict is None else evict, UNROLL=unroll, LATE=bool(late), SUMG=sumg,
         GSUM5=gsum5, HALF=half, PLANES=planes, HOLD=bool(hold),
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
@@ -2205,7 +2125,7 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
     return prepared
 
 
-# The GEMV kernel's set-up per format: (rows per program, warps, words per tile, prefetch) and the number of
+# The GEMV kernel's set-up per format: (rows per program, warps, words per tile) and the number of
 # programs a row block is split into along K, enough to fill the GPU. From the H200 sweeps
 # (eval/results/bench_kernels.md, kernel_sweeps/): the best or within 10% of it on every measured shape.
 # Candidates in order: the first that gives at least GEMV_MIN_WARPS warps in all is taken, else the last
@@ -2215,14 +2135,14 @@ def prepared_input(x: torch.Tensor, form: BitplaneForm, bits: int, xq: torch.Ten
 # (kernel_sweeps/sweep_gemv_kashin_wide_tiles.json, sweep_gemv_late3.json: one pass): 4096x14336 kashin-4 22.73 us
 # (unrolled twice) against 23.66 at 8x2x128, kashin-2 14.78 against 16.22; 8192x28672 kashin-2 41.75 against 48.3,
 # kashin-4 64.5 against 64.3 (within noise)
-GEMV_TILES = ((2, 1, 128, False),)
+GEMV_TILES = ((2, 1, 128),)
 # rtn: codes as int16 dot products (mode 6); many rows: 4 x 64 words (cold L2, rtn-4 4096x14336 9.8 us against
 # 10.6 at 4 x 128, kernel_sweeps/sweep_gemv_cold.json), plain at 4 bits: the prefetching, unrolled tile measured
 # faster alone (kernel_sweeps/sweep_gemv_unroll.json, 4096x14336 9.47 us against 9.78, 8192x28672 31.09 against
 # 32.41) but slower in the 8B model's generation, where the layers run back to back (bench_generate_ab_*.json,
 # compiled + CUDA graph: 380.4 and 380.7 tokens/s with it, 392.0 with only this tile plain, 399.3 and 399.7 plain
 # with the long rows rolled too)
-GEMV_TILES_AFFINE = ((4, 1, 64, False), (2, 1, 128, False))
+GEMV_TILES_AFFINE = ((4, 1, 64), (2, 1, 128))
 GEMV_MIN_WARPS = 2048
 # rtn at 2 bits takes the same tiles, rolled, since the sixteenth session's sweep (H200, whole call, cold L2, one run,
 # kernel_sweeps/sweep_gemv_2bit_noprefetch{,_row}.json, groups of 64 / one scale a row): 4096x14336 8.63 / 7.57 us
@@ -2242,25 +2162,24 @@ GEMV_MANY_ROWS_2BIT = 16384
 # 4096x16384 12.67 / 11.6 against 11.75 / 10.97 and 4096x14336 11.75 against 10.7 (so not below the threshold, set
 # between the 16384 rows that lost and the 28672 that won). bench_kernels.md: 8192x28672 rtn-4 32.5 us, 3.39x bf16.
 GEMV_VERY_MANY_ROWS = 24576
-GEMV_TILE_VERY_MANY_ROWS = (8, 1, 64, False)
-GEMV_TILE_2BIT_SPAN = (2, 1, 128, False)
+GEMV_TILE_VERY_MANY_ROWS = (8, 1, 64)
+GEMV_TILE_2BIT_SPAN = (2, 1, 128)
 GEMV_UNROLL_2BIT_SPAN = 2
 # rtn, long rows and few of them (Llama's down projection, 14336 -> 4096): one row per warp. Cold L2, rtn-4
 # 14336x4096: 10.9-11.0 us against 11.8 at 2 x 1 x 128 (kernel_sweeps/sweep_gemv_cold, _prefetch_cold); rtn-2 1%.
 GEMV_LONG_K = 8192
-GEMV_TILE_LONG_ROWS = (1, 1, 128, False)
+GEMV_TILE_LONG_ROWS = (1, 1, 128)
 # ... over 256 words where the input's rounding chunk holds that many (ROUNDING_COLUMNS_LONG: 4 bits): 14336x4096
 # rtn-4 whole call 10.98-11.20 us against 12.16-12.38 for 128 words (kernel_sweeps/sweep_gemv_chunk_split.json)
-GEMV_TILE_LONG_ROWS_WIDE = (1, 1, 256, False)
+GEMV_TILE_LONG_ROWS_WIDE = (1, 1, 256)
 GEMV_MIN_PROGRAMS = 512
 # The K loop's unroll factor (fewer address and loop instructions per tile: 74 -> 64 per 32 weights and thread in the
-# one-row loop at 4 bits, read in the sm_90 code) for rtn's prefetching tiles (none in the dispatch now) and its
-# long-row tile, by bits. kernel_sweeps/sweep_gemv_unroll.json (cold L2, kernel alone): 14336x4096 rtn-2 8.55 us against
+# one-row loop at 4 bits, read in the sm_90 code) for rtn's long-row tile, by bits. kernel_sweeps/sweep_gemv_unroll.json (cold L2, kernel alone): 14336x4096 rtn-2 8.55 us against
 # 10.26; rtn-2 4x1x64p 4096x14336 7.33 against 7.46, 8192x28672 21.36 against 22.19. At 4 bits the long-row tile stays
 # rolled: unrolled 4x it measured 10.30 against 10.99 us alone, but the 8B model generated slower with it
 # (bench_generate_ab_long-old.json: 387.7 tokens/s rolled against 380.4-380.7 unrolled, with the many-row tile
-# prefetching in both). rtn's other tiles stay rolled (its two-row tiles were slower unrolled).
-GEMV_UNROLL_MANY_ROWS = 2
+# prefetching in both). rtn's other tiles stay rolled (its two-row tiles were slower unrolled; the prefetching tile
+# that was unrolled twice is gone with prefetching).
 GEMV_UNROLL_LONG_ROWS = {2: 2}
 # kashin's two-row tile (mode 5) unrolled twice on long rows (few of them) and at 2 bits. H200, whole call, cold L2,
 # three A/B pairs in one run (kernel_sweeps/sweep_gemv_kashin_unroll.json): 14336x4096 kashin-4 27.7-29.0 us against
@@ -2276,8 +2195,8 @@ GEMV_UNROLL_KASHIN = 2
 
 
 def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = None,
-              group: int | None = None) -> tuple[int, int, int, bool]:
-    """(rows per program, warps, words per tile, prefetch) of the GEMV for a ``m``-row layer of ``k``
+              group: int | None = None) -> tuple[int, int, int]:
+    """(rows per program, warps, words per tile) of the GEMV for a ``m``-row layer of ``k``
     columns (``k`` None: as for short rows), ``bits``-bit codes and ``group``-column groups (None: one a row)."""
     if _span_rule(m, affine, bits, k, group):
         return GEMV_TILE_2BIT_SPAN
@@ -2294,7 +2213,7 @@ def gemv_tile(m: int, affine: bool, k: int | None = None, bits: int | None = Non
     return tiles[-1]
 
 
-def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: int | None = None,
+def gemv_unroll(tile: tuple[int, int, int], affine: bool, bits: int, k: int | None = None,
                 m: int | None = None, group: int | None = None) -> int:
     """The K loop's unroll factor for a layer's :func:`gemv_tile` (1: rolled); ``k``: the row length, ``m``: the
     rows (None: as for short rows, few of them), ``group``: as for gemv_tile."""
@@ -2305,7 +2224,7 @@ def gemv_unroll(tile: tuple[int, int, int, bool], affine: bool, bits: int, k: in
         return GEMV_UNROLL_KASHIN if tile == GEMV_TILES[-1] and (long_rows or bits == 2) else 1
     if tile in (GEMV_TILE_LONG_ROWS, GEMV_TILE_LONG_ROWS_WIDE):
         return GEMV_UNROLL_LONG_ROWS.get(bits, 1)
-    return GEMV_UNROLL_MANY_ROWS if tile[3] else 1
+    return 1
 
 
 def gemv_span(m: int | None, affine: bool, bits: int | None, k: int | None, group: int | None) -> bool:
@@ -2346,12 +2265,12 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits
     if gemv_supported(form, bits, packed.shape[1]):
         affine = tables[2] if tables is not None else level_tables(form, bits)[2]
         tile = gemv_tile(packed.shape[0], affine, x.shape[1], bits, form.group)
-        block_m, warps, block_w, prefetch = tile
+        block_m, warps, block_w = tile
         unroll = gemv_unroll(tile, affine, bits, x.shape[1], packed.shape[0], form.group)
         # layers launched together keep their rows whole (split 1): results are stored per layer
         split = gemv_split(packed.shape[0], form, bits, block_m, block_w) if outputs is None else 1
         return gemv_matmul(x, packed, form, bits, block_m=block_m, block_w=block_w, num_warps=warps, split=split,
-                           affine=affine, tables=tables, prefetch=prefetch, out_dtype=out_dtype, share=share,
+                           affine=affine, tables=tables, out_dtype=out_dtype, share=share,
                            outputs=outputs, unroll=unroll,
                            span=gemv_span(packed.shape[0], affine, bits, x.shape[1], form.group))
     if outputs is not None:

@@ -100,7 +100,7 @@ def test_rtn_tables_hold_the_stored_coefficients_exactly(symmetric):
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("mode", [0, 1, 6])
+@pytest.mark.parametrize("mode", [1, 6])
 def test_narrow_rtn_tables_give_the_float32_tables_result(symmetric, mode):
     """The float16 / derived coefficients decode to the same float32 values: bitwise the same output
     as the float32 tables of before, in every affine GEMV mode, and in the bf16 decode for prefill."""
@@ -181,8 +181,7 @@ GEMV_CASES = [QuantConfig(bits=4), QuantConfig(bits=2), QuantConfig(bits=4, grou
 @pytest.mark.parametrize("cfg", GEMV_CASES, ids=[f"{c.method}{c.bits}-u{c.ku}-g{c.group_size}-{c.transform}"
                                                  for c in GEMV_CASES])
 @pytest.mark.parametrize("block", [(4, 64, 1, 1), (8, 2, 2, 2), (16, 8, 4, 4)], ids=["wide", "narrow", "split"])
-@pytest.mark.parametrize("mode", [None, 0, 1, 2, 4, 5, 6, "prefetch"],
-                         ids=["default", "mode0", "mode1", "mode2", "mode4", "mode5", "mode6", "prefetch"])
+@pytest.mark.parametrize("mode", [None, 1, 3, 5, 6], ids=["default", "mode1", "mode3", "mode5", "mode6"])
 def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     """Every code position of a word (the sign bit too), tiles inside and across groups, partial
     row tiles, K split between programs, every decode mode the format allows."""
@@ -190,16 +189,14 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     from quantune.kernels import gemv_block_w, gemv_matmul
 
     affine = cfg.method == "rtn"
-    if mode in (0, 1, 2, 4, "prefetch") and block[3] != 4:
+    if mode in (1, 3) and block[3] != 4:
         pytest.skip("the slower alternative modes run on one tiling (the split one) to keep the suite short")
     if mode is None and block[3] != 1:
         pytest.skip("the default resolves to mode 5 or 6 (every format here has 2, 4 or 8 bits), which run on every "
                     "tiling; the default's dispatch is checked on one (the wide one)")
     if mode == 5 and affine and block[3] != 1:
         pytest.skip("mode 5 is no rtn default (rtn runs mode 6): rtn's plane sums run on one tiling (the wide one)")
-    prefetch = mode == "prefetch"
-    mode = None if prefetch else mode
-    if mode is not None and mode != 5 and (mode in (0, 1, 6)) != affine:
+    if mode is not None and mode != 5 and (mode in (1, 6)) != affine:
         pytest.skip("mode for the other kind of format")
     if mode in (5, 6) and cfg.bits not in (2, 4, 8):
         pytest.skip("modes 5 and 6 serve 2, 4 and 8 bits")
@@ -209,48 +206,12 @@ def test_word_gemv_kernel_matches_the_reference(cfg, block, mode):
     if gemv_block_w(_form(q), cfg.bits, block_w, split) is None:
         split = 1
     got = gemv_matmul(x, q.codes, _form(q), cfg.bits, block_m=block_m, block_w=block_w, num_warps=warps,
-                      split=split, mode=mode, prefetch=prefetch)
+                      split=split, mode=mode)
     want = x @ q.dequantize().T
     if mode in (5, 6) or (mode is None and cfg.bits in (2, 4, 8)):  # the input rounded to 16 bits
         assert float((got - want).norm() / want.norm()) < 2e-4
     else:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-
-
-PREFETCH_CASES = {"rtn4-g64": QuantConfig(method="rtn", bits=4, group_size=64), "rtn2-row": QuantConfig(method="rtn", bits=2),
-                  "rtn8-g32-asym": QuantConfig(method="rtn", bits=8, group_size=32, symmetric=False)}
-PREFETCH_BLOCKS = {"row": (1, 8, 1), "rows": (4, 4, 1), "split": (2, 8, 2), "tall": (16, 2, 1)}
-
-
-@pytest.mark.parametrize("cfg,block", [
-    pytest.param(PREFETCH_CASES[c], PREFETCH_BLOCKS[b], id=f"{b}-{c}",
-                 # prefetch=2 is no library default and the interpreter runs these slowly (10-50 s each): one-row tiles
-                 # (the slowest), 8-bit codes split or in many rows (the same tile loads as 2 and 4 bits) and 2-bit
-                 # codes split (45 s) run with `pytest -m slow`; the other tilings of each format stay in the default suite
-                 marks=[pytest.mark.slow] if b == "row" or (c == "rtn8-g32-asym" and b in ("rows", "split"))
-                 or (c == "rtn2-row" and b == "split") else [])
-    for b in PREFETCH_BLOCKS for c in PREFETCH_CASES])
-def test_prefetching_everything_gives_the_same_sums(cfg, block, monkeypatch):
-    """Mode 6 with everything a tile reads prefetched (prefetch=2) against the plain loop, bitwise: tiles inside
-    and across groups, several input chunks (so the chunk scale changes between tiles), K split, a partial
-    row block, two tokens."""
-    pytest.importorskip("triton")
-    from quantune import kernels
-    from quantune.kernels import gemv_matmul
-
-    monkeypatch.setattr(kernels, "PREP_COLUMNS", 64)
-    q = _layer(cfg, out=37, inp=256)
-    x = torch.randn(2, q.in_features, generator=torch.Generator().manual_seed(6))
-    block_m, block_w, split = block
-    args = dict(block_m=block_m, block_w=block_w, num_warps=1, split=split, mode=6, share=False)
-    plain = gemv_matmul(x, q.codes, _form(q), cfg.bits, prefetch=0, **args)
-    ahead = gemv_matmul(x, q.codes, _form(q), cfg.bits, prefetch=2, **args)
-    unrolled = gemv_matmul(x, q.codes, _form(q), cfg.bits, prefetch=2, unroll=2, **args)
-    assert torch.equal(plain, ahead) and torch.equal(plain, unrolled)
-    want = x @ q.dequantize().T
-    assert float((ahead - want).norm() / want.norm()) < 2e-4
-    with pytest.raises(ValueError, match="prefetch"):
-        gemv_matmul(x, q.codes, _form(q), cfg.bits, prefetch=2, mode=1)
 
 
 def test_word_gemv_kernel_refuses_a_mode_the_format_lacks():
@@ -431,7 +392,7 @@ def test_long_rows_at_4_bits_round_the_input_per_2048_columns(group):
     kernels._PREPARED.clear()
     q = _layer(QuantConfig(method="rtn", bits=4, group_size=group), out=3, inp=k)
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 4, k)
-    block_m, warps, block_w, _ = kernels.GEMV_TILE_LONG_ROWS_WIDE
+    block_m, warps, block_w = kernels.GEMV_TILE_LONG_ROWS_WIDE
     got = kernels.gemv_matmul(x, q.codes, _form(q), 4, block_m=block_m, block_w=block_w, num_warps=warps)
     chunks = x.view(2, k // 2048, 2048)
     scale = chunks.abs().amax(-1, keepdim=True) / 32767
@@ -477,7 +438,7 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
 
     for affine in (True, False):
         for m in (1024, 4096, 14336, 28672):
-            block_m, warps, block_w, _ = gemv_tile(m, affine)
+            block_m, warps, block_w = gemv_tile(m, affine)
             assert block_w in (64, 128)
             if -(-m // block_m) * warps < GEMV_MIN_WARPS:  # too few rows for any candidate: the smallest tile
                 assert (block_m, warps) == (2, 1)
@@ -493,26 +454,27 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
     assert rounding_columns(14336, 4) == 2048 and rounding_columns(8192, 4) == 2048
     assert rounding_columns(4096, 4) == 1024 and rounding_columns(14336, 2) == 1024 and rounding_columns(512, 4) == 512
     assert gemv_tile(28672, True, 8192)[:3] == (4, 1, 64) and gemv_tile(4096, False, 14336)[:2] == (2, 1)
-    # rtn at 2 bits takes 4 bits' tiles, rolled and without prefetching, on many rows and very many alike ...
+    # rtn at 2 bits takes 4 bits' tiles, rolled, on many rows and very many alike ...
     for m in (14336, 28672):
         tile = gemv_tile(m, True, 4096, 2)
-        assert tile == gemv_tile(m, True, 4096, 4) == (4, 1, 64, False)
+        assert tile == gemv_tile(m, True, 4096, 4) == (4, 1, 64)
         assert gemv_unroll(tile, True, 2, 4096, m) == 1
     # ... except on very many rows with groups shorter than the row: two rows over two input chunks, unrolled twice
     from quantune.kernels import gemv_span
 
     tile = gemv_tile(28672, True, 4096, 2, 64)
-    assert tile == (2, 1, 128, False) and gemv_unroll(tile, True, 2, 4096, 28672, 64) == 2
+    assert tile == (2, 1, 128) and gemv_unroll(tile, True, 2, 4096, 28672, 64) == 2
     assert gemv_span(28672, True, 2, 4096, 64) and not gemv_span(14336, True, 2, 4096, 64)
     assert not gemv_span(28672, True, 2, 4096, None) and not gemv_span(28672, True, 4, 4096, 64)
-    assert gemv_tile(14336, True, 4096, 2, 64) == (4, 1, 64, False)
+    assert gemv_tile(14336, True, 4096, 2, 64) == (4, 1, 64)
     # rtn-4 on very many rows, long or grouped: eight rows a warp; not with one scale a row on short rows, not on
     # fewer rows, not at 2 bits
-    assert gemv_tile(28672, True, 8192, 4, 64) == gemv_tile(28672, True, 8192, 4) == (8, 1, 64, False)
-    assert gemv_tile(28672, True, 4096, 4, 64) == (8, 1, 64, False) and gemv_tile(28672, True, 4096, 4) == (4, 1, 64, False)
-    assert gemv_tile(16384, True, 8192, 4, 64) == (4, 1, 64, False) and gemv_tile(28672, True, 4096, 2)[0] != 8
-    assert gemv_tile(4096, True, 4096, 2)[3] is False and gemv_tile(28672, False, 8192, 2)[3] is False
-    # the K loop unrolled: rtn's long-row tile at 2 bits (and a prefetching tile, none in the dispatch); kashin's
+    assert gemv_tile(28672, True, 8192, 4, 64) == gemv_tile(28672, True, 8192, 4) == (8, 1, 64)
+    assert gemv_tile(28672, True, 4096, 4, 64) == (8, 1, 64) and gemv_tile(28672, True, 4096, 4) == (4, 1, 64)
+    assert gemv_tile(16384, True, 8192, 4, 64) == (4, 1, 64) and gemv_tile(28672, True, 4096, 2)[0] != 8
+    assert all(len(gemv_tile(m, affine, 4096, bits)) == 3 for m in (4096, 28672) for affine in (True, False)
+               for bits in (2, 4))  # (rows, warps, words)
+    # the K loop unrolled: rtn's long-row tile at 2 bits and its two-chunk tile (above); kashin's
     # two-row tile on long rows (few of them) and at 2 bits; nothing else
     from quantune.kernels import gemv_unroll
 
@@ -520,7 +482,6 @@ def test_gemv_tiles_keep_enough_warps_in_flight():
         return gemv_unroll(gemv_tile(m, affine, k, bits), affine, bits, k, m)
 
     assert unroll(28672, True, 8192, 4) == 1 and unroll(28672, True, 8192, 2) == 1
-    assert gemv_unroll((4, 1, 64, True), True, 2, 4096, 14336) == 2
     assert unroll(4096, True, 14336, 4) == 1 and unroll(4096, True, 14336, 2) == 2
     assert unroll(4096, True, 4096, 4) == 1 and unroll(28672, False, 8192, 4) == 1 and unroll(28672, False, 8192, 2) == 2
     assert unroll(4096, False, 14336, 4) == 2 and unroll(4096, False, 14336, 2) == 2
@@ -995,12 +956,12 @@ from eval.sass_gemv import compile_gemv
 out = {}
 for late in (False, True):
     out[f"gemv_{late}"] = compile_gemv(dict(K=256, GROUP=256, BITS=4, KU=3, MODE=5, BLOCK_M=2, BLOCK_W=16, SPLIT=1,
-                                            PREFETCH=0, ASM=True, PDL=True, LATE=late), ptx=("dp2a",))["ptx_around_wait"]
+                                            ASM=True, PDL=True, LATE=late), ptx=("dp2a",))["ptx_around_wait"]
     out[f"stage2_{late}"] = compile_gemv(dict(K=4096, G=4096, N1=64, N1P=64, N2=64, PER=8, NGP=1, PRECISION="tf32x3",
                                               TRIGGER=True, WAIT=True, BK2=32, TRIGGER_LATE=late), num_warps=4,
                                          ptx=("griddepcontrol.launch_dependents",),
                                          kernel="_dct_stage2_kernel")["ptx_around_wait"]
-held = compile_gemv(dict(K=512, GROUP=512, BITS=4, KU=3, MODE=5, BLOCK_M=2, BLOCK_W=16, SPLIT=1, PREFETCH=0, ASM=True,
+held = compile_gemv(dict(K=512, GROUP=512, BITS=4, KU=3, MODE=5, BLOCK_M=2, BLOCK_W=16, SPLIT=1, ASM=True,
                          PDL=True, LATE=True, HOLD=True), ptx=("dp2a",))
 out["hold"] = dict(held["ptx_around_wait"], loops=held["loop_bodies"], stack=held["stack"])
 print(json.dumps(out))
