@@ -254,19 +254,18 @@ def parse_group(text: str, option: str = "--rtn-group") -> int | None:
 # (kernel, rows per program, warps, words per tile) tried per case: "planes" = bit-plane dot products,
 # "levels" = per-row level tables (kashin) or the affine grid (rtn), both reading a byte per code;
 # "gemvN" = codes read as 32-bit words, decoded by register arithmetic in mode N
-# (quantune.kernels.GEMV_MODES: 1 rtn's affine grid per word, 3/5 kashin's plane sums in float / as int16 dp2a dot
-# products, 6 rtn's whole codes as int16 dp2a dot products), the K split chosen by quantune.kernels.gemv_split; a
+# (quantune.kernels.GEMV_MODES: 5 kashin's plane sums as int16 dp2a dot products, 6 rtn's whole codes as int16 dp2a
+# dot products), the K split chosen by quantune.kernels.gemv_split; a
 # "uN" suffix unrolls the K loop N times. Triton's loop pipelining ("gemv6s3") measured 2.5-4x slower and was
 # removed (eval/results/kernel_sweeps/bench_kernels_stages.md)
-CONFIGS = [("gemv1", 4, 4, 128),
-           ("gemv5", 16, 4, 64), ("gemv5", 8, 8, 128), ("gemv5", 8, 4, 64), ("gemv5", 16, 4, 32), ("gemv5", 32, 4, 32),
+CONFIGS = [("gemv5", 16, 4, 64), ("gemv5", 8, 8, 128), ("gemv5", 8, 4, 64), ("gemv5", 16, 4, 32), ("gemv5", 32, 4, 32),
            ("gemv5", 4, 4, 128), ("gemv5", 4, 1, 128), ("gemv5", 8, 1, 64), ("gemv5", 4, 1, 64), ("gemv5", 8, 2, 128),
            ("gemv5", 2, 1, 128),
            ("gemv6", 4, 1, 128), ("gemv6", 2, 1, 128), ("gemv6", 8, 1, 128), ("gemv6", 4, 4, 128), ("gemv6", 8, 8, 128),
            ("gemv6", 16, 8, 128), ("gemv6", 32, 4, 64), ("gemv6", 8, 2, 128)]
 # earlier sweeps (eval/results/kernel_sweeps/): "planes"/"levels" kernels, gemv modes 0, 2, 3, 4 (on the formats
-# that have modes 5 or 6) and prefetching the next tile ("p", "p2") never won; modes 0, 2 and 4 and prefetching
-# were removed from the kernel in the twenty-seventh session
+# that have modes 5 or 6) and prefetching the next tile ("p", "p2") never won; modes 0 to 4 and prefetching were
+# removed from the kernel in the twenty-seventh session
 
 
 def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_group: int | None = 64,
@@ -362,7 +361,7 @@ def render(rows: list, device: str, n_configs: int, prefill_tokens: int, rtn_gro
 
 
 def gemv_variant(kind: str) -> tuple[int | None, int]:
-    """``gemvMODE[uN]`` -> (mode, unroll): "gemv3" -> (3, 1), "gemv6u2" (the K loop unrolled twice) -> (6, 2),
+    """``gemvMODE[uN]`` -> (mode, unroll): "gemv5" -> (5, 1), "gemv6u2" (the K loop unrolled twice) -> (6, 2),
     "gemv" -> (None, 1) (the format's default mode)."""
     import re
 
@@ -496,9 +495,7 @@ def main() -> None:
                 if kind.startswith("gemv") and not gemv_supported(form, bits, q.codes.shape[1]):
                     continue
                 mode = gemv_mode(kind) if kind.startswith("gemv") else None
-                if mode in (1, 6) and not tables[2]:  # rtn's affine modes on kashin
-                    continue
-                if mode == 3 and tables[2]:  # kashin's float plane sums: never faster on rtn
+                if mode == 6 and not tables[2]:  # rtn's affine codes on kashin
                     continue
                 if mode == 5 and tables[2]:  # kashin's planes on rtn: slower than mode 6 (kernel_sweeps/)
                     continue

@@ -2,12 +2,18 @@
 # What the next device session should measure, in order of priority, each writing under $OUT.
 # Assumes the set-up of the device notes: wheels in /tmp/site (PYTHONPATH), /tmp/smollm2.gguf
 # and /tmp/austen (see ../shared/data/README.md). Usage: bash eval/device_pending.sh STEP
-# Next session, in this order (one call each, each under about five minutes): transforms, hold, defaults-rtn,
-# defaults-kashin, kashin-groups, joined-decode, hold-generate (if hold wins). None of them ran in the twenty-sixth or
-# twenty-seventh session (no device).
+# Next session, in this order (one call each, each under about five minutes): gpu-tests, transforms, hold,
+# defaults-rtn, defaults-kashin, kashin-groups, joined-decode, hold-generate (if hold wins). None of them ran in the
+# twenty-sixth or twenty-seventh session (no device).
 set -euo pipefail
 out=${OUT:-/tmp/out}
 case "$1" in
+  gpu-tests) # issue 5: every GPU-marked test: the layer's CUDA paths against the CPU reference for eighteen formats
+             # (1-16 tokens and prefill, bf16 / float16 / float32), q/k/v in one launch, CUDA-graph replay with new
+             # inputs, quantizing on the GPU (tests/test_qlinear.py, written in the twenty-seventh session, not yet
+             # run on a GPU), generation in graph and compiled modes (tests/test_generate.py)
+             timeout 400 python -m pytest -q -m gpu -p no:cacheprovider tests/test_qlinear.py tests/test_generate.py \
+               tests/test_launch.py > "$out/pytest_gpu.log" 2>&1 || true ;;
   transforms) # issue 5: kashin's input transforms, decode preparation and prefill, library against torch and the
              # copy bandwidth (the Hadamard kernel of the twenty-sixth session: before it, the torch transform)
              timeout 300 python -m eval.bench_transforms --out "$out/bench_transforms" > "$out/bench_transforms.log" 2>&1 || true

@@ -66,7 +66,7 @@ def main() -> None:
                                               "(quantune.kernels.gemv_matmul's span), 0/1 settings to try on every "
                                               "config and whole call; default: off for the configs, the library's "
                                               "choice (gemv_span) for the whole calls")
-    p.add_argument("--modes", default="", help="GEMV modes to time (quantune.kernels.GEMV_MODES), e.g. 6,1 for rtn: "
+    p.add_argument("--modes", default="", help="GEMV modes to time (quantune.kernels.GEMV_MODES), e.g. 6,5 for rtn: "
                                                "each config alone and each whole call (as kernels.GEMV_MODE_CODES, "
                                                "or GEMV_MODE_DOTS for kashin); default the library's")
     args = p.parse_args()

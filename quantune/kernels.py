@@ -5,11 +5,10 @@ Both formats decode linearly in the bits of their codes (:class:`quantune.method
 so ``y = x W^T`` is, per output row, ``bits`` dot products of 0/1 bit planes with ``x`` (or with
 ``xq = Q^T x`` per group, for kashin's transformed factor) combined with per-group coefficients.
 
-- :func:`gemv_matmul` (up to ``MAX_TOKENS`` tokens): codes read as 32-bit words, decoded in
-  registers (:data:`GEMV_MODES`: rtn's whole codes and kashin's bit planes as int16 ``dp2a`` dot
-  products with the input rounded to 16 bits; float sums for the widths those do not serve),
-  inputs prepared once per input tensor by :func:`prepared_input` (cast, de-interleave, rounding,
-  kashin's DCT via one rfft).
+- :func:`gemv_matmul` (up to ``MAX_TOKENS`` tokens; 2, 4 and 8-bit codes): codes read as 32-bit
+  words, decoded in registers (:data:`GEMV_MODES`: rtn's whole codes and kashin's bit planes as int16
+  ``dp2a`` dot products with the input rounded to 16 bits), inputs prepared once per input tensor by
+  :func:`prepared_input` (cast, de-interleave, rounding, kashin's input transform).
 - :func:`decode_bf16` + :func:`prefill_matmul` (more tokens): the factors decoded to bf16 at
   memory speed, then cuBLAS (one GEMM for rtn, two for kashin: ``x U^T + (x Q) V^T``, ``x Q`` by
   :func:`prefill_transformed_input`: two Triton passes around one batched rfft); kashin in groups of
@@ -375,20 +374,6 @@ if triton is not None:
         tl.store(xp16_ptr + dest, qi, mask=m)
 
     @triton.jit
-    def _mantissa_field(word, pos: tl.constexpr, width: tl.constexpr):
-        """The ``width`` bits of ``word`` starting at bit ``pos`` as the float ``1 + n / 2**width`` (the
-        field moved to the top of an fp32 mantissa under the exponent of 1.0: one shift, one LOP3)."""
-        s: tl.constexpr = pos - (23 - width)
-        if s > 0:
-            moved = word >> s
-        elif s < 0:
-            moved = word << (-s)
-        else:
-            moved = word
-        field = (moved & (((1 << width) - 1) << (23 - width))) | 0x3F800000
-        return field.to(tl.float32, bitcast=True)
-
-    @triton.jit
     def _dp2a(a, b, c, HI: tl.constexpr, ASM: tl.constexpr):
         """PTX ``dp2a``: ``c + a.h0 * b.byte0 + a.h1 * b.byte1`` (``.byte2``/``.byte3`` with HI), ``a``
         two signed 16-bit halves, ``b`` four unsigned bytes; ASM=False computes the same with shifts
@@ -502,7 +487,7 @@ if triton is not None:
         return dot
 
     @triton.jit
-    def _gemv_kernel(w_ptr, xd_ptr, xqd_ptr, xs_ptr, xqs_ptr, xp_ptr, xqp_ptr, sc_ptr, qsc_ptr, xg_ptr,
+    def _gemv_kernel(w_ptr, xs_ptr, xqs_ptr, xp_ptr, xqp_ptr, sc_ptr, qsc_ptr, xg_ptr,
                      a_ptr, bx_ptr, bq_ptr, y_ptr, y1_ptr, y2_ptr, M, M1, M2, stride_w, groups,
                      K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, KU: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
@@ -511,21 +496,16 @@ if triton is not None:
                      UNROLL: tl.constexpr = 1, LATE: tl.constexpr = False, SUMG: tl.constexpr = 0,
                      GSUM5: tl.constexpr = False, HALF: tl.constexpr = False, PLANES: tl.constexpr = 0,
                      HOLD: tl.constexpr = False):
-        """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, vector
-        loads), decoded with register arithmetic only, inputs de-interleaved by code position
-        (``xd[j, w] = x[w * PER + j]``) and summed per word (``xs[w] = sum_j xd[j, w]``, likewise
-        ``xqd``/``xqs`` for the transformed input). Every input load has the word tile's full shape,
-        so it lands in the tile's register layout (a 1-D load would be moved through shared memory
-        with a barrier, once per code position). SPLIT programs share a row block along K (atomic
-        adds into y = 0).
+        """Few-token GEMV over codes read as 32-bit words (PER = 32 / BITS codes a word, BITS 2, 4 or 8; vector
+        loads), decoded with register arithmetic only: integer dot products of the codes with the input rounded
+        to 16 bits, its pairs packed by code position (:func:`quantized_pairs`), and the input's sums per word
+        (``xs[w] = sum_j x[w * PER + j]``, likewise ``xqs`` for the transformed input) or per group (``xg``)
+        for the offsets. Every input load has the word tile's full shape, so it lands in the tile's register
+        layout (a 1-D load would be moved through shared memory with a barrier). SPLIT programs share a row
+        block along K (atomic adds into y = 0).
 
-        MODE (how a word's codes meet the input; see GEMV_MODES; modes 0, 2 and 4, float alternatives never
+        MODE (how a word's codes meet the input; see GEMV_MODES; the float alternatives, modes 0 to 4, never
         faster, were removed in the twenty-seventh session):
-        - 1, affine per word (rtn; the default at 1 bit): the code as ``f = 1 + n / 2^BITS`` (:func:`_mantissa_field`),
-          one FMA ``f * x`` per weight; per word ``scale * 2^BITS * (sum f x - xs) + offset * xs``.
-          ``a_ptr``/``bx_ptr``: scale and offset per (row, group), contiguous.
-        - 3, plane sums (kashin; the default at 1 bit): per word and plane ``sum_j bit_t x_j`` (a select and an add,
-          no coefficient), then ``a_t`` times it plus ``bx * xs + bq * xqs``.
         - 5, plane sums as integer dot products (kashin, 2/4/8 bits): the input rounded to 16 bits per
           token (``xp``: int16 pairs, ``sc``: the token's scale, :func:`quantized_pairs`); one shift and
           mask puts plane t's bits of four codes into the four bytes of a register, and two ``dp2a``
@@ -619,8 +599,6 @@ if triton is not None:
             for i in tl.range(0, CHUNK, BLOCK_W, loop_unroll_factor=LOOP_UNROLL):
                 w0 = part * CHUNK + i
                 widx = w0 + wcols
-                xin = xd_ptr + tok * K + w0 + wtile    # code position j: + j * NW
-                xqin = xqd_ptr + tok * K + w0 + wtile
                 if HOLD and phase == 1:  # the first pass's words, kept in registers
                     word = tl.where(i == 0, hw0, tl.where(i == BLOCK_W, hw1, tl.where(i == 2 * BLOCK_W, hw2, hw3)))
                 elif HOLD:  # the first pass: each tile's words kept for the second
@@ -646,14 +624,7 @@ if triton is not None:
                 else:
                     cidx = rows[:, None] * groups + (widx // WPG)[None, :]
                 cmask = rmask[:, None]
-                if MODE == 1:
-                    fx = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
-                    for j in tl.static_range(PER):
-                        fx += _mantissa_field(word, j * BITS, BITS) * tl.load(xin + j * NW)
-                    xs = tl.load(xs_ptr + tok * NW + w0 + wtile)
-                    scale, offset = _affine(a_ptr, bx_ptr, cidx, cmask, SYM, BITS)
-                    acc += (scale * (1 << BITS)) * (fx - xs) + offset * xs
-                elif MODE == 5:
+                if MODE == 5:
                     offs = w0 + wtile
                     if HALF and not ONE_GROUP and not G5:  # each word's c_t loaded once: a_t = 2 c_t, bx, bq
                         h0, h1, h2, h3, h4, h5, h6, h7 = _coefh8(a_ptr, cidx, cmask, BITS)
@@ -735,39 +706,6 @@ if triton is not None:
                         acc += sx * dot.to(tl.float32) + off
                     else:  # integer sums per group (or part) first, then one coefficient each (no per-word gather)
                         accg += sx * tl.sum(tl.reshape(dot, (BLOCK_M, GPT, SWPG)), axis=2).to(tl.float32) + off
-                else:  # mode 3
-                    p0, p1, p2, p3, p4, p5, p6, p7 = _zeros8(tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32))
-                    for j in tl.static_range(PER):
-                        xj = tl.load(xin + j * NW)
-                        if KU < BITS:
-                            xqj = tl.load(xqin + j * NW)
-                        for t in tl.static_range(BITS):
-                            if t < KU:
-                                src = xj
-                            else:
-                                src = xqj
-                            if j * BITS + t == 31:
-                                bit = word < 0
-                            else:
-                                bit = (word & (1 << (j * BITS + t))) != 0
-                            v = tl.where(bit, src, 0.0)
-                            p0, p1, p2, p3, p4, p5, p6, p7 = _set_plane(t, _pick(t, p0, p1, p2, p3, p4, p5, p6, p7) + v,
-                                                                        p0, p1, p2, p3, p4, p5, p6, p7)
-                    xs = tl.load(xs_ptr + tok * NW + w0 + wtile)
-                    xqs = xs
-                    if KU < BITS:
-                        xqs = tl.load(xqs_ptr + tok * NW + w0 + wtile)
-                    acc += tl.load(bx_ptr + cidx, mask=cmask, other=0.0) * xs
-                    if KU < BITS:
-                        acc += tl.load(bq_ptr + cidx, mask=cmask, other=0.0) * xqs
-                    acc += _coef(a_ptr, cidx, cmask, BITS, 0, BITS) * p0
-                    acc += _coef(a_ptr, cidx, cmask, BITS, 1, BITS) * p1
-                    acc += _coef(a_ptr, cidx, cmask, BITS, 2, BITS) * p2
-                    acc += _coef(a_ptr, cidx, cmask, BITS, 3, BITS) * p3
-                    acc += _coef(a_ptr, cidx, cmask, BITS, 4, BITS) * p4
-                    acc += _coef(a_ptr, cidx, cmask, BITS, 5, BITS) * p5
-                    acc += _coef(a_ptr, cidx, cmask, BITS, 6, BITS) * p6
-                    acc += _coef(a_ptr, cidx, cmask, BITS, 7, BITS) * p7
         if MODE == 5:
             if ONE_GROUP:
                 gidx = (rows * groups + (part * CHUNK) // WPG)[:, None]
@@ -1623,7 +1561,7 @@ def gemv_block_w(form: BitplaneForm, bits: int, block_w: int, split: int = 1) ->
 
 
 def gemv_supported(form: BitplaneForm, bits: int, row_bytes: int) -> bool:
-    return gemv_block_w(form, bits, 1 << 30) is not None and row_bytes % 4 == 0
+    return bits in (2, 4, 8) and gemv_block_w(form, bits, 1 << 30) is not None and row_bytes % 4 == 0
 
 
 def deinterleave(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -1634,13 +1572,13 @@ def deinterleave(x: torch.Tensor, bits: int) -> torch.Tensor:
     return x.float().reshape(t, k // per, per).transpose(1, 2).contiguous()
 
 
-GEMV_MODES = {1: "affine per word", 3: "plane sums", 5: "plane sums (int16 dot products)",
-              6: "codes (int16 dot products)"}
-# defaults: rtn at 2/4/8 bits (codes), other rtn (affine), kashin at 2/4/8 bits (dots), other kashin (planes).
-# Modes 0 (affine per weight), 2 (signs per weight) and 4 (plane sums through the mantissa) and prefetching the next
-# tile (words, or everything a mode 6 tile reads) were measured and never won (eval/results/kernel_sweeps/); they
-# were removed in the twenty-seventh session.
-GEMV_MODE_CODES, GEMV_MODE_AFFINE, GEMV_MODE_DOTS, GEMV_MODE_PLANES = 6, 1, 5, 3
+GEMV_MODES = {5: "plane sums (int16 dot products)", 6: "codes (int16 dot products)"}
+# defaults: rtn (codes), kashin (plane sums). The float alternatives (0 rtn's codes as floats per weight, 1 per word
+# through the float mantissa, 2 kashin's sign selects per weight, 3 its plane sums in float, 4 through the mantissa)
+# and prefetching the next tile (words, or everything a mode 6 tile reads) were measured and never won
+# (eval/results/kernel_sweeps/); they were removed in the twenty-seventh session. Modes 1 and 3 were the defaults
+# only for 1-bit codes, which no format has (bits 2 to 8).
+GEMV_MODE_CODES, GEMV_MODE_DOTS = 6, 5
 
 
 def gemv_pairs(mode: int) -> bool | str:
@@ -1649,10 +1587,9 @@ def gemv_pairs(mode: int) -> bool | str:
 
 
 def gemv_default_mode(affine: bool, bits: int) -> int:
-    """The fastest mode measured on the H200 for a format (eval/results/bench_kernels.md)."""
-    if affine:
-        return GEMV_MODE_CODES if bits in (2, 4, 8) else GEMV_MODE_AFFINE
-    return GEMV_MODE_DOTS if bits in (2, 4, 8) else GEMV_MODE_PLANES
+    """The fastest mode measured on the H200 for a format (eval/results/bench_kernels.md): rtn's codes (6),
+    kashin's plane sums (5)."""
+    return GEMV_MODE_CODES if affine else GEMV_MODE_DOTS
 
 
 def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits: int, block_m: int = 8,
@@ -1663,12 +1600,12 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
                 outputs: tuple[int, ...] | None = None, evict: str | None = None,
                 unroll: int = 1, late: bool | None = None, span: bool = False,
                 group_sums: bool | None = None, hold: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
-    """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (1, 2, 4 or 8-bit codes,
-    groups of whole words); ``split`` programs share each row block along K. ``affine``: whether the
-    format's levels are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes
-    are decoded (:data:`GEMV_MODES`; 1 and 6 need an affine grid), default per format. ``tables``:
-    :func:`level_tables` of the form when the caller has them. ``prepared``: :func:`prepared_input`'s result for ``x`` when the caller has it (benchmarks time the
-    kernel alone). ``out_dtype``: of the result, rounded once from the float32 sums (float32 where
+    """``x W^T`` ``(T, out)`` in float32 with the word-reading GEMV kernel (2, 4 or 8-bit codes, groups of
+    whole words); ``split`` programs share each row block along K. ``affine``: whether the format's levels
+    are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes are decoded
+    (:data:`GEMV_MODES`; 6 needs an affine grid), default per format. ``tables``: :func:`level_tables` of the
+    form when the caller has them. ``prepared``: :func:`prepared_input`'s result for ``x`` with the mode's
+    ``pairs`` (:func:`gemv_pairs`), when the caller has it (benchmarks time the kernel alone). ``out_dtype``: of the result, rounded once from the float32 sums (float32 where
     ``split`` > 1: the programs add their parts atomically). ``share``: see :func:`prepared_input`.
     ``outputs``: the row counts of two or three layers whose codes and coefficients lie back to back in
     ``packed``/``form``/``tables`` (:func:`quantune.qlinear.colocate`): one launch, one result each
@@ -1689,19 +1626,19 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         affine = tables[2]
     if mode is None:
         mode = gemv_default_mode(affine, bits)
-    if mode == 6 and 32 % bits == 0:  # a tile lies inside one chunk of the input's 16-bit rounding, or two (span)
+    if bits not in (2, 4, 8):
+        raise ValueError(f"the word kernel serves 2, 4 and 8-bit codes, not {bits}")
+    if mode == 6:  # a tile lies inside one chunk of the input's 16-bit rounding, or two (span)
         xch = rounding_columns(x.shape[1], bits)
         block_w = min(block_w, (2 if span else 1) * xch // (32 // bits))
     tile = gemv_block_w(form, bits, block_w, split)
     if tile is None or packed.shape[1] % 4:
-        raise ValueError(f"the word kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
+        raise ValueError(f"the word kernel needs codes in groups of whole 32-bit words "
                          f"({bits} bits, group {form.group}, {packed.shape[1]} bytes per row, split {split})")
     if mode not in GEMV_MODES:
         raise ValueError(f"unknown GEMV mode {mode}; choose one of {sorted(GEMV_MODES)}")
-    if mode in (1, 6) and not affine:
+    if mode == 6 and not affine:
         raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) needs an affine grid (rtn)")
-    if mode in (5, 6) and bits not in (2, 4, 8):
-        raise ValueError(f"GEMV mode {mode} ({GEMV_MODES[mode]}) serves 2, 4 and 8-bit codes, not {bits}")
     (t, k), m = x.shape, packed.shape[0]
     if outputs is not None and (len(outputs) not in (2, 3) or sum(outputs) != m or min(outputs) < 1 or split > 1):
         raise ValueError(f"outputs must be 2 or 3 positive row counts adding up to {m} rows, with split 1 "
@@ -1733,8 +1670,8 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         prepared = prepared_input(x, form, bits, xq, pairs=gemv_pairs(mode), trigger=pdl, share=share,
                                   late=late and pdl)
     xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg = prepared
-    if xp is None:
-        xp, xqp, sc, qsc = xd, xqd, xs, xqs  # unused by the kernel
+    if xp is None or xqp is None:
+        raise ValueError("the GEMV reads the input's 16-bit pairs: prepare it with pairs=gemv_pairs(mode)")
     sumg = k // xg.shape[1] if mode == 6 and xg is not None and form.group >= k else 0  # sums over parts of a row
     if xg is None:
         xg = xs  # unused by the kernel
@@ -1744,16 +1681,14 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
         and tile % wpg == 0
     w = packed.view(torch.int32)
     sym, half, planes = False, False, 0
-    if mode in (1, 6):  # scale and offset per (row, group)
+    if mode == 6:  # scale and offset per (row, group)
         a, bx, sym = affine_args(tables)
         bq = bx
-    elif mode == 5:
+    else:
         a, bx, bq, half = coef_args(form)
         planes = plane_masks(form, bits)
-    else:
-        a, bx, bq = form.planes()
     launch(_gemv_kernel, (_cdiv(m, block_m), split, t),
-        w, xd, xqd, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, ys[1 % len(ys)], ys[-1], m, bounds[0], bounds[1],
+        w, xs, xqs, xp, xqp, sc, qsc, xg, a, bx, bq, y, ys[1 % len(ys)], ys[-1], m, bounds[0], bounds[1],
         w.stride(0), form.groups, K=k, GROUP=form.group,
         BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile, SPLIT=split,
         ASM=asm, XCH=rounding_columns(k, bits), PDL=pdl, NOUT=len(ys), SYM=sym,

@@ -1,5 +1,6 @@
 """QuantLinear and the method interface: exact forward, storage, bits per weight, accuracy floors,
 errors, weight caching, and QuantConfig validation."""
+import copy
 import json
 import math
 
@@ -534,3 +535,148 @@ def test_from_dict_rejects_foreign_or_broken_configs():
         QuantConfig.from_dict({**d, "colour": "blue"})
     with pytest.raises(QuantuneError):
         QuantConfig.from_dict({**d, "bits": 9})
+
+
+# ---------------------------------------------------------------- on the GPU: the kernels against the CPU reference
+
+# Every format family the layer serves, each through the path the layer picks on CUDA: the word GEMV (2, 4, 8 bits),
+# the byte-reading kernels (3 bits), prefill's bf16 decode + cuBLAS (two GEMMs per row, one in small groups).
+# Widths: 4096 (kashin's two-launch DCT, its two-pass GEMV), 11008 (the long-group DCT), 768 (the rfft path; a
+# Hadamard block of 256 x 3).
+GPU_FORMATS = {
+    "rtn4-row": (QuantConfig(method="rtn", bits=4), 4096),
+    "rtn4-g64": (QuantConfig(method="rtn", bits=4, group_size=64), 4096),
+    "rtn4-g128-asym": (QuantConfig(method="rtn", bits=4, group_size=128, symmetric=False), 11008),
+    "rtn2-row": (QuantConfig(method="rtn", bits=2), 11008),
+    "rtn2-g64-asym": (QuantConfig(method="rtn", bits=2, group_size=64, symmetric=False), 768),
+    "rtn8-g32": (QuantConfig(method="rtn", bits=8, group_size=32), 768),
+    "rtn3-g32-asym": (QuantConfig(method="rtn", bits=3, group_size=32, symmetric=False), 768),
+    "kashin4-row": (QuantConfig(bits=4), 4096),
+    "kashin4-row-long": (QuantConfig(bits=4), 11008),
+    "kashin4-row-rfft": (QuantConfig(bits=4), 768),
+    "kashin2-row": (QuantConfig(bits=2), 4096),
+    "kashin4-g128": (QuantConfig(bits=4, group_size=128), 4096),
+    "kashin2-g64": (QuantConfig(bits=2, group_size=64), 768),
+    "kashin4-hadamard": (QuantConfig(bits=4, transform="hadamard"), 4096),
+    "kashin4-tied": (QuantConfig(bits=4, tied_steps=2), 4096),
+    "kashin4-u2": (QuantConfig(bits=4, u_steps=2), 4096),
+    "kashin8-row": (QuantConfig(bits=8), 768),
+    "kashin3-row": (QuantConfig(bits=3), 768),
+}
+GPU_ROWS = 200  # not a multiple of any row tile
+_GPU_LAYERS: dict = {}
+
+
+def _gpu_layer(name: str) -> QuantLinear:
+    """The format's layer quantized on the CPU (the reference), kept for the module's tests."""
+    if name not in _GPU_LAYERS:
+        cfg, k = GPU_FORMATS[name]
+        q, _ = QuantLinear.from_linear(_linear(k, GPU_ROWS, bias=True, seed=k % 97), cfg)
+        _GPU_LAYERS[name] = q
+    return _GPU_LAYERS[name]
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double().cpu() - want).norm() / want.norm())
+
+
+# relative error (Frobenius) against the float64 product of the same input and the CPU's dequantized weight: the
+# few-token kernels sum in float32 from 16-bit inputs (1e-5 to 3e-4), then round once to the output's dtype; prefill
+# multiplies bf16 / float16 factors (bf16 cuBLAS itself: about 2e-3 on these sizes)
+GPU_TOLERANCE = {("fused", torch.bfloat16): 6e-3, ("fused", torch.float16): 2e-3, ("fused", torch.float32): 1e-3,
+                 ("prefill", torch.bfloat16): 1e-2, ("prefill", torch.float16): 4e-3,
+                 (None, torch.bfloat16): 1e-2, (None, torch.float16): 4e-3, (None, torch.float32): 1e-3}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(GPU_FORMATS))
+def test_gpu_paths_match_the_cpu_reference(name):
+    """1, 3 and 16 tokens (the few-token kernels) and 17 and 300 (prefill), in bf16, float16 and float32:
+    the path the layer takes on CUDA, and its output against the CPU reference product."""
+    q_cpu = _gpu_layer(name)
+    q = copy.deepcopy(q_cpu).cuda()
+    w = q_cpu.dequantize().double()
+    b = q_cpu.bias.double()
+    gemv = q_cpu.qconfig.bits in (2, 4, 8)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for tokens in (1, 3, 16, 17, 300):
+            x = torch.randn(tokens, q.in_features, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+            want = x.double() @ w.T + b
+            xd = x.cuda()
+            path = q._kernel_path(xd)
+            if tokens <= 16:
+                assert path == "fused", (name, dtype, tokens, path)
+            else:
+                assert path == ("prefill" if gemv and dtype != torch.float32 else None), (name, dtype, tokens, path)
+            with torch.no_grad():
+                got = q(xd)
+            assert got.dtype == dtype and got.shape == want.shape and got.device.type == "cuda"
+            err = _rel_err(got, want)
+            assert err < GPU_TOLERANCE[(path, dtype)], (name, dtype, tokens, path, err)
+    # a batch of sequences: the few-token kernels take (batch, seq, features) with batch x seq tokens
+    x = torch.randn(2, 4, q.in_features, generator=torch.Generator().manual_seed(7)).bfloat16()
+    with torch.no_grad():
+        got = q(x.cuda())
+    assert got.shape == (2, 4, GPU_ROWS) and _rel_err(got, x.double() @ w.T + b) < 6e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["rtn4-row", "rtn2-g64-asym", "kashin4-row", "kashin2-row", "kashin4-g128"])
+def test_gpu_layers_reading_one_input_run_as_one_launch(name):
+    """q/k/v stored back to back (colocate): one GEMV launch gives each layer's output as its own call does,
+    before and after colocating (float32 outputs: the joined launch may read a layer's coefficients in another
+    form, see quantune.kernels.keeps_planes, so the sums may differ in their last bits)."""
+    from quantune.qlinear import _joined_forward, colocate
+
+    cfg, k = GPU_FORMATS[name]
+    layers = [QuantLinear.from_linear(_linear(k, rows, bias=bias, seed=rows), cfg)[0].cuda()
+              for rows, bias in ((256, True), (64, False), (96, True))]
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        alone = [m(x) for m in layers]
+        colocate(layers)
+        again = [m(x) for m in layers]
+        joined = _joined_forward(layers, x)
+    assert joined is not None and len({m.codes.untyped_storage().data_ptr() for m in layers}) == 1
+    for a, b, j in zip(alone, again, joined):
+        assert j.shape == a.shape and j.dtype == torch.float32
+        assert _rel_err(b, a.double().cpu()) < 1e-5 and _rel_err(j, a.double().cpu()) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["rtn4-row", "kashin4-row", "kashin2-g64"])
+def test_gpu_layer_replays_in_a_cuda_graph_with_new_inputs(name):
+    """A captured call replayed after the input's contents change gives the eager call's output for the new
+    input: no preparation of the old input is reused."""
+    q = copy.deepcopy(_gpu_layer(name)).cuda()
+    static = torch.randn(1, q.in_features, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        q(static)  # compile the kernels before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = q(static)
+        for seed in (1, 2):
+            fresh = torch.randn(1, q.in_features, generator=torch.Generator().manual_seed(seed)).bfloat16()
+            static.copy_(fresh.cuda())
+            graph.replay()
+            assert torch.equal(out, q(fresh.cuda()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=2, group_size=64),
+                                 QuantConfig(method="rtn", bits=4, group_size=128)], ids=["kashin4", "kashin2-g64", "rtn4"])
+def test_quantizing_on_the_gpu_fits_as_well_as_on_the_cpu(cfg):
+    """The same weight quantized on CUDA and on the CPU: the same storage, and reconstruction errors within 2% of
+    each other (float arithmetic differs, so codes may; rtn's rounding is the same up to ties)."""
+    lin = _linear(4096, 256, bias=False, seed=5)
+    cpu, _ = QuantLinear.from_linear(lin, cfg)
+    gpu, _ = QuantLinear.from_linear(copy.deepcopy(lin).cuda(), cfg)
+    assert gpu.codes.is_cuda and gpu.codes.shape == cpu.codes.shape and gpu.codes.dtype == cpu.codes.dtype
+    w = lin.weight.detach().double()
+    err_cpu = float((cpu.dequantize().double() - w).norm() / w.norm())
+    err_gpu = float((gpu.dequantize().double().cpu() - w).norm() / w.norm())
+    assert abs(err_gpu - err_cpu) <= 0.02 * err_cpu, (err_cpu, err_gpu)
