@@ -1111,9 +1111,9 @@ if triton is not None:
         word's PER values as one contiguous vector.
 
         MODE (DECODE_MODES): 0 planes (the sums above, from ``form.a``/``bx``/``bq``); 1 affine (rtn:
-        ``u = offset + scale * code`` from ``level_tables``: ``bx_ptr`` offsets, ``a_ptr`` scales);
-        2 tables (``u = lut_u[code & (2^KU - 1)]``, ``v = lut_v[code >> KU]`` per (row, group) from
-        ``level_tables``: ``a_ptr`` lut_u, ``bq_ptr`` lut_v). HALF (mode 0): ``a_ptr`` holds the stored float16
+        ``u = offset + scale * code`` from ``level_tables``: ``bx_ptr`` offsets, ``a_ptr`` scales). (Mode 2, kashin's
+        levels looked up in per-(row, group) tables, lost to the planes and was removed in the twenty-seventh
+        session.) HALF (mode 0): ``a_ptr`` holds the stored float16
         coefficients ``c`` (:func:`_coefh`, :func:`_offset`)."""
         PER: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // PER
@@ -1133,9 +1133,6 @@ if triton is not None:
             scale, offset = _affine(a_ptr, bx_ptr, coef, cmask, SYM, BITS)
             u = offset[:, :, None] + scale[:, :, None] * code.to(tl.float32)
             v = u
-        elif MODE == 2:
-            u = tl.load(a_ptr + coef[:, :, None] * (1 << KU) + (code & ((1 << KU) - 1)), mask=smask, other=0.0)
-            v = tl.load(bq_ptr + coef[:, :, None] * (1 << (BITS - KU)) + (code >> KU), mask=smask, other=0.0)
         else:
             if HALF:  # each c_t loaded once: a_t = 2 c_t, bx = -sum_{t<KU} c_t, bq = -sum_{t>=KU} c_t
                 h0, h1, h2, h3, h4, h5, h6, h7 = _coefh8(a_ptr, coef, cmask, BITS)
@@ -1252,7 +1249,7 @@ if triton is not None:
                          mask=rmask[:, None])
 
 
-DECODE_MODES = {0: "planes", 1: "affine", 2: "tables"}
+DECODE_MODES = {0: "planes", 1: "affine"}
 
 
 def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, block_m: int | None = None,
@@ -1268,13 +1265,13 @@ def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, blo
     if triton is None:
         raise RuntimeError("the decode kernel needs triton")
     if not gemv_supported(form, bits, packed.shape[1]):
-        raise ValueError(f"the decode kernel needs 1, 2, 4 or 8-bit codes in groups of whole 32-bit words "
+        raise ValueError(f"the decode kernel needs 2, 4 or 8-bit codes in groups of whole 32-bit words "
                          f"({bits} bits, group {form.group})")
     if mode != 0 and tables is None:
         tables = level_tables(form, bits)
-    if mode is None:  # measured on the H200: tables lose to planes for kashin (eval/results/bench_kernels.md)
+    if mode is None:  # measured on the H200: tables lost to planes for kashin (eval/results/bench_kernels.md)
         mode = 1 if tables[2] else 0
-    if mode not in DECODE_MODES or (mode == 1 and not tables[2]) or (mode == 2 and tables[2]):
+    if mode not in DECODE_MODES or (mode == 1 and not tables[2]):
         raise ValueError(f"decode mode {mode} does not serve this format (modes: {DECODE_MODES})")
     m, words = packed.shape[0], packed.shape[1] // 4
     if block_m is None:
@@ -1287,11 +1284,9 @@ def decode_bf16(packed: torch.Tensor, form: BitplaneForm, bits: int, k: int, blo
     sym, half = False, False
     if mode == 0:
         a, bx, bq, half = coef_args(form)
-    elif mode == 1:
+    else:
         a, bx, sym = affine_args(tables)
         bq = bx
-    else:
-        a, bx, bq = tables[0], tables[0], tables[1]
     launch(_decode_kernel, (_cdiv(m, block_m), words // tile),
         w, a, bx, bq, u, u if v is None else v, m, w.stride(0), form.groups, K=k,
         GROUP=form.group, BITS=bits, KU=form.ku, MODE=mode, BLOCK_M=block_m, BLOCK_W=tile,
