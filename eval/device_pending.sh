@@ -2,7 +2,7 @@
 # What the next device session should measure, in order of priority, each writing under $OUT.
 # Assumes the set-up of the device notes: wheels in /tmp/site (PYTHONPATH), /tmp/smollm2.gguf
 # and /tmp/austen (see ../shared/data/README.md). Usage: bash eval/device_pending.sh STEP
-# Next session, in this order (one call each, each under about five minutes): gpu-tests, transforms, hold,
+# Next session, in this order (one call each, each under about five minutes): gpu-tests, transforms, quantize, hold,
 # defaults-rtn, defaults-kashin, kashin-groups, joined-decode, hold-generate (if hold wins). None of them ran in the
 # twenty-sixth or twenty-seventh session (no device).
 set -euo pipefail
@@ -55,7 +55,10 @@ case "$1" in
   prep-dct)  python -m eval.sweep_prep_dct --prep-pdl 1 --precisions tf32x3 ;;  # issue 5: kashin's input preparation alone
   generate-eager-repeat) # issue 5: the eager column of bench_generate read 9.2 tokens/s for rtn-4 once (13-19 before)
              python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --out "$out/bench_generate_eager" ;;
-  quantize)  python -m eval.bench_quantize --device cuda --workdir /tmp --out "$out/bench_quantize" ;;  # issue 5
+  quantize)  # issue 5: the 7B-shaped streamed quantization, with (since the twenty-seventh session) its byte floor
+             # (the same bytes moved with no arithmetic) and the arithmetic alone against rtn and bitsandbytes NF4
+             timeout 480 python -m eval.bench_quantize --device cuda --workdir /tmp --out "$out/bench_quantize" \
+               > "$out/bench_quantize.log" 2>&1 || true ;;
   recovery3) [ -d /tmp/rec/k3 ] || python -m quantune quantize /tmp/smollm2.gguf --bits 3 --out /tmp/rec/k3 --no-eval
              mkdir -p "$out/logs"
              for objective in ce kd; do for init in default residual; do  # the four runs side by side on one GPU

@@ -36,6 +36,31 @@ def test_generate_benchmark_checks_the_graph_loop_against_eager_steps(tmp_path):
     assert "graph = static eager" in md and "compiled + CUDA graph tokens/s" in md
 
 
+def test_quantize_benchmark_measures_its_byte_floor_and_baselines(tmp_path):
+    """eval/bench_quantize.py at a tiny shape on the CPU: the streamed pass, the same bytes moved without the
+    arithmetic (every source byte read, every quantized weight sent to the device, every output written), and the
+    arithmetic alone per layer type for kashin, rtn and (where bitsandbytes imports) NF4."""
+    out = tmp_path / "bq"
+    _run(["eval.bench_quantize", "--device", "cpu", "--shape", "tiny", "--out", str(out)], tmp_path, 300)
+    s = json.loads(out.with_suffix(".json").read_text())
+    assert s["layers"] == 2 and s["wall_seconds"] > 0 and s["device_copy_GBps"] is None  # no CUDA copy here
+    kinds = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(s["by_layer_type"]) == kinds and all(e["layers"] == 2 for e in s["by_layer_type"].values())
+    floor = s["io_floor"]
+    assert floor["read_bytes"] == s["read_bytes"]  # every tensor of the source shards
+    assert floor["to_device_bytes"] == 2 * s["quantized_weights"]  # the bf16 weights that get quantized
+    assert 0 < floor["from_device_bytes"] < floor["to_device_bytes"] / 3  # 4-bit codes and coefficients
+    assert 0.9 * s["written_bytes"] < floor["write_bytes"] <= s["written_bytes"]  # files: tensors + headers
+    assert floor["seconds"] == pytest.approx(sum(floor[f"{k}_seconds"] for k in
+                                                 ("read", "to_device", "from_device", "write")))
+    assert s["wall_over_io_floor"] == pytest.approx(s["wall_seconds"] / floor["seconds"])
+    arith = s["arithmetic_alone"]
+    assert arith["contenders"][:2] == ["kashin", "rtn"] and set(arith["by_layer_type"]) == kinds
+    assert all(e[c] > 0 for e in arith["by_layer_type"].values() for c in arith["contenders"])
+    md = out.with_suffix(".md").read_text()
+    assert "Against the byte floor" in md and "kashin alone s" in md and "| all " in md
+
+
 @pytest.mark.slow
 def test_kernel_benchmark_smoke_and_rerender(tmp_path):
     pytest.importorskip("triton")
