@@ -43,6 +43,9 @@ def compile_gemv(const: dict, num_warps: int = 1, ptx: tuple[str, ...] = (), sas
     fn = getattr(kernels, kernel) if isinstance(kernel, str) else kernel
     params = inspect.signature(fn.fn).parameters
     names = list(params)
+    unknown = sorted(set(const) - set(names))
+    if unknown:  # e.g. PREFETCH, in the commands of sessions before the twenty-seventh: the kernel lost it
+        raise SystemExit(f"{fn.fn.__name__} has no argument {', '.join(unknown)} (its arguments: {', '.join(names)})")
     const = {**{n: v.default for n, v in params.items() if v.default is not inspect.Parameter.empty}, **const}
     ptrs = [n for n in names if n.endswith("_ptr")]
     sig = {n: POINTERS.get(n, "*fp32") if n in ptrs else "constexpr" if n in const else "i32" for n in names}
