@@ -1600,8 +1600,9 @@ def gemv_matmul(x: torch.Tensor, packed: torch.Tensor, form: BitplaneForm, bits:
     are an affine grid (rtn); computed from ``form`` when not given. ``mode``: how codes are decoded
     (:data:`GEMV_MODES`; 6 needs an affine grid), default per format. ``tables``: :func:`level_tables` of the
     form when the caller has them. ``prepared``: :func:`prepared_input`'s result for ``x`` with the mode's
-    ``pairs`` (:func:`gemv_pairs`), when the caller has it (benchmarks time the kernel alone). ``out_dtype``: of the result, rounded once from the float32 sums (float32 where
-    ``split`` > 1: the programs add their parts atomically). ``share``: see :func:`prepared_input`.
+    ``pairs`` (:func:`gemv_pairs`), when the caller has it (benchmarks time the kernel alone). ``out_dtype``:
+    of the result, rounded once from the float32 sums (float32 where ``split`` > 1: the programs add their
+    parts atomically). ``share``: see :func:`prepared_input`.
     ``outputs``: the row counts of two or three layers whose codes and coefficients lie back to back in
     ``packed``/``form``/``tables`` (:func:`quantune.qlinear.colocate`): one launch, one result each
     (a list), for ``split`` 1 only. ``evict``: the L2 eviction policy of the codes' loads ("" or "evict_first",

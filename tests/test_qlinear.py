@@ -668,7 +668,8 @@ def test_gpu_layer_replays_in_a_cuda_graph_with_new_inputs(name):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=2, group_size=64),
-                                 QuantConfig(method="rtn", bits=4, group_size=128)], ids=["kashin4", "kashin2-g64", "rtn4"])
+                                 QuantConfig(method="rtn", bits=4, group_size=128)],
+                         ids=["kashin4", "kashin2-g64", "rtn4"])
 def test_quantizing_on_the_gpu_fits_as_well_as_on_the_cpu(cfg):
     """The same weight quantized on CUDA and on the CPU: the same storage, and reconstruction errors within 2% of
     each other (float arithmetic differs, so codes may; rtn's rounding is the same up to ties)."""
