@@ -78,7 +78,8 @@ def _default_out(model: str, method: str, bits: int) -> Path:
 @click.option("--stream", is_flag=True,
               help="Quantize tensor by tensor from the safetensors shards, never loading the whole model "
                    "(local folders and built-in models).")
-@click.option("--device", default="cpu", show_default=True, help="Where to run the quantization (cpu, cuda).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where to run the quantization and the before/after perplexity (cpu, cuda, cuda:N).")
 @_one_line_errors
 def quantize(model, bits, method, group_size, symmetric, transform, u_steps, tied_steps, sweeps, seed, skip, out_dir,
              overwrite, eval_data, eval_seq_len, eval_windows, no_eval, dtype, trust_remote_code, stream, device):
@@ -125,9 +126,17 @@ def quantize(model, bits, method, group_size, symmetric, transform, u_steps, tie
 @click.option("--report-dir", type=click.Path(path_type=Path), default=None,
               help="Where eval_report.{json,md} go (default: the adapter folder, else MODEL if it is a quantized "
                    "folder, else out/eval-<model>).")
+@click.option("--device", default="auto", show_default=True, help="auto (a CUDA GPU if there is one), cuda, cuda:N "
+                                                                  "or cpu.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Of the full-precision parameters (all of them for a float model; auto: a "
+              "quantized folder's as stored, a float model's float32). bfloat16 halves a GPU's memory and runs "
+              "quantized layers through the prefill kernels.")
 @_one_line_errors
-def eval_cmd(model, data, reference, seq_len, windows, bos, adapter, report_dir):
+def eval_cmd(model, data, reference, seq_len, windows, bos, adapter, report_dir, device, dtype):
     """Perplexity of MODEL (a quantized folder or any model) and KL divergence against --reference."""
+    import torch
+
     from quantune.models import is_quantized_folder
     from quantune.pipeline import run_eval
 
@@ -135,8 +144,9 @@ def eval_cmd(model, data, reference, seq_len, windows, bos, adapter, report_dir)
         report_dir = (adapter if adapter else Path(model) if is_quantized_folder(Path(model))
                       else Path("out") / f"eval-{_stem(model)}")
     report = run_eval(model, data=data, reference=reference, seq_len=seq_len, windows=windows,
-                      report_dir=report_dir, bos=bos, adapter=adapter)
-    click.echo(f"\n{report['protocol']}")
+                      report_dir=report_dir, bos=bos, adapter=adapter, device=device,
+                      dtype=None if dtype == "auto" else getattr(torch, dtype))
+    click.echo(f"\n{report['protocol']} Run on {report['device']}, {report['dtype']}.")
     click.echo(markdown_table(["model", "perplexity", "KL (nats)", "top-1 agreement"], eval_rows(report["results"])))
     click.echo(f"\nwrote {Path(report_dir) / 'eval_report.md'}")
 

@@ -11,8 +11,9 @@ case "$1" in
   gpu-tests) # issue 5: every GPU-marked test: the layer's CUDA paths against the CPU reference for eighteen formats
              # (1-16 tokens and prefill, bf16 / float16 / float32), q/k/v in one launch, CUDA-graph replay with new
              # inputs, quantizing on the GPU (tests/test_qlinear.py, written in the twenty-seventh session, not yet
-             # run on a GPU), generation in graph and compiled modes (tests/test_generate.py)
-             timeout 400 python -m pytest -q -m gpu -p no:cacheprovider tests/test_qlinear.py tests/test_generate.py \
+             # run on a GPU), `quantune eval` and `quantize --device cuda` on the GPU against the CPU figures
+             # (tests/test_cli.py), generation in graph and compiled modes (tests/test_generate.py)
+             timeout 400 python -m pytest -q -m gpu -p no:cacheprovider tests/test_qlinear.py tests/test_cli.py tests/test_generate.py \
                tests/test_launch.py > "$out/pytest_gpu.log" 2>&1 || true ;;
   transforms) # issue 5: kashin's input transforms, decode preparation and prefill, library against torch and the
              # copy bandwidth (the Hadamard kernel of the twenty-sixth session: before it, the torch transform)

@@ -102,18 +102,22 @@ def run_quantize(model_spec: str, cfg: QuantConfig, out_dir: str | Path, *, eval
     }
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         save_model_files(model, tokenizer, result.config, tmp)
-        _finish_report(report, tmp, model, result, reference, win, protocol, progress, start)
+        _finish_report(report, tmp, model, result, reference, win, protocol, progress, start, device)
     return report
 
 
-def _finish_report(report, folder: Path, quantized, result, original, win, protocol, progress, start) -> None:
-    """Evaluate original vs quantized (when a protocol is given) and write report.json / report.md."""
+def _finish_report(report, folder: Path, quantized, result, original, win, protocol, progress, start,
+                   device: str = "cpu") -> None:
+    """Evaluate original vs quantized (when a protocol is given) on ``device`` and write report.json / report.md."""
     if protocol is not None:
-        with cached_weights(quantized):
+        dev = torch.device(device)
+        if dev.type != "cpu":  # evaluated where they were quantized (the files are written by now)
+            original.to(dev), quantized.to(dev)
+        with _eval_weights(quantized, dev):
             results = evaluate_models({"original": original, "quantized": quantized}, win,
                                       reference=original, progress=progress)
         report["eval"] = {"protocol": protocol.describe(), "protocol_fields": protocol.__dict__,
-                          "results": {k: v.to_dict() for k, v in results.items()}}
+                          "device": device_name(dev), "results": {k: v.to_dict() for k, v in results.items()}}
     report["summary"] = _summary(quantized, result, folder)
     report["summary"]["total_seconds"] = time.perf_counter() - start
     (folder / "report.json").write_text(json.dumps(report, indent=2))
@@ -142,38 +146,66 @@ def _run_quantize_streamed(model_spec, cfg, out_dir, text, seq_len, windows, ove
             original, _, _ = load_model(model_spec, trust_remote_code=trust_remote_code)
             win, protocol = make_windows(tokenizer, text[0], seq_len, windows, bos=needs_bos(original, tokenizer),
                                          text_name=text[1])
-        _finish_report(report, folder, quantized, result, original, win, protocol, progress, start)
+        _finish_report(report, folder, quantized, result, original, win, protocol, progress, start, device)
 
     quantize_checkpoint(source, out_dir, cfg, device=device, dtype=dtype, overwrite=overwrite,
                         trust_remote_code=trust_remote_code, progress=progress, finish=finish)
     return report
 
 
-def load_any(spec: str, trust_remote_code: bool = False):
-    """A quantized folder through :func:`quantune.load`, anything else as a float model."""
+def load_any(spec: str, trust_remote_code: bool = False, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None):
+    """A quantized folder through :func:`quantune.load` (its full-precision parameters in ``dtype``, None: as
+    stored), anything else as a float model in ``dtype`` (None: float32); on ``device``."""
     path = Path(spec)
     if path.is_dir() and is_quantized_folder(path):
-        model, tokenizer = load(path)
-        return model, tokenizer
-    model, tokenizer, _ = load_model(spec, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+        return load(path, device=device, dtype=dtype or "auto")
+    model, tokenizer, _ = load_model(spec, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer
+
+
+def _float_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def device_name(device: torch.device) -> str:
+    """What a report calls the device it ran on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def _eval_weights(model, device: torch.device):
+    """On the CPU every quantized layer's weight is decoded once for the evaluation (one float copy, far faster
+    than decoding per window); on a GPU the layers run as they do in use: decoded per call in float32, through
+    the prefill kernels in bf16 / float16 (:class:`~quantune.qlinear.QuantLinear`), with no copy held."""
+    if device.type == "cpu":
+        return cached_weights(model)
+    return contextlib.nullcontext(model)
 
 
 def run_eval(model_spec: str, *, data: str = "builtin", reference: str | None = None, seq_len: int = 2048,
              windows: int | None = None, report_dir: str | Path | None = None, bos: bool | None = None,
-             adapter: str | Path | None = None, progress: bool = True) -> dict:
-    """Perplexity (and KL / top-1 agreement against ``reference``) of a model on a text."""
+             adapter: str | Path | None = None, progress: bool = True, device: str = "cpu",
+             dtype: torch.dtype | None = None) -> dict:
+    """Perplexity (and KL / top-1 agreement against ``reference``) of a model on a text, run on ``device``
+    ("auto": a CUDA GPU if there is one) with the full-precision parameters (and, for a float model, every
+    parameter) in ``dtype`` (None: a quantized folder's as stored, a float model's float32); a quantized
+    model's weights keep their stored format."""
+    from quantune.finetune import resolve_device
+
     start = time.perf_counter()
+    dev = resolve_device(device)
     text, text_name = load_text(data)
-    model, tokenizer = load_any(model_spec)
+    model, tokenizer = load_any(model_spec, device=dev, dtype=dtype)
     if adapter is not None:
         from quantune.lora import load_adapter
 
-        model = load_adapter(model, adapter)
+        model = load_adapter(model, adapter).to(dev)
     bos = needs_bos(model, tokenizer) if bos is None else bos
     win, protocol = make_windows(tokenizer, text, seq_len, windows, bos=bos, text_name=text_name)
-    ref_model = load_any(reference)[0] if reference else None
-    with cached_weights(model):
+    ref_model = load_any(reference, device=dev, dtype=dtype)[0] if reference else None
+    with _eval_weights(model, dev):
         name = f"{model_spec} + {adapter}" if adapter else model_spec
         results = evaluate_models({name: model}, win, reference=ref_model, progress=progress)
     report = {
@@ -181,6 +213,7 @@ def run_eval(model_spec: str, *, data: str = "builtin", reference: str | None = 
         "reference": reference,
         "quantized": any(isinstance(m, QuantLinear) for m in model.modules()),
         "protocol": protocol.describe(), "protocol_fields": protocol.__dict__,
+        "device": device_name(dev), "dtype": str(_float_dtype(model)).removeprefix("torch."),
         "results": {k: v.to_dict() for k, v in results.items()}, "seconds": time.perf_counter() - start,
     }
     if report_dir is not None:

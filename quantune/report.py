@@ -66,7 +66,8 @@ def quantize_markdown(report: dict) -> str:
     ])]
     if report.get("eval"):
         ev = report["eval"]
-        out += ["", "## Perplexity", "", f"Protocol: {ev['protocol']}", "",
+        where = f" Run on {ev['device']}." if ev.get("device") else ""
+        out += ["", "## Perplexity", "", f"Protocol: {ev['protocol']}{where}", "",
                 markdown_table(["model", "perplexity", "KL to original (nats)", "top-1 agreement"],
                                eval_rows(ev["results"]))]
     out += ["", "## Kept in full precision", "",
@@ -81,7 +82,8 @@ def quantize_markdown(report: dict) -> str:
 
 
 def eval_markdown(report: dict) -> str:
-    out = [f"# quantune eval: {report['model']}", "", f"Protocol: {report['protocol']}", ""]
+    where = f" Run on {report['device']}, {report['dtype']}." if report.get("device") else ""
+    out = [f"# quantune eval: {report['model']}", "", f"Protocol: {report['protocol']}{where}", ""]
     if report.get("reference"):
         out += [f"Reference for KL and top-1 agreement: {report['reference']}", ""]
     out.append(markdown_table(["model", "perplexity", "KL to reference (nats)", "top-1 agreement"],

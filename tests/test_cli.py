@@ -67,9 +67,12 @@ def test_quantize_writes_a_complete_folder(quantized):
 def test_eval_reports_perplexity_and_kl(quantized, tiny_folders, text_file):
     out, _ = quantized
     result = run("eval", out, "--data", text_file, "--seq-len", 64, "--windows", 3,
-                 "--reference", tiny_folders["llama"])
+                 "--reference", tiny_folders["llama"], "--device", "cpu")
     assert result.exit_code == 0, result.output
+    assert "Run on cpu, float32." in result.output
     report = json.loads((out / "eval_report.json").read_text())
+    assert report["device"] == "cpu" and report["dtype"] == "float32"
+    assert "Run on cpu, float32." in (out / "eval_report.md").read_text()
     metrics = report["results"][str(out)]
     quant = json.loads((out / "report.json").read_text())["eval"]["results"]["quantized"]
     # the reloaded folder scores exactly what the in-memory quantized model scored
@@ -207,7 +210,8 @@ def test_bfloat16_full_precision_parameters(tiny_folders, text_file, tmp_path):
     assert run("quantize", tiny_folders["qwen2"], "--bits", 4, "--out", float32, "--no-eval").exit_code == 0
     assert (out / "model.safetensors").stat().st_size < (float32 / "model.safetensors").stat().st_size
     # the folder, loaded as stored, scores exactly what the in-memory bfloat16 model scored
-    assert run("eval", out, "--data", text_file, "--seq-len", 64, "--windows", 2).exit_code == 0
+    assert run("eval", out, "--data", text_file, "--seq-len", 64, "--windows", 2, "--device", "cpu").exit_code == 0
+    assert json.loads((out / "eval_report.json").read_text())["dtype"] == "bfloat16"  # as stored
     reloaded = json.loads((out / "eval_report.json").read_text())["results"][str(out)]
     assert reloaded["ppl"] == pytest.approx(report["eval"]["results"]["quantized"]["ppl"], rel=1e-6)
 
@@ -284,3 +288,36 @@ def test_generate_on_the_cpu_decodes_each_quantized_weight_once(quantized, monke
     result = run("generate", out, "--prompt", "The quick brown", "--max-new-tokens", 8, "--no-stop")
     assert result.exit_code == 0, result.output
     assert len(calls) == len(set(map(id, calls))) == 14  # 2 layers x 7 linear layers, each once
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_eval_on_a_gpu_that_is_not_there_is_a_one_line_error(quantized):
+    out, _ = quantized
+    assert_one_line_error(run("eval", out, "--seq-len", 32, "--windows", 1, "--device", "cuda"), "no CUDA GPU")
+    assert_one_line_error(run("eval", out, "--seq-len", 32, "--windows", 1, "--device", "tpu"), "unknown device")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eval_on_the_gpu_gives_the_cpu_figures(quantized, tiny_folders, text_file, tmp_path):
+    """The same folder and reference evaluated on the GPU (float32: within float rounding of the CPU's figures; bf16:
+    through the prefill kernels, close) and quantized with --device cuda (evaluated there too)."""
+    out, _ = quantized
+    args = ["--data", text_file, "--seq-len", 64, "--windows", 3, "--reference", tiny_folders["llama"]]
+    figures = {}
+    for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "bfloat16")):
+        report_dir = tmp_path / f"{device}-{dtype}"
+        result = run("eval", out, *args, "--device", device, "--dtype", dtype, "--report-dir", report_dir)
+        assert result.exit_code == 0, result.output
+        report = json.loads((report_dir / "eval_report.json").read_text())
+        assert report["dtype"] == dtype and (report["device"] == "cpu") == (device == "cpu")
+        figures[(device, dtype)] = report["results"][str(out)]
+    cpu, gpu, half = figures[("cpu", "float32")], figures[("cuda", "float32")], figures[("cuda", "bfloat16")]
+    assert gpu["ppl"] == pytest.approx(cpu["ppl"], rel=1e-4) and gpu["kl"] == pytest.approx(cpu["kl"], rel=1e-2, abs=1e-5)
+    assert half["ppl"] == pytest.approx(cpu["ppl"], rel=0.02)
+    on_gpu = tmp_path / "k4-cuda"
+    result = run("quantize", tiny_folders["llama"], "--bits", 4, "--out", on_gpu, "--device", "cuda",
+                 "--eval-data", text_file, "--eval-seq-len", 64, "--eval-windows", 3)
+    assert result.exit_code == 0, result.output
+    report = json.loads((on_gpu / "report.json").read_text())
+    assert report["eval"]["device"] != "cpu" and math.isfinite(report["eval"]["results"]["quantized"]["ppl"])
