@@ -45,6 +45,44 @@ def test_streamed_folder_equals_the_in_memory_one(family, shard_size, tmp_path, 
     assert (tmp_path / "streamed" / "tokenizer.json").is_file()
 
 
+def test_overlapped_reads_and_writes_give_the_plain_loops_files(tmp_path, tokenizer, monkeypatch):
+    """OVERLAP (the next tensor read and the last shard written by threads beside the arithmetic) changes when
+    bytes move, never which: every file of the output folder is byte for byte the plain loop's."""
+    from quantune import stream
+
+    src = tmp_path / "src"
+    tiny_model("qwen2").save_pretrained(src, max_shard_size="60KB")
+    tokenizer.save_pretrained(src)
+    assert len(checkpoint_shards(src)) > 2
+    cfg = QuantConfig(bits=4, group_size=32)
+    for overlap in (True, False):
+        monkeypatch.setattr(stream, "OVERLAP", overlap)
+        quantize_checkpoint(src, tmp_path / f"out-{overlap}", cfg, progress=False)
+    a, b = tmp_path / "out-True", tmp_path / "out-False"
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and any(n.endswith(".safetensors") for n in names)
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_a_failed_write_behind_leaves_nothing(tmp_path, tokenizer, monkeypatch):
+    """A shard whose write fails in the writer thread fails the run, and no output folder is left."""
+    from quantune import stream
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src, max_shard_size="100KB")
+    calls = []
+
+    def failing_save(tensors, path, metadata=None):
+        calls.append(path)
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        stream.quantize_checkpoint(src, tmp_path / "out", QuantConfig(bits=4), progress=False)
+    assert calls and not any(p.name.startswith(("out", ".out")) for p in tmp_path.iterdir())
+
+
 def test_streaming_refuses_renamed_tensors_and_leaves_nothing(tmp_path, tokenizer):
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src)
