@@ -343,8 +343,9 @@ def finetune(quantized, data, text_field, eval_data, eval_windows, eval_seq_len,
 @click.option("--eval-windows", type=int, default=4)
 @click.option("--seq-len", type=int, default=512)
 @click.option("--overwrite", is_flag=True)
+@click.option("--device", default="cpu", help="Where to merge, re-quantize and evaluate: cpu, cuda, cuda:N or auto.")
 @_one_line_errors
-def merge(quantized, adapter, out_dir, dtype, requantize, eval_data, eval_windows, seq_len, overwrite):
+def merge(quantized, adapter, out_dir, dtype, requantize, eval_data, eval_windows, seq_len, overwrite, device):
     """Fold an adapter into a float copy of QUANTIZED (dequantized base + B A), saved as a plain
     transformers folder, or re-quantized with --requantize."""
     import torch
@@ -352,7 +353,8 @@ def merge(quantized, adapter, out_dir, dtype, requantize, eval_data, eval_window
     from quantune.finetune import run_merge
 
     result = run_merge(quantized, adapter, out_dir, dtype=getattr(torch, dtype), requantize=requantize,
-                       eval_data=eval_data, eval_windows=eval_windows, seq_len=seq_len, overwrite=overwrite)
+                       eval_data=eval_data, eval_windows=eval_windows, seq_len=seq_len, overwrite=overwrite,
+                       device=device)
     rows = [[k, v] for k, v in result.items() if k.startswith("ppl_")]
     if rows:
         click.echo(f"{result['protocol']}\n" + markdown_table(["model", "perplexity"], rows))

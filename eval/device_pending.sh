@@ -13,7 +13,7 @@ case "$1" in
              # inputs, quantizing on the GPU (tests/test_qlinear.py, written in the twenty-seventh session, not yet
              # run on a GPU), `quantune eval` and `quantize --device cuda` on the GPU against the CPU figures
              # (tests/test_cli.py), generation in graph and compiled modes (tests/test_generate.py)
-             timeout 400 python -m pytest -q -m gpu -p no:cacheprovider tests/test_qlinear.py tests/test_cli.py tests/test_generate.py \
+             timeout 400 python -m pytest -q -m gpu -p no:cacheprovider tests/test_qlinear.py tests/test_cli.py tests/test_finetune.py tests/test_generate.py \
                tests/test_launch.py > "$out/pytest_gpu.log" 2>&1 || true ;;
   transforms) # issue 5: kashin's input transforms, decode preparation and prefill, library against torch and the
              # copy bandwidth (the Hadamard kernel of the twenty-sixth session: before it, the torch transform)

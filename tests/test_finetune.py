@@ -390,3 +390,33 @@ def test_merge_with_requantize_writes_a_quantized_folder(quantized_folder, text_
     assert result["ppl_merged"] == pytest.approx(result["ppl_base_plus_adapter"], rel=1e-4)
     assert math.isfinite(result["ppl_requantized"])
     load(tmp_path / "requant")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_merge_on_a_gpu_that_is_not_there_is_a_one_line_error(quantized_folder, tmp_path):
+    r = _run("merge", quantized_folder, "--adapter", tmp_path, "--out", tmp_path / "m", "--device", "cuda")
+    assert r.exit_code != 0 and "no cuda gpu" in r.output.lower() and not (tmp_path / "m").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_merge_on_the_gpu_gives_the_cpu_folders_figures(quantized_folder, text_file, tmp_path):
+    """quantune merge --device cuda (merge, re-quantize on the GPU, evaluate there): a loadable quantized folder and
+    perplexities within float rounding of the CPU run's for the merged model."""
+    from quantune.serialization import load
+
+    pm_dir = tmp_path / "adapter"
+    model, _ = load(quantized_folder)
+    attach_lora(model, make_lora_config(r=2, alpha=4)).save_pretrained(pm_dir)
+    reports = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"requant-{device}"
+        r = _run("merge", quantized_folder, "--adapter", pm_dir, "--out", out, "--requantize", "--eval-data",
+                 text_file, "--eval-windows", 2, "--seq-len", 32, "--device", device)
+        assert r.exit_code == 0, r.output
+        reports[device] = json.loads((out / "merge_report.json").read_text())
+        load(out)
+    cpu, gpu = reports["cpu"], reports["cuda"]
+    assert gpu["ppl_merged"] == pytest.approx(cpu["ppl_merged"], rel=1e-4)
+    assert gpu["ppl_base_plus_adapter"] == pytest.approx(cpu["ppl_base_plus_adapter"], rel=1e-4)
+    assert math.isfinite(gpu["ppl_requantized"])
