@@ -23,6 +23,13 @@ def _one_line_errors(fn):
             return fn(*args, **kwargs)
         except QuantuneError as exc:
             raise click.ClickException(str(exc).splitlines()[0]) from exc
+        except RuntimeError as exc:
+            if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+                raise
+            detail = str(exc).splitlines()[0] if str(exc) else "out of memory"
+            raise click.ClickException(f"the GPU ran out of memory ({detail.rstrip('.')}); free it, or use smaller "
+                                       f"settings (e.g. --dtype bfloat16, a smaller --batch-size) or --device cpu"
+                                       ) from exc
 
     return wrapper
 

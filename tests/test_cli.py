@@ -321,3 +321,16 @@ def test_eval_on_the_gpu_gives_the_cpu_figures(quantized, tiny_folders, text_fil
     assert result.exit_code == 0, result.output
     report = json.loads((on_gpu / "report.json").read_text())
     assert report["eval"]["device"] != "cpu" and math.isfinite(report["eval"]["results"]["quantized"]["ppl"])
+
+
+def test_running_out_of_gpu_memory_is_a_one_line_error(quantized, monkeypatch):
+    import quantune.pipeline
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nmore detail")
+
+    monkeypatch.setattr(quantune.pipeline, "run_eval", oom)
+    out, _ = quantized
+    result = run("eval", out, "--seq-len", 32, "--windows", 1)
+    assert_one_line_error(result, "the GPU ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB)")
+    assert "--device cpu" in result.output
