@@ -8,12 +8,12 @@ every other tensor is copied (cast to ``dtype`` when given). Peak memory is one 
 shard on the host plus a small multiple of the largest tensor on ``device``. The result is
 the same folder layout as the in-memory path and loads with :func:`quantune.load`.
 
-With :data:`OVERLAP` (by default where the arithmetic runs on a GPU), reading and writing run
-beside the arithmetic: a thread reads the next tensor of the shard while the current one is
-quantized, and another writes a finished output shard while the next shard is quantized (one
-more output shard on the host at most). On the CPU the arithmetic already uses every core, so
-there the loop stays plain. The arithmetic and its order are unchanged, so the files are byte
-for byte those of the plain loop.
+With :data:`OVERLAP`, reading and writing run beside the arithmetic: a thread reads the next
+tensor of the shard while the current one is quantized, and another writes a finished output
+shard while the next shard is quantized (one more output shard on the host at most). The
+arithmetic and its order are unchanged, so the files are byte for byte those of the plain
+loop. Off until timed on the GPU (eval/bench_quantize.py runs both); meant for GPUs, where the
+CPU's cores are free while the device computes (on the CPU the arithmetic uses every core).
 """
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ from quantune.quantize import QuantizeResult, plan_modules
 from quantune.serialization import atomic_folder
 
 INDEX = "model.safetensors.index.json"
-# read the next tensor and write the last shard while the current tensor is quantized: None where the arithmetic
-# runs on a GPU (the CPU's cores are then free), or True / False everywhere
-OVERLAP: bool | None = None
+# read the next tensor and write the last shard while the current tensor is quantized: True / False everywhere, or
+# None where the arithmetic runs on a GPU. False until the device has timed it (bench_quantize: both in one run); a
+# reader thread that holds the GIL while it copies could also starve the launches of the arithmetic
+OVERLAP: bool | None = False
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
            "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
 

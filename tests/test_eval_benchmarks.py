@@ -44,8 +44,8 @@ def test_quantize_benchmark_measures_its_byte_floor_and_baselines(tmp_path):
     _run(["eval.bench_quantize", "--device", "cpu", "--shape", "tiny", "--out", str(out)], tmp_path, 300)
     s = json.loads(out.with_suffix(".json").read_text())
     assert s["layers"] == 2 and s["wall_seconds"] > 0 and s["device_copy_GBps"] is None  # no CUDA copy here
-    # the pass again with reading and writing in line with the arithmetic: the same files
-    assert s["wall_seconds_plain_loop"] > 0 and s["plain_loop_files_equal"] is True
+    # the pass again with reading and writing in threads beside the arithmetic: the same files
+    assert s["wall_seconds_overlapped"] > 0 and s["overlapped_files_equal"] is True
     kinds = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert set(s["by_layer_type"]) == kinds and all(e["layers"] == 2 for e in s["by_layer_type"].values())
     floor = s["io_floor"]

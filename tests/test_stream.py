@@ -65,10 +65,12 @@ def test_overlapped_reads_and_writes_give_the_plain_loops_files(tmp_path, tokeni
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_a_failed_write_behind_leaves_nothing(tmp_path, tokenizer, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failed_write_behind_leaves_nothing(overlap, tmp_path, tokenizer, monkeypatch):
     """A shard whose write fails in the writer thread fails the run, and no output folder is left."""
     from quantune import stream
 
+    monkeypatch.setattr(stream, "OVERLAP", overlap)
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src, max_shard_size="100KB")
     calls = []
