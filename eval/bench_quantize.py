@@ -15,7 +15,9 @@ peak device memory, the largest tensor and the read/write volumes. In the same r
   bandwidth (a large device-to-device copy);
 - the quantization arithmetic alone, weight by weight already on the device: quantune's method, quantune's
   rtn at the same width (one scale a row) and bitsandbytes NF4 (``quantize_4bit``, blocks of 64), where
-  bitsandbytes is installed.
+  bitsandbytes is installed; on CUDA also kashin with its codes assigned by the GPU kernel
+  (``quantune.fit_kernels.NEAREST_KERNEL``, off by default until this decides it), whose codes and
+  coefficients must equal the plain fit's (checked per layer in the same run).
 
 ``--layers`` shrinks the model (a 2-layer run checks the set-up in seconds); ``--shape tiny`` makes every
 matrix small (the CPU smoke test).
@@ -194,11 +196,25 @@ def arithmetic_alone(src: Path, targets: set, cfg, device: str) -> dict:
         import bitsandbytes.functional as bnbf
     except Exception:  # noqa: BLE001 - any import failure means no NF4 baseline here
         bnbf = None
+    from quantune import fit_kernels
+
     rtn = QuantConfig(method="rtn", bits=cfg.bits)
-    contenders = {cfg.method: lambda w: get_method(cfg.method).quantize(w.float(), cfg),
-                  "rtn": lambda w: get_method("rtn").quantize(w.float(), rtn)}
+    outputs = {}
+
+    def fit(w, kernel=False):
+        saved, fit_kernels.NEAREST_KERNEL = fit_kernels.NEAREST_KERNEL, kernel
+        try:
+            buffers, _ = get_method(cfg.method).quantize(w.float(), cfg)
+        finally:
+            fit_kernels.NEAREST_KERNEL = saved
+        outputs["kernel" if kernel else "plain"] = buffers
+
+    contenders = {cfg.method: fit, "rtn": lambda w: get_method("rtn").quantize(w.float(), rtn)}
     if bnbf is not None:
         contenders["nf4"] = lambda w: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    if cfg.method == "kashin" and device.startswith("cuda") and fit_kernels.triton is not None:
+        contenders["kashin+nearest-kernel"] = lambda w: fit(w, kernel=True)
+    equal = True
     by_type: dict = {}
     warm = False
     for shard in checkpoint_shards(src):
@@ -221,9 +237,12 @@ def arithmetic_alone(src: Path, targets: set, cfg, device: str) -> dict:
                     fn(w)
                     _sync(device)
                     entry[c] += time.perf_counter() - t0
+                if "kernel" in outputs:  # the kernel's fit: the plain fit's codes and coefficients, bit for bit
+                    equal &= all(torch.equal(outputs["plain"][k], outputs["kernel"][k]) for k in outputs["plain"])
                 del w
     return {"contenders": list(contenders), "by_layer_type": by_type,
-            "totals": {c: sum(e[c] for e in by_type.values()) for c in contenders}}
+            "totals": {c: sum(e[c] for e in by_type.values()) for c in contenders},
+            "nearest_kernel_equal": equal if "kernel" in outputs else None}
 
 
 def main() -> None:
@@ -338,7 +357,11 @@ def render(s: dict) -> str:
     lines.append("'in the pass': each layer's time inside the streamed run (its arithmetic, the error check, the "
                  "copies of its buffers); 'alone': the arithmetic only, the weight already on the device, same run"
                  + ("; nf4: bitsandbytes quantize_4bit, blocks of 64" if "nf4" in names else
-                    "; bitsandbytes missing here: no NF4 column") + ".\n")
+                    "; bitsandbytes missing here: no NF4 column")
+                 + ("; kashin+nearest-kernel: kashin with its codes assigned by quantune.fit_kernels (off by "
+                    "default), codes and coefficients " + ("equal to the plain fit's, every layer"
+                                                           if arith["nearest_kernel_equal"] else "DIFFERENT")
+                    if arith and arith.get("nearest_kernel_equal") is not None else "") + ".\n")
     floor = s.get("io_floor")
     if floor:
         steps = [("read the source shards", "read"), ("weights to the device", "to_device"),

@@ -11,9 +11,10 @@ case "$1" in
   gpu-tests) # issue 5: every GPU-marked test: the layer's CUDA paths against the CPU reference for eighteen formats
              # (1-16 tokens and prefill, bf16 / float16 / float32), q/k/v in one launch, CUDA-graph replay with new
              # inputs, quantizing on the GPU (tests/test_qlinear.py, written in the twenty-seventh session, not yet
-             # run on a GPU), `quantune eval` and `quantize --device cuda` on the GPU against the CPU figures
+             # run on a GPU), the fit's code-assignment kernel against the torch fit (tests/test_fit_kernels.py),
+             # `quantune eval` and `quantize --device cuda` on the GPU against the CPU figures
              # (tests/test_cli.py), generation in graph and compiled modes (tests/test_generate.py)
-             timeout 400 python -m pytest -q -m gpu -p no:cacheprovider tests/test_qlinear.py tests/test_cli.py tests/test_finetune.py tests/test_generate.py \
+             timeout 400 python -m pytest -q -m gpu -p no:cacheprovider tests/test_qlinear.py tests/test_fit_kernels.py tests/test_cli.py tests/test_finetune.py tests/test_generate.py \
                tests/test_launch.py > "$out/pytest_gpu.log" 2>&1 || true ;;
   transforms) # issue 5: kashin's input transforms, decode preparation and prefill, library against torch and the
              # copy bandwidth (the Hadamard kernel of the twenty-sixth session: before it, the torch transform)
@@ -57,7 +58,8 @@ case "$1" in
   generate-eager-repeat) # issue 5: the eager column of bench_generate read 9.2 tokens/s for rtn-4 once (13-19 before)
              python -m eval.bench_generate --contenders bf16,rtn-4,rtn-2 --new-tokens 64 --out "$out/bench_generate_eager" ;;
   quantize)  # issue 5: the 7B-shaped streamed quantization, with (since the twenty-seventh session) its byte floor
-             # (the same bytes moved with no arithmetic) and the arithmetic alone against rtn and bitsandbytes NF4
+             # (the same bytes moved with no arithmetic), the overlapped loop (stream.OVERLAP) and the arithmetic
+             # alone against rtn, bitsandbytes NF4 and kashin with the code-assignment kernel (fit_kernels)
              timeout 480 python -m eval.bench_quantize --device cuda --workdir /tmp --out "$out/bench_quantize" \
                > "$out/bench_quantize.log" 2>&1 || true ;;
   recovery3) [ -d /tmp/rec/k3 ] || python -m quantune quantize /tmp/smollm2.gguf --bits 3 --out /tmp/rec/k3 --no-eval

@@ -166,11 +166,20 @@ def _refit(x: torch.Tensor, xt: torch.Tensor, su: torch.Tensor, sv: torch.Tensor
     return coeffs.float(), fit
 
 
+def nearest_level_values(target: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nearest_level`'s index ``(B, g)`` and the level's value there."""
+    idx = nearest_level(target, levels)
+    return idx, levels.gather(-1, idx)
+
+
 def kashin_decompose(x: torch.Tensor, ku: int, kv: int, transform: str = "dct",
-                     seed: int = 0, sweeps: int = 6, tied: int = 0) -> KashinFactors:
+                     seed: int = 0, sweeps: int = 6, tied: int = 0, nearest=None) -> KashinFactors:
     """Decompose every row of ``x`` ``(B, g)``; see the module docstring for the math. ``tied`` >= 2: the
     ``tied`` smallest u steps share one coefficient, doubling from plane to plane (stored as the last u planes,
-    smallest first: ``c_{t+1} = 2 c_t`` exactly in float16), so their bits read as one integer field."""
+    smallest first: ``c_{t+1} = 2 c_t`` exactly in float16), so their bits read as one integer field.
+    ``nearest``: what assigns the codes, ``(target, levels) -> (index, value)`` with :func:`nearest_level_values`'s
+    results (default: it; :mod:`quantune.fit_kernels` has a GPU kernel with the same results)."""
+    nearest = nearest or nearest_level_values
     if x.dim() != 2:
         raise ValueError(f"kashin_decompose expects (B, g) vectors, got shape {tuple(x.shape)}")
     if ku < 0 or kv < 0 or not 1 <= ku + kv <= 8:
@@ -219,14 +228,12 @@ def kashin_decompose(x: torch.Tensor, ku: int, kv: int, transform: str = "dct",
         """Best u codes given v, then best v codes given u, for fixed coefficients."""
         lev_u = coeffs[:, :ku] @ table_u.T
         target_u = x - inverse_transform(v_hat, transform, seed) if kv else x
-        iu = nearest_level(target_u, lev_u)
-        u_hat = lev_u.gather(-1, iu)
+        iu, u_hat = nearest(target_u, lev_u)
         iv = torch.zeros_like(iu)
         if kv:
             lev_v = coeffs[:, ku:] @ table_v.T
             target_v = xt - forward_transform(u_hat, transform, seed)
-            iv = nearest_level(target_v, lev_v)
-            v_hat = lev_v.gather(-1, iv)
+            iv, v_hat = nearest(target_v, lev_v)
         return iu, iv, u_hat, v_hat
 
     # 2. block-coordinate sweeps: codes given coefficients, then least-squares coefficients

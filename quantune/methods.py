@@ -144,7 +144,10 @@ class KashinMethod(Method):
         vectors = w.reshape(m * n // g, g)
         # vectors are independent: decompose them a block at a time, so the working memory (some
         # tens of bytes per weight) stays bounded by the block, not the layer
-        parts = [kashin_decompose(v, cfg.ku, cfg.kv, cfg.transform, cfg.seed, cfg.sweeps, cfg.tied)
+        from quantune.fit_kernels import nearest_for
+
+        nearest = nearest_for(w.device)  # the GPU's code-assignment kernel where switched on (same results)
+        parts = [kashin_decompose(v, cfg.ku, cfg.kv, cfg.transform, cfg.seed, cfg.sweeps, cfg.tied, nearest)
                  for v in vectors.split(max(1, KASHIN_BLOCK_ELEMENTS // g))]
         sq = [float(v.float().square().sum()) for v in vectors.split(max(1, KASHIN_BLOCK_ELEMENTS // g))]
         history = [(sum(p.history[i] ** 2 * q for p, q in zip(parts, sq)) / max(sum(sq), 1e-60)) ** 0.5
