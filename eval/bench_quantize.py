@@ -282,7 +282,7 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
         written = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
         targets = set(result.layers)
-        floor = arithmetic = copy_gbps = overlapped = None
+        floor = arithmetic = copy_gbps = overlapped = same = None
         if not args.no_baselines:
             from quantune import stream
 
@@ -317,7 +317,7 @@ def main() -> None:
                                       for s in result.layers.values()) / params) ** 0.5,
                "io_floor": floor, "device_copy_GBps": copy_gbps, "arithmetic_alone": arithmetic,
                "wall_seconds_overlapped": overlapped,
-               "overlapped_files_equal": same if overlapped is not None else None}
+               "overlapped_files_equal": same}
     if floor:
         summary["wall_over_io_floor"] = wall / floor["seconds"]
     if copy_gbps and floor:  # the device's own floor: every quantized weight read once (bf16), its outputs written

@@ -112,7 +112,8 @@ def _finish_report(report, folder: Path, quantized, result, original, win, proto
     if protocol is not None:
         dev = torch.device(device)
         if dev.type != "cpu":  # evaluated where they were quantized (the files are written by now)
-            original.to(dev), quantized.to(dev)
+            original.to(dev)
+            quantized.to(dev)
         with _eval_weights(quantized, dev):
             results = evaluate_models({"original": original, "quantized": quantized}, win,
                                       reference=original, progress=progress)
