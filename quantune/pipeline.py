@@ -236,17 +236,13 @@ def load_for_generation(model_spec: str, *, device: str = "auto", dtype: torch.d
     torch_dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     path = Path(model_spec)
     quantized = path.is_dir() and is_quantized_folder(path)
-    if quantized:
-        model, tokenizer = load(path, device=dev, dtype=torch_dtype)
-    else:
-        model, tokenizer, _ = load_model(model_spec, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        model = model.to(dev).eval()
+    model, tokenizer = load_any(model_spec, trust_remote_code, device=dev, dtype=torch_dtype)
     if adapter is not None:
         from quantune.lora import load_adapter
 
         model = load_adapter(model, adapter).eval()
     info = {"model": model_spec, "adapter": str(adapter) if adapter else None, "quantized": quantized,
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "device_name": device_name(dev),
             "dtype": str(torch_dtype).removeprefix("torch.")}
     return model, tokenizer, info
 

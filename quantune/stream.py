@@ -118,9 +118,10 @@ def quantize_checkpoint(src: str | Path, out: str | Path, cfg: QuantConfig, *, d
                         tensors[key] = tensor.contiguous()
             if writing is not None:
                 writing.result()  # one shard in flight at most; an error surfaces here
-            writing = writer.submit(save_file, tensors, str(tmp / shard.name), metadata={"format": "pt"})
-            if not overlap:
-                writing.result()
+            if overlap:
+                writing = writer.submit(save_file, tensors, str(tmp / shard.name), metadata={"format": "pt"})
+            else:
+                save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
             for key, tensor in tensors.items():
                 weight_map[key] = shard.name
                 total += tensor.numel() * tensor.element_size()
