@@ -17,10 +17,12 @@ peak device memory, the largest tensor and the read/write volumes. In the same r
   rtn at the same width (one scale a row) and bitsandbytes NF4 (``quantize_4bit``, blocks of 64), where
   bitsandbytes is installed; on CUDA also kashin with its codes assigned by the GPU kernel
   (``quantune.fit_kernels.NEAREST_KERNEL``, off by default until this decides it), whose codes and
-  coefficients must equal the plain fit's (checked per layer in the same run).
+  coefficients must equal the plain fit's (checked per layer in the same run); on the CPU also kashin's fit as
+  the GPU runs it without that kernel (binary search for the codes, the refit from the signs), against the CPU's
+  own (comparisons, per-code sums; ``quantune.kashin``).
 
 ``--layers`` shrinks the model (a 2-layer run checks the set-up in seconds); ``--shape tiny`` makes every
-matrix small (the CPU smoke test).
+matrix small (the CPU smoke test); ``--shape smollm2-135m`` is SmolLM2-135M's shape (a CPU run in minutes).
 """
 from __future__ import annotations
 
@@ -39,7 +41,9 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
 TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, vocab_size=512, max_position_embeddings=256)
-SHAPES = {"llama2-7b": LLAMA2_7B, "tiny": TINY}
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                   num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048)
+SHAPES = {"llama2-7b": LLAMA2_7B, "smollm2-135m": SMOLLM2_135M, "tiny": TINY}
 
 
 def write_checkpoint(folder: Path, layers: int, shard_bytes: int = 5 * 2 ** 30, shape: dict = LLAMA2_7B) -> int:
@@ -51,14 +55,15 @@ def write_checkpoint(folder: Path, layers: int, shard_bytes: int = 5 * 2 ** 30, 
     folder.mkdir(parents=True)
     cfg.save_pretrained(folder)
     h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)  # k and v rows (grouped-query attention)
     g = torch.Generator().manual_seed(0)
 
     def tensors():
         yield "model.embed_tokens.weight", (v, h)
         for i in range(layers):
             p = f"model.layers.{i}."
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                yield p + f"self_attn.{name}.weight", (h, h)
+            for name, rows in (("q_proj", h), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)):
+                yield p + f"self_attn.{name}.weight", (rows, h)
             yield p + "mlp.gate_proj.weight", (f, h)
             yield p + "mlp.up_proj.weight", (f, h)
             yield p + "mlp.down_proj.weight", (h, f)
@@ -209,11 +214,25 @@ def arithmetic_alone(src: Path, targets: set, cfg, device: str) -> dict:
             fit_kernels.NEAREST_KERNEL = saved
         outputs["kernel" if kernel else "plain"] = buffers
 
+    def gpu_path(w):
+        """The fit as the GPU runs it without the kernel: binary search for the codes, the refit from the signs
+        (the library's CPU path counts by comparisons and refits from per-code sums; quantune.kashin)."""
+        from quantune import kashin
+
+        saved = kashin.REFIT_BY_LEVEL, kashin.NEAREST_BY_COMPARISON
+        kashin.REFIT_BY_LEVEL = kashin.NEAREST_BY_COMPARISON = False
+        try:
+            return get_method(cfg.method).quantize(w.float(), cfg)
+        finally:
+            kashin.REFIT_BY_LEVEL, kashin.NEAREST_BY_COMPARISON = saved
+
     contenders = {cfg.method: fit, "rtn": lambda w: get_method("rtn").quantize(w.float(), rtn)}
     if bnbf is not None:
         contenders["nf4"] = lambda w: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
     if cfg.method == "kashin" and device.startswith("cuda") and fit_kernels.triton is not None:
         contenders["kashin+nearest-kernel"] = lambda w: fit(w, kernel=True)
+    if cfg.method == "kashin" and device == "cpu":
+        contenders["kashin, GPU's torch path"] = gpu_path
     equal = True
     by_type: dict = {}
     warm = False
@@ -272,7 +291,8 @@ def main() -> None:
         src, dst = Path(tmp) / "checkpoint-random", Path(tmp) / "quantized"
         t0 = time.perf_counter()
         read_bytes = write_checkpoint(src, layers, shape=shape,
-                                      shard_bytes=5 * 2 ** 30 if args.shape == "llama2-7b" else 2 ** 20)
+                                      shard_bytes={"llama2-7b": 5 * 2 ** 30, "smollm2-135m": 2 ** 28}.get(args.shape,
+                                                                                                        2 ** 20))
         write_s = time.perf_counter() - t0
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -361,7 +381,10 @@ def render(s: dict) -> str:
                  + ("; kashin+nearest-kernel: kashin with its codes assigned by quantune.fit_kernels (off by "
                     "default), codes and coefficients " + ("equal to the plain fit's, every layer"
                                                            if arith["nearest_kernel_equal"] else "DIFFERENT")
-                    if arith and arith.get("nearest_kernel_equal") is not None else "") + ".\n")
+                    if arith and arith.get("nearest_kernel_equal") is not None else "")
+                 + ("; kashin, GPU's torch path: the fit as the GPU runs it without the kernel (binary search, "
+                    "the refit from the signs), where the CPU's counts by comparisons and refits from per-code sums"
+                    if "kashin, GPU's torch path" in names else "") + ".\n")
     floor = s.get("io_floor")
     if floor:
         steps = [("read the source shards", "read"), ("weights to the device", "to_device"),

@@ -58,6 +58,7 @@ def test_quantize_benchmark_measures_its_byte_floor_and_baselines(tmp_path):
     assert s["wall_over_io_floor"] == pytest.approx(s["wall_seconds"] / floor["seconds"])
     arith = s["arithmetic_alone"]
     assert arith["contenders"][:2] == ["kashin", "rtn"] and set(arith["by_layer_type"]) == kinds
+    assert "kashin, GPU's torch path" in arith["contenders"]  # on the CPU: the fit as the GPU runs it, timed beside
     assert all(e[c] > 0 for e in arith["by_layer_type"].values() for c in arith["contenders"])
     md = out.with_suffix(".md").read_text()
     assert "Against the byte floor" in md and "kashin alone s" in md and "| all " in md

@@ -232,3 +232,77 @@ def test_nearest_level():
     target = torch.tensor([[-5.0, -2.1, -0.1, 0.4, 1.9, 2.2, 9.0]])
     idx = nearest_level(target, levels)
     assert levels.gather(-1, idx).tolist() == [[-3.0, -3.0, -1.0, 1.0, 1.0, 3.0, 3.0]]
+
+
+def _edge_targets(levels: torch.Tensor, g: int, seed: int) -> torch.Tensor:
+    """Random entries, plus entries exactly on every level, exactly halfway between neighbours, and -0.0."""
+    target = torch.randn(levels.shape[0], g, generator=torch.Generator().manual_seed(seed)) * 0.15
+    s = levels.sort(dim=-1).values
+    n = s.shape[1]
+    target[:, :n] = s
+    if n > 1:
+        target[:, n:2 * n - 1] = (s[:, 1:] + s[:, :-1]) / 2
+    target[:, -1] = -0.0
+    return target
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("by_comparison", [True, False])
+def test_nearest_level_picks_the_nearest_and_the_lower_of_two(k, by_comparison):
+    """Both ways of counting the levels below an entry (comparisons, the CPU's; binary search, the GPU's) give the
+    nearest level, the lower of two equally near, on levels that repeat or all coincide."""
+    from quantune.kashin import _nearest_sorted, _winner_index
+
+    c = torch.rand(4, k, generator=torch.Generator().manual_seed(k)) * 0.1
+    if k:
+        c[0] = 0.0  # all levels equal
+    if k > 1:
+        c[1, 1] = c[1, 0]  # repeated levels
+    levels = factor_levels(c, k) if k else torch.zeros(4, 1)
+    target = _edge_targets(levels, 300, seed=k)
+    cond, pos, _, order, value = _nearest_sorted(target, levels, by_comparison=by_comparison)
+    idx = _winner_index(cond, pos, order)
+    assert torch.equal(levels.gather(-1, idx), value)
+    dist = (target[..., None] - levels[:, None, :]).abs()  # (B, g, L)
+    best = dist.min(-1).values
+    nearest = torch.where(dist == best[..., None], levels[:, None, :], torch.inf).min(-1).values  # lowest of ties
+    assert torch.equal(value, nearest)
+    other = _nearest_sorted(target, levels, by_comparison=not by_comparison)
+    assert torch.equal(_winner_index(other[0], other[1], other[3]), idx)  # the same indices, not only values
+
+
+@pytest.mark.parametrize("ku,kv,tied", [(3, 1, 0), (1, 1, 0), (2, 2, 0), (1, 3, 0), (4, 4, 0), (3, 1, 2), (2, 0, 0),
+                                        (0, 2, 0)])
+def test_refit_from_per_code_sums_equals_the_refit_from_signs(ku, kv, tied):
+    """The CPU's refit (per-code sums) solves the same normal equations as the signs' refit (the GPU's)."""
+    from quantune.kashin import _refit, _refit_by_level
+
+    b, g = 40, 96
+    gen = torch.Generator().manual_seed(ku * 10 + kv)
+    x = torch.randn(b, g, generator=gen)
+    xt = forward_transform(x, "dct", 3)
+    iu = torch.randint(0, 1 << ku, (b, g), generator=gen)
+    iv = torch.randint(0, 1 << kv, (b, g), generator=gen)
+    want_c, want_fit = _refit(x, xt, sign_table(ku)[iu], sign_table(kv)[iv], "dct", 3, tied)
+    got_c, got_fit = _refit_by_level(x, xt, iu, iv, ku, kv, "dct", 3, tied)
+    assert_close(got_c, want_c, rtol=1e-5, atol=1e-6)
+    assert_close(got_fit, want_fit, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ku,kv,tied,transform", [(3, 1, 0, "dct"), (1, 1, 0, "hadamard"), (3, 1, 2, "dct"),
+                                                   (2, 2, 0, "dct")])
+def test_the_fit_by_per_code_sums_is_the_fit_by_signs(monkeypatch, ku, kv, tied, transform):
+    """Whole decompositions either way (REFIT_BY_LEVEL): the same error history to float rounding and all but a
+    few near-tied codes the same."""
+    import quantune.kashin as kashin
+
+    x = _gaussian(64, 576, seed=5)
+    x[:, 7] *= 20  # an outlier column
+    runs = []
+    for by_level in (True, False):
+        monkeypatch.setattr(kashin, "REFIT_BY_LEVEL", by_level)
+        runs.append(kashin_decompose(x, ku, kv, transform, seed=1, tied=tied))
+    a, b = runs
+    assert a.history == pytest.approx(b.history, rel=1e-5)
+    assert (a.codes != b.codes).float().mean() < 1e-3
+    assert_close(a.coeffs.float(), b.coeffs.float(), rtol=2e-3, atol=1e-6)
