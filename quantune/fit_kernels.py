@@ -3,9 +3,9 @@
 
 :func:`nearest_level` is kashin's code assignment (:func:`quantune.kashin.nearest_level` followed by
 the level's value) in one pass: each entry of ``target`` ``(B, g)`` takes the nearest of its row's
-``L`` levels ``(B, L)``. The torch path sorts the levels, binary-searches every entry
-(``searchsorted``), gathers the two neighbours, compares the distances and gathers the winner's
-index and value: about a dozen passes over ``(B, g)``, half of them with 64-bit indices. The
+``L`` levels ``(B, L)``. The torch path on the GPU sorts the levels, binary-searches every entry
+(``searchsorted``), gathers the two neighbours, compares the distances, picks the winner's value
+and gathers its index: about ten passes over ``(B, g)``, half of them with 64-bit indices. The
 kernel reads each entry once and writes its index and value, with the same float operations and
 the same tie rule (the lower of two equally near levels in sorted order, the sort itself done by
 the same ``torch.sort``), so its results are bit for bit the torch path's.
