@@ -70,7 +70,7 @@ def factor_levels(coeffs: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _nearest_sorted(target: torch.Tensor, levels: torch.Tensor, by_comparison: bool | None = None):
-    """The nearest of each row's levels, as ``(cond, pos, sorted_levels, order, value)``: ``pos`` counts the sorted
+    """The nearest of each row's levels, as ``(cond, pos, order, value)``: ``pos`` counts the sorted
     levels below each entry (``searchsorted``'s left side), its neighbours are ``lo = pos - 1`` and ``hi = pos``
     (clamped), ``cond`` is True where ``lo`` wins (also on a tie), ``value`` the winner's value.
 
@@ -95,7 +95,7 @@ def _nearest_sorted(target: torch.Tensor, levels: torch.Tensor, by_comparison: b
     s_lo = torch.cat((sorted_levels[:, :1], sorted_levels), -1).gather(-1, pos)  # sorted[max(pos - 1, 0)]
     s_hi = torch.cat((sorted_levels, sorted_levels[:, -1:]), -1).gather(-1, pos)  # sorted[min(pos, L - 1)]
     cond = (target - s_lo).abs() <= (s_hi - target).abs()
-    return cond, pos, sorted_levels, order, torch.where(cond, s_lo, s_hi)
+    return cond, pos, order, torch.where(cond, s_lo, s_hi)
 
 
 def _winner_index(cond: torch.Tensor, pos: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -108,8 +108,7 @@ def _winner_index(cond: torch.Tensor, pos: torch.Tensor, order: torch.Tensor) ->
 def nearest_level(target: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index ``(B, g)`` of the level ``(B, L)`` nearest each entry of ``target`` ``(B, g)`` (of two equally near,
     the lower)."""
-    cond, pos, _, order, _ = _nearest_sorted(target, levels)
-    return _winner_index(cond, pos, order)
+    return nearest_level_values(target, levels)[0]
 
 
 def _signs_of(codes: torch.Tensor, first_bit: int, k: int) -> torch.Tensor:
@@ -214,7 +213,8 @@ def _refit_by_level(x: torch.Tensor, xt: torch.Tensor, iu: torch.Tensor, iv: tor
     gain is that the sweeps then rebuild the factors from level tables and codes and never form the signs (whole
     decomposition 316 -> 260 ms there). ``scatter_add`` adds in an order the GPU does not fix (atomics), so the fit
     uses this on the CPU only; the two agree to float32 rounding (tested)."""
-    tu, tv = sign_table(ku, x.device).double(), sign_table(kv, x.device).double()
+    su_table, sv_table = sign_table(ku, x.device), sign_table(kv, x.device)
+    tu, tv = su_table.double(), sv_table.double()
     nu, nv = 1 << ku, 1 << kv
     ones = torch.ones_like(x)
     rhs = torch.cat((_level_sums(iu, x, nu) @ tu, _level_sums(iv, xt, nv) @ tv), dim=-1)
@@ -223,10 +223,10 @@ def _refit_by_level(x: torch.Tensor, xt: torch.Tensor, iu: torch.Tensor, iv: tor
     gram[:, ku:, ku:] = torch.einsum("li,bl,lj->bij", tv, _level_sums(iv, ones, nv), tv)
     if ku and kv:  # <s, Q sigma> = <Q^T s, sigma>: transform whichever side has fewer vectors
         if kv <= ku:
-            sv_q = inverse_transform(tv.float()[iv].transpose(1, 2), transform, seed)  # (B, kv, g) = Q sigma
+            sv_q = inverse_transform(sv_table[iv].transpose(1, 2), transform, seed)  # (B, kv, g) = Q sigma
             cross = torch.stack([_level_sums(iu, sv_q[:, j], nu) @ tu for j in range(kv)], dim=-1)
         else:
-            su_t = forward_transform(tu.float()[iu].transpose(1, 2), transform, seed)  # (B, ku, g) = Q^T s
+            su_t = forward_transform(su_table[iu].transpose(1, 2), transform, seed)  # (B, ku, g) = Q^T s
             cross = torch.stack([_level_sums(iv, su_t[:, i], nv) @ tv for i in range(ku)], dim=1)
         gram[:, :ku, ku:] = cross
         gram[:, ku:, :ku] = cross.transpose(1, 2)
@@ -248,7 +248,7 @@ def _solve(rhs: torch.Tensor, gram: torch.Tensor, ku: int, kv: int, tied: int) -
 
 def nearest_level_values(target: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`nearest_level`'s index ``(B, g)`` and the level's value there."""
-    cond, pos, _, order, value = _nearest_sorted(target, levels)
+    cond, pos, order, value = _nearest_sorted(target, levels)
     return _winner_index(cond, pos, order), value
 
 

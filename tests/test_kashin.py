@@ -260,7 +260,7 @@ def test_nearest_level_picks_the_nearest_and_the_lower_of_two(k, by_comparison):
         c[1, 1] = c[1, 0]  # repeated levels
     levels = factor_levels(c, k) if k else torch.zeros(4, 1)
     target = _edge_targets(levels, 300, seed=k)
-    cond, pos, _, order, value = _nearest_sorted(target, levels, by_comparison=by_comparison)
+    cond, pos, order, value = _nearest_sorted(target, levels, by_comparison=by_comparison)
     idx = _winner_index(cond, pos, order)
     assert torch.equal(levels.gather(-1, idx), value)
     dist = (target[..., None] - levels[:, None, :]).abs()  # (B, g, L)
@@ -268,7 +268,7 @@ def test_nearest_level_picks_the_nearest_and_the_lower_of_two(k, by_comparison):
     nearest = torch.where(dist == best[..., None], levels[:, None, :], torch.inf).min(-1).values  # lowest of ties
     assert torch.equal(value, nearest)
     other = _nearest_sorted(target, levels, by_comparison=not by_comparison)
-    assert torch.equal(_winner_index(other[0], other[1], other[3]), idx)  # the same indices, not only values
+    assert torch.equal(_winner_index(other[0], other[1], other[2]), idx)  # the same indices, not only values
 
 
 @pytest.mark.parametrize("ku,kv,tied", [(3, 1, 0), (1, 1, 0), (2, 2, 0), (1, 3, 0), (4, 4, 0), (3, 1, 2), (2, 0, 0),
